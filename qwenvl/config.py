@@ -68,7 +68,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
     attention_dropout: float = 0.0
     use_sliding_window: bool = False
-    sliding_window: int = 4096
+    sliding_window: int | None = 4096
     max_window_layers: int = 80
     initializer_range: float = 0.02
 
@@ -142,7 +142,7 @@ class ModelConfig:
         return cls(vision=vision, text=text, torch_dtype=str(dtype), extra=extra, **kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config.json transformers 4.5x writes: flat text fields plus a nested text_config."""
+        """The Hub layout of config.json: text fields at the top level, vision_config nested."""
         t = dataclasses.asdict(self.text)
         mrope = t.pop("mrope_section")
         rope_scaling = {"type": "mrope", "mrope_section": list(mrope)}

@@ -1,0 +1,185 @@
+"""Sharded safetensors checkpoints in both tensor-name layouts; only safetensors are read (never pickle).
+
+Hub checkpoints name tensors `visual.*`, `model.layers.*`, `model.embed_tokens`, `lm_head`; transformers 5 (and
+some fine-tuning tools) write `model.visual.*`, `model.language_model.*`. The model is built on the meta
+device and each tensor is read straight into its target dtype/device, one at a time, so host memory peaks
+near one tensor rather than the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def to_internal_name(name: str) -> str:
+    """Map any known layout to ours (= the Hub layout)."""
+    if name.startswith("model.visual."):
+        name = name[len("model."):]
+    elif name.startswith("model.language_model."):
+        name = "model." + name[len("model.language_model."):]
+    if name == "visual.patch_embed.linear_proj.weight":  # transformers 5 optional conv->linear fusion
+        name = "visual.patch_embed.proj.weight"
+    return name
+
+
+def to_layout_name(name: str, layout: str) -> str:
+    if layout == "hub":
+        return name
+    if layout == "v5":
+        if name.startswith("visual."):
+            return "model." + name
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model."):]
+        return name
+    raise CheckpointError(f"unknown checkpoint layout {layout!r} (use 'hub' or 'v5')")
+
+
+def checkpoint_files(path: str) -> dict[str, list[str]]:
+    """{file: [tensor names]} for a checkpoint dir; every shard named in the index must exist."""
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files: dict[str, list[str]] = defaultdict(list)
+        for name, fname in weight_map.items():
+            files[fname].append(name)
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) named in {INDEX} are missing: {', '.join(sorted(missing))}")
+        return dict(files)
+    single = os.path.join(path, SINGLE)
+    if os.path.exists(single):
+        with _open(single) as f:
+            return {SINGLE: list(f.keys())}
+    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
+    hint = f" (found {pickles[0]}: pickle checkpoints are never loaded; convert to safetensors)" if pickles else ""
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}{hint}")
+
+
+def _open(fpath: str):
+    try:
+        return safe_open(fpath, "pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{fpath}: not a readable safetensors file ({e})") from None
+
+
+def resolve_dtype(dtype, config: ModelConfig) -> torch.dtype:
+    if dtype is None:
+        dtype = config.torch_dtype
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"unsupported dtype {dtype!r}")
+        dtype = _DTYPES[dtype]
+    return dtype
+
+
+def load_model(path, dtype=None, device="cpu", config: ModelConfig | None = None):
+    from .model import Qwen25VL
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    config = config or ModelConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Qwen25VL(config)
+    # The vision tower must not run in fp16 (its last MLP overflows): keep it in bf16 then.
+    vision_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    tied = config.text.tie_word_embeddings
+    seen: set[str] = set()
+    for fname, names in checkpoint_files(path).items():
+        fpath = os.path.join(path, fname)
+        with _open(fpath) as f:
+            available = set(f.keys())
+            for raw in names:
+                if raw not in available:
+                    raise CheckpointError(f"{fpath}: tensor {raw!r} listed in the index is not in the file")
+                name = to_internal_name(raw)
+                if name == "lm_head.weight" and tied:
+                    continue  # tied to embed_tokens
+                if name not in expected:
+                    log.warning("%s: ignoring unexpected tensor %s", fpath, raw)
+                    continue
+                t = f.get_tensor(raw)
+                want = expected[name].shape
+                if t.shape != want:
+                    if name == "visual.patch_embed.proj.weight" and t.numel() == want.numel():
+                        t = t.reshape(want)
+                    else:
+                        raise CheckpointError(f"{fpath}: tensor {raw!r} has shape {tuple(t.shape)}, "
+                                              f"expected {tuple(want)} for this config")
+                target = vision_dtype if name.startswith("visual.") else dtype
+                _assign(model, name, t.to(device=device, dtype=target))
+                seen.add(name)
+    needed = {n for n in expected if not (tied and n == "lm_head.weight")}
+    missing = sorted(needed - seen)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _assign(model, name: str, tensor: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def save_model(model, path, layout: str = "hub", max_shard_bytes: int = 5 * 2**30, num_shards: int | None = None):
+    """config.json + safetensors shards (+ index when more than one); loadable by transformers and by us."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model.config.save(path)
+    tied = model.config.text.tie_word_embeddings
+    tensors = [(to_layout_name(n, layout), p.detach().contiguous().cpu())
+               for n, p in model.state_dict(keep_vars=False).items()
+               if not (tied and n == "lm_head.weight")]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    if num_shards:  # exactly num_shards contiguous groups, as even in bytes as the tensors allow
+        max_shard_bytes = -(-total // num_shards)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for i, (n, t) in enumerate(tensors):
+        b = t.numel() * t.element_size()
+        left = len(tensors) - i
+        must_split = num_shards and left <= num_shards - len(shards)
+        may_split = not num_shards or len(shards) < num_shards
+        if shards[-1] and may_split and (size + b > max_shard_bytes or must_split):
+            shards.append([])
+            size = 0
+        shards[-1].append((n, t))
+        size += b
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(dict(shards[0]), os.path.join(path, SINGLE), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(dict(shard), os.path.join(path, fname), metadata=meta)
+        weight_map.update({n: fname for n, _ in shard})
+    with open(os.path.join(path, INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,208 @@
+"""Rotary positions: MRoPE position ids for the decoder (absolute-time temporal ids), the text rotary
+tables, and the 2D rotary table and window index of the vision encoder.
+
+MRoPE rule (the Qwen team's original code, transformers 4.49): a text token gets (p, p, p); a vision block
+of llm grid (t, h, w) starting at `s` gets T = s + floor(k * second_per_grid_t * tokens_per_second) for
+temporal patch k (0 for images), H = s + row, W = s + col; text after the block continues at max + 1.
+transformers 4.52-5.2 cast second_per_grid_t to int first and 5.3+ continue text after a video at
+s + max(h, w); both deviate from that rule and we do not copy them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+
+def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
+    if grid_thw is None:
+        return []
+    if isinstance(grid_thw, torch.Tensor):
+        grid_thw = grid_thw.tolist()
+    return [tuple(int(x) for x in g) for g in grid_thw]
+
+
+# ----------------------------------------------------------------------------------------- decoder positions
+def mrope_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    *,
+    image_token_id: int = 151655,
+    video_token_id: int = 151656,
+    vision_start_token_id: int = 151652,
+    spatial_merge_size: int = 2,
+    tokens_per_second: float = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D position ids [3, B, S] and rope_deltas [B, 1] for a (left-padded) batch.
+
+    Padded positions get 1 (as transformers 4.x). rope_delta = max position + 1 - S (S the padded length),
+    so decode step i of row b uses position S + i + delta[b] on all three axes.
+    Images and videos are consumed in global order across the batch, as the processor lays them out.
+    """
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    images, videos = _grid_list(image_grid_thw), _grid_list(video_grid_thw)
+    if second_per_grid_ts is None:
+        spgs = [1.0] * len(videos)
+    else:
+        spgs = [float(x) for x in (second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor)
+                                   else second_per_grid_ts)]
+        if len(spgs) != len(videos):
+            raise InputError(f"second_per_grid_ts has {len(spgs)} values for {len(videos)} videos")
+    mask = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
+    ids_cpu = input_ids.cpu()
+    positions = torch.ones(3, B, S, dtype=torch.long)
+    deltas = torch.zeros(B, 1, dtype=torch.long)
+    img_i = vid_i = 0
+    m = spatial_merge_size
+    for b in range(B):
+        row = ids_cpu[b][mask[b]].tolist()
+        chunks: list[torch.Tensor] = []
+        nxt = 0  # next free position id
+        i = 0
+        n = len(row)
+        while i < n:
+            tok = row[i]
+            is_block = (tok == image_token_id or tok == video_token_id) and i > 0 and row[i - 1] == vision_start_token_id
+            if not is_block:
+                j = i
+                while j < n and not ((row[j] == image_token_id or row[j] == video_token_id)
+                                     and j > 0 and row[j - 1] == vision_start_token_id):
+                    j += 1
+                chunks.append(torch.arange(nxt, nxt + j - i).expand(3, -1))
+                nxt += j - i
+                i = j
+                continue
+            if tok == image_token_id:
+                if img_i >= len(images):
+                    raise InputError(f"row {b}: more image blocks in input_ids than image_grid_thw entries ({len(images)})")
+                t, h, w = images[img_i]
+                spg = 0.0
+                img_i += 1
+            else:
+                if vid_i >= len(videos):
+                    raise InputError(f"row {b}: more video blocks in input_ids than video_grid_thw entries ({len(videos)})")
+                t, h, w = videos[vid_i]
+                spg = spgs[vid_i]
+                vid_i += 1
+            lh, lw = h // m, w // m
+            count = t * lh * lw
+            if row[i:i + count] != [tok] * count:
+                raise InputError(f"row {b}: a vision block needs {count} consecutive pad tokens for grid {(t, h, w)}")
+            t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * spg * tokens_per_second).long()
+            tt = t_ids.view(t, 1, 1).expand(t, lh, lw).flatten()
+            hh = torch.arange(lh).view(1, lh, 1).expand(t, lh, lw).flatten()
+            ww = torch.arange(lw).view(1, 1, lw).expand(t, lh, lw).flatten()
+            block = torch.stack([tt, hh, ww]) + nxt
+            chunks.append(block)
+            nxt = int(block.max()) + 1
+            i += count
+        pos = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
+        positions[:, b, mask[b]] = pos
+        deltas[b, 0] = (int(pos.max()) + 1 if pos.numel() else 0) - S
+    return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _inv_freq(dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def mrope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int],
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim] from positions [3, B, S]: frequency pairs split into contiguous
+    (temporal, height, width) sections; computed in fp32, then cast to the model dtype (as the reference)."""
+    inv = _inv_freq(head_dim, theta).to(positions.device)
+    freqs = positions[..., None].float() * inv  # [3, B, S, hd/2]
+    parts, start = [], 0
+    for axis, size in enumerate(mrope_section):
+        parts.append(freqs[axis, ..., start:start + size])
+        start += size
+    sel = torch.cat(parts, dim=-1)
+    emb = torch.cat([sel, sel], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- vision
+@functools.lru_cache(maxsize=256)
+def _vision_pos_ids(t: int, h: int, w: int, m: int) -> torch.Tensor:
+    """(row, col) patch ids in the processor's row order: 2x2 merge blocks row-major, patches inside."""
+    hpos = torch.arange(h).view(h, 1).expand(h, w)
+    wpos = torch.arange(w).view(1, w).expand(h, w)
+
+    def order(p):
+        return p.reshape(h // m, m, w // m, m).permute(0, 2, 1, 3).flatten()
+
+    return torch.stack([order(hpos), order(wpos)], dim=-1).repeat(t, 1)
+
+
+def vision_rotary_freqs(grid_thw, head_dim: int, spatial_merge_size: int = 2, theta: float = 10000.0) -> torch.Tensor:
+    """Per-patch rotary angles [N, head_dim/2]: head_dim/4 row frequencies then head_dim/4 column ones."""
+    grids = _grid_list(grid_thw)
+    pos = torch.cat([_vision_pos_ids(t, h, w, spatial_merge_size) for t, h, w in grids])
+    inv = _inv_freq(head_dim // 2, theta)
+    return (pos[..., None].float() * inv).flatten(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_index_one(t: int, lh: int, lw: int, win: int) -> tuple[torch.Tensor, list[int]]:
+    idx = torch.arange(t * lh * lw).reshape(t, lh, lw)
+    pad_h, pad_w = win - lh % win, win - lw % win  # equals win when divisible: an all-pad row (dropped below)
+    nh, nw = (lh + pad_h) // win, (lw + pad_w) // win
+    idx = F.pad(idx, (0, pad_w, 0, pad_h), value=-100).reshape(t, nh, win, nw, win).permute(0, 1, 3, 2, 4)
+    idx = idx.reshape(t, nh * nw, win * win)
+    seqlens = (idx != -100).sum(-1).flatten()
+    flat = idx.flatten()
+    return flat[flat != -100], seqlens.tolist()
+
+
+def window_index(grid_thw, window_size: int = 112, patch_size: int = 14,
+                 spatial_merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Permutation of merged tokens into window order, and window boundaries in patches (cu_window_seqlens).
+
+    Windows are window_size px squares (4x4 merged tokens for the released models), never crossing a frame
+    or an item; empty pad windows are dropped.
+    """
+    win = window_size // spatial_merge_size // patch_size
+    unit = spatial_merge_size**2
+    index, cu = [], [0]
+    offset = 0
+    for t, h, w in _grid_list(grid_thw):
+        lh, lw = h // spatial_merge_size, w // spatial_merge_size
+        idx, seqlens = _window_index_one(t, lh, lw, win)
+        index.append(idx + offset)
+        for s in seqlens:
+            if s:
+                cu.append(cu[-1] + s * unit)
+        offset += t * lh * lw
+    return torch.cat(index), torch.tensor(cu, dtype=torch.int32)
+
+
+def frame_cu_seqlens(grid_thw) -> torch.Tensor:
+    """Boundaries of full-attention segments: one per temporal patch of every item."""
+    lens = [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
+    return F.pad(torch.tensor(lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def check_grid(grid_thw, spatial_merge_size: int = 2, name: str = "grid_thw") -> list[tuple[int, int, int]]:
+    grids = _grid_list(grid_thw)
+    for g in grids:
+        t, h, w = g
+        if t < 1 or h < spatial_merge_size or w < spatial_merge_size or h % spatial_merge_size or w % spatial_merge_size:
+            raise InputError(f"{name} entry {g} is invalid: t >= 1 and h, w positive multiples of {spatial_merge_size}")
+    return grids
+
