@@ -106,17 +106,48 @@ class Qwen25VL(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
-                position_ids=None) -> torch.Tensor:
-        """Logits [B, T, V] in the model dtype."""
+                position_ids=None, seq_lens: list[int] | None = None) -> torch.Tensor:
+        """Logits [B, T, V] in the model dtype.
+
+        seq_lens: for packed training (B == 1), the lengths of the samples laid end to end in the row; each
+        sample attends only to itself and its MRoPE positions restart at 0.
+        """
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                               pixel_values_videos, video_grid_thw, second_per_grid_ts,
+                                               position_ids, seq_lens))
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                      pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                      position_ids=None, seq_lens: list[int] | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] (forward without the head; training picks the rows it needs)."""
         h = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        if position_ids is None:
+        mask = None
+        if seq_lens is not None:
+            if input_ids.shape[0] != 1 or sum(seq_lens) != input_ids.shape[1]:
+                raise InputError(f"seq_lens {seq_lens} must sum to the length of a single packed row "
+                                 f"(input_ids shape {tuple(input_ids.shape)})")
+            if position_ids is None:
+                position_ids = self._packed_positions(input_ids, seq_lens, image_grid_thw, video_grid_thw,
+                                                      second_per_grid_ts)
+            mask = packed_causal_mask(seq_lens, h.device)
+        elif position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                              second_per_grid_ts)
         cos, sin = self._cos_sin(position_ids.to(h.device))
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if mask is None and attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask_4d(attention_mask.to(h.device), input_ids.shape[1], 0)
-        return self.lm_head(self.model(h, cos, sin, mask))
+        return self.model(h, cos, sin, mask)
+
+    def _packed_positions(self, input_ids, seq_lens, image_grid_thw, video_grid_thw, second_per_grid_ts):
+        # One padded row per sample: mrope_positions consumes grids in order, exactly the packing order.
+        L = max(seq_lens)
+        rows = input_ids.new_full((len(seq_lens), L), self.config.bos_token_id)
+        mask = torch.zeros(len(seq_lens), L, dtype=torch.long)
+        for i, seg in enumerate(input_ids[0].split(list(seq_lens))):
+            rows[i, :len(seg)] = seg
+            mask[i, :len(seg)] = 1
+        pos, _ = self.positions(rows, mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        return pos.to(mask.device)[:, mask.bool()].unsqueeze(1)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -163,6 +194,15 @@ class Qwen25VL(nn.Module):
             hidden = self.model(self.model.embed_tokens(tok[:, None]), cos, sin, mask, cache, cur)
             logits = self.lm_head(hidden[:, -1]).float()
         return torch.stack(out, dim=1)
+
+
+def packed_causal_mask(seq_lens: list[int], device) -> torch.Tensor:
+    """Boolean [1, 1, T, T]: causal inside each sample, nothing across samples."""
+    seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
+                                  torch.tensor(list(seq_lens), device=device))
+    T = seg.numel()
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return (causal & (seg[:, None] == seg[None, :]))[None, None]
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
