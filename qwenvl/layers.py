@@ -41,8 +41,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu = cu_seqlens.tolist()
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if len(lens) == 1:
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
-        return out.transpose(0, 1)
+        # 4D [1, H, N, D]: 3D inputs miss the fused (flash) kernels and fall back to the math path.
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        return out[0].transpose(0, 1)
     n, H, D = q.shape
     L = max(lens)
     lens_t = torch.tensor(lens, device=q.device)

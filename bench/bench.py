@@ -1,0 +1,223 @@
+"""One GPU call that builds, checks and times everything: ours vs transformers on the same random weights.
+
+    PYTHONPATH=. python bench/bench.py --shape 7b --out $OUT [--sections parity,vision,prefill,decode,engine]
+
+Writes $OUT/results.json and prints a short table. Random bf16 weights at the real shapes: speed does not
+depend on the values. The transformers model is loaded from the checkpoint our save_pretrained writes (the
+Hub layout), so this also proves that transformers reads what we write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import qwenvl  # noqa: E402
+from qwenvl.model import Qwen25VL  # noqa: E402
+
+IMG, VS, VE = 151655, 151652, 151653
+
+
+def mm_kwargs(ids):
+    """transformers 5 computes 3D positions only when told which tokens are image tokens."""
+    import transformers
+
+    return {"mm_token_type_ids": (ids == IMG).long()} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+RESULTS: dict = {}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_time(fn, warmup=2, iters=5) -> float:
+    """Median seconds of fn() (CUDA events on the GPU, wall clock on the CPU dry run)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    if DEV != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def image_request(cfg, n_text=64, h=720, w=1280, seed=0):
+    """Chat-shaped ids around one image of h x w px (smart-resized as the processor would) + random pixels."""
+    from qwenvl.preprocess import smart_resize
+
+    rh, rw = smart_resize(h, w)
+    grid = torch.tensor([[1, rh // 14, rw // 14]])
+    n_img = int(grid.prod()) // 4
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(100, 150000, (n_text,), generator=g).tolist()
+    ids = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, VS] + [IMG] * n_img + \
+        [VE] + text + [151645, 198, 151644, 77091, 198]
+    pix = torch.randn(int(grid.prod()), cfg.vision.patch_dim, generator=g)
+    return torch.tensor([ids]), pix, grid
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **k):
+            log(f"--- {name}")
+            t0 = time.time()
+            try:
+                fn(*a, **k)
+            except Exception as e:  # one failing section must not lose the others
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+                traceback.print_exc()
+            log(f"--- {name} done in {time.time() - t0:.1f}s")
+        return run
+    return wrap
+
+
+@section("parity")
+def parity(ours, hf, cfg):
+    ids, pix, grid = image_request(cfg)
+    ids, pix, grid = ids.to(DEV), pix.to(DEV), grid.to(DEV)
+    with torch.no_grad():
+        a = ours(ids, pixel_values=pix, image_grid_thw=grid).float()
+        mm = mm_kwargs(ids)
+        b = hf(input_ids=ids, pixel_values=pix, image_grid_thw=grid, **mm).logits.float()
+        va = ours.visual(pix, grid).float()
+        vb = hf.model.get_image_features(pix, grid)
+        vb = (vb[0] if isinstance(vb, (list, tuple)) else getattr(vb, "pooler_output", vb))
+        vb = torch.cat(list(vb)) if isinstance(vb, (list, tuple)) else vb
+        vb = vb.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    RESULTS["parity"] = {
+        "logits_rel_err": rel, "logits_max_abs": (a - b).abs().max().item(),
+        "top1_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "last_top1_equal": bool(a[0, -1].argmax() == b[0, -1].argmax()),
+        "vision_rel_err": ((va - vb).norm() / vb.norm()).item(), "tokens": ids.shape[1],
+    }
+    log(json.dumps(RESULTS["parity"]))
+
+
+@section("vision")
+def vision(ours, hf, cfg):
+    _, pix, grid = image_request(cfg)
+    pix, grid = pix.to(DEV), grid.to(DEV)
+    with torch.no_grad():
+        t_ours = cuda_time(lambda: ours.visual(pix, grid))
+        t_hf = cuda_time(lambda: hf.model.get_image_features(pix, grid)) if hf is not None else None
+    RESULTS["vision_1280x720_ms"] = {"ours_model": t_ours * 1e3, "transformers": t_hf and t_hf * 1e3}
+    log(RESULTS["vision_1280x720_ms"])
+
+
+@section("prefill")
+def prefill(ours, hf, cfg):
+    ids, pix, grid = image_request(cfg)
+    ids, pix, grid = ids.to(DEV), pix.to(DEV), grid.to(DEV)
+    mm = mm_kwargs(ids)
+    with torch.no_grad():
+        t_ours = cuda_time(lambda: ours.lm_head(ours.hidden_states(ids, pixel_values=pix, image_grid_thw=grid)[:, -1]))
+        t_hf = cuda_time(lambda: hf(input_ids=ids, pixel_values=pix, image_grid_thw=grid, **mm,
+                                    logits_to_keep=1)) if hf is not None else None
+    RESULTS["ttft_ms"] = {"ours_model": t_ours * 1e3, "transformers": t_hf and t_hf * 1e3}
+    log(RESULTS["ttft_ms"])
+
+
+@section("decode")
+def decode(ours, hf, cfg, new_tokens=256):
+    ids, pix, grid = image_request(cfg)
+    ids, pix, grid = ids.to(DEV), pix.to(DEV), grid.to(DEV)
+    mm = mm_kwargs(ids)
+    res = {}
+    with torch.no_grad():
+        sync()
+        t0 = time.time()
+        out = ours.generate(ids, pixel_values=pix, image_grid_thw=grid, max_new_tokens=new_tokens, eos_token_id=[])
+        sync()
+        res["ours_model_tok_s"] = out.shape[1] / (time.time() - t0)
+        if hf is not None:
+            t0 = time.time()
+            ref = hf.generate(input_ids=ids, pixel_values=pix, image_grid_thw=grid, **mm,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            sync()
+            res["transformers_tok_s"] = (ref.shape[1] - ids.shape[1]) / (time.time() - t0)
+            ref = ref[:, ids.shape[1]:]
+            n = min(ref.shape[1], out.shape[1])
+            same = (ref[0, :n] == out[0, :n]).long()
+            res["greedy_same_prefix"] = int(same.cumprod(0).sum())
+    RESULTS["decode_b1"] = res
+    log(res)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--sections", default="parity,vision,prefill,decode")
+    ap.add_argument("--ckpt", default="/tmp/qwenvl-bench-ckpt")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script with --shape tiny")
+    a = ap.parse_args()
+    global DEV
+    DEV = a.device
+    os.makedirs(a.out, exist_ok=True)
+    sections = a.sections.split(",")
+    import transformers
+
+    RESULTS["env"] = {"date": datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
+                      "gpu": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+                      "transformers": transformers.__version__, "shape": a.shape}
+    log(RESULTS["env"])
+    cfg = qwenvl.preset(a.shape)
+    t0 = time.time()
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    ours = Qwen25VL.random(cfg, dtype=dtype, device=DEV, seed=0).eval()
+    log(f"built ours in {time.time() - t0:.1f}s")
+    hf = None
+    if any(s in sections for s in ("parity", "vision", "prefill", "decode")):
+        t0 = time.time()
+        shutil.rmtree(a.ckpt, ignore_errors=True)
+        ours.save_pretrained(a.ckpt)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=dtype, device_map=DEV,
+                                                                attn_implementation="sdpa").eval()
+        log(f"saved + loaded transformers in {time.time() - t0:.1f}s")
+    for name in sections:
+        fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode}.get(name)
+        if fn is not None:
+            fn(ours, hf, cfg)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(RESULTS, f, indent=2)
+    log("\n| metric | ours | transformers |\n|---|---|---|")
+    for k, v in RESULTS.items():
+        if isinstance(v, dict) and k != "env":
+            log(f"| {k} | {json.dumps(v)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Where models come from: a checkpoint directory, or the default model when none is given.
+
+Until the trained nano model ships inside the package, the default is a tiny checkpoint with RANDOM weights,
+built once into the user cache: it runs the whole pipeline but its answers are meaningless.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEFAULT_NOTICE = ("NOTE: no --model given and the trained nano model is not shipped yet: using a tiny checkpoint "
+                  "with RANDOM weights ({path}). The pipeline runs end to end; the answers are meaningless.")
+
+
+def cache_dir() -> str:
+    base = os.environ.get("QWENVL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwenvl")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def tiny_random_checkpoint(path: str | None = None, seed: int = 0) -> str:
+    """Build (once) a tiny random-weight checkpoint with tokenizer and processor files; return its dir."""
+    import torch
+
+    from .config import preset
+    from .model import Qwen25VL
+    from .processor import Processor
+
+    path = path or os.path.join(cache_dir(), "tiny-random")
+    if os.path.exists(os.path.join(path, ".complete")):
+        return path
+    tmp = path + f".tmp{os.getpid()}"
+    model = Qwen25VL.random(preset("tiny"), dtype=torch.float32, seed=seed)
+    model.save_pretrained(tmp)
+    Processor().save_pretrained(tmp)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.exists(path):  # a stale, incomplete build
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a checkpoint
+    return path
+
+
+def resolve_model(path: str | None, quiet: bool = False) -> str:
+    if path:
+        return path
+    p = tiny_random_checkpoint()
+    if not quiet:
+        print(DEFAULT_NOTICE.format(path=p), file=sys.stderr)
+    return p
