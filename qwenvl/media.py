@@ -26,7 +26,6 @@ import io
 import os
 from typing import Callable, Sequence, Union
 
-import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -189,6 +188,8 @@ class VideoReader:
         self.duration_s = self.total_frames / self.fps
 
     def _open(self) -> None:
+        import av  # imported on first video only: images (and the GPU bench) need no PyAV
+
         source = io.BytesIO(self._source) if isinstance(self._source, bytes) else self._source
         self._container = av.open(source)
         if not self._container.streams.video:
