@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -115,14 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default=None, help="output folder (default ./demo-out)")
     d.set_defaults(fn=cmd_demo, max_tokens=64)
 
-    try:
-        from .train import cli as train_cli  # noqa: F401
-
-        t = sub.add_parser("train", help="fine-tune / pretrain (see docs/TRAINING.md)", add_help=False)
-        t.add_argument("rest", nargs=argparse.REMAINDER)
-        t.set_defaults(fn=lambda a: train_cli.main(a.rest))
-    except ImportError:
-        pass
+    # Subcommands that own their argument parsing: `qwenvl train ...` is `qwenvl.train.cli.main([...])`.
+    for name, module, help_ in (("train", "train", "fine-tune / pretrain (docs/TRAINING.md)"),
+                                ("data", "data", "curation tools on JSONL data"),
+                                ("eval", "evaluate", "evaluate a model on a suite or a JSONL dir")):
+        sp = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=lambda a, m=module: importlib.import_module(f"qwenvl.{m}.cli").main(a.rest))
+    # Subcommands that register their own parsers.
+    for module, hook in (("qwenvl.serve.cli", "add_parser"), ("qwenvl.tasks.cli", "add_parsers")):
+        try:
+            getattr(importlib.import_module(module), hook)(sub)
+        except ImportError as e:  # an optional dependency of that subcommand is missing
+            print(f"note: {module} unavailable ({e})", file=sys.stderr) if os.environ.get("QWENVL_DEBUG") else None
 
     a = p.parse_args(argv)
     from .errors import QwenVLError
