@@ -1,0 +1,208 @@
+"""Attention over the paged KV cache.
+
+- write_kv: scatter a step's new K/V rows into the pools at their slots (block * block_size + offset).
+- prefill_attention: one sequence's chunk of queries against its cached prefix + the chunk (causal relative
+  to the prefix). Plain SDPA; on CUDA with heads expanded and a bottom-right causal bias, so the flash /
+  memory-efficient kernels run instead of the N^2 math fallback.
+- decode_attention_gather: a batch of single-token queries; one gather of the block tables into a padded
+  [B, kv_heads, max_len, D] + SDPA with a key-padding mask. Works everywhere (the CPU path).
+- decode_attention_triton: a paged flash-decoding kernel (CUDA, bf16/fp16): reads K/V straight from the
+  pools through the block tables, the context split over num_splits programs per (sequence, kv head) and
+  combined after; static shapes, so it is CUDA-graph capturable. Checked against the gather path once at
+  start (`triton_decode_ok`); any failure means the gather path is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """k, v: [N, kv_heads, D] rows for the flat slot indices slots [N] (long)."""
+    kvh, d = k_pool.shape[-2:]
+    k_pool.view(-1, kvh, d).index_copy_(0, slots, k.to(k_pool.dtype))
+    v_pool.view(-1, kvh, d).index_copy_(0, slots, v.to(v_pool.dtype))
+
+
+def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, kv_heads, D]: the first `length` tokens stored in the blocks (a 1-D block table)."""
+    return pool[blocks].flatten(0, 1)[:length]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                      v_pool: torch.Tensor, blocks: torch.Tensor | None, start: int) -> torch.Tensor:
+    """q [n, H, D]; k, v [n, kv_heads, D] of the chunk (already written to the pools); the chunk's tokens are
+    start .. start+n-1 of the sequence. Returns [n, H, D]."""
+    n, H, _ = q.shape
+    if start > 0:  # the prefix lives in the cache (it may come from another request: prefix caching)
+        L = start + n
+        k = gather_blocks(k_pool, blocks, L)
+        v = gather_blocks(v_pool, blocks, L)
+    else:
+        L = n
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if q.is_cuda:
+        rep = H // kh.shape[1]
+        kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+        if start == 0:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        else:
+            try:
+                from torch.nn.attention.bias import causal_lower_right
+
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, L))
+            except Exception:  # older torch: an explicit mask
+                mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
+                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    else:
+        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=kh.shape[1] != H)
+    return out[0].transpose(0, 1)
+
+
+def decode_attention_gather(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """q [B, H, D] (one query per sequence, its K/V already written); block_tables [B, max_blocks] (padded
+    with any valid block); context_lens [B]. Returns [B, H, D]."""
+    B, H, D = q.shape
+    kvh = k_pool.shape[2]
+    k = k_pool[block_tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, max_blocks*bs, D]
+    v = v_pool[block_tables].flatten(1, 2).transpose(1, 2)
+    L = k.shape[2]
+    mask = torch.arange(L, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    if q.is_cuda and kvh != H:
+        k, v = k.repeat_interleave(H // kvh, dim=1), v.repeat_interleave(H // kvh, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None, :],
+                                         enable_gqa=k.shape[1] != H)
+    return out[:, :, 0]
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+try:
+    import triton
+    import triton.language as tl
+
+    # Runtime ints that vary from step to step are not specialised on: one compiled kernel serves them all.
+    @triton.jit(do_not_specialize=["stride_bt_b", "stride_acc_b", "stride_acc_h", "stride_m_b", "stride_m_h",
+                                    "num_splits"])
+    def _paged_decode_kernel(Q, KPool, VPool, BlockTables, ContextLens, Acc, M, L,
+                             stride_q_b, stride_q_h, stride_k_blk, stride_k_tok, stride_k_head, stride_bt_b,
+                             stride_acc_b, stride_acc_h, stride_acc_s, stride_m_b, stride_m_h, sm_scale, num_splits,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program: one sequence, one kv head (its GROUP query heads), one slice of the context.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(ContextLens + b)
+        n_tiles = tl.cdiv(ctx, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, num_splits)
+        t0 = split * per_split
+        t1 = tl.minimum(t0 + per_split, n_tiles)
+
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kvh * GROUP + g
+        g_ok = g < GROUP
+        q = tl.load(Q + b * stride_q_b + heads[:, None] * stride_q_h + d[None, :], mask=g_ok[:, None], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        for t in range(t0, t1):
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < ctx
+            blk = tl.load(BlockTables + b * stride_bt_b + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            off = blk * stride_k_blk + (n % BLOCK_SIZE) * stride_k_tok + kvh * stride_k_head
+            k = tl.load(KPool + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(VPool + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * sm_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        ml = b * stride_m_b + heads * stride_m_h + split
+        tl.store(M + ml, m_i, mask=g_ok)
+        tl.store(L + ml, l_i, mask=g_ok)
+        tl.store(Acc + b * stride_acc_b + heads[:, None] * stride_acc_h + split * stride_acc_s + d[None, :], acc,
+                 mask=g_ok[:, None])
+
+    HAVE_TRITON = True
+except Exception:  # no triton (CPU builds of torch)
+    HAVE_TRITON = False
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device) -> int:
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+
+
+def num_splits_for(batch: int, kv_heads: int, device) -> int:
+    """Enough programs to fill the GPU about twice when the batch alone would not."""
+    sms = _num_sms(device)
+    return max(1, min(16, math.ceil(2 * sms / max(1, batch * kv_heads))))
+
+
+def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int = 0,
+                            block_n: int = 64) -> torch.Tensor:
+    """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B]."""
+    B, H, D = q.shape
+    _, bs, kvh, _ = k_pool.shape
+    group = H // kvh
+    splits = num_splits or num_splits_for(B, kvh, q.device)
+    q = q.contiguous()
+    acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(B, kvh, splits)](
+        q, k_pool, v_pool, block_tables, context_lens, acc, m, lse,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), 1.0 / math.sqrt(D), splits,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=bs,
+        BLOCK_N=block_n, num_warps=4)
+    if splits == 1:
+        return (acc[:, :, 0] / lse).to(q.dtype)
+    w = torch.exp(m - m.max(-1, keepdim=True).values)  # empty splits have m = -inf: weight 0
+    out = (acc * w[..., None]).sum(2) / (lse * w).sum(-1)[..., None]
+    return out.to(q.dtype)
+
+
+def triton_decode_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
+    """Whether the Triton kernel is usable here and agrees with the gather path on random data."""
+    dev = torch.device(device)
+    if not HAVE_TRITON or dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) \
+            or head_dim & (head_dim - 1) or heads % kv_heads:
+        return False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        nb, B = 64, 5
+        kp = torch.randn(nb + 1, block_size, kv_heads, head_dim, generator=g, device=dev).to(dtype)
+        vp = torch.randn(nb + 1, block_size, kv_heads, head_dim, generator=g, device=dev).to(dtype)
+        q = torch.randn(B, heads, head_dim, generator=g, device=dev).to(dtype)
+        max_blocks = 12
+        bt = torch.randperm(nb, generator=g, device=dev)[:B * max_blocks].view(B, max_blocks).int()
+        ctx = torch.tensor([1, block_size, block_size + 3, 5 * block_size - 1, max_blocks * block_size],
+                           dtype=torch.int32, device=dev)
+        ref = decode_attention_gather(q, kp, vp, bt.long(), ctx)
+        for splits in (1, 3):
+            out = decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits)
+            err = (out.float() - ref.float()).abs().max().item()
+            if not err < 2e-2:
+                log.warning("Triton paged decode disagrees with the gather path (max err %.3g); not using it", err)
+                return False
+        torch.cuda.synchronize(dev)
+        return True
+    except Exception as e:  # compile or launch failure
+        log.warning("Triton paged decode unavailable (%s: %s); using the gather path", type(e).__name__, e)
+        return False

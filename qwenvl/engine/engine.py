@@ -1,0 +1,376 @@
+"""LLM: the offline engine. Prompts in, RequestOutputs out; add_request / step / abort underneath.
+
+One step = schedule (scheduler.py) -> forward over the paged cache (runner.py) -> sample (sampling.py) ->
+append tokens, detokenize, check stops (outputs.py). The sampled ids are the only per-step device->host copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from .kv_cache import BlockManager
+from .outputs import CompletionOutput, RequestOutput, StepOutput, TextStream
+from .runner import ModelRunner
+from .sampling import SamplerRow, SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import PromptData, Sequence, Status, VisionItem, content_hash
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: PromptData
+    params: SamplingParams
+    seqs: list[Sequence]
+    streams: list[TextStream]
+
+    def output(self) -> RequestOutput:
+        outs = [CompletionOutput(s.index, st.text, s.output_token_ids, s.finish_reason,
+                                 list(s.logprobs) if s.params.logprobs is not None else None)
+                for s, st in zip(self.seqs, self.streams)]
+        return RequestOutput(self.request_id, list(self.prompt.token_ids), outs,
+                             finished=all(s.is_finished for s in self.seqs),
+                             num_cached_tokens=self.seqs[0].num_cached_tokens)
+
+
+class LLM:
+    """Offline engine over a Qwen25VL: continuous batching, chunked prefill, paged KV cache, prefix caching.
+
+    model: a checkpoint directory or a built Qwen25VL. processor: a Processor (for chat messages and text);
+    by default the checkpoint's, or the built-in tokenizer. num_blocks / kv_cache_bytes size the KV cache
+    explicitly (the CPU default is 1 GiB); on CUDA it is sized by gpu_memory_utilization by default.
+    """
+
+    def __init__(self, model, dtype: torch.dtype | None = None, device=None, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 enable_cuda_graphs: bool = True, processor=None, kv_cache_bytes: int | None = None,
+                 encoder_cache_tokens: int = 32768, seed: int = 0):
+        from ..model import Qwen25VL
+
+        for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                          ("block_size", block_size)):
+            if not isinstance(val, int) or val < 1:
+                raise InputError(f"LLM: {name}={val!r} must be a positive integer")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise InputError(f"LLM: gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
+        path = None
+        if isinstance(model, (str, os.PathLike)):
+            path = os.fspath(model)
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
+        elif not isinstance(model, Qwen25VL):
+            raise InputError(f"LLM: expected a checkpoint path or a Qwen25VL, got {type(model).__name__}")
+        elif device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        self.model = model.eval()
+        self.device = model.device
+        self.config = model.config
+        self.processor = processor if processor is not None else _default_processor(path)
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else None
+        self.eos_token_ids = _eos_token_ids(path, self.config)
+
+        self.runner = ModelRunner(model, block_size=block_size, max_num_seqs=max_num_seqs,
+                                  enable_cuda_graphs=enable_cuda_graphs, encoder_cache_tokens=encoder_cache_tokens)
+        if num_blocks is None:
+            if kv_cache_bytes is None and self.device.type == "cuda":
+                num_blocks = self.runner.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
+            else:
+                num_blocks = (kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES) // self.runner.kv_bytes_per_block()
+        if num_blocks < 1:
+            raise InputError("LLM: no room for the KV cache (raise gpu_memory_utilization or kv_cache_bytes)")
+        capacity = num_blocks * block_size
+        limit = self.config.text.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = min(limit, capacity)
+        elif max_model_len > capacity:
+            raise InputError(f"LLM: max_model_len={max_model_len} needs more KV cache than the {num_blocks} blocks "
+                             f"({capacity} tokens) available; lower it or give the cache more memory")
+        self.max_model_len = max_model_len
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner.capture_cuda_graphs(max_model_len)
+        self._requests: dict[str, _Request] = {}
+        self._pending_aborts: list[str] = []
+        self._arrival = itertools.count()
+        self._request_counter = itertools.count()
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    # ------------------------------------------------------------------------------------------ stats
+    @property
+    def num_used_blocks(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_used_blocks": self.num_used_blocks, "num_free_blocks": self.num_free_blocks,
+                "num_blocks": self.block_manager.num_blocks, "block_size": self.block_manager.block_size,
+                "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+                "num_preemptions": self.scheduler.num_preemptions,
+                "prefix_cache_hit_tokens": self.block_manager.prefix_hits,
+                "encoder_runs": self.runner.num_encoder_runs, "encoded_items": self.runner.num_encoded_items,
+                "cuda_graph_batch_sizes": sorted(self.runner.graphs), "triton_decode": self.runner.use_triton,
+                "max_model_len": self.max_model_len}
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt) -> PromptData:
+        """A prompt in any accepted form -> token ids, vision items, MRoPE positions (done once per request).
+
+        Accepted: chat messages (list of {"role", "content"} dicts); a text string (no chat template);
+        token ids (list of ints or a 1-D tensor); or a dict with "prompt_token_ids" (or "input_ids") and
+        optional "images" [(pixel_values, grid_thw)] and "videos" [(pixel_values, grid_thw, second_per_grid)]
+        (Processor.encode_conversation's output), or {"messages": [...]}, or {"prompt": "..."}.
+        """
+        images, videos = [], []
+        if isinstance(prompt, dict) and "messages" in prompt:
+            prompt = prompt["messages"]
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            prompt = prompt["prompt"]
+        if _is_messages(prompt):
+            self._need_processor("chat messages")
+            enc = self.processor.encode_conversation(prompt)
+            ids, images, videos = enc["input_ids"], enc["images"], enc["videos"]
+        elif isinstance(prompt, str):
+            self._need_processor("a text prompt")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict):
+            ids = prompt.get("prompt_token_ids", prompt.get("input_ids"))
+            if ids is None:
+                raise InputError(f"prompt dict needs 'prompt_token_ids' (or 'messages' / 'prompt'); got keys "
+                                 f"{sorted(prompt)}")
+            images, videos = list(prompt.get("images") or []), list(prompt.get("videos") or [])
+        else:
+            ids = prompt
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() == 2 and ids.shape[0] == 1:
+                ids = ids[0]
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InputError(f"prompt must be messages, a string, token ids or a prompt dict; got {type(prompt).__name__}")
+        ids = list(ids)
+        vocab = self.config.text.vocab_size
+        if not ids:
+            raise InputError("the prompt is empty")
+        if any(not 0 <= t < vocab for t in ids):
+            raise InputError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InputError(f"the prompt is {len(ids)} tokens long; max_model_len is {self.max_model_len}, "
+                             f"so a prompt may have at most {self.max_model_len - 1} tokens")
+        return self._prompt_data(ids, images, videos)
+
+    def _prompt_data(self, ids: list[int], images, videos) -> PromptData:
+        c = self.config
+        unit = c.vision.spatial_merge_size ** 2
+        queues = {c.image_token_id: [("image", p, g, 0.0) for p, g in images],
+                  c.video_token_id: [("video", p, g, float(s)) for p, g, s in videos]}
+        items: list[VisionItem] = []
+        used = {c.image_token_id: 0, c.video_token_id: 0}
+        i = 0
+        while i < len(ids):
+            tok = ids[i]
+            if tok not in queues:
+                i += 1
+                continue
+            kind = "image" if tok == c.image_token_id else "video"
+            if used[tok] >= len(queues[tok]):
+                raise InputError(f"the prompt has more {kind} blocks than {kind}s given ({len(queues[tok])})")
+            _, pix, grid, spg = queues[tok][used[tok]]
+            used[tok] += 1
+            grid = tuple(int(x) for x in (grid.tolist() if isinstance(grid, torch.Tensor) else grid))
+            n = grid[0] * grid[1] * grid[2] // unit
+            if ids[i:i + n] != [tok] * n:
+                raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
+                                 f"prompt position {i}")
+            items.append(VisionItem(kind, pix, grid, spg, i, n, content_hash(pix, grid, spg)))
+            i += n
+        for tok, q in queues.items():
+            if used[tok] != len(q):
+                kind = "image" if tok == c.image_token_id else "video"
+                raise InputError(f"{len(q)} {kind}s given but the prompt has {used[tok]} {kind} blocks")
+        if not items:
+            return PromptData(ids)
+        pos, delta = self.model.positions(
+            torch.tensor([ids]), None,
+            [it.grid_thw for it in items if it.kind == "image"] or None,
+            [it.grid_thw for it in items if it.kind == "video"] or None,
+            [it.second_per_grid for it in items if it.kind == "video"] or None)
+        return PromptData(ids, items, pos[:, 0].cpu(), int(delta.view(-1)[0]))
+
+    def _need_processor(self, what: str) -> None:
+        if self.processor is None:
+            raise InputError(f"{what} needs a processor/tokenizer; pass processor= to LLM")
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        self._add_encoded(request_id, self.encode_prompt(prompt), params)
+
+    def _add_encoded(self, request_id: str, prompt: PromptData, params: SamplingParams | None) -> None:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        request_id = str(request_id)
+        if request_id in self._requests:
+            raise InputError(f"request id {request_id!r} is already in use")
+        seqs, streams = [], []
+        for i in range(params.n):
+            p = params.child(i) if params.n > 1 else params
+            gen = torch.Generator(device=self.device).manual_seed(p.seed) if p.seed is not None else None
+            seqs.append(Sequence(request_id, i, next(self._arrival), prompt, p, gen))
+            streams.append(TextStream(self.tokenizer, p))
+        self._requests[request_id] = _Request(request_id, prompt, params, seqs, streams)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed at the next step boundary (step() reports it finished)."""
+        if str(request_id) in self._requests:
+            self._pending_aborts.append(str(request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending_aborts) or self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------------------------------ a step
+    def step(self) -> list[StepOutput]:
+        outputs = self._process_aborts()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return outputs
+        logits = self.runner.execute(chunks)
+        self.scheduler.after_step(chunks)
+        sampling = [c.seq for c in chunks if c.samples]
+        rows = [SamplerRow(s.params, s.prompt.token_ids if s.params.repetition_penalty != 1 else [],
+                           s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
+        result = sample(logits, rows, self._generator)
+        for seq, tok, lp in zip(sampling, result.token_ids.tolist(), result.logprobs):
+            outputs.append(self._append_token(seq, tok, lp))
+        return outputs
+
+    def _append_token(self, seq: Sequence, tok: int, logprobs) -> StepOutput:
+        req = self._requests[seq.request_id]
+        stream = req.streams[seq.index]
+        p = seq.params
+        seq.token_ids.append(tok)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        reason = None
+        if (not p.ignore_eos and tok in self.eos_token_ids) or tok in p.stop_token_ids:
+            reason = "stop"  # the stop token stays in token_ids, not in the text
+        elif stream.push(tok):
+            reason = "stop"
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            stream.close()
+        out = StepOutput(seq.request_id, [tok], stream.take_delta(reason is not None), reason is not None,
+                         seq.index, reason, [logprobs] if logprobs is not None else None)
+        return self._maybe_complete(req, out)
+
+    def _maybe_complete(self, req: _Request, out: StepOutput) -> StepOutput:
+        if all(s.is_finished for s in req.seqs):
+            out.output = req.output()
+            del self._requests[req.request_id]
+        return out
+
+    def _process_aborts(self) -> list[StepOutput]:
+        outputs = []
+        for rid in self._pending_aborts:
+            req = self._requests.get(rid)
+            if req is None:  # finished meanwhile
+                continue
+            for seq, stream in zip(req.seqs, req.streams):
+                if seq.status != Status.FINISHED:
+                    self.scheduler.finish(seq, "abort")
+                    stream.close()
+                    outputs.append(self._maybe_complete(
+                        req, StepOutput(rid, [], stream.take_delta(True), True, seq.index, "abort")))
+        self._pending_aborts.clear()
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ offline API
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Prompts (one or a list; see encode_prompt for the forms) -> one RequestOutput each, in order."""
+        if not isinstance(prompts, list) or (prompts and isinstance(prompts[0], int)) or _is_messages(prompts):
+            prompts = [prompts]
+        return self._run_all(prompts, params)
+
+    def chat(self, conversations, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of them -> one RequestOutput each, in order."""
+        if _is_messages(conversations):
+            conversations = [conversations]
+        if not isinstance(conversations, list) or not all(_is_messages(c) for c in conversations):
+            raise InputError("chat() takes a conversation (list of {'role', 'content'} messages) or a list of them")
+        return self._run_all(conversations, params)
+
+    def _run_all(self, prompts: list, params) -> list[RequestOutput]:
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise InputError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        encoded = [self.encode_prompt(p) for p in prompts]  # all validated before any is queued
+        ids = [f"offline-{next(self._request_counter)}" for _ in prompts]
+        for rid, enc, p in zip(ids, encoded, params):
+            self._add_encoded(rid, enc, p)
+        results: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.output is not None and out.request_id in pending:
+                    results[out.request_id] = out.output
+                    pending.discard(out.request_id)
+        return [results[r] for r in ids]
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and bool(x) and isinstance(x[0], dict) and "role" in x[0]
+
+
+def _default_processor(path):
+    try:
+        from ..processor import Processor
+
+        return Processor.from_pretrained(path)
+    except Exception as e:  # no tokenizer at hand: token-id prompts still work
+        log.warning("no processor (%s); only token-id prompts will work and outputs have no text", e)
+        return None
+
+
+def _eos_token_ids(path, config) -> set[int]:
+    """generation_config.json's eos ids when the checkpoint has one (Qwen2.5-VL: <|im_end|>, <|endoftext|>),
+    else the config's."""
+    ids = {config.eos_token_id}
+    if path is not None:
+        f = os.path.join(path, "generation_config.json")
+        if os.path.exists(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    eos = json.load(fh).get("eos_token_id")
+                ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+            except (OSError, ValueError):
+                pass
+    return ids

@@ -1,0 +1,412 @@
+"""ModelRunner: the decoder forward over one step's flattened tokens, against the paged KV cache.
+
+Written against the existing modules' weights (norms, o_proj, down_proj, embeddings and lm_head are
+called as they are); q/k/v and gate/up are fused into single matrices built once here. On CUDA the
+modules' own q/k/v/gate/up parameters are re-pointed to views of the fused tensors so the weights are
+not held twice (same values: Qwen25VL.forward/generate are unchanged).
+
+A step is a list of chunks (sequence, start, num_tokens). Tokens of all chunks are laid end to end:
+  embeddings (+ ViT features scattered over image/video pad tokens) -> MRoPE cos/sin -> layers -> norm +
+  lm_head only on the rows that sample (the last token of chunks that reach their sequence's end).
+Attention per layer: the step's K/V are written to the pools first; single-token rows go through one
+batched decode attention, prefill chunks through per-sequence SDPA over their cached prefix.
+
+Decode-only steps (the steady state) run `_decode_core`, whose positions (context_len - 1 + rope_delta on
+all three axes) are computed on the device; on CUDA it is captured as one CUDA graph per batch-size bucket
+(static input buffers, padded rows write to the null block) when the Triton paged-decode kernel is usable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..rope import _inv_freq, rotate_half
+from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
+                        triton_decode_ok, write_kv)
+from .kv_cache import PagedKVCache
+from .scheduler import ScheduledChunk
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FusedLayer:
+    module: torch.nn.Module  # the DecoderLayer (norms, o_proj, down_proj used as they are)
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wgu: torch.Tensor
+    bgu: torch.Tensor | None
+
+
+@dataclass
+class StepInputs:
+    """Device tensors and the attention plan of one (non-CUDA-graph) step."""
+    ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [3, N]
+    slots: torch.Tensor  # [N] flat slot of each token in the pools
+    sample_rows: torch.Tensor  # [R] rows whose hidden state gives logits
+    decode_rows: torch.Tensor | None = None  # rows of single-token chunks
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
+    decode_context_lens: torch.Tensor | None = None  # [Bd] int32
+    prefills: list[tuple[int, int, int, torch.Tensor | None]] = field(default_factory=list)  # row0, n, start, blocks
+    vision_rows: torch.Tensor | None = None
+    vision_feats: torch.Tensor | None = None
+
+
+def _cuda_graph_buckets(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class ModelRunner:
+    def __init__(self, model, *, block_size: int = 16, max_num_seqs: int = 256, enable_cuda_graphs: bool = True,
+                 encoder_cache_tokens: int = 32768):
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        t = model.config.text
+        self.num_layers, self.heads, self.kv_heads, self.head_dim = (t.num_hidden_layers, t.num_attention_heads,
+                                                                     t.num_key_value_heads, t.head_dim)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.enable_cuda_graphs = enable_cuda_graphs
+        self.is_cuda = self.device.type == "cuda"
+        self.inv_freq = _inv_freq(t.head_dim, t.rope_theta).to(self.device)
+        self.mrope_section = list(t.mrope_section)
+        self.layers = self._fuse_weights(share=self.is_cuda)
+        self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
+        self.encoder_cache_tokens = encoder_cache_tokens
+        self.encoder_cache_rows = 0
+        self.num_encoder_runs = 0  # statistics
+        self.num_encoded_items = 0
+        self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
+                                           self.head_dim)
+        self.kv: PagedKVCache | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []  # sorted keys of graphs
+        self.static: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def _fuse_weights(self, share: bool) -> list[FusedLayer]:
+        fused = []
+        for layer in self.model.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            projs = [a.q_proj, a.k_proj, a.v_proj]
+            wqkv = torch.cat([p.weight for p in projs]).detach()
+            bqkv = torch.cat([p.bias for p in projs]).detach() if a.q_proj.bias is not None else None
+            wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            bgu = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach() if mlp.gate_proj.bias is not None else None
+            if share:  # the modules keep working, on views of the fused tensors (no second copy in memory)
+                for w, ps in ((wqkv, projs), (wgu, [mlp.gate_proj, mlp.up_proj])):
+                    off = 0
+                    for p in ps:
+                        n = p.weight.shape[0]
+                        p.weight.data = w[off:off + n]
+                        off += n
+                for b, ps in ((bqkv, projs), (bgu, [mlp.gate_proj, mlp.up_proj])):
+                    off = 0
+                    for p in ps if b is not None else []:
+                        n = p.bias.shape[0]
+                        p.bias.data = b[off:off + n]
+                        off += n
+            fused.append(FusedLayer(layer, wqkv, bqkv, wgu, bgu))
+        return fused
+
+    def kv_bytes_per_block(self) -> int:
+        return PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def profile_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int) -> int:
+        """CUDA: blocks that fit in gpu_memory_utilization of the card after the weights, the activation peak
+        of a max_num_batched_tokens prefill (measured) and the sampler's buffers (estimated)."""
+        dev = self.device
+        self.kv = PagedKVCache(self.num_layers, 0, self.block_size, self.kv_heads, self.head_dim, self.dtype, dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        n = max_num_batched_tokens
+        dummy = StepInputs(ids=torch.zeros(n, dtype=torch.long, device=dev),
+                           positions=torch.arange(n, device=dev).expand(3, -1),
+                           slots=torch.zeros(n, dtype=torch.long, device=dev),
+                           sample_rows=torch.arange(min(n, self.max_num_seqs), device=dev),
+                           prefills=[(0, n, 0, None)])
+        self._forward(dummy)
+        torch.cuda.synchronize(dev)
+        activation_peak = torch.cuda.max_memory_allocated(dev) - before
+        vocab = self.model.config.text.vocab_size
+        sampler = self.max_num_seqs * vocab * 4 * 6  # fp32 logits, sort values + int64 indices, probs, noise
+        self.kv = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = total * gpu_memory_utilization - (total - free) - activation_peak - sampler
+        log.info("KV budget %.2f GiB (activation peak %.2f GiB, sampler %.2f GiB)", budget / 2**30,
+                 activation_peak / 2**30, sampler / 2**30)
+        return max(0, int(budget // self.kv_bytes_per_block()))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv = PagedKVCache(self.num_layers, num_blocks, self.block_size, self.kv_heads, self.head_dim,
+                               self.dtype, self.device)
+
+    # ------------------------------------------------------------------------------------------ math
+    def _cos_sin(self, positions: torch.Tensor):
+        """cos/sin [N, head_dim] from positions [3, N]: the rope.mrope_cos_sin formula, with inv_freq already
+        on the device (no host copy: CUDA-graph capturable)."""
+        freqs = positions[..., None].float() * self.inv_freq  # [3, N, hd/2]
+        parts, start = [], 0
+        for axis, size in enumerate(self.mrope_section):
+            parts.append(freqs[axis, :, start:start + size])
+            start += size
+        sel = torch.cat(parts, dim=-1)
+        emb = torch.cat([sel, sel], dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _layer(self, i: int, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend) -> torch.Tensor:
+        L = self.layers[i]
+        layer = L.module
+        N = h.shape[0]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(layer.input_layernorm(h), L.wqkv, L.bqkv)
+        qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
+        qk = qk * cos + rotate_half(qk) * sin  # q and k in one go, in the model dtype as the reference
+        q, k = qk.split([H, KV], dim=1)
+        v = qkv[:, (H + KV) * D:].view(N, KV, D)
+        write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
+        h = h + layer.self_attn.o_proj(attend(i, q, k, v).reshape(N, H * D))
+        gu = F.linear(layer.post_attention_layernorm(h), L.wgu, L.bgu)
+        g, u = gu.chunk(2, dim=-1)
+        return h + layer.mlp.down_proj(F.silu(g) * u)
+
+    def _decode_attention(self, i, q, block_tables, context_lens):
+        if self.use_triton:
+            return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
+                                           num_splits=num_splits_for(q.shape[0], self.kv_heads, self.device))
+        return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
+
+    def _forward(self, s: StepInputs) -> torch.Tensor:
+        """Logits [R, V] (model dtype) for s.sample_rows."""
+        h = self.model.model.embed_tokens(s.ids)
+        if s.vision_rows is not None:
+            h[s.vision_rows] = s.vision_feats.to(h.dtype)
+        cos, sin = self._cos_sin(s.positions)
+        cos, sin = cos[:, None], sin[:, None]
+        single_prefill = s.decode_rows is None and len(s.prefills) == 1
+
+        def attend(i, q, k, v):
+            if single_prefill:
+                r0, n, start, blocks = s.prefills[0]
+                return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start)
+            out = torch.empty_like(q)
+            if s.decode_rows is not None:
+                out[s.decode_rows] = self._decode_attention(i, q[s.decode_rows], s.decode_block_tables,
+                                                            s.decode_context_lens)
+            for r0, n, start, blocks in s.prefills:
+                out[r0:r0 + n] = prefill_attention(q[r0:r0 + n], k[r0:r0 + n], v[r0:r0 + n], self.kv.k[i],
+                                                   self.kv.v[i], blocks, start)
+            return out
+
+        for i in range(self.num_layers):
+            h = self._layer(i, h, cos, sin, s.slots, attend)
+        return self.model.lm_head(self.model.model.norm(h[s.sample_rows]))
+
+    def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
+        """Logits [B, V] for one generated token per sequence. ids/slots/rope_deltas long [B], context_lens
+        int32 [B] (including this token), block_tables int32 [B, max_blocks]. Static shapes: graph-capturable."""
+        pos = (context_lens.long() - 1 + rope_deltas).expand(3, -1)
+        cos, sin = self._cos_sin(pos)
+        cos, sin = cos[:, None], sin[:, None]
+        h = self.model.model.embed_tokens(ids)
+
+        def attend(i, q, k, v):
+            return self._decode_attention(i, q, block_tables, context_lens)
+
+        for i in range(self.num_layers):
+            h = self._layer(i, h, cos, sin, slots, attend)
+        return self.model.lm_head(self.model.model.norm(h))
+
+    # ------------------------------------------------------------------------------------------ a step
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run one step; float32 logits [R, V] for the chunks with `samples`, in chunk order."""
+        if chunks and all(c.is_decode for c in chunks):
+            return self._execute_decode(chunks).float()
+        s = self._prepare(chunks)
+        logits = self._forward(s)
+        for c in chunks:  # a sequence past its last vision item no longer needs the features
+            items = c.seq.prompt.items
+            if c.seq.vision_features and c.end >= max(it.end for it in items):
+                c.seq.vision_features.clear()
+        return logits.float()
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        p = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[p // self.block_size] * self.block_size + p % self.block_size
+
+    def _block_table_rows(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
+        width = width or max(len(s.block_table) for s in seqs)
+        bt = torch.full((len(seqs), width), self.kv.null_block, dtype=torch.int32)
+        for r, s in enumerate(seqs):
+            bt[r, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        return bt
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        dev = self.device
+        ids, positions, slots, sample_rows = [], [], [], []
+        decode_rows, decode_seqs, prefills = [], [], []
+        vision_rows, vision_feats = [], []
+        self._encode_vision(chunks)
+        row = 0
+        for c in chunks:
+            seq = c.seq
+            ids.extend(seq.token_ids[c.start:c.end])
+            positions.append(seq.prompt.positions_of(c.start, c.end))
+            slots.append(self._slots(seq, c.start, c.end))
+            if c.num_tokens == 1:
+                decode_rows.append(row)
+                decode_seqs.append(c)
+            else:
+                blocks = None
+                if c.start > 0:
+                    nb = -(-c.end // self.block_size)
+                    blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
+                prefills.append((row, c.num_tokens, c.start, blocks))
+            for idx, item in enumerate(seq.prompt.items):
+                a, b = max(c.start, item.offset), min(c.end, item.end)
+                if a < b:
+                    vision_rows.append(torch.arange(row + a - c.start, row + b - c.start))
+                    vision_feats.append(seq.vision_features[idx][a - item.offset:b - item.offset])
+            row += c.num_tokens
+            if c.samples:
+                sample_rows.append(row - 1)
+        s = StepInputs(ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+                       positions=torch.cat(positions, dim=1).to(dev, non_blocking=True),
+                       slots=torch.cat(slots).to(dev, non_blocking=True),
+                       sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(dev), prefills=prefills)
+        if decode_rows:
+            s.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
+            s.decode_block_tables = self._block_table_rows([c.seq for c in decode_seqs]).to(dev)
+            s.decode_context_lens = torch.tensor([c.end for c in decode_seqs], dtype=torch.int32, device=dev)
+        if vision_rows:
+            s.vision_rows = torch.cat(vision_rows).to(dev)
+            s.vision_feats = torch.cat(vision_feats)
+        return s
+
+    def _execute_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Decode-only step: host metadata as plain ints (this runs every step), then one graph replay
+        (batch padded up to its bucket) or an eager _decode_core."""
+        B = len(chunks)
+        bs, null = self.block_size, self.kv.null_block
+        bucket = next((b for b in self.graph_sizes if b >= B), None)
+        pad = (bucket or B) - B
+        ids, ctx, deltas, slots, tables = [], [], [], [], []
+        for c in chunks:
+            seq, p = c.seq, c.start
+            ids.append(seq.token_ids[p])
+            ctx.append(p + 1)
+            deltas.append(seq.prompt.rope_delta)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+            tables.append(seq.block_table)
+        # padded rows: one token of context in the null block, written to the null block
+        rows = torch.tensor([ids + [0] * pad, ctx + [1] * pad, deltas + [0] * pad, slots + [null * bs] * pad],
+                            dtype=torch.long)
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [null] * (width - len(t)) for t in tables] + [[null] * width] * pad, dtype=torch.int32)
+        if bucket is None:
+            rows = rows.to(self.device)
+            return self._decode_core(rows[0], rows[1].int(), rows[2], rows[3], bt.to(self.device))
+        st = self.static
+        n = bucket
+        st["ids"][:n].copy_(rows[0], non_blocking=True)
+        st["context_lens"][:n].copy_(rows[1], non_blocking=True)
+        st["rope_deltas"][:n].copy_(rows[2], non_blocking=True)
+        st["slots"][:n].copy_(rows[3], non_blocking=True)
+        st["block_tables"][:n, :width].copy_(bt, non_blocking=True)
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:B]
+
+    # ------------------------------------------------------------------------------------------ CUDA graphs
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, max_model_len: int) -> None:
+        """One graph of _decode_core per batch-size bucket; any failure leaves eager decoding in place."""
+        if not (self.enable_cuda_graphs and self.is_cuda and self.use_triton):
+            return
+        dev = self.device
+        max_batch = self.max_num_seqs
+        width = -(-max_model_len // self.block_size)
+        null = self.kv.null_block
+        self.static = st = {
+            "ids": torch.zeros(max_batch, dtype=torch.long, device=dev),
+            "context_lens": torch.ones(max_batch, dtype=torch.int32, device=dev),
+            "rope_deltas": torch.zeros(max_batch, dtype=torch.long, device=dev),
+            "slots": torch.full((max_batch,), null * self.block_size, dtype=torch.long, device=dev),
+            "block_tables": torch.full((max_batch, width), null, dtype=torch.int32, device=dev),
+        }
+        try:
+            pool = None
+            for B in reversed(_cuda_graph_buckets(max_batch)):  # largest first: the others reuse its pool
+                args = (st["ids"][:B], st["context_lens"][:B], st["rope_deltas"][:B], st["slots"][:B],
+                        st["block_tables"][:B])
+                stream = torch.cuda.Stream(dev)
+                stream.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._decode_core(*args)
+                torch.cuda.current_stream(dev).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._decode_core(*args)
+                pool = graph.pool()
+                self.graphs[B] = (graph, out)
+            torch.cuda.synchronize(dev)
+            self.graph_sizes = sorted(self.graphs)
+            log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(self.graphs), max_batch)
+        except Exception as e:
+            log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            self.graphs, self.graph_sizes = {}, []
+
+    # ------------------------------------------------------------------------------------------ vision
+    def _encode_vision(self, chunks: list[ScheduledChunk]) -> None:
+        """Make seq.vision_features hold every vision item that overlaps a chunk of this step: from the
+        encoder cache (content hash) or from one ViT call over all the step's missing items."""
+        missing: dict[bytes, list[tuple[Sequence, int]]] = {}
+        items = {}
+        for c in chunks:
+            seq = c.seq
+            for idx, item in enumerate(seq.prompt.items):
+                if item.offset >= c.end or item.end <= c.start or idx in seq.vision_features:
+                    continue
+                feats = self.encoder_cache.get(item.content_hash)
+                if feats is not None:
+                    self.encoder_cache.move_to_end(item.content_hash)
+                    seq.vision_features[idx] = feats
+                else:
+                    missing.setdefault(item.content_hash, []).append((seq, idx))
+                    items[item.content_hash] = item
+        if not missing:
+            return
+        todo = list(items.values())
+        pix = torch.cat([it.pixel_values.to(self.device) for it in todo])
+        feats = self.model.visual(pix, [it.grid_thw for it in todo])
+        self.num_encoder_runs += 1
+        self.num_encoded_items += len(todo)
+        expected = sum(it.num_tokens for it in todo)
+        if feats.shape[0] != expected:
+            raise InputError(f"vision features ({feats.shape[0]} tokens) do not match the {expected} pad tokens")
+        for it, f in zip(todo, feats.split([it.num_tokens for it in todo])):
+            for seq, idx in missing[it.content_hash]:
+                seq.vision_features[idx] = f
+            self.encoder_cache[it.content_hash] = f
+            self.encoder_cache_rows += f.shape[0]
+        while self.encoder_cache_rows > self.encoder_cache_tokens and len(self.encoder_cache) > 1:
+            _, old = self.encoder_cache.popitem(last=False)
+            self.encoder_cache_rows -= old.shape[0]
