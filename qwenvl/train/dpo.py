@@ -1,0 +1,54 @@
+"""Direct Preference Optimization (sigmoid loss, Rafailov et al. 2023), on packed rows of chosen/rejected pairs.
+
+    h = beta * ((logp_pi(chosen) - logp_ref(chosen)) - (logp_pi(rejected) - logp_ref(rejected)))
+    loss = -(1 - eps) * log sigmoid(h) - eps * log sigmoid(-h)          (eps = label_smoothing, "cDPO"; 0 = DPO)
+
+logp(.) is the summed log-probability of the response tokens (labels of the final assistant turn). A packed row holds
+pairs laid out [chosen_1, rejected_1, chosen_2, rejected_2, ...] (PackedLoader with pairs=True). Reference log-probs
+come from the record ("ref_chosen_logp", "ref_rejected_logp"), or from a reference model run without grad: a frozen
+copy of the starting model, or, with LoRA, the same model with its adapters bypassed (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .loss import target_nll
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Summed log-prob of each sample's target tokens [n_samples] (float32) for a packed row."""
+    nll, seg = target_nll(model, batch)
+    return torch.zeros(len(batch["seq_lens"]), dtype=torch.float32, device=nll.device).index_add(0, seg, -nll.float())
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0):
+    """Per-pair losses [n_pairs] and metrics (rewards are beta * (logp_pi - logp_ref), as TRL logs them)."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    h = chosen_reward - rejected_reward
+    losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    metrics = {"reward_chosen": chosen_reward.detach().sum().item(),
+               "reward_rejected": rejected_reward.detach().sum().item(),
+               "reward_accuracy": (h.detach() > 0).float().sum().item()}
+    return losses, metrics
+
+
+def dpo_loss_sum(model, batch: dict, reference=None, beta: float = 0.1, label_smoothing: float = 0.0):
+    """(sum of pair losses, number of pairs, metrics summed over pairs) for one packed row of pairs.
+
+    reference: a callable batch -> per-sample logps (no grad), used when the batch has no "ref_logps".
+    """
+    n = batch.get("n_samples", len(batch["seq_lens"]))  # samples after n are padding (trainer's vision dummies)
+    logps = sequence_logps(model, batch)[:n]
+    if "ref_logps" in batch:
+        ref = batch["ref_logps"].to(logps.device, torch.float32)
+    else:
+        if reference is None:
+            raise ValueError("DPO needs reference log-probs: precomputed in the records or a reference model")
+        with torch.no_grad():
+            ref = reference(batch)[:n].detach().float()
+    losses, metrics = dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2], beta, label_smoothing)
+    return losses.sum(), losses.numel(), metrics

@@ -1,0 +1,219 @@
+"""Length-balanced packing: samples -> fixed-capacity packed rows -> steps balanced across data-parallel ranks.
+
+The report (Qwen2.5-VL §2.2) packs samples by their LLM sequence length to 8192 (32768 for long context) so that
+every GPU does about the same work. Here:
+  1. `pack_lengths`: best-fit decreasing into bins of `capacity` tokens (each bin = one packed row, B = 1, with
+     per-sample boundaries `seq_lens`: the model's block-diagonal mask and restarting MRoPE positions);
+  2. `plan_steps`: each optimizer step takes world * grad_accum bins; inside a step the bins go to ranks by
+     longest-processing-time first on a compute cost sum(len) + w * sum(len^2) (linear layers + attention),
+     grad_accum bins per rank;
+  3. `PackedLoader`: reads a chunk of records, measures them (no pixels), packs, plans, and materializes only this
+     rank's bins. Its state (chunk start position + steps taken in the chunk) gives exact resume.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from .data import IGNORE, BadSample, DataError, JsonlStream, Position, Sample, SkipStats, shuffled
+
+
+# ------------------------------------------------------------------------------------------------ bin packing
+def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins with sum(length) <= capacity: best-fit decreasing (ties keep input order).
+
+    Best fit keeps the fullest bins full; with many short samples it is within a few % of optimal.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin id)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sample {i} has {n} tokens, more than the bin capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, b))
+    return bins
+
+
+def attention_weight(config) -> float:
+    """w in cost = sum(len) + w * sum(len^2): FLOPs of causal attention per token pair over FLOPs of the linear
+    layers per token. Linear: 2 * P (non-embedding decoder params); attention: 2 * hidden * layers per (q, k)
+    pair counting QK^T and AV with the causal half, i.e. w = hidden * layers / P."""
+    t = config.text
+    kv = t.num_key_value_heads * t.head_dim
+    per_layer = 2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * kv + 3 * t.hidden_size * t.intermediate_size
+    return t.hidden_size * t.num_hidden_layers / (per_layer * t.num_hidden_layers)
+
+
+def bin_cost(lengths: list[int], attn_weight: float) -> float:
+    return float(sum(lengths) + attn_weight * sum(n * n for n in lengths))
+
+
+def balance(costs: list[float], n_ranks: int, per_rank: int) -> list[list[int]]:
+    """Items -> n_ranks groups of at most per_rank items, largest first onto the least loaded rank (LPT)."""
+    groups: list[list[int]] = [[] for _ in range(n_ranks)]
+    load = [0.0] * n_ranks
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min((r for r in range(n_ranks) if len(groups[r]) < per_rank), key=lambda r: (load[r], r))
+        groups[r].append(i)
+        load[r] += costs[i]
+    return groups
+
+
+def plan_steps(bin_costs: list[float], world: int, accum: int) -> list[list[list[int]]]:
+    """Bins (already in random order) -> steps; step[rank] = the bin ids that rank runs (<= accum of them)."""
+    per_step = world * accum
+    steps = []
+    for s in range(0, len(bin_costs), per_step):
+        ids = list(range(s, min(s + per_step, len(bin_costs))))
+        groups = balance([bin_costs[i] for i in ids], world, accum)
+        steps.append([[ids[j] for j in g] for g in groups])
+    return steps
+
+
+# ------------------------------------------------------------------------------------------------ collation
+def collate(samples: list[Sample]) -> dict[str, Any]:
+    """Samples -> one packed row: input_ids/targets [1, T] (targets shifted inside each sample, -100 at its end),
+    seq_lens, and the vision tensors concatenated in sample order (the order the model consumes grids in)."""
+    ids, targets = [], []
+    for s in samples:
+        ids += s.input_ids
+        targets += s.labels[1:] + [IGNORE]
+    batch: dict[str, Any] = {"input_ids": torch.tensor([ids], dtype=torch.long),
+                             "targets": torch.tensor([targets], dtype=torch.long),
+                             "seq_lens": [len(s) for s in samples]}
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    vid = [s.pixel_values_videos for s in samples if s.pixel_values_videos is not None]
+    grids = [g for s in samples for g in s.image_grid_thw]
+    vgrids = [g for s in samples for g in s.video_grid_thw]
+    if grids:
+        batch["pixel_values"] = torch.cat(pix)
+        batch["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+    if vgrids:
+        batch["pixel_values_videos"] = torch.cat(vid)
+        batch["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
+        batch["second_per_grid_ts"] = torch.tensor([x for s in samples for x in s.second_per_grid_ts])
+    refs = [s.ref_logp for s in samples]
+    if all(r is not None for r in refs):
+        batch["ref_logps"] = torch.tensor(refs, dtype=torch.float64)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------------ loader
+class PackedLoader:
+    """Steps of packed rows for one rank, from a JSONL stream; `state_dict()` / `load_state_dict()` resume exactly.
+
+    Every rank reads and measures the same records (cheap: tokenization and media headers) so all ranks agree on
+    the plan without communication; each rank decodes pixels only for its own bins. `pairs=True` keeps a DPO
+    record's chosen and rejected sequences together in one row (chosen first).
+    A micro-batch is None when this rank has nothing to run in a step (the trainer runs a dummy one so that
+    collectives stay matched).
+    """
+
+    def __init__(self, stream: JsonlStream, encoder, *, capacity: int = 8192, world: int = 1, rank: int = 0,
+                 accum: int = 1, seed: int = 0, chunk_size: int = 1024, shuffle: bool = True,
+                 stats: SkipStats | None = None, attn_weight: float = 0.0, pairs: bool = False):
+        self.stream, self.encoder = stream, encoder
+        self.capacity, self.world, self.rank, self.accum = capacity, world, rank, accum
+        self.seed, self.chunk_size, self.shuffle = seed, chunk_size, shuffle
+        self.stats = stats or SkipStats()
+        self.attn_weight, self.pairs = attn_weight, pairs
+        self.pos = Position()  # start of the current chunk
+        self.step_in_chunk = 0
+        self._chunk: list | None = None  # [(where, record, base_dir, length)]
+        self._steps: list | None = None
+        self._next_pos: Position | None = None
+        self._replay = False  # re-reading a chunk after resume: its skips are already counted
+
+    @property
+    def epoch(self) -> int:
+        return self.pos.epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.pos.epoch, "file": self.pos.file, "offset": self.pos.offset,
+                "step_in_chunk": self.step_in_chunk, "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = Position(d["epoch"], d["file"], d["offset"])
+        self.step_in_chunk = d["step_in_chunk"]
+        self.stats.load_state_dict(d["stats"])
+        self._chunk = self._steps = None
+        self._replay = True
+
+    def _skip(self, where, err):
+        if not self._replay:
+            self.stats.skip(where, err)
+
+    def _load_chunk(self) -> None:
+        records, self._next_pos = self.stream.read(self.pos, self.chunk_size)
+        if self.shuffle:
+            records = shuffled(records, self.seed, self.pos.epoch, self.pos.file, self.pos.offset)
+        chunk = []
+        for where, rec, base in records:
+            try:
+                if isinstance(rec, Exception):
+                    raise rec
+                n = self.encoder.measure(rec, base, pair=self.pairs)
+                if n > self.capacity:
+                    raise BadSample("too long", f"{n} tokens > pack capacity {self.capacity}")
+            except DataError:
+                raise
+            except Exception as e:  # a bad record never stops training; too many of them do (SkipStats)
+                self._skip(where, e)
+                continue
+            if not self._replay:
+                self.stats.ok()
+            chunk.append((where, rec, base, n))
+        bins = pack_lengths([c[3] for c in chunk], self.capacity)
+        if self.shuffle:  # else steps go longest-first, as packed
+            bins = shuffled(bins, self.seed, "bins", self.pos.epoch, self.pos.file, self.pos.offset)
+        costs = [bin_cost([chunk[i][3] for i in b], self.attn_weight) for b in bins]
+        self._chunk = chunk
+        self._steps = [[[bins[j] for j in group] for group in step] for step in plan_steps(costs, self.world, self.accum)]
+        self._replay = False
+
+    def next_step(self) -> list[dict | None]:
+        """This rank's micro-batches for the next optimizer step (always `accum` of them, None = nothing)."""
+        crossed = 0  # epoch boundaries crossed by a run of chunks without any step
+        while True:
+            if self._steps is None:
+                self._load_chunk()
+            if self.step_in_chunk < len(self._steps):
+                break
+            if self._next_pos.epoch != self.pos.epoch:
+                crossed += 1
+                if crossed >= 2:  # a whole epoch gave nothing
+                    raise DataError("a whole pass over the training files gave no usable sample\n" + self.stats.report())
+            self.pos, self.step_in_chunk, self._steps = self._next_pos, 0, None
+        mine = self._steps[self.step_in_chunk][self.rank]
+        self.step_in_chunk += 1
+        out = [self._materialize(b) for b in mine]
+        return out + [None] * (self.accum - len(out))
+
+    def _materialize(self, bin_: list[int]) -> dict | None:
+        samples = []
+        for i in bin_:
+            where, rec, base, n = self._chunk[i]
+            try:
+                got = list(self.encoder.encode_pair(rec, base)) if self.pairs else [self.encoder.encode(rec, base)]
+                if sum(len(s) for s in got) != n:
+                    raise BadSample("size mismatch", f"measured {n} tokens, encoded {sum(len(s) for s in got)}")
+            except DataError:
+                raise
+            except Exception as e:  # header fine, pixels not: only this rank knows, so it counts but never stops
+                self.stats.seen -= 1  # the record was already counted as seen when measured
+                self.stats.skip(where, e, check=False)
+                continue
+            samples += got
+        return collate(samples) if samples else None

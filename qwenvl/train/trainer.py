@@ -1,0 +1,518 @@
+"""The training loop: SFT / pretraining / DPO, full fine-tuning or LoRA, one process or torchrun + FSDP2.
+
+One step = this rank's `grad_accum` packed rows (PackedLoader). The loss is the sum over target tokens (DPO: over
+pairs) divided by the step's count across all rows and ranks, so packing, accumulation and data parallelism give the
+gradient of one big batch. Parameters and optimizer state stay fp32; compute is bf16 on CUDA (autocast, or FSDP2's
+MixedPrecisionPolicy with fp32 gradient reduction).
+
+Checkpoints (output_dir/checkpoints/step_N, written as step_N.tmp then renamed; `latest` names the newest):
+trainable parameters (frozen ones come from the base model again), optimizer, scheduler, data position and skip
+counts, every rank's RNG state: resuming continues bit-identically. Log: output_dir/log.jsonl, one line per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import save_model
+from ..config import PRESETS, preset
+from ..errors import ConfigError
+from ..model import Qwen25VL
+from .config import TrainConfig
+from .data import ENDOFTEXT, IGNORE, ChatEncoder, JsonlStream, SkipStats
+from .dpo import dpo_loss_sum, sequence_logps
+from .lora import adapters_disabled, apply_lora, merge_lora_state_dict, part_of, save_adapter
+from .loss import sft_loss_sum
+from .packing import PackedLoader, attention_weight
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+class Dist:
+    """Rank/world from torchrun's environment; a single process otherwise."""
+
+    def __init__(self, device: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ model
+class TrainModule(nn.Module):
+    """What one forward call computes in training; FSDP wraps this, so every hook runs on one __call__.
+
+    kind: "sft" -> (sum of target nll, count); "dpo" -> (sum of pair losses, pairs, metrics); "logps" -> per-sample
+    summed log-probs (the frozen DPO reference). vision_sync (FSDP): a row without images (or videos) gets a 3-token
+    dummy sample with a 2x2-patch image (video), so every rank runs the same ViT calls in the same place of the graph
+    and the sharded blocks' all-gathers and reduce-scatters line up (else a text-only rank hangs the others).
+    """
+
+    def __init__(self, model: Qwen25VL, vision_sync: bool = False):
+        super().__init__()
+        self.model = model
+        self.vision_sync = vision_sync
+
+    def forward(self, batch: dict, kind: str = "sft", reference=None, beta: float = 0.1, label_smoothing: float = 0.0):
+        if self.vision_sync:
+            batch = with_vision_dummies(batch, self.model.config)
+        if kind == "sft":
+            return sft_loss_sum(self.model, batch)
+        if kind == "logps":
+            return sequence_logps(self.model, batch)
+        if kind == "dpo":
+            if reference == "adapters":  # LoRA: the base model is the reference
+                def reference(b, m=self.model):
+                    with adapters_disabled(m):
+                        return sequence_logps(m, b)
+            return dpo_loss_sum(self.model, batch, reference, beta, label_smoothing)
+        raise ValueError(kind)
+
+
+def with_vision_dummies(batch: dict, config) -> dict:
+    """The batch plus, for each missing modality, one sample [vision_start, pad, vision_end] with a 2x2-patch
+    image/video of zeros and no targets. `n_samples` keeps the count of real samples (DPO pairs)."""
+    c = config.vision
+    missing = [k for k in ("image", "video") if f"{k}_grid_thw" not in batch]
+    if not missing:
+        return batch
+    out = dict(batch)
+    out.setdefault("n_samples", len(batch["seq_lens"]))
+    ids, targets, lens = [batch["input_ids"]], [batch["targets"]], list(batch["seq_lens"])
+    dev = batch["input_ids"].device  # FSDP may already have moved the batch to the GPU
+    for kind in missing:
+        pad = config.image_token_id if kind == "image" else config.video_token_id
+        ids.append(torch.tensor([[config.vision_start_token_id, pad, config.vision_end_token_id]], device=dev))
+        targets.append(torch.full((1, 3), IGNORE, device=dev))
+        lens.append(3)
+        pix = torch.zeros(c.merge_unit, c.patch_dim, device=dev)
+        grid = torch.tensor([[1, c.spatial_merge_size, c.spatial_merge_size]])
+        if kind == "image":
+            out["pixel_values"], out["image_grid_thw"] = pix, grid
+        else:
+            out["pixel_values_videos"], out["video_grid_thw"] = pix, grid
+            out["second_per_grid_ts"] = torch.ones(1, device=dev)
+    out["input_ids"], out["targets"], out["seq_lens"] = torch.cat(ids, 1), torch.cat(targets, 1), lens
+    return out
+
+
+def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
+    """fp32 master weights: a checkpoint dir, or random weights of a preset shape (seeded)."""
+    if os.path.isdir(cfg.model):
+        model = Qwen25VL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
+    elif cfg.model in PRESETS:
+        model = Qwen25VL.random(preset(cfg.model), torch.float32, device, seed=cfg.seed)
+    else:
+        raise ConfigError(f"model {cfg.model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    return model.train()
+
+
+def trainable_parts(cfg: TrainConfig) -> list[str]:
+    return [p for p, frozen in (("vit", cfg.freeze_vit), ("merger", cfg.freeze_merger), ("llm", cfg.freeze_llm))
+            if not frozen]
+
+
+def setup_trainable(model: Qwen25VL, cfg: TrainConfig) -> None:
+    parts = trainable_parts(cfg)
+    if cfg.lora_r:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, parts, seed=cfg.seed)
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(part_of(name) in parts)
+
+
+def enable_activation_checkpointing(model: Qwen25VL) -> None:
+    """Recompute each decoder layer and ViT block in backward (forward replaced in place: names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(fwd, *args, **kw):
+        return checkpoint(fwd, *args, use_reentrant=False, **kw)
+
+    for block in [*model.model.layers, *model.visual.blocks]:
+        block.forward = functools.partial(run, block.forward)
+
+
+def shard(module: TrainModule, cfg: TrainConfig, dev: Dist) -> None:
+    """FSDP2: one unit per decoder layer and per ViT block, the rest (embeddings, head, merger) in the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.precision == "bf16" and dev.device.type == "cuda" else MixedPrecisionPolicy()
+    m = module.model
+    for block in m.visual.blocks:  # called up to twice per row (images, videos): keep gathered until backward
+        fully_shard(block, mp_policy=mp, reshard_after_forward=False)
+    for layer in m.model.layers:
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    fully_shard(module, mp_policy=mp, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def part_lrs(cfg: TrainConfig) -> dict[str, float]:
+    return {"vit": cfg.vit_lr if cfg.vit_lr is not None else cfg.lr,
+            "merger": cfg.merger_lr if cfg.merger_lr is not None else cfg.lr, "llm": cfg.lr}
+
+
+def build_optimizer(model: Qwen25VL, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW with one group per (part, decay): ViT, merger and LLM learning rates; no decay on vectors."""
+    lrs = part_lrs(cfg)
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((part_of(name), p.ndim >= 2), []).append(p)
+    if not groups:
+        raise ConfigError("no trainable parameters (check freeze_* and lora_* options)")
+    param_groups = [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
+                     "name": f"{part}{'' if decay else '_no_decay'}"}
+                    for (part, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             fused=device.type == "cuda")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine to min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------------------------------------ state
+def _inner(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def full_state(module: TrainModule, dev: Dist, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Parameters by the model's own names, gathered to full CPU tensors (a collective under FSDP)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad or not trainable_only}
+    if dev.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = module.state_dict()
+    return {_inner(k): v.detach().cpu().clone() for k, v in sd.items() if k in names}
+
+
+def load_trainable(module: TrainModule, tensors: dict[str, torch.Tensor], dev: Dist) -> None:
+    sd = {"model." + k: v for k, v in tensors.items()}
+    if dev.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for k, v in sd.items():
+            params[k].copy_(v)
+
+
+def optimizer_state(module, opt, dev: Dist) -> dict:
+    if dev.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def load_optimizer_state(module, opt, state: dict, dev: Dist) -> None:
+    if dev.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(module, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str, step: int, module, opt, sched, loader, cfg: TrainConfig, dev: Dist) -> str:
+    """Everything needed to continue exactly; written to step_N.tmp and renamed, so a crash never leaves a
+    half-written checkpoint behind `latest`."""
+    root = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    params = full_state(module, dev, trainable_only=True)  # collectives: every rank calls these
+    optim = optimizer_state(module, opt, dev)
+    if dev.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dev.barrier()
+    torch.save(rng_state(dev.device), os.path.join(tmp, f"rng_rank{dev.rank}.pt"))
+    if dev.main:
+        save_file(params, os.path.join(tmp, "trainable.safetensors"))
+        torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+        state = {"step": step, "scheduler": sched.state_dict(), "loader": loader.state_dict(), "world": dev.world,
+                 "config": cfg.to_dict()}
+        _write_json_atomic(os.path.join(tmp, "state.json"), state)
+    dev.barrier()
+    if dev.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_json_atomic(os.path.join(root, "latest.json"), {"step": step, "dir": os.path.basename(final)})
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dev.barrier()
+    return final
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    path = os.path.join(out_dir, "checkpoints", "latest.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return os.path.join(out_dir, "checkpoints", json.load(f)["dir"])
+
+
+def load_checkpoint(path: str, module, opt, sched, loader, dev: Dist) -> int:
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    if state["world"] != dev.world:
+        raise ConfigError(f"{path}: written by {state['world']} ranks, resuming on {dev.world} (data order would differ)")
+    load_trainable(module, load_file(os.path.join(path, "trainable.safetensors")), dev)
+    load_optimizer_state(module, opt, torch.load(os.path.join(path, "optimizer.pt"), weights_only=True), dev)
+    sched.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(torch.load(os.path.join(path, f"rng_rank{dev.rank}.pt"), weights_only=True), dev.device)
+    return state["step"]
+
+
+class _StateDictModel:
+    """What checkpoint.save_model reads from a model: .config and .state_dict() (here a gathered dict)."""
+
+    def __init__(self, config, state):
+        self.config, self._state = config, state
+
+    def state_dict(self, keep_vars=False):
+        return self._state
+
+
+def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEncoder, dev: Dist) -> str:
+    """output_dir/final: the trained model (LoRA merged) + tokenizer + preprocessor_config.json with the training
+    pixel limits (what inference must use); with LoRA also output_dir/adapter (PEFT)."""
+    model = module.model
+    state = full_state(module, dev, trainable_only=False)
+    final = os.path.join(out_dir, "final")
+    if dev.main:
+        lora = getattr(model, "lora_config", None)
+        if lora:
+            save_adapter(model, os.path.join(out_dir, "adapter"), cfg.model if os.path.isdir(cfg.model) else None,
+                         state=state)
+            state = merge_lora_state_dict(state, lora)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(_StateDictModel(model.config, state), tmp)
+        from ..processor import Processor
+        Processor(encoder.tokenizer, min_pixels=encoder.min_pixels, max_pixels=encoder.max_pixels).save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    dev.barrier()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def dummy_batch(pairs: bool) -> dict:
+    """A row with nothing to learn, for a rank that has no data in a step (keeps collectives matched)."""
+    n = 2 if pairs else 1
+    return {"input_ids": torch.full((1, 2 * n), ENDOFTEXT), "targets": torch.full((1, 2 * n), IGNORE),
+            "seq_lens": [2] * n}
+
+
+def _count(batch: dict, pairs: bool) -> int:
+    return len(batch["seq_lens"]) // 2 if pairs else int((batch["targets"] != IGNORE).sum())
+
+
+def _memory_gb(device) -> float:
+    if device.type == "cuda":
+        gb = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return gb
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Run training to cfg.max_steps (or stop after `stop_after` steps of this call: a simulated interruption,
+    used by tests). Returns a summary: steps, last loss, skip stats, paths."""
+    dev = Dist(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out_dir = cfg.output_dir
+    if dev.main:
+        os.makedirs(out_dir, exist_ok=True)
+        cfg.save(os.path.join(out_dir, "config.yaml"))
+    pairs = cfg.stage == "dpo"
+
+    model = load_base_model(cfg, "cpu" if dev.enabled else dev.device)
+    setup_trainable(model, cfg)
+    reference, ref_module = None, None  # DPO reference: "adapters" (LoRA off), a frozen copy, or in the data
+    if pairs and cfg.dpo_reference == "model":
+        if cfg.lora_r:
+            reference = "adapters"
+        else:
+            ref_module = TrainModule(copy.deepcopy(model).requires_grad_(False).eval(), vision_sync=dev.enabled)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    module = TrainModule(model, vision_sync=dev.enabled)
+    if dev.enabled:
+        shard(module, cfg, dev)
+        if ref_module is not None:
+            shard(ref_module, cfg, dev)
+    if ref_module is not None:
+        reference = functools.partial(ref_module, kind="logps")
+
+    opt = build_optimizer(model, cfg, dev.device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg=cfg))
+    encoder = ChatEncoder(None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                          video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
+                          video_total_pixels=cfg.video_total_pixels, fps=cfg.video_fps,
+                          max_frames=cfg.video_max_frames, media_root=cfg.media_root,
+                          loss_on=cfg.effective_loss_on, max_length=cfg.effective_max_length)
+    stats = SkipStats(max_bad_fraction=cfg.max_bad_fraction)
+    loader = PackedLoader(JsonlStream(cfg.train_files), encoder, capacity=cfg.pack_length, world=dev.world,
+                          rank=dev.rank, accum=cfg.grad_accum, seed=cfg.seed, chunk_size=cfg.chunk_size,
+                          shuffle=cfg.shuffle, stats=stats, pairs=pairs,
+                          attn_weight=cfg.attn_weight if cfg.attn_weight is not None else attention_weight(model.config))
+
+    step = 0
+    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
+    if ckpt:
+        step = load_checkpoint(ckpt, module, opt, sched, loader, dev)
+        # The saved lr is the old schedule's; recompute it (identical unless max_steps/warmup/lr changed).
+        sched.base_lrs = [part_lrs(cfg)[g["name"].split("_")[0]] for g in opt.param_groups]
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * lr_factor(step, cfg)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if dev.main:
+        _truncate_log(log_path, step)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
+        if cfg.precision == "bf16" and dev.device.type == "cuda" and not dev.enabled else nullcontext()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    loss_value, steps_run = float("nan"), 0
+    while step < cfg.max_steps and (stop_after is None or steps_run < stop_after):
+        t0 = time.perf_counter()
+        micro = loader.next_step()
+        t_data = time.perf_counter() - t0
+        local_n = sum(_count(b, pairs) for b in micro if b is not None)
+        local_tokens = sum(int(b["input_ids"].numel()) for b in micro if b is not None)
+        total_n, total_tokens = dev.all_sum([local_n, local_tokens])
+        scale = dev.world / max(total_n, 1.0)  # FSDP averages gradients over ranks; undo that, divide by the count
+        loss_sum, metric_sums = 0.0, {}
+        for i, b in enumerate(micro):
+            if dev.enabled:
+                module.set_requires_gradient_sync(i == len(micro) - 1)
+            batch = b if b is not None else dummy_batch(pairs)
+            if pairs and cfg.dpo_reference == "model":  # never mix precomputed and model reference values
+                batch = {k: v for k, v in batch.items() if k != "ref_logps"}
+            with autocast:
+                if pairs:
+                    loss, _, metrics = module(batch, kind="dpo", reference=reference, beta=cfg.dpo_beta,
+                                              label_smoothing=cfg.dpo_label_smoothing)
+                else:
+                    loss, _ = module(batch, kind="sft")
+                    metrics = {}
+            weight = 0.0 if b is None else 1.0
+            (loss * (scale * weight)).backward()
+            loss_sum += float(loss.detach()) * weight
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
+        for p in trainable:  # a step without images still moves the ViT by momentum, as it does under FSDP
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_norm = _clip(trainable, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        steps_run += 1
+        sums = dev.all_sum([loss_sum] + list(metric_sums.values()))
+        loss_value = sums[0] / max(total_n, 1.0)
+        if dev.device.type == "cuda":
+            torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
+        dt = time.perf_counter() - t0
+        if dev.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            entry = {"step": step, "loss": loss_value, "lr": {g["name"]: g["lr"] for g in opt.param_groups},
+                     "grad_norm": grad_norm, "tokens": int(total_tokens), "targets": int(total_n),
+                     "tokens_per_s": total_tokens / dt, "step_s": dt, "data_s": t_data, "memory_gb": _memory_gb(dev.device),
+                     "epoch": loader.epoch, "skipped": stats.skipped}
+            entry.update({k: v / max(total_n, 1.0) for k, v in zip(metric_sums, sums[1:])})
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            save_checkpoint(out_dir, step, module, opt, sched, loader, cfg, dev)
+    final = None
+    if step >= cfg.max_steps and cfg.export:
+        final = export(out_dir, module, cfg, encoder, dev)
+    summary = {"step": step, "loss": loss_value, "skipped": stats.skipped, "seen": stats.seen,
+               "skip_reasons": dict(stats.reasons), "final": final, "output_dir": out_dir}
+    if dev.enabled:
+        dist.destroy_process_group()
+    return summary
+
+
+def _clip(params, max_norm: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """After a resume, drop log lines of steps that are about to be run again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
