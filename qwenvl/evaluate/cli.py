@@ -1,0 +1,71 @@
+"""`qwenvl eval`: score a model on the nano suite (synthetic held-out set) or on the user's JSONL data.
+
+    qwenvl eval --model DIR --suite nano [--n 50]        # generates the held-out set once (cached), then scores
+    qwenvl eval --model DIR --data my.jsonl|my_dir/      # records with images/videos by path; task from "task"
+                                                         # or from the tagger; reference = last assistant turn
+Writes OUT/report.json, OUT/report.md, OUT/predictions.jsonl and prints the Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+SUITES = {"nano": dict(split="heldout", seed=0,
+                       tasks=["grounding", "point", "count", "ocr", "spotting", "doc", "kie", "chart",
+                              "video_grounding", "dense_caption", "gui"])}
+
+
+def suite_data(name: str, n: int, root: str | None = None) -> str:
+    """The suite's data folder, generated on first use (deterministic: cached by name, generator version, n)."""
+    from .. import synth
+    from ..hub import cache_dir
+
+    spec = SUITES[name]
+    folder = os.path.join(root or os.path.join(cache_dir(), "suites"),
+                          f"{name}-v{synth.VERSION}-{spec['split']}-s{spec['seed']}-n{n}")
+    done = os.path.join(folder, ".complete")
+    if not os.path.exists(done):
+        synth.generate(folder, spec["tasks"], n, spec["split"], spec["seed"])
+        open(done, "w").close()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qwenvl eval", description="Evaluate a model per task (grounding, OCR, "
+                                "documents, charts, video, agents).")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the embedded model)")
+    p.add_argument("--suite", default=None, choices=sorted(SUITES), help="built-in suite (default nano when no --data)")
+    p.add_argument("--data", action="append", help="JSONL file or folder of them (repeatable); replaces --suite")
+    p.add_argument("--n", type=int, default=50, help="suite samples per task")
+    p.add_argument("--limit", type=int, default=None, help="at most this many samples per task")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    p.add_argument("--out", default="eval-out", help="report folder")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on every task's generation budget")
+    p.add_argument("--backend", default="auto", choices=["auto", "engine", "generate"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    p.add_argument("--suite-root", default=None, help="where suite data is generated (default: the qwenvl cache)")
+    a = p.parse_args(argv)
+
+    from .generation import ModelGenerator
+    from .harness import evaluate, load_samples, markdown_table, write_report
+
+    data = a.data or [suite_data(a.suite or "nano", a.n, a.suite_root)]
+    tasks = a.tasks.split(",") if a.tasks else None
+    samples = load_samples(data, a.limit, tasks)
+    gen = ModelGenerator(a.model, a.backend, a.device, a.dtype, a.batch_size)
+    print(f"qwenvl eval: {len(samples)} samples, backend {gen.backend}, model {gen.path}", file=sys.stderr)
+    report, rows = evaluate(samples, gen, a.batch_size, a.max_tokens, progress=True)
+    report.update(model=gen.path, data=data if len(data) > 1 else data[0], backend=gen.backend,
+                  suite=None if a.data else (a.suite or "nano"))
+    paths = write_report(report, rows, a.out)
+    print(markdown_table(report))
+    print(json.dumps({"report": paths["json"], "markdown": paths["markdown"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

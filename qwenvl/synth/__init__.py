@@ -1,0 +1,88 @@
+"""Deterministic synthetic data for the small-scale recipe (issue 6): JSONL conversations + media files.
+
+    python -m qwenvl.synth --out DIR --tasks all --n 1000 --split train|heldout --seed 0
+
+writes DIR/<task>.jsonl (one record per line, DESIGN.md's message format, media paths relative to DIR, which
+is where the trainer resolves them), DIR/media/<task>/..., and DIR/manifest.json. A record:
+
+    {"id": "grounding/train/0/17", "task": "grounding",
+     "messages": [{"role": "user", "content": [{"type": "image", "image": "media/grounding/train-0-000017.png"},
+                                               {"type": "text", "text": "Locate the red circle, ..."}]},
+                  {"role": "assistant", "content": "```json\\n[{\\"bbox_2d\\": [..], \\"label\\": ..}]\\n```"}],
+     "meta": {... the ground truth in structured form ...}}
+
+Tasks: grounding (referring expressions incl. relations and absent objects -> bbox_2d), point, count
+(detect then count), caption, ocr (plain text), spotting (text-spotting JSON), doc (QwenVL HTML), kie
+(receipts/forms -> JSON), chart (values), video_grounding, dense_caption, gui (computer_use tool calls).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .common import Ctx, sample_rng
+
+_TASKS = {
+    "grounding": ("grounding", "gen_grounding"), "point": ("grounding", "gen_point"),
+    "count": ("grounding", "gen_count"), "caption": ("grounding", "gen_caption"),
+    "ocr": ("documents", "gen_ocr"), "spotting": ("documents", "gen_spotting"), "doc": ("documents", "gen_doc"),
+    "kie": ("documents", "gen_kie"), "chart": ("charts", "gen_chart"),
+    "video_grounding": ("video", "gen_video_grounding"), "dense_caption": ("video", "gen_dense_caption"),
+    "gui": ("gui", "gen_gui"),
+}
+TASKS = tuple(_TASKS)
+SPLITS = ("train", "heldout")
+VERSION = 1  # bump whenever a generator's output changes (cached eval suites are keyed by it)
+
+
+def generator(task: str):
+    import importlib
+
+    if task not in _TASKS:
+        raise ValueError(f"unknown synth task {task!r}; known: {', '.join(TASKS)}")
+    module, name = _TASKS[task]
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def parse_tasks(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    out = list(TASKS) if "all" in tasks else list(tasks)
+    for t in out:
+        generator(t)  # validates the name
+    return out
+
+
+def make_sample(task: str, index: int, out_dir: str, split: str = "train", seed: int = 0) -> dict:
+    """Sample `index` of (task, split, seed), its media written under out_dir; the same bytes every time."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    ctx = Ctx(sample_rng(seed, split, task, index), split == "heldout", out_dir,
+              f"media/{task}/{split}-{seed}-{index:06d}")
+    record = generator(task)(ctx)
+    return {"id": f"{task}/{split}/{seed}/{index}", "task": task, **record}
+
+
+def generate(out_dir: str, tasks="all", n: int = 1000, split: str = "train", seed: int = 0, start: int = 0,
+             progress: bool = False) -> dict:
+    """Write n samples per task (indices start..start+n-1) to out_dir/<task>.jsonl; returns the manifest."""
+    tasks = parse_tasks(tasks)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = {"version": VERSION, "split": split, "seed": seed, "n": n, "start": start, "files": {}, "seconds": {}}
+    for task in tasks:
+        t0 = time.time()
+        path = os.path.join(out_dir, f"{task}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(start, start + n):
+                f.write(json.dumps(make_sample(task, i, out_dir, split, seed), ensure_ascii=False) + "\n")
+        manifest["files"][task] = os.path.basename(path)
+        manifest["seconds"][task] = round(time.time() - t0, 2)
+        if progress:
+            print(f"{task}: {n} samples in {manifest['seconds'][task]} s -> {path}", flush=True)
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+__all__ = ["TASKS", "SPLITS", "VERSION", "generate", "make_sample", "generator", "parse_tasks"]

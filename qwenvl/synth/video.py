@@ -1,0 +1,126 @@
+"""Short clips (PyAV, MPEG-4 in MP4) with events at known seconds: temporal grounding and dense captions.
+
+Each clip (4-16 s, 4-24 fps, a few frame sizes that are multiples of 28) shows a static distractor and 1-3
+events that do not overlap in time: a coloured shape that appears at `start`, moves (or stays still) and is
+gone at `end`; frame i (time i / fps) shows it iff start <= i / fps < end. Times are multiples of 0.5 s.
+Held out: (colour, shape, motion) combinations; training clips never show them.
+The video item carries min/max_pixels equal to the frame size so the frames stay at their native size.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..tasks.video import dense_caption_prompt, format_time, grounding_prompt
+from .common import COLORS, Ctx, allowed, light_background
+from .grounding import SHAPES, draw_shape
+
+MOTIONS = {"moves to the right": (1, 0), "moves to the left": (-1, 0), "moves up": (0, -1), "moves down": (0, 1),
+           "stays still": (0, 0)}
+FRAME_SIZES = [(112, 168), (140, 196), (168, 224), (112, 140)]  # (h, w)
+FPS_CHOICES = [4, 5, 8, 10, 12, 15, 24]
+COMBO_TASK = "video"
+
+
+def _combos(heldout: bool) -> list[tuple]:
+    return [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS if allowed(COMBO_TASK, heldout, c, s, m)]
+
+
+def _events(rng: random.Random, duration: float, heldout: bool) -> list[dict]:
+    """1-3 non-overlapping events on a 0.5 s grid; in a held-out clip the first event's combo is unseen."""
+    n = rng.randint(1, min(3, int(duration // 3)))
+    while True:
+        cuts = sorted(rng.sample(range(1, int(duration * 2)), 2 * n))  # half-seconds
+        if all(cuts[2 * i + 1] - cuts[2 * i] >= 3 for i in range(n)):  # every event lasts >= 1.5 s
+            break
+    events, used = [], set()
+    for i in range(n):
+        start, end = cuts[2 * i] / 2, cuts[2 * i + 1] / 2
+        pool = _combos(heldout and i == 0)
+        color, shape, motion = rng.choice([c for c in pool if c[:2] not in used])
+        used.add((color, shape))
+        events.append({"start": start, "end": end, "color": color, "shape": shape, "motion": motion,
+                       "description": f"A {color} {shape} {motion}."})
+    return events
+
+
+def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
+    import av
+
+    with av.open(path, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 1_500_000
+        stream.codec_context.thread_count = 1  # one thread: the same bytes every time
+        for a in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_clip(ctx: Ctx) -> tuple[str, dict]:
+    rng = ctx.rng
+    h, w = rng.choice(FRAME_SIZES)
+    fps = rng.choice(FPS_CHOICES)
+    duration = float(rng.randint(4, 16))
+    events = _events(rng, duration, ctx.heldout)
+    bg = light_background(rng)
+    base = Image.new("RGB", (w, h), bg)
+    dc, ds = rng.choice([c for c in _combos(False) if c[:2] not in {(e["color"], e["shape"]) for e in events}])[:2]
+    s0 = h // 6
+    draw_shape(ImageDraw.Draw(base), ds, rng.randint(0, w - s0), rng.randint(0, h - s0), s0, COLORS[dc])
+    for e in events:  # path: start and end positions of the moving shape's top-left corner
+        s = rng.randint(h // 6, h // 4)
+        dx, dy = MOTIONS[e["motion"]]
+        x0 = rng.randint(0, w - s) if dx == 0 else (0 if dx > 0 else w - s)
+        y0 = rng.randint(0, h - s) if dy == 0 else (0 if dy > 0 else h - s)
+        x1 = x0 if dx == 0 else w - s - x0
+        y1 = y0 if dy == 0 else h - s - y0
+        e["path"] = [x0, y0, x1, y1, s]
+    frames = []
+    for i in range(int(duration * fps)):
+        t = i / fps
+        img = base.copy()
+        d = ImageDraw.Draw(img)
+        for e in events:
+            if e["start"] <= t < e["end"]:
+                x0, y0, x1, y1, s = e["path"]
+                a = (t - e["start"]) / (e["end"] - e["start"])
+                draw_shape(d, e["shape"], round(x0 + a * (x1 - x0)), round(y0 + a * (y1 - y0)), s, COLORS[e["color"]])
+        frames.append(np.asarray(img))
+    rel, path = ctx.media_path(".mp4")
+    write_video(path, frames, fps)
+    meta = {"fps": fps, "duration": duration, "frame_hw": [h, w], "n_frames": len(frames), "events": events,
+            "distractor": [dc, ds]}
+    return rel, meta
+
+
+def _record(rel: str, meta: dict, prompt: str, answer: str) -> dict:
+    h, w = meta["frame_hw"]
+    item = {"type": "video", "video": rel, "min_pixels": 28 * 28, "max_pixels": h * w}
+    return {"messages": [{"role": "user", "content": [item, {"type": "text", "text": prompt}]},
+                         {"role": "assistant", "content": answer}], "meta": meta}
+
+
+def gen_video_grounding(ctx: Ctx) -> dict:
+    rel, meta = make_clip(ctx)
+    e = meta["events"][0] if ctx.heldout else ctx.rng.choice(meta["events"])
+    query = e["description"][0].lower() + e["description"][1:].rstrip(".")
+    meta.update(query=query, span=[e["start"], e["end"]], combo=[e["color"], e["shape"], e["motion"]])
+    answer = f"The given query happens in {e['start']:.1f} - {e['end']:.1f} seconds."
+    return _record(rel, meta, grounding_prompt(query), answer)
+
+
+def gen_dense_caption(ctx: Ctx) -> dict:
+    rel, meta = make_clip(ctx)
+    e0 = meta["events"][0]
+    meta["combo"] = [e0["color"], e0["shape"], e0["motion"]]
+    events = [{"start_time": format_time(e["start"], "mm:ss.ff"), "end_time": format_time(e["end"], "mm:ss.ff"),
+               "description": e["description"]} for e in meta["events"]]
+    answer = "```json\n" + json.dumps(events, indent=None).replace("}, {", "},\n {") + "\n```"
+    return _record(rel, meta, dense_caption_prompt("mm:ss.ff"), answer)

@@ -1,0 +1,291 @@
+"""Synthetic generators: determinism, boxes that match the rendered pixels, resized coordinates equal to
+smart_resize / the processor, held-out split disjoint from train, records the trainer can encode."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl import preprocess, synth
+from qwenvl.synth import charts, common
+from qwenvl.synth.common import COLORS
+from qwenvl.tasks.agent import parse_tool_calls, to_action
+from qwenvl.tasks.document import parse_html, parse_text_spotting
+from qwenvl.tasks.grounding import parse_boxes, parse_points, to_original
+from qwenvl.tasks.video import parse_events, parse_time_range
+
+IMAGE_TASKS = [t for t in synth.TASKS if t not in ("video_grounding", "dense_caption")]
+
+
+def read(out, task):
+    with open(os.path.join(out, f"{task}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def media_of(rec):
+    item = next(it for m in rec["messages"] if isinstance(m["content"], list) for it in m["content"]
+                if it["type"] in ("image", "video"))
+    return item[item["type"]]
+
+
+def answer(rec):
+    return rec["messages"][-1]["content"]
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth-train"))
+    synth.generate(out, "all", 6, "train", 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- determinism and format
+
+def test_same_seed_same_bytes(tmp_path, train_set):
+    other = str(tmp_path / "again")
+    synth.generate(other, "all", 3, "train", 0)
+    for task in synth.TASKS:
+        a, b = read(train_set, task)[:3], read(other, task)
+        assert a == b, task
+        for rec in b:
+            with open(os.path.join(train_set, media_of(rec)), "rb") as f1, open(os.path.join(other, media_of(rec)), "rb") as f2:
+                assert f1.read() == f2.read(), (task, media_of(rec))
+    # another seed gives other samples
+    third = str(tmp_path / "seed1")
+    synth.generate(third, ["grounding", "ocr"], 3, "train", 1)
+    assert read(third, "grounding") != read(other, "grounding")
+
+
+def test_records_are_trainer_ready(train_set):
+    from qwenvl.train.data import ChatEncoder, iter_records
+
+    enc = ChatEncoder()
+    for task in synth.TASKS:
+        for rec in iter_records([os.path.join(train_set, f"{task}.jsonl")]):
+            assert rec["task"] == task and rec["messages"][-1]["role"] == "assistant"
+            sample = enc.encode(rec, train_set, pixels=False)
+            assert sample.n_labels > 0
+            for g in sample.image_grid_thw:  # the grid the trainer computes is the size boxes were mapped to
+                assert [g[1] * 14, g[2] * 14] == rec["meta"]["resized_hw"], task
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(ValueError):
+        synth.parse_tasks("grounding,nope")
+    with pytest.raises(ValueError):
+        synth.make_sample("ocr", 0, "/tmp", split="test")
+
+
+# ----------------------------------------------------------------------------- boxes vs pixels
+
+def _rgb(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_resized_size_is_smart_resize_and_processor(train_set):
+    from qwenvl.processor import Processor
+
+    proc = Processor()
+    rec = read(train_set, "grounding")[0]
+    h, w = rec["meta"]["image_hw"]
+    assert tuple(rec["meta"]["resized_hw"]) == preprocess.smart_resize(h, w)
+    assert (h, w) != tuple(rec["meta"]["resized_hw"])  # sizes are not multiples of 28: the mapping matters
+    msgs = [{"role": "user", "content": [{"type": "image", "image": os.path.join(train_set, media_of(rec))}]}]
+    grid = proc([msgs])["image_grid_thw"][0].tolist()
+    assert [grid[1] * 14, grid[2] * 14] == rec["meta"]["resized_hw"]
+
+
+@pytest.mark.parametrize("task", ["grounding", "point", "count", "caption"])
+def test_shape_boxes_match_pixels(train_set, task):
+    for rec in read(train_set, task):
+        img = _rgb(os.path.join(train_set, media_of(rec)))
+        meta = rec["meta"]
+        (h, w), rhw = meta["image_hw"], meta["resized_hw"]
+        assert img.shape[:2] == (h, w)
+        seen = np.zeros((h, w), bool)
+        for o in meta["objects"]:
+            x1, y1, x2, y2 = o["bbox"]
+            is_col = (img == COLORS[o["color"]]).all(-1)
+            inside = is_col[y1:y2, x1:x2]
+            # tight: the object's colour touches all four edges; dense: at least a quarter of the box
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            assert inside.mean() > 0.25, o
+            seen[y1:y2, x1:x2] |= inside
+            # the resized box is the original one scaled to smart_resize's size and rounded
+            sx, sy = rhw[1] / w, rhw[0] / h
+            assert o["bbox_2d"] == [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+        for name, rgb in COLORS.items():  # no object pixel lies outside the boxes
+            assert not ((img == rgb).all(-1) & ~seen).any(), name
+
+
+def test_referring_answers_point_at_the_target(train_set):
+    for rec in read(train_set, "grounding") + read(train_set, "point"):
+        meta = rec["meta"]
+        img = _rgb(os.path.join(train_set, media_of(rec)))
+        seen = preprocess.fetch_image({"image": os.path.join(train_set, media_of(rec))})  # what the model sees
+        assert (seen.height, seen.width) == tuple(meta["resized_hw"])
+        seen = np.asarray(seen).astype(int)
+        if meta["target"] is None:
+            assert meta["mode"] == "absent" and parse_boxes(answer(rec)) == []
+            assert not any((o["color"], o["shape"]) == tuple(meta["combo"]) for o in meta["objects"])
+            continue
+        target = meta["objects"][meta["target"]]
+        assert (target["color"], target["shape"]) == tuple(meta["combo"])
+        rgb = np.array(COLORS[target["color"]])
+        if rec["task"] == "grounding":
+            box = parse_boxes(answer(rec))[0]
+            assert [box.x1, box.y1, box.x2, box.y2] == target["bbox_2d"]
+            back = to_original(box, meta["resized_hw"], meta["image_hw"])  # maps back onto the drawn object
+            assert max(abs(a - b) for a, b in zip(back.xyxy, target["bbox"])) <= 1.5
+            cx, cy = int(box.x1 + box.x2) // 2, int(box.y1 + box.y2) // 2
+        else:
+            pt = parse_points(answer(rec))[0]
+            cx, cy = int(pt.x), int(pt.y)
+            x1, y1, x2, y2 = meta["box"]
+            assert x1 <= pt.x <= x2 and y1 <= pt.y <= y2
+        assert np.abs(seen[cy, cx] - rgb).max() < 40  # the resized image has the target's colour there
+        x, y = round(cx * meta["image_hw"][1] / meta["resized_hw"][1]), round(cy * meta["image_hw"][0] / meta["resized_hw"][0])
+        assert (img[y, x] == rgb).all()
+        # relations and sizes really single out the target
+        if meta["mode"] == "size":
+            twins = [o for o in meta["objects"] if (o["color"], o["shape"]) == tuple(meta["combo"])]
+            assert len(twins) == 2 and twins[0]["size"] != twins[1]["size"]
+        if meta["mode"] == "relation":
+            assert any(r in meta["query"] for r in ("left of", "right of", "above", "below"))
+
+
+def test_count_answers(train_set):
+    from qwenvl.tasks.grounding import count
+
+    for rec in read(train_set, "count"):
+        meta = rec["meta"]
+        n = sum((o["color"], o["shape"]) == tuple(meta["combo"]) for o in meta["objects"])
+        assert meta["count"] == n == count(answer(rec)) == len(parse_boxes(answer(rec)))
+
+
+def test_text_boxes_cover_the_ink(train_set):
+    for task in ("ocr", "spotting"):
+        for rec in read(train_set, task):
+            img = _rgb(os.path.join(train_set, media_of(rec)))
+            meta = rec["meta"]
+            ink = np.abs(img - np.array(common.INKS[meta["ink"]])).max(-1) < 60
+            covered = np.zeros(ink.shape, bool)
+            for line in meta["lines"]:
+                x1, y1, x2, y2 = line["bbox"]
+                assert ink[y1:y2, x1:x2].any()
+                covered[y1:y2, x1:x2] = True
+            assert not (ink & ~covered).any()
+            if task == "ocr":
+                assert answer(rec) == "\n".join(line["text"] for line in meta["lines"])
+            else:
+                spots = parse_text_spotting(answer(rec))
+                assert [s.label for s in spots] == [line["text"] for line in meta["lines"]]
+                assert [[s.x1, s.y1, s.x2, s.y2] for s in spots] == [line["bbox_2d"] for line in meta["lines"]]
+
+
+def test_doc_html_matches_layout(train_set):
+    for rec in read(train_set, "doc"):
+        meta = rec["meta"]
+        els = parse_html(answer(rec))
+        assert len(els) == len(meta["elements"]) >= 2
+        assert els[0].type == "heading" and els[0].level == 1
+        img = _rgb(os.path.join(train_set, media_of(rec)))
+        bg = img[0, 0]
+        for el, m in zip(els, meta["elements"]):
+            assert list(el.bbox) == m["bbox_2d"]
+            x1, y1, x2, y2 = m["bbox"]
+            assert (np.abs(img[y1:y2, x1:x2] - bg).max(-1) > 60).any()  # something is drawn in every box
+            if m["tag"] == "table":
+                assert el.rows == m["rows"]
+            else:
+                assert el.text == m["text"]
+
+
+def test_kie_and_chart_answers(train_set):
+    for rec in read(train_set, "kie"):
+        fields = rec["meta"]["fields"]
+        assert json.loads(answer(rec).strip("`").removeprefix("json")) == fields
+        assert all(f'"{k}"' in rec["messages"][0]["content"][1]["text"] for k in fields)
+    for rec in read(train_set, "chart"):
+        m = rec["meta"]
+        if m["question"] == "max":
+            assert answer(rec) == m["categories"][m["values"].index(max(m["values"]))]
+        Image.open(os.path.join(train_set, media_of(rec))).verify()
+
+
+def test_chart_pil_fallback(tmp_path):
+    ctx = common.Ctx(common.sample_rng(0, "train", "chart", 0), False, str(tmp_path), "c")
+    rec = charts.gen_chart(ctx, renderer="pil")
+    assert rec["meta"]["renderer"] == "pil"
+    img = Image.open(tmp_path / "c.png").convert("RGB")
+    assert (np.asarray(img) == COLORS[rec["meta"]["color"]]).all(-1).sum() > 50  # bars / line in the chart colour
+
+
+def test_gui_actions(train_set):
+    for rec in read(train_set, "gui"):
+        meta = rec["meta"]
+        system = rec["messages"][0]["content"]
+        rh, rw = meta["resized_hw"]
+        assert f"The screen's resolution is {rw}x{rh}." in system
+        call = parse_tool_calls(answer(rec))[0]
+        assert call.name == "computer_use" and call.arguments == meta["action"]
+        action = to_action(call)
+        if meta["box"]:
+            x1, y1, x2, y2 = meta["box"]
+            assert x1 <= action.x <= x2 and y1 <= action.y <= y2
+        labels = [(wd["kind"], wd["label"]) for wd in meta["widgets"]]
+        assert len(labels) == len(set(labels))  # the target is unambiguous
+
+
+def test_video_events_at_known_seconds(train_set):
+    from qwenvl.media import VideoReader
+
+    for task in ("video_grounding", "dense_caption"):
+        for rec in read(train_set, task)[:3]:
+            meta = rec["meta"]
+            with VideoReader(os.path.join(train_set, media_of(rec))) as r:
+                assert r.fps == meta["fps"] and r.total_frames == meta["n_frames"]
+                assert (r.height, r.width) == tuple(meta["frame_hw"])
+                for e in meta["events"]:
+                    rgb = np.array(COLORS[e["color"]])
+                    for t, visible in ((e["start"] + 0.3, True), (e["end"] - 0.3, True), (e["end"] + 0.2, False),
+                                       (e["start"] - 0.2, False)):
+                        i = int(t * meta["fps"])
+                        if not 0 <= i < r.total_frames or any(o is not e and o["start"] - 0.3 <= t < o["end"] + 0.3
+                                                               for o in meta["events"]):
+                            continue
+                        frame = r.read([i])[0].astype(int)
+                        near = (np.abs(frame - rgb).max(-1) < 45).sum()
+                        assert (near > 20) == visible, (e, t)
+            if task == "video_grounding":
+                assert parse_time_range(answer(rec)) == tuple(meta["span"])
+            else:
+                evs = parse_events(answer(rec))
+                assert [(ev.start, ev.end) for ev in evs] == [(e["start"], e["end"]) for e in meta["events"]]
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+def test_heldout_disjoint_from_train(tmp_path):
+    tr, ho = str(tmp_path / "train"), str(tmp_path / "heldout")
+    tasks = ["grounding", "count", "ocr", "kie", "gui", "chart", "video_grounding"]
+    synth.generate(tr, tasks, 12, "train", 0)
+    synth.generate(ho, tasks, 12, "heldout", 0)
+
+    def digest(out, rec):
+        with open(os.path.join(out, media_of(rec)), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    for task in tasks:
+        a, b = read(tr, task), read(ho, task)
+        assert not {digest(tr, r) for r in a} & {digest(ho, r) for r in b}, task
+        combos_a, combos_b = {tuple(r["meta"]["combo"]) for r in a}, {tuple(r["meta"]["combo"]) for r in b}
+        assert not combos_a & combos_b, task
+    # training scenes never show a held-out (colour, shape) at all
+    held = {tuple(r["meta"]["combo"]) for r in read(ho, "grounding") + read(ho, "count")}
+    for r in read(tr, "grounding") + read(tr, "count"):
+        assert not {(o["color"], o["shape"]) for o in r["meta"]["objects"]} & held
