@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,29 +35,82 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+@dataclass
+class Segments:
+    """Segment boundaries of a packed sequence, prepared once per forward and shared by every layer.
+
+    Building them per layer would copy `cu_seqlens` host->device in each layer, and a pageable copy waits
+    for the GPU to drain: the CPU could then never run ahead of the kernels it launches.
+    """
+    cu: torch.Tensor  # [S+1] int32 on the tensors' device
+    lengths: list[int]
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gather [S, Lmax] row indices, valid [S, Lmax]) for the padded-batch path, built on first use."""
+        if self._padded is None:
+            dev, n = self.cu.device, int(sum(self.lengths))
+            lens = torch.tensor(self.lengths, device=dev)
+            ar = torch.arange(self.max_len, device=dev)
+            valid = ar[None, :] < lens[:, None]
+            gather = (self.cu[:-1, None].long() + ar[None, :]).clamp(max=n - 1)
+            self._padded = (gather, valid)
+        return self._padded
+
+
+def segments(cu_seqlens: torch.Tensor, device) -> Segments:
+    cu = cu_seqlens.tolist()
+    t = torch.tensor(cu, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()  # a pinned copy does not wait for the GPU to drain
+    return Segments(t.to(device, non_blocking=True),
+                    [b - a for a, b in zip(cu[:-1], cu[1:])])
+
+
+def _load_flash_varlen():
+    try:  # torch >= 2.10: FlashAttention over packed sequences, no padding
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:
+        return None
+
+
+_flash_varlen = _load_flash_varlen()
+
+
+def flash_varlen_usable(q: torch.Tensor) -> bool:
+    return (_flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
     """Non-causal attention inside each segment [cu[i], cu[i+1]) of a packed sequence; q, k, v: [N, H, D].
 
-    Segments are gathered into a padded batch [S, H, Lmax, D] with a key-padding mask, one SDPA call:
-    no token ever sees another segment, and there is no Python loop over (possibly thousands of) windows.
+    cu_seqlens: a Segments (prepared once per forward) or the boundaries as a tensor. On CUDA in bf16/fp16 the
+    segments go to FlashAttention's varlen kernel as they are; elsewhere they are gathered into a padded
+    batch [S, H, Lmax, D] with a key-padding mask for one SDPA call. Either way no token sees another
+    segment, and there is no Python loop over (possibly thousands of) windows.
     """
-    cu = cu_seqlens.tolist()
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if len(lens) == 1:
+    global _flash_varlen
+    seg = cu_seqlens if isinstance(cu_seqlens, Segments) else segments(cu_seqlens, q.device)
+    if len(seg.lengths) == 1:
         # 4D [1, H, N, D]: 3D inputs miss the fused (flash) kernels and fall back to the math path.
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
         return out[0].transpose(0, 1)
-    n, H, D = q.shape
-    L = max(lens)
-    lens_t = torch.tensor(lens, device=q.device)
-    starts = torch.tensor(cu[:-1], device=q.device)
-    ar = torch.arange(L, device=q.device)
-    valid = ar[None, :] < lens_t[:, None]  # [S, L]
-    gather = (starts[:, None] + ar[None, :]).clamp(max=n - 1)  # [S, L]
+    if flash_varlen_usable(q):
+        try:
+            return _flash_varlen(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len)
+        except (RuntimeError, TypeError) as e:  # a build without the kernel: padded SDPA from now on
+            warnings.warn(f"FlashAttention varlen unavailable ({type(e).__name__}: {e}); using padded SDPA")
+            _flash_varlen = None
+    gather, valid = seg.padded()
 
     def pad(x):
         return x[gather].permute(0, 2, 1, 3)  # [S, H, L, D]
 
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
-    out = out.permute(0, 2, 1, 3)[valid]  # back to [N, H, D], segment order preserved
-    return out
+    return out.permute(0, 2, 1, 3)[valid]  # back to [N, H, D], segment order preserved

@@ -6,13 +6,16 @@ an item or a temporal patch (cu_seqlens), and window layers attend inside 112 px
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VisionConfig
 from .errors import InputError
-from .layers import RMSNorm, SwiGLU, varlen_attention
+from .layers import RMSNorm, Segments, SwiGLU, segments, varlen_attention
 from .rope import check_grid, frame_cu_seqlens, rotate_half, vision_rotary_freqs, window_index
 
 
@@ -82,13 +85,26 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
 
 
+@dataclass
+class VisionPlan:
+    win_idx: torch.Tensor  # merge units in window order
+    reverse_idx: torch.Tensor  # back to the processor's order
+    cos: torch.Tensor  # [N, head_dim] fp32, rows in window order
+    sin: torch.Tensor
+    window: Segments  # window-attention segments
+    full: Segments  # one segment per frame (temporal patch) of each item
+
+
 class VisionTransformer(nn.Module):
+    PLAN_CACHE_ROWS = 1 << 17  # patches whose plans stay cached (~85 MB of fp32 rotary tables at head_dim 80)
+
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.config = c
         self.patch_embed = PatchEmbed(c)
         self.blocks = nn.ModuleList([VisionBlock(c) for _ in range(c.depth)])
         self.merger = PatchMerger(c)
+        self._plans: OrderedDict = OrderedDict()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,20 +118,35 @@ class VisionTransformer(nn.Module):
         if pixel_values.dim() != 2 or pixel_values.shape != (n, c.patch_dim):
             raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected ({n}, {c.patch_dim}) "
                              f"for grid_thw {grids}")
-        dev = pixel_values.device
         unit = c.merge_unit
         x = self.patch_embed(pixel_values)
-        freqs = vision_rotary_freqs(grids, c.head_dim, c.spatial_merge_size)
-        win_idx, cu_window = window_index(grids, c.window_size, c.patch_size, c.spatial_merge_size)
-        cu_full = frame_cu_seqlens(grids)
-        win_idx = win_idx.to(dev)
-        # Reorder merge units into window order; windows stay inside frames, so cu_full is unchanged.
-        x = x.view(n // unit, unit, -1)[win_idx].reshape(n, -1)
-        freqs = freqs.to(dev).view(n // unit, unit, -1)[win_idx].reshape(n, -1)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        plan = self._plan(grids, pixel_values.device)
+        # Reorder merge units into window order; windows stay inside frames, so the frame segments hold.
+        x = x.view(n // unit, unit, -1)[plan.win_idx].reshape(n, -1)
         full = set(c.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in full else cu_window, cos, sin)
+            x = blk(x, plan.full if i in full else plan.window, plan.cos, plan.sin)
         x = self.merger(x)
-        return x[torch.argsort(win_idx)]
+        return x[plan.reverse_idx]
+
+    def _plan(self, grids: list[tuple[int, int, int]], device) -> "VisionPlan":
+        """Window order, rotary tables and segment boundaries of a grid list, cached per (grids, device):
+        the engine sees the same few image shapes again and again."""
+        key = (tuple(grids), str(device))
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        c = self.config
+        n, unit = sum(t * h * w for t, h, w in grids), c.merge_unit
+        freqs = vision_rotary_freqs(grids, c.head_dim, c.spatial_merge_size)
+        win_idx, cu_window = window_index(grids, c.window_size, c.patch_size, c.spatial_merge_size)
+        freqs = freqs.view(n // unit, unit, -1)[win_idx].reshape(n, -1)
+        emb = torch.cat([freqs, freqs], dim=-1).to(device)
+        plan = VisionPlan(win_idx.to(device), torch.argsort(win_idx).to(device), emb.cos(), emb.sin(),
+                          segments(cu_window, device), segments(frame_cu_seqlens(grids), device))
+        self._plans[key] = plan
+        # Bounded by rows, not entries: a plan for a packed step of many images holds big rotary tables.
+        while len(self._plans) > 1 and sum(p.cos.shape[0] for p in self._plans.values()) > self.PLAN_CACHE_ROWS:
+            self._plans.popitem(last=False)
+        return plan
