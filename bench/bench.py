@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
+import random
 import shutil
 import sys
 import time
@@ -34,6 +36,9 @@ def mm_kwargs(ids):
 
     return {"mm_token_type_ids": (ids == IMG).long()} if int(transformers.__version__.split(".")[0]) >= 5 else {}
 RESULTS: dict = {}
+REF_TOKENS: dict = {}
+W4_REQUESTS = 256
+TOKENIZER_DIR = None  # greedy tokens of our reference path (Qwen25VL.generate), for the engine's check
 
 
 def log(*a):
@@ -137,13 +142,25 @@ def parity(ours, hf, cfg):
 
 @section("vision")
 def vision(ours, hf, cfg):
+    from qwenvl import layers
+
     _, pix, grid = image_request(cfg)
     pix, grid = pix.to(DEV), grid.to(DEV)
+    res = {"flash_varlen": layers.flash_varlen_usable(torch.empty(1, 1, 80, device=DEV, dtype=ours.dtype))}
     with torch.no_grad():
-        t_ours = cuda_time(lambda: ours.visual(pix, grid))
-        t_hf = cuda_time(lambda: hf.model.get_image_features(pix, grid)) if hf is not None else None
-    RESULTS["vision_1280x720_ms"] = {"ours_model": t_ours * 1e3, "transformers": t_hf and t_hf * 1e3}
-    log(RESULTS["vision_1280x720_ms"])
+        res["ours_model"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+        fast = ours.visual(pix, grid).float()
+        saved, layers._flash_varlen = layers._flash_varlen, None  # the padded-SDPA path, for the record
+        try:
+            res["ours_padded_sdpa"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+            padded = ours.visual(pix, grid).float()
+        finally:
+            layers._flash_varlen = saved
+        res["flash_vs_padded_rel_err"] = ((fast - padded).norm() / padded.norm()).item()
+        if hf is not None:
+            res["transformers"] = cuda_time(lambda: hf.model.get_image_features(pix, grid)) * 1e3
+    RESULTS["vision_1280x720_ms"] = res
+    log(res)
 
 
 @section("prefill")
@@ -160,7 +177,7 @@ def prefill(ours, hf, cfg):
 
 
 @section("decode")
-def decode(ours, hf, cfg, new_tokens=256):
+def decode(ours, hf, cfg, new_tokens=128):
     ids, pix, grid = image_request(cfg)
     ids, pix, grid = ids.to(DEV), pix.to(DEV), grid.to(DEV)
     mm = mm_kwargs(ids)
@@ -171,6 +188,7 @@ def decode(ours, hf, cfg, new_tokens=256):
         out = ours.generate(ids, pixel_values=pix, image_grid_thw=grid, max_new_tokens=new_tokens, eos_token_id=[])
         sync()
         res["ours_model_tok_s"] = out.shape[1] / (time.time() - t0)
+        REF_TOKENS["w1"] = out[0].tolist()
         if hf is not None:
             t0 = time.time()
             ref = hf.generate(input_ids=ids, pixel_values=pix, image_grid_thw=grid, **mm,
@@ -185,16 +203,129 @@ def decode(ours, hf, cfg, new_tokens=256):
     log(res)
 
 
+def w4_requests(cfg, n=256, seed=1):
+    """W4: each request one image between 448x448 and 1280x720, 32-128 text tokens, 128-256 output tokens."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        h, w = rng.randint(448, 720), rng.randint(448, 1280)
+        ids, pix, grid = image_request(cfg, n_text=rng.randint(32, 128), h=h, w=w, seed=1000 + i)
+        reqs.append((ids, pix, grid, rng.randint(128, 256)))
+    return reqs
+
+
+@section("batch_hf")
+def batch_hf(ours, hf, cfg, n=32, new_tokens=192):
+    """The issue's transformers baseline for W4: one left-padded generate over 32 of the W4 requests."""
+    reqs = w4_requests(cfg, n=n)
+    L = max(r[0].shape[1] for r in reqs)
+    ids = torch.full((n, L), 151643, dtype=torch.long)
+    mask = torch.zeros((n, L), dtype=torch.long)
+    for i, r in enumerate(reqs):
+        ids[i, L - r[0].shape[1]:] = r[0][0]
+        mask[i, L - r[0].shape[1]:] = 1
+    pix = torch.cat([r[1] for r in reqs]).to(DEV, torch.bfloat16 if DEV == "cuda" else torch.float32)
+    grid = torch.cat([r[2] for r in reqs]).to(DEV)
+    ids, mask = ids.to(DEV), mask.to(DEV)
+    with torch.no_grad():
+        sync()
+        t0 = time.time()
+        out = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grid, **mm_kwargs(ids),
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync()
+        dt = time.time() - t0
+    RESULTS["w4_transformers"] = {"requests": n, "new_tokens_each": new_tokens,
+                                  "output_tok_s": n * (out.shape[1] - L) / dt, "seconds": dt}
+    log(RESULTS["w4_transformers"])
+
+
+def drive(llm, rid, prompt, params):
+    """One request alone through add_request/step: (time to first token, decode seconds after it, tokens)."""
+    t0 = time.perf_counter()
+    llm.add_request(rid, prompt, params)
+    first, toks = None, []
+    while llm.has_unfinished():
+        for o in llm.step():
+            if o.new_token_ids and first is None:
+                first = time.perf_counter()
+            toks += o.new_token_ids
+    return first - t0, time.perf_counter() - first, toks
+
+
+@section("engine")
+def engine(ours, hf, cfg, w1_tokens=256):
+    from qwenvl.engine import LLM, SamplingParams
+
+    processor = None
+    if TOKENIZER_DIR:  # outputs are detokenized (streamed text) as a server would, not just token ids
+        import types
+
+        from qwenvl.tokenizer import Tokenizer
+
+        processor = types.SimpleNamespace(tokenizer=Tokenizer.from_pretrained(TOKENIZER_DIR))
+    t0 = time.time()
+    llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
+    res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
+    log(res)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+
+    def prompt(ids, pix, grid):  # pixels stay on the host, fp32, as the processor gives them
+        return {"prompt_token_ids": ids[0].tolist(), "images": [(pix, grid[0])]}
+
+    # Greedy check against the reference path (same request as the decode section), also the warm-up.
+    ids, pix, grid = image_request(cfg)
+    ref = REF_TOKENS.get("w1")
+    _, _, toks = drive(llm, "check", prompt(ids, pix, grid), SamplingParams(max_tokens=len(ref or [0] * 128), **greedy))
+    if ref:
+        same = 0
+        for a_, b_ in zip(toks, ref):
+            if a_ != b_:
+                break
+            same += 1
+        res["greedy_same_prefix_vs_reference_path"] = f"{same}/{len(ref)}"
+    # W1 + W2: a fresh image (new content hash: ViT runs, nothing cached), then the same request again.
+    ids, pix, grid = image_request(cfg, seed=7)
+    ttft, dec, toks = drive(llm, "w1", prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
+    res["w1_decode_tok_s"] = (len(toks) - 1) / dec
+    res["w2_ttft_new_image_ms"] = ttft * 1e3
+    t0 = time.perf_counter()
+    p = llm.encode_prompt(prompt(ids, pix, grid))
+    res["w2_of_which_host_encode_prompt_ms"] = (time.perf_counter() - t0) * 1e3
+    ttft, _, _ = drive(llm, "w2", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
+    res["w2_ttft_cached_image_ms"] = ttft * 1e3
+    ids, pix, grid = image_request(cfg, n_text=64, seed=8)
+    ttft, _, _ = drive(llm, "w2b", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
+    res["w2_ttft_new_image_2_ms"] = ttft * 1e3
+    log(res)
+    # W4: 256 requests at once.
+    reqs = w4_requests(cfg, n=W4_REQUESTS)
+    prompts = [prompt(*r[:3]) for r in reqs]
+    params = [SamplingParams(max_tokens=r[3], **greedy) for r in reqs]
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync()
+    dt = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    res["w4_output_tok_s"] = n_out / dt
+    res["w4"] = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt,
+                 "prompt_tokens": sum(r[0].shape[1] for r in reqs), "stats_after": llm.stats()}
+    RESULTS["engine"] = res
+    log(res)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--sections", default="parity,vision,prefill,decode")
+    ap.add_argument("--sections", default="parity,vision,prefill,decode,batch_hf,engine")
     ap.add_argument("--ckpt", default="/tmp/qwenvl-bench-ckpt")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script with --shape tiny")
+    ap.add_argument("--w4-requests", type=int, default=256)
+    ap.add_argument("--tokenizer", default=None, help="a directory with tokenizer.json: the engine detokenizes")
     a = ap.parse_args()
-    global DEV
-    DEV = a.device
+    global DEV, W4_REQUESTS, TOKENIZER_DIR
+    DEV, W4_REQUESTS, TOKENIZER_DIR = a.device, a.w4_requests, a.tokenizer
     os.makedirs(a.out, exist_ok=True)
     sections = a.sections.split(",")
     import transformers
@@ -209,7 +340,7 @@ def main():
     ours = Qwen25VL.random(cfg, dtype=dtype, device=DEV, seed=0).eval()
     log(f"built ours in {time.time() - t0:.1f}s")
     hf = None
-    if any(s in sections for s in ("parity", "vision", "prefill", "decode")):
+    if any(s in sections for s in ("parity", "vision", "prefill", "decode", "batch_hf")):
         t0 = time.time()
         shutil.rmtree(a.ckpt, ignore_errors=True)
         ours.save_pretrained(a.ckpt)
@@ -219,9 +350,17 @@ def main():
                                                                 attn_implementation="sdpa").eval()
         log(f"saved + loaded transformers in {time.time() - t0:.1f}s")
     for name in sections:
-        fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode}.get(name)
+        if name == "engine" and hf is not None:  # the engine sizes its KV cache from free memory
+            hf = None
+            gc.collect()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
+              "engine": engine}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
+        with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout
+            json.dump(RESULTS, f, indent=2, default=str)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(RESULTS, f, indent=2)
     log("\n| metric | ours | transformers |\n|---|---|---|")
