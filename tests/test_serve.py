@@ -26,6 +26,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from qwenvl.serve.protocol import validate_schema
 from qwenvl.serve import EngineBackend, MediaLimits, ScriptedBackend, ServerConfig, create_app
 from qwenvl.serve.media import fetch_url
 from qwenvl.errors import MediaError
@@ -214,16 +215,31 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "count": 
           "required": ["name", "count"], "additionalProperties": False}
 
 
-def test_json_schema_with_the_engine(client):
-    """No constrained decoding (the engine has no logits hook): the random model's text is checked after
-    generation and refused clearly; the server keeps serving."""
+CLOSED = {"type": "object", "properties": {"animal": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"},
+                                          "size": {"$ref": "#/$defs/size"}},
+          "required": ["animal", "ok", "size"], "additionalProperties": False,
+          "$defs": {"size": {"enum": ["small", "big"]}}}
+
+
+def test_json_schema_is_enforced_while_generating(client, base):
+    """The tiny random model knows no JSON: constrained decoding alone makes its answer follow the schema
+    (every value here is an enum or a boolean, so it must also end). Cut short, the answer is refused clearly."""
+    rf = {"type": "json_schema", "json_schema": {"name": "pet", "schema": CLOSED}}
+    for seed in range(2):
+        r = client.chat.completions.create(model=MODEL, messages=user(text("Describe the pet.")), max_tokens=200,
+                                           temperature=1.0, seed=seed, response_format=rf)
+        value = json.loads(r.choices[0].message.content)
+        assert validate_schema(value, CLOSED) == [] and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=MODEL, messages=user(text("Any JSON.")), max_tokens=200,
+                                       temperature=0, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
     with pytest.raises(openai.InternalServerError) as e:
-        client.chat.completions.create(model=MODEL, messages=user(text("Count the cats.")), max_tokens=6,
-                                       temperature=0, response_format={"type": "json_schema", "json_schema": {
-                                           "name": "count", "schema": SCHEMA}})
+        client.chat.completions.create(model=MODEL, messages=user(text("Count the cats.")), max_tokens=3,
+                                       temperature=0, response_format=rf)
     err = e.value.body
-    assert err["type"] == "model_error" and err["code"] == "invalid_model_output" and "JSON" in err["message"]
+    assert err["type"] == "model_error" and err["code"] == "invalid_model_output" and "max_tokens" in err["message"]
     assert client.chat.completions.create(model=MODEL, messages=user(text("hi")), max_tokens=2).choices
+    assert used_blocks(base) == 0
 
 
 def test_json_schema_and_tool_calls_with_scripted_answers(media_dir):

@@ -256,6 +256,11 @@ class LLM:
         logits = self.runner.execute(chunks)
         self.scheduler.after_step(chunks)
         sampling = [c.seq for c in chunks if c.samples]
+        if any(s.params.logits_processors for s in sampling):
+            with torch.inference_mode():  # the logits are inference tensors
+                for row, seq in enumerate(sampling):
+                    for proc in seq.params.logits_processors:
+                        logits[row] = proc(seq.output_token_ids, logits[row])
         rows = [SamplerRow(s.params, s.prompt.token_ids if s.params.repetition_penalty != 1 else [],
                            s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
         result = sample(logits, rows, self._generator)

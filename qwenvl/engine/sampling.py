@@ -37,6 +37,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token (the sampled token is always included)
     n: int = 1
     skip_special_tokens: bool = True
+    # vLLM's hook: each f(output_token_ids, logits [V]) -> logits, applied in order before sampling (e.g. the
+    # server's JSON-schema constraint). Runs on the host per step: only the sequences that have them pay.
+    logits_processors: list | None = None
 
     def __post_init__(self):
         self.validate()
@@ -84,6 +87,9 @@ class SamplingParams:
             bad("n", "must be an integer >= 1")
         if not isinstance(self.skip_special_tokens, bool):
             bad("skip_special_tokens", "must be a bool")
+        self.logits_processors = list(self.logits_processors or [])
+        if not all(callable(f) for f in self.logits_processors):
+            bad("logits_processors", "must be a list of callables f(output_token_ids, logits) -> logits")
         return self
 
     @property

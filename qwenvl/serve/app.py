@@ -118,6 +118,8 @@ class Server:
                 await run_in_threadpool(prepare_messages, req.messages, self.config.limits)
             except (MediaError, InputError) as e:
                 raise _media_error(e) from None
+            if req.response_format is not None and hasattr(self.backend, "constrain"):
+                await run_in_threadpool(self.backend.constrain, req.params, req.response_format)
             rid = completion_id()
             model = body["model"]
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout

@@ -37,6 +37,15 @@ class EngineBackend:
         proc = llm.processor
         self.min_pixels = getattr(proc, "min_pixels", 3136)
         self.max_pixels = getattr(proc, "max_pixels", 12845056)
+        self.eos_token_ids = sorted(llm.eos_token_ids)
+
+    def constrain(self, params, response_format: dict) -> None:
+        """response_format json_object / json_schema: constrained decoding (serve.constrained)."""
+        from .constrained import JsonConstraint
+
+        schema = response_format.get("schema") if response_format["type"] == "json_schema" else None
+        params.logits_processors = list(params.logits_processors or []) + [
+            JsonConstraint(schema, self.tokenizer, self.eos_token_ids)]
 
     @classmethod
     def from_path(cls, path: str, **llm_kwargs) -> "EngineBackend":

@@ -230,8 +230,9 @@ def check_json(text: str, response_format: dict) -> str:
 
 
 def _invalid(why: str) -> APIError:
-    return APIError(500, "The model produced invalid content: " + why + ". This server checks response_format "
-                    "after generation (no constrained decoding); retry, or adjust the prompt.", "model_error",
+    return APIError(500, "The model produced invalid content: " + why + ". The engine constrains the answer "
+                    "to the response_format while generating, so it was most likely cut short (max_tokens or "
+                    "the context length): retry with a larger max_tokens, or adjust the prompt.", "model_error",
                     "response_format", "invalid_model_output")
 
 
