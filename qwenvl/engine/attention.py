@@ -20,6 +20,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +51,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool:
         L = n
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if q.is_cuda:
-        rep = H // kh.shape[1]
-        kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
-        if start == 0:
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-        else:
-            try:
-                from torch.nn.attention.bias import causal_lower_right
+        with sdpa_kernel(_PREFILL_BACKENDS):
+            return _prefill_cuda(qh, kh, vh, n, L, start, H)
+    mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=kh.shape[1] != H)
+    return out[0].transpose(0, 1)
 
-                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, L))
-            except Exception:  # older torch: an explicit mask
-                mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
-                out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+
+# Not cuDNN: SDPA prefers it on Hopper, and it builds (~2 ms of CPU) a new graph for every new sequence length,
+# which is every prefill chunk of a server (measured: 0.68 s of host time in one 8192-token step of 11 chunks).
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _prefill_cuda(qh, kh, vh, n, L, start, H):
+    """Heads expanded (GQA) and a bottom-right causal bias, so the flash / memory-efficient kernels run."""
+    rep = H // kh.shape[1]
+    kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+    if start == 0:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
     else:
-        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=kh.shape[1] != H)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, L))
     return out[0].transpose(0, 1)
 
 

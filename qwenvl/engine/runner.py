@@ -252,7 +252,9 @@ class ModelRunner:
         return table[p // self.block_size] * self.block_size + p % self.block_size
 
     def _block_table_rows(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
-        width = width or max(len(s.block_table) for s in seqs)
+        # A multiple of 16: Triton specialises integer arguments (this table's row stride) on divisibility by
+        # 16, so any other width would JIT-compile the decode kernel again, for a second or so, mid-serving.
+        width = width or -(-max(len(s.block_table) for s in seqs) // 16) * 16
         bt = torch.full((len(seqs), width), self.kv.null_block, dtype=torch.int32)
         for r, s in enumerate(seqs):
             bt[r, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
