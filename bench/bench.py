@@ -38,7 +38,8 @@ def mm_kwargs(ids):
 RESULTS: dict = {}
 REF_TOKENS: dict = {}
 W4_REQUESTS = 256
-TOKENIZER_DIR = None  # greedy tokens of our reference path (Qwen25VL.generate), for the engine's check
+TOKENIZER_DIR = None
+OUT_DIR = "."  # greedy tokens of our reference path (Qwen25VL.generate), for the engine's check
 
 
 def log(*a):
@@ -239,6 +240,96 @@ def batch_hf(ours, hf, cfg, n=32, new_tokens=192):
     log(RESULTS["w4_transformers"])
 
 
+def instrument(llm) -> dict:
+    """Split an engine run into host prompt encoding, ViT, prefill/mixed steps and decode-only steps (each step
+    ends in a device->host copy of the sampled ids anyway, so the syncs here add little)."""
+    prof = {"encode_prompt_s": 0.0, "vision_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0,
+            "mixed_s": 0.0}
+    r = llm.runner
+    ev, ex, enc = r._encode_vision, r.execute, llm.encode_prompt
+
+    def timed(key, fn):
+        def run(*a):
+            sync()
+            t = time.perf_counter()
+            out = fn(*a)
+            sync()
+            prof[key] += time.perf_counter() - t
+            return out
+        return run
+
+    def execute(chunks):
+        kind = "decode" if all(c.is_decode for c in chunks) else "mixed"
+        prof[kind + "_steps"] += 1
+        if kind == "mixed" and prof["mixed_steps"] == 4 and DEV == "cuda":  # one steady mixed step, profiled
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                out = timed(kind + "_s", ex)(chunks)
+            prof["profiled_step"] = {"tokens": sum(c.num_tokens for c in chunks), "chunks": len(chunks),
+                                     "decode_rows": sum(c.is_decode for c in chunks)}
+            with open(os.path.join(OUT_DIR, "mixed_step_profile.txt"), "w") as f:
+                for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                    f.write(p.key_averages().table(sort_by=key, row_limit=30) + "\n")
+            return out
+        return timed(kind + "_s", ex)(chunks)
+
+    r._encode_vision, r.execute, llm.encode_prompt = timed("vision_s", ev), execute, timed("encode_prompt_s", enc)
+    return prof
+
+
+@section("vision_profile")
+def vision_profile(ours, hf, cfg):
+    """Where the ViT's time goes (top kernels), and what torch.compile of the blocks would give."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, pix, grid = image_request(cfg)
+    pix, grid = pix.to(DEV), grid.to(DEV)
+    res = {}
+    with torch.no_grad():
+        eager = ours.visual(pix, grid).float()
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+        with profile(activities=acts) as prof:
+            ours.visual(pix, grid)
+            sync()
+        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=25)
+                break
+            except Exception:
+                continue
+        with open(os.path.join(OUT_DIR, "vision_profile.txt"), "w") as f:
+            f.write(table)
+        log(table[:6000])
+        res["eager_unpadded_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+        res["padded"] = ours.visual.pad_mlp_hidden()  # what the engine does on CUDA
+        res["padded_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+        padded = ours.visual(pix, grid).float()
+        res["padded_vs_unpadded_rel_err"] = ((padded - eager).norm() / eager.norm()).item()
+        with profile(activities=acts) as prof:
+            ours.visual(pix, grid)
+            sync()
+        with open(os.path.join(OUT_DIR, "vision_profile_padded.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if DEV == "cuda" else
+                                              "self_cpu_time_total", row_limit=25))
+        blocks = list(ours.visual.blocks)
+        try:
+            for b in blocks:
+                b.compile()
+            t0 = time.time()
+            compiled = ours.visual(pix, grid).float()
+            res["compile_s"] = time.time() - t0
+            res["compiled_blocks_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+            res["compiled_vs_eager_rel_err"] = ((compiled - eager).norm() / eager.norm()).item()
+        finally:
+            for b in blocks:
+                b._compiled_call_impl = None
+        res["eager_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
+    RESULTS["vision_profile"] = res
+    log(res)
+
+
 def drive(llm, rid, prompt, params):
     """One request alone through add_request/step: (time to first token, decode seconds after it, tokens)."""
     t0 = time.perf_counter()
@@ -266,6 +357,9 @@ def engine(ours, hf, cfg, w1_tokens=256):
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
     res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
+    _, pix, grid = image_request(cfg)
+    with torch.no_grad():  # W3: the ViT as the engine runs it (MLP padded on CUDA), one 1280x720 image
+        res["w3_vision_ms"] = cuda_time(lambda: ours.visual(pix.to(DEV), grid)) * 1e3
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 
@@ -301,6 +395,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
     reqs = w4_requests(cfg, n=W4_REQUESTS)
     prompts = [prompt(*r[:3]) for r in reqs]
     params = [SamplingParams(max_tokens=r[3], **greedy) for r in reqs]
+    prof = instrument(llm)
     sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -309,7 +404,8 @@ def engine(ours, hf, cfg, w1_tokens=256):
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     res["w4_output_tok_s"] = n_out / dt
     res["w4"] = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt,
-                 "prompt_tokens": sum(r[0].shape[1] for r in reqs), "stats_after": llm.stats()}
+                 "prompt_tokens": sum(r[0].shape[1] for r in reqs), "time_split": prof,
+                 "stats_after": llm.stats()}
     RESULTS["engine"] = res
     log(res)
 
@@ -324,8 +420,8 @@ def main():
     ap.add_argument("--w4-requests", type=int, default=256)
     ap.add_argument("--tokenizer", default=None, help="a directory with tokenizer.json: the engine detokenizes")
     a = ap.parse_args()
-    global DEV, W4_REQUESTS, TOKENIZER_DIR
-    DEV, W4_REQUESTS, TOKENIZER_DIR = a.device, a.w4_requests, a.tokenizer
+    global DEV, W4_REQUESTS, TOKENIZER_DIR, OUT_DIR
+    DEV, W4_REQUESTS, TOKENIZER_DIR, OUT_DIR = a.device, a.w4_requests, a.tokenizer, a.out
     os.makedirs(a.out, exist_ok=True)
     sections = a.sections.split(",")
     import transformers
@@ -356,7 +452,7 @@ def main():
             if DEV == "cuda":
                 torch.cuda.empty_cache()
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
-              "engine": engine}.get(name)
+              "vision_profile": vision_profile, "engine": engine}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

@@ -48,6 +48,28 @@ def test_vision_tower_parity_images_and_video_in_one_call(pair):
     assert (out - ref).abs().max().item() < 1e-5
 
 
+def test_vision_mlp_padding_keeps_outputs_and_state_dict(pair):
+    """The inference-only padding of the ViT MLP width (for cuBLAS's fast kernels on CUDA) changes nothing a
+    user sees: same outputs as transformers, same state_dict; training still reaches the parameters."""
+    hf, _, d = pair
+    ours = Qwen25VL.from_pretrained(d, dtype=torch.float32)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    grids = torch.tensor([[1, 20, 22], [2, 12, 16]])
+    pix = torch.randn(int(grids.prod(-1).sum()), 1176, generator=torch.Generator().manual_seed(1))
+    assert ours.visual.pad_mlp_hidden(multiple=40)  # tiny's 48 -> 80: the padded path really runs
+    assert ours.visual.blocks[0].mlp._padded[0].shape[0] == 160
+    with torch.no_grad():
+        ref = hf.model.visual(pix, grid_thw=grids)
+        out = ours.visual(pix, grids)
+    assert (out - ref).abs().max().item() < 1e-5
+    after = ours.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ours.visual.requires_grad_(True)
+    loss = ours.visual(pix, grids).square().mean()
+    loss.backward()
+    assert ours.visual.blocks[0].mlp.gate_proj.weight.grad is not None
+
+
 def hand_positions(tokens, grids, spgs, tps=2.0):
     """Positions by the Qwen team's rule, token by token: text p,p,p; vision block from s = next free id with
     T = s + floor(k*spg*tps), H = s + row, W = s + col; the next free id after a block is its max + 1."""
