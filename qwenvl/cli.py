@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     # Subcommands that own their argument parsing: `qwenvl train ...` is `qwenvl.train.cli.main([...])`.
     for name, module, help_ in (("train", "train", "fine-tune / pretrain (docs/TRAINING.md)"),
                                 ("data", "data", "curation tools on JSONL data"),
-                                ("eval", "evaluate", "evaluate a model on a suite or a JSONL dir")):
+                                ("eval", "evaluate", "evaluate a model on a suite or a JSONL dir"),
+                                ("synth", "synth", "deterministic synthetic training/eval data (docs/NANO.md)")):
         sp = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=lambda a, m=module: importlib.import_module(f"qwenvl.{m}.cli").main(a.rest))

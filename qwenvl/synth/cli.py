@@ -8,7 +8,7 @@ from . import SPLITS, TASKS, generate
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwenvl.synth", description="Deterministic synthetic training/eval data.")
+    p = argparse.ArgumentParser(prog="qwenvl synth", description="Deterministic synthetic training/eval data.")
     p.add_argument("--out", required=True, help="output folder (JSONL per task + media/)")
     p.add_argument("--tasks", default="all", help=f"comma-separated, or all: {', '.join(TASKS)}")
     p.add_argument("--n", type=int, default=1000, help="samples per task")
