@@ -208,25 +208,33 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    typ = str(typ)
+SCALARS = {"int", "float", "bool", "str"}
+
+
+def coerce_scalar(value: Any, kind: str, where: str) -> Any:
+    """An int / float / bool / str as a config file gives it: no bool where a number goes, no 1.5 for an int.
+    Raises ConfigError naming `where`. (Shared by the model and the training configs.)"""
     try:
-        if typ == "int":
+        if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
-        if typ == "float":
+        if kind == "float":
             if isinstance(value, bool):
                 raise TypeError
             return float(value)
-        if typ == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if typ == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
+        if not isinstance(value, {"bool": bool, "str": str}[kind]):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    typ = str(typ)
+    if typ in SCALARS:
+        return coerce_scalar(value, typ, where)
+    try:
         if typ.startswith("list[int]"):
             return [int(x) for x in value]
         if typ == "int | None":

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import SCALARS, coerce_scalar
 from ..errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -162,28 +163,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if "None" in typ:
             return None
         raise ConfigError(f"{where}: may not be null")
-    try:
-        if typ.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if typ.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if typ == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if typ.startswith("str"):
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if typ.startswith("list[str]"):
-            value = [value] if isinstance(value, str) else value
-            if not all(isinstance(x, str) for x in value):
-                raise TypeError
-            return list(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: expected {typ}, got {value!r}") from None
+    kind = typ.split(" ")[0]  # "int | None" -> int
+    if kind in SCALARS:
+        return coerce_scalar(value, kind, where)
+    if typ.startswith("list[str]"):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}: expected {typ}, got {value!r}")
+        return list(value)
     return value
