@@ -109,6 +109,21 @@ def load_model(path, dtype=None, device="cpu", config: ModelConfig | None = None
     expected = dict(model.named_parameters(remove_duplicate=False))
     tied = config.text.tie_word_embeddings
     seen: set[str] = set()
+    for fpath, f, raw, name in iter_checkpoint(path, expected, tied):
+        t = fit_shape(f.get_tensor(raw), expected[name].shape, fpath, raw, name)
+        target = vision_dtype if name.startswith("visual.") else dtype
+        _assign(model, name, t.to(device=device, dtype=target))
+        seen.add(name)
+    check_complete(path, expected, seen, tied)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def iter_checkpoint(path: str, expected, tied: bool, ignore_suffixes: tuple[str, ...] = ()):
+    """(file path, open file, stored name, internal name) of every tensor of a checkpoint that the model has:
+    the index is checked against the files; a tied head and unexpected tensors (warned about, unless their
+    name ends with one of ignore_suffixes) are skipped."""
     for fname, names in checkpoint_files(path).items():
         fpath = os.path.join(path, fname)
         with _open(fpath) as f:
@@ -120,26 +135,26 @@ def load_model(path, dtype=None, device="cpu", config: ModelConfig | None = None
                 if name == "lm_head.weight" and tied:
                     continue  # tied to embed_tokens
                 if name not in expected:
-                    log.warning("%s: ignoring unexpected tensor %s", fpath, raw)
+                    if not name.endswith(ignore_suffixes):
+                        log.warning("%s: ignoring unexpected tensor %s", fpath, raw)
                     continue
-                t = f.get_tensor(raw)
-                want = expected[name].shape
-                if t.shape != want:
-                    if name == "visual.patch_embed.proj.weight" and t.numel() == want.numel():
-                        t = t.reshape(want)
-                    else:
-                        raise CheckpointError(f"{fpath}: tensor {raw!r} has shape {tuple(t.shape)}, "
-                                              f"expected {tuple(want)} for this config")
-                target = vision_dtype if name.startswith("visual.") else dtype
-                _assign(model, name, t.to(device=device, dtype=target))
-                seen.add(name)
-    needed = {n for n in expected if not (tied and n == "lm_head.weight")}
-    missing = sorted(needed - seen)
+                yield fpath, f, raw, name
+
+
+def fit_shape(t: torch.Tensor, want, fpath: str, raw: str, name: str, where: str = "") -> torch.Tensor:
+    """The tensor in the model's shape (the patch embedding may be stored flat or as Conv3d), or an error."""
+    if t.shape == want:
+        return t
+    if name == "visual.patch_embed.proj.weight" and t.numel() == want.numel():
+        return t.reshape(want)
+    raise CheckpointError(f"{fpath}: tensor {raw!r} has shape {tuple(t.shape)}{where}, expected {tuple(want)} "
+                          "for this config")
+
+
+def check_complete(path: str, expected, seen: set[str], tied: bool) -> None:
+    missing = sorted(n for n in expected if n not in seen and not (tied and n == "lm_head.weight"))
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
 
 
 def _assign(model, name: str, tensor: torch.Tensor) -> None:

@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import _open, checkpoint_files, resolve_dtype, to_internal_name
+from ..checkpoint import _assign, check_complete, fit_shape, iter_checkpoint, resolve_dtype
 from ..config import ModelConfig, TextConfig
 from ..errors import CheckpointError, ConfigError
 from ..quant.fp8 import FP8Linear, checkpoint_quantization, fp8_backend, make_fp8_modules
@@ -277,11 +277,6 @@ def _restructure(model, lay: TPLayout, group, vit: str) -> None:
         raise ConfigError(f"vit must be 'replicate' or 'data', got {vit!r}")
 
 
-def _assign(model, name: str, tensor: torch.Tensor) -> None:
-    mod_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(mod_name), attr, nn.Parameter(tensor, requires_grad=False))
-
-
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[0] == rows:
         return t
@@ -352,49 +347,28 @@ def load_tp(path: str | os.PathLike, rank: int = 0, world: int = 1, dtype=None, 
     expected = dict(model.named_parameters(remove_duplicate=False))
     seen: set[str] = set()
     nbytes = 0
-    for fname, names in checkpoint_files(path).items():
-        fpath = os.path.join(path, fname)
-        with _open(fpath) as f:
-            available = set(f.keys())
-            for raw in names:
-                if raw not in available:
-                    raise CheckpointError(f"{fpath}: tensor {raw!r} listed in the index is not in the file")
-                name = to_internal_name(raw)
-                if name == "lm_head.weight" and tied:
-                    continue
-                if name not in expected:
-                    if name.endswith(("input_scale", "weight_zero_point")):
-                        continue  # static activation scales / zero points of symmetric schemes: unused
-                    log.warning("%s: ignoring unexpected tensor %s", fpath, raw)
-                    continue
-                spec = lay.spec(name) if lay else None
-                if spec is None:
-                    t = f.get_tensor(raw)
-                else:
-                    dim, a, b, n = spec
-                    sl = f.get_slice(raw)
-                    t = _pad_rows(sl[a:b], n) if dim == 0 else sl[:, a:b]
-                nbytes += t.numel() * t.element_size()
-                want = expected[name].shape
-                if t.shape != want:
-                    if name == "visual.patch_embed.proj.weight" and t.numel() == want.numel():
-                        t = t.reshape(want)
-                    else:
-                        raise CheckpointError(f"{fpath}: tensor {raw!r} gives shape {tuple(t.shape)} on rank {rank}, "
-                                              f"expected {tuple(want)} for this config")
-                if expected[name].dtype == torch.float8_e4m3fn:
-                    if t.dtype != torch.float8_e4m3fn:
-                        raise CheckpointError(f"{fpath}: {raw!r} is {t.dtype}, expected float8_e4m3fn")
-                    target = t.dtype
-                elif name.endswith("weight_scale"):
-                    target = torch.float32
-                else:
-                    target = vision_dtype if name.startswith("visual.") else dtype
-                _assign(model, name, t.to(device=device, dtype=target))
-                seen.add(name)
-    missing = sorted(n for n in expected if n not in seen and not (tied and n == "lm_head.weight"))
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+    # static activation scales / zero points of symmetric FP8 schemes are not used
+    for fpath, f, raw, name in iter_checkpoint(path, expected, tied, ("input_scale", "weight_zero_point")):
+        spec = lay.spec(name) if lay else None
+        if spec is None:
+            t = f.get_tensor(raw)
+        else:
+            dim, a, b, n = spec
+            sl = f.get_slice(raw)
+            t = _pad_rows(sl[a:b], n) if dim == 0 else sl[:, a:b]
+        nbytes += t.numel() * t.element_size()
+        t = fit_shape(t, expected[name].shape, fpath, raw, name, f" on rank {rank}")
+        if expected[name].dtype == torch.float8_e4m3fn:
+            if t.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(f"{fpath}: {raw!r} is {t.dtype}, expected float8_e4m3fn")
+            target = t.dtype
+        elif name.endswith("weight_scale"):
+            target = torch.float32
+        else:
+            target = vision_dtype if name.startswith("visual.") else dtype
+        _assign(model, name, t.to(device=device, dtype=target))
+        seen.add(name)
+    check_complete(path, expected, seen, tied)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     if fp8:
