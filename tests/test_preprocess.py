@@ -16,6 +16,7 @@ import base64
 import enum
 import importlib
 import io
+import os
 import random
 import struct
 import sys
@@ -524,3 +525,36 @@ def test_broken_videos_raise_media_error(tmp_path, clip_2997):
         process_video({"video": []})
     with pytest.raises(InputError, match="outside"):
         read_video_frames(clip_2997, [90])
+
+
+# VmHWM (peak RSS of this process image): unlike ru_maxrss it starts afresh at exec, so the pytest parent's
+# memory (inherited at fork) does not count.
+_PEAK_RSS = """
+import sys
+from qwenvl.preprocess import process_video
+values, grid, _ = process_video({"video": sys.argv[1], "nframes": 16, "max_pixels": 3136 * 16, "min_pixels": 3136})
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(hwm, tuple(grid.tolist()))
+"""
+
+
+def test_video_memory_does_not_grow_with_length(tmp_path):
+    """1 vs 10 minutes (same size, same 16 sampled frames): the peak RSS of a fresh process processing each is the
+    same within noise, because frames are decoded by seeking and only the sampled ones are kept."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS is read from /proc (Linux)")
+    peaks, grids = {}, {}
+    for minutes in (1, 10):
+        path = encode_video(tmp_path / f"{minutes}min.mp4", minutes * 60 * 5, 5, 240, 320, gop=10,
+                            options={"preset": "ultrafast"})
+        out = subprocess.run([sys.executable, "-c", _PEAK_RSS, path], capture_output=True, text=True, check=True)
+        rss_kib, grid = out.stdout.split(maxsplit=1)
+        peaks[minutes] = int(rss_kib) / 1024
+        grids[minutes] = grid.strip()
+    assert grids[1] == grids[10] and grids[1].startswith("(8,")  # 16 frames, 2 per temporal patch
+    # 10 minutes of 240x320 frames are 690 MB decoded; the sampled frames, a few MB
+    print("peak RSS MiB", peaks)
+    assert peaks[10] < peaks[1] * 1.05 + 10, peaks
