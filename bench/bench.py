@@ -10,6 +10,7 @@ Hub layout), so this also proves that transformers reads what we write.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -240,6 +241,12 @@ def batch_hf(ours, hf, cfg, n=32, new_tokens=192):
     log(RESULTS["w4_transformers"])
 
 
+def profile_table(prof, rows: int = 25, device: bool = True) -> str:
+    """The profiler's top ops by self device time (by self CPU time on the CPU dry run, or device=False)."""
+    key = "self_cuda_time_total" if device and DEV == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def instrument(llm) -> dict:
     """Split an engine run into host prompt encoding, ViT, prefill/mixed steps and decode-only steps (each step
     ends in a device->host copy of the sampled ids anyway, so the syncs here add little)."""
@@ -269,8 +276,7 @@ def instrument(llm) -> dict:
             prof["profiled_step"] = {"tokens": sum(c.num_tokens for c in chunks), "chunks": len(chunks),
                                      "decode_rows": sum(c.is_decode for c in chunks)}
             with open(os.path.join(OUT_DIR, "mixed_step_profile.txt"), "w") as f:
-                for key in ("self_cuda_time_total", "self_cpu_time_total"):
-                    f.write(p.key_averages().table(sort_by=key, row_limit=30) + "\n")
+                f.write(profile_table(p, rows=30) + "\n" + profile_table(p, rows=30, device=False) + "\n")
             return out
         return timed(kind + "_s", ex)(chunks)
 
@@ -285,7 +291,7 @@ def vision_profile(ours, hf, cfg):
 
     _, pix, grid = image_request(cfg)
     pix, grid = pix.to(DEV), grid.to(DEV)
-    res = {}
+    RESULTS["vision_profile"] = res = {}  # what was measured survives a failure further on
     with torch.no_grad():
         eager = ours.visual(pix, grid).float()
         sync()
@@ -293,40 +299,29 @@ def vision_profile(ours, hf, cfg):
         with profile(activities=acts) as prof:
             ours.visual(pix, grid)
             sync()
-        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-            try:
-                table = prof.key_averages().table(sort_by=key, row_limit=25)
-                break
-            except Exception:
-                continue
+        table = profile_table(prof)
         with open(os.path.join(OUT_DIR, "vision_profile.txt"), "w") as f:
             f.write(table)
         log(table[:6000])
         res["eager_unpadded_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
-        res["padded"] = ours.visual.pad_mlp_hidden()  # what the engine does on CUDA
-        res["padded_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
-        padded = ours.visual(pix, grid).float()
+        visual = copy.deepcopy(ours.visual)  # padded and compiled here only: later sections get ours as it is
+        res["padded"] = visual.pad_mlp_hidden()
+        res["padded_ms"] = cuda_time(lambda: visual(pix, grid)) * 1e3
+        padded = visual(pix, grid).float()
         res["padded_vs_unpadded_rel_err"] = ((padded - eager).norm() / eager.norm()).item()
         with profile(activities=acts) as prof:
-            ours.visual(pix, grid)
+            visual(pix, grid)
             sync()
         with open(os.path.join(OUT_DIR, "vision_profile_padded.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by="self_cuda_time_total" if DEV == "cuda" else
-                                              "self_cpu_time_total", row_limit=25))
-        blocks = list(ours.visual.blocks)
-        try:
-            for b in blocks:
-                b.compile()
-            t0 = time.time()
-            compiled = ours.visual(pix, grid).float()
-            res["compile_s"] = time.time() - t0
-            res["compiled_blocks_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
-            res["compiled_vs_eager_rel_err"] = ((compiled - eager).norm() / eager.norm()).item()
-        finally:
-            for b in blocks:
-                b._compiled_call_impl = None
-        res["eager_ms"] = cuda_time(lambda: ours.visual(pix, grid)) * 1e3
-    RESULTS["vision_profile"] = res
+            f.write(profile_table(prof))
+        for b in visual.blocks:
+            b.compile()
+        t0 = time.time()
+        compiled = visual(pix, grid).float()
+        res["compile_s"] = time.time() - t0
+        res["compiled_blocks_ms"] = cuda_time(lambda: visual(pix, grid)) * 1e3
+        res["compiled_vs_eager_rel_err"] = ((compiled - eager).norm() / eager.norm()).item()
+        del visual
     log(res)
 
 
@@ -357,8 +352,8 @@ def engine(ours, hf, cfg, w1_tokens=256):
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
     res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
-    _, pix, grid = image_request(cfg)
-    with torch.no_grad():  # W3: the ViT as the engine runs it (MLP padded on CUDA), one 1280x720 image
+    ids, pix, grid = image_request(cfg)
+    with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image
         res["w3_vision_ms"] = cuda_time(lambda: ours.visual(pix.to(DEV), grid)) * 1e3
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
@@ -367,7 +362,6 @@ def engine(ours, hf, cfg, w1_tokens=256):
         return {"prompt_token_ids": ids[0].tolist(), "images": [(pix, grid[0])]}
 
     # Greedy check against the reference path (same request as the decode section), also the warm-up.
-    ids, pix, grid = image_request(cfg)
     ref = REF_TOKENS.get("w1")
     _, _, toks = drive(llm, "check", prompt(ids, pix, grid), SamplingParams(max_tokens=len(ref or [0] * 128), **greedy))
     if ref:

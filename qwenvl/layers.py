@@ -121,16 +121,15 @@ def flash_varlen_usable(q: torch.Tensor) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
     """Non-causal attention inside each segment [cu[i], cu[i+1]) of a packed sequence; q, k, v: [N, H, D].
 
-    cu_seqlens: a Segments (prepared once per forward) or the boundaries as a tensor. On CUDA in bf16/fp16 the
+    seg: the segments, prepared once per forward (`segments`). On CUDA in bf16/fp16 the
     segments go to FlashAttention's varlen kernel as they are; elsewhere they are gathered into a padded
     batch [S, H, Lmax, D] with a key-padding mask for one SDPA call. Either way no token sees another
     segment, and there is no Python loop over (possibly thousands of) windows.
     """
     global _flash_varlen
-    seg = cu_seqlens if isinstance(cu_seqlens, Segments) else segments(cu_seqlens, q.device)
     if len(seg.lengths) == 1:
         # 4D [1, H, N, D]: 3D inputs miss the fused (flash) kernels and fall back to the math path.
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])

@@ -47,7 +47,7 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seg: Segments, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
         # The rotation runs in fp32 (cos/sin are never rounded to bf16), then back to the activation dtype.
@@ -55,7 +55,7 @@ class VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(x.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(x.dtype)
-        out = varlen_attention(q, k, v, cu_seqlens)
+        out = varlen_attention(q, k, v, seg)
         return self.proj(out.reshape(n, -1))
 
 
@@ -67,8 +67,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(c)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, seg, cos, sin):
+        x = x + self.attn(self.norm1(x), seg, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 

@@ -542,7 +542,6 @@ def test_video_memory_does_not_grow_with_length(tmp_path):
     """1 vs 10 minutes (same size, same 16 sampled frames): the peak RSS of a fresh process processing each is the
     same within noise, because frames are decoded by seeking and only the sampled ones are kept."""
     import subprocess
-    import sys
 
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak RSS is read from /proc (Linux)")

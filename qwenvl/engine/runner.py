@@ -251,10 +251,15 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[p // self.block_size] * self.block_size + p % self.block_size
 
-    def _block_table_rows(self, seqs: list[Sequence], width: int | None = None) -> torch.Tensor:
-        # A multiple of 16: Triton specialises integer arguments (this table's row stride) on divisibility by
-        # 16, so any other width would JIT-compile the decode kernel again, for a second or so, mid-serving.
-        width = width or -(-max(len(s.block_table) for s in seqs) // 16) * 16
+    @staticmethod
+    def _table_width(tables) -> int:
+        """Block-table width for a step: a multiple of 16, because Triton specialises integer arguments (the
+        table's row stride) on divisibility by 16, and any other width would JIT-compile the decode kernel
+        again, for a second or so, mid-serving."""
+        return -(-max(len(t) for t in tables) // 16) * 16
+
+    def _block_table_rows(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = self._table_width([s.block_table for s in seqs])
         bt = torch.full((len(seqs), width), self.kv.null_block, dtype=torch.int32)
         for r, s in enumerate(seqs):
             bt[r, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
@@ -320,7 +325,9 @@ class ModelRunner:
         # padded rows: one token of context in the null block, written to the null block
         rows = torch.tensor([ids + [0] * pad, ctx + [1] * pad, deltas + [0] * pad, slots + [null * bs] * pad],
                             dtype=torch.long)
-        width = max(len(t) for t in tables)
+        width = self._table_width(tables)
+        if bucket is not None:  # the graph reads its static table, whose width need not be a multiple of 16
+            width = min(width, self.static["block_tables"].shape[1])
         bt = torch.tensor([t + [null] * (width - len(t)) for t in tables] + [[null] * width] * pad, dtype=torch.int32)
         if bucket is None:
             rows = rows.to(self.device)

@@ -333,14 +333,16 @@ def token_pieces(tokenizer) -> list[str | None]:
 
 
 def tokens_by_first_char(tokenizer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({first character: token ids} for ASCII-first tokens, ids of all non-ASCII-first tokens); cached."""
+    """({first character: token ids}, ids of all tokens starting with a non-ASCII character); cached."""
     cached = getattr(tokenizer, "_constrained_first", None)
     if cached is None:
         groups: dict[str, list[int]] = {}
         other: list[int] = []
         for t, piece in enumerate(token_pieces(tokenizer)):
             if piece is not None:
-                (groups.setdefault(piece[0], []) if ord(piece[0]) < 128 else other).append(t)
+                groups.setdefault(piece[0], []).append(t)
+                if ord(piece[0]) > 127:
+                    other.append(t)
         cached = ({c: torch.tensor(ids) for c, ids in groups.items()}, torch.tensor(other))
         tokenizer._constrained_first = cached
     return cached
@@ -395,11 +397,10 @@ class JsonConstraint:
         first = {c for c in _ASCII + self.schema_chars if json_prefix_state(text + c, self.schema) != "invalid"}
         free_string = json_prefix_state(text + _FREE_STRING_PROBE, self.schema) != "invalid"
 
-        groups = [self.by_first[c] for c in first if c in self.by_first]
+        # `first` holds ASCII and schema characters; in a free string every non-ASCII character may follow
+        groups = [self.by_first[c] for c in first if c in self.by_first and not (free_string and ord(c) > 127)]
         if free_string:
             groups.append(self.non_ascii)
-        elif first & set(self.schema_chars):  # tokens starting with one of the schema's valid characters
-            groups.append(torch.tensor([t for t in self.non_ascii.tolist() if self.pieces[t][0] in first]))
         if not groups:
             return ok or list(self.eos)
         cand = torch.cat(groups)
