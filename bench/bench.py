@@ -192,11 +192,16 @@ def decode(ours, hf, cfg, new_tokens=128):
         res["ours_model_tok_s"] = out.shape[1] / (time.time() - t0)
         REF_TOKENS["w1"] = out[0].tolist()
         if hf is not None:
+            if DEV == "cuda":  # W5 baseline: transformers' own weights + what its W1 generate adds at the peak
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             t0 = time.time()
             ref = hf.generate(input_ids=ids, pixel_values=pix, image_grid_thw=grid, **mm,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             sync()
             res["transformers_tok_s"] = (ref.shape[1] - ids.shape[1]) / (time.time() - t0)
+            if DEV == "cuda":
+                res["transformers_w1_peak_gib"] = (param_bytes(hf) + torch.cuda.max_memory_allocated() - before) / GIB
             ref = ref[:, ids.shape[1]:]
             n = min(ref.shape[1], out.shape[1])
             same = (ref[0, :n] == out[0, :n]).long()
@@ -402,6 +407,87 @@ def engine(ours, hf, cfg, w1_tokens=256):
                  "stats_after": llm.stats()}
     RESULTS["engine"] = res
     log(res)
+    on = [o.outputs[0].token_ids[:32] for o in outs]
+    del llm, outs
+    release()
+    res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
+    log(res["fast_paths_check"])
+    release()
+    res["w5"] = w5_memory(ours, prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
+    log(res["w5"])
+
+
+GIB = 2 ** 30
+
+
+def param_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def release():
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
+    """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
+    (no CUDA graphs, no Triton paged decode, padded SDPA instead of FlashAttention varlen in the ViT) vs on.
+    `on`: the first tokens of the W4 run itself; the slow run is a fresh engine over the same weights and
+    requests. Near-ties in bf16 make a few differ."""
+    import qwenvl.layers as layers
+    from qwenvl.engine import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    saved = layers._flash_varlen
+    try:
+        layers._flash_varlen = None
+        llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, enable_cuda_graphs=False)
+        llm.runner.use_triton = False
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, **greedy) for _ in prompts])
+        off = [o.outputs[0].token_ids[:n_first] for o in outs]
+        stats_off = llm.stats()
+        del llm, outs
+    finally:
+        layers._flash_varlen = saved
+    diverge = []
+    for i, (a, b) in enumerate(zip(on, off)):
+        n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if n is not None or len(a) != len(b):
+            diverge.append({"request": i, "first_diverging_token": n if n is not None else min(len(a), len(b)),
+                            "prompt_tokens": int(reqs[i][0].shape[1])})
+    same = len(on) - len(diverge)
+    return {"requests": len(on), "same_first_32": same, "fraction": same / len(on), "target": 0.95,
+            "diverging": diverge[:20],
+            "fast_off": {k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "triton_decode")},
+            "seconds": time.perf_counter() - t0}
+
+
+def w5_memory(ours, prompt, params):
+    """W5: peak GPU memory of W1 with a KV cache sized for this one request (as `--kv-cache-bytes` would):
+    weights + KV cache + everything else at the peak (activations, ViT, CUDA graph pools, logits).
+    The target is: weights + KV actually used + < 2 GiB."""
+    from qwenvl.engine import LLM
+
+    if DEV != "cuda":
+        return {"skipped": "cpu"}
+    n_tokens = len(prompt["prompt_token_ids"]) + params.max_tokens
+    release()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()  # the weights (and nothing else, after release())
+    llm = LLM(ours, max_model_len=n_tokens + 16, max_num_seqs=1, num_blocks=-(-n_tokens // 16) + 1)
+    kv_bytes = llm.runner.kv_bytes_per_block() * llm.stats()["num_blocks"]
+    used_blocks = -(-n_tokens // 16)
+    llm.generate([prompt], [params])
+    peak = torch.cuda.max_memory_allocated()
+    w = param_bytes(ours)
+    res = {"weights_gib": w / GIB, "kv_allocated_gib": kv_bytes / GIB,
+           "kv_used_gib": used_blocks * llm.runner.kv_bytes_per_block() / GIB,
+           "peak_allocated_gib": (w + peak - before) / GIB,
+           "peak_reserved_gib_all": torch.cuda.max_memory_reserved() / GIB,  # the whole process's pool
+           "other_at_peak_gib": (peak - before - kv_bytes) / GIB, "target_other_gib": 2.0}
+    del llm
+    return res
 
 
 def main():
