@@ -270,7 +270,7 @@ def _text(**kw) -> TextConfig:
 
 
 def preset(name: str) -> ModelConfig:
-    """Named shapes of the released checkpoints (3b, 7b, 72b) and a tiny one for tests."""
+    """Named shapes of the released checkpoints (3b, 7b, 72b), a tiny one for tests and qwenvl-nano."""
     if name == "3b":
         return ModelConfig(vision=_vision(2048), text=_text(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
                                                             num_hidden_layers=36, num_attention_heads=16,
@@ -294,7 +294,18 @@ def preset(name: str) -> ModelConfig:
                        num_attention_heads=4, num_key_value_heads=2, mrope_section=[2, 3, 3],
                        tie_word_embeddings=False, max_window_layers=2),
             torch_dtype="float32")
+    if name == "nano":
+        # docs/NANO.md §1: ~11.3 M parameters (22.6 MB in bf16), the pruned 8192-token vocabulary (§2), whose
+        # special tokens are the last 22 ids (old id - 151643 + 8170).
+        return ModelConfig(
+            vision=VisionConfig(depth=6, hidden_size=192, intermediate_size=512, num_heads=3, tokens_per_second=2,
+                                out_hidden_size=256, fullatt_block_indexes=[2, 5]),
+            text=_text(vocab_size=8192, hidden_size=256, intermediate_size=640, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12],
+                       tie_word_embeddings=True, max_window_layers=8),
+            image_token_id=8182, video_token_id=8183, vision_start_token_id=8179, vision_end_token_id=8180,
+            vision_token_id=8181, bos_token_id=8170, eos_token_id=8172)
     raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
 
 
-PRESETS = ("3b", "7b", "72b", "tiny")
+PRESETS = ("3b", "7b", "72b", "tiny", "nano")

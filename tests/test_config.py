@@ -104,3 +104,19 @@ def test_preset_parameter_counts(name, total, vit):
     n = sum(p.numel() for p in m.parameters())
     n_vit = sum(p.numel() for p in m.visual.parameters())
     assert abs(n - total) / total < 2e-3 and abs(n_vit - vit) / vit < 2e-3
+
+
+def test_nano_preset():
+    # docs/NANO.md §1: 11.29 M parameters (ViT 2.89 M + merger 0.79 M + LLM and tied embedding), remapped ids
+    cfg = qwenvl.preset("nano").validate()
+    with torch.device("meta"):
+        m = Qwen25VL(cfg)
+    n = sum(p.numel() for p in m.parameters())
+    n_vit = sum(p.numel() for k, p in m.visual.named_parameters() if not k.startswith("merger."))
+    assert n == 11_292_480 and n_vit == 2_894_208
+    assert sum(p.numel() for p in m.visual.merger.parameters()) == 787_648
+    assert cfg.text.tie_word_embeddings and cfg.text.vocab_size == 8192 and cfg.text.head_dim == 64
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+            cfg.vision_token_id, cfg.bos_token_id, cfg.eos_token_id) == (8182, 8183, 8179, 8180, 8181, 8170, 8172)
+    assert "nano" in qwenvl.config.PRESETS
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
