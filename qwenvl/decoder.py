@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TextConfig
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, Segments, SwiGLU, varlen_attention
 from .rope import rotate_half
 
 
@@ -46,6 +46,9 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # rotation in the model dtype, as the reference
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(mask, Segments):  # one packed row of samples (training): causal inside each, no padding
+            out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask, causal=True)
+            return self.o_proj(out.reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

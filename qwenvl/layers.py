@@ -116,13 +116,24 @@ def _load_flash_varlen():
 _flash_varlen = _load_flash_varlen()
 
 
+def _causal_kwargs() -> dict:
+    # torch 2.10 spells causal attention is_causal=True; later releases window_size=(-1, 0).
+    import inspect
+
+    params = inspect.signature(_flash_varlen).parameters if _flash_varlen is not None else {}
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
 def flash_varlen_usable(q: torch.Tensor) -> bool:
     return (_flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """Non-causal attention inside each segment [cu[i], cu[i+1]) of a packed sequence; q, k, v: [N, H, D].
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments,
+                     causal: bool = False) -> torch.Tensor:
+    """Attention inside each segment [cu[i], cu[i+1]) of a packed sequence; q: [N, H, D], k, v: [N, Hkv, D]
+    (Hkv divides H: grouped-query attention). causal: each token sees only its segment's earlier tokens
+    (packed training rows); else the whole segment (ViT windows and frames).
 
     seg: the segments, prepared once per forward (`segments`). On CUDA in bf16/fp16 the
     segments go to FlashAttention's varlen kernel as they are; elsewhere they are gathered into a padded
@@ -130,13 +141,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     segment, and there is no Python loop over (possibly thousands of) windows.
     """
     global _flash_varlen
+    gqa = k.shape[1] != q.shape[1]
+    if torch.is_autocast_enabled(q.device.type):  # autocast does not reach the varlen op: cast as SDPA would
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if len(seg.lengths) == 1:
         # 4D [1, H, N, D]: 3D inputs miss the fused (flash) kernels and fall back to the math path.
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             is_causal=causal, enable_gqa=gqa)
         return out[0].transpose(0, 1)
     if flash_varlen_usable(q):
         try:
-            return _flash_varlen(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len)
+            if gqa:  # not every torch release takes enable_gqa here; the copy is small next to the matmuls
+                k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+            return _flash_varlen(q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len,
+                                 **(_causal_kwargs() if causal else {}))
         except (RuntimeError, TypeError) as e:  # a build without the kernel: padded SDPA from now on
             warnings.warn(f"FlashAttention varlen unavailable ({type(e).__name__}: {e}); using padded SDPA")
             _flash_varlen = None
@@ -145,5 +164,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     def pad(x):
         return x[gather].permute(0, 2, 1, 3)  # [S, H, L, D]
 
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=valid[:, None, None, :])
+    mask = valid[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(seg.max_len, seg.max_len, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, enable_gqa=gqa)
     return out.permute(0, 2, 1, 3)[valid]  # back to [N, H, D], segment order preserved

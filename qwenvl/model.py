@@ -10,6 +10,7 @@ import torch.nn as nn
 from .config import ModelConfig
 from .decoder import Decoder, KVCache, attention_mask_4d
 from .errors import InputError
+from .layers import segments
 from .rope import mrope_cos_sin, mrope_positions
 from .vision import VisionTransformer
 
@@ -129,7 +130,7 @@ class Qwen25VL(nn.Module):
             if position_ids is None:
                 position_ids = self._packed_positions(input_ids, seq_lens, image_grid_thw, video_grid_thw,
                                                       second_per_grid_ts)
-            mask = packed_causal_mask(seq_lens, h.device)
+            mask = segments(torch.tensor([0] + list(seq_lens)).cumsum(0), h.device)  # causal per sample
         elif position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                              second_per_grid_ts)
@@ -194,15 +195,6 @@ class Qwen25VL(nn.Module):
             hidden = self.model(self.model.embed_tokens(tok[:, None]), cos, sin, mask, cache, cur)
             logits = self.lm_head(hidden[:, -1]).float()
         return torch.stack(out, dim=1)
-
-
-def packed_causal_mask(seq_lens: list[int], device) -> torch.Tensor:
-    """Boolean [1, 1, T, T]: causal inside each sample, nothing across samples."""
-    seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=device),
-                                  torch.tensor(list(seq_lens), device=device))
-    T = seg.numel()
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return (causal & (seg[:, None] == seg[None, :]))[None, None]
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
