@@ -1,6 +1,6 @@
 """Training throughput: random weights of a preset shape, synthetic packed rows, the real trainer.
 
-    python -m qwenvl.train.bench --preset 3b --steps 8 --pack-length 8192 [--lora-r 64] [--images]
+    python -m qwenvl.train.bench --preset 3b --steps 8 --pack-length 8192 [--lora-r 64] [--images] [--baseline]
 
 Writes a synthetic JSONL (pre-tokenized samples of random lengths; with --images, chat samples with one random
 image each), trains `steps` steps with the given options and reports, from the step log (first 2 steps dropped as
@@ -52,6 +52,63 @@ def model_flops(config, log_entries, lengths_sq_sum: float) -> float:
             + 6 * t.vocab_size * t.hidden_size * targets)
 
 
+def transformers_baseline(data: str, preset_cfg, pack_length: int, steps: int, checkpointing: bool,
+                          lr: float = 1e-5, device: str = "cuda") -> list[dict]:
+    """The peer: transformers' Qwen2.5-VL model (same shape, random weights) in a plain training loop over the same
+    pre-tokenized samples, in file order: right-padded batches of at most `pack_length` padded tokens, bf16
+    autocast over fp32 weights, fused AdamW, gradient checkpointing when ours uses activation checkpointing.
+    Returns the step log in the trainer's format (tokens = real tokens, padding excluded)."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    samples = [json.loads(line)["input_ids"] for line in open(data)]
+    with tempfile.TemporaryDirectory() as tmp:  # only config.json: the peer initialises its own weights
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(preset_cfg.to_hf_dict(), f)
+        hf_cfg = AutoConfig.from_pretrained(tmp)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=torch.float32,
+                                                                attn_implementation="sdpa")
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=cuda)
+    log, i, pad = [], 0, preset_cfg.bos_token_id
+    for _ in range(steps):
+        batch = []
+        while i < len(samples) and (len(batch) + 1) * max(len(x) for x in batch + [samples[i]]) <= pack_length:
+            batch.append(samples[i])
+            i += 1
+        if not batch:  # a sample longer than pack_length alone
+            batch, i = [samples[i][:pack_length]], i + 1
+        L = max(len(x) for x in batch)
+        ids = torch.full((len(batch), L), pad, dtype=torch.long)
+        mask = torch.zeros(len(batch), L, dtype=torch.long)
+        for r, x in enumerate(batch):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        n = int(mask.sum())
+        log.append({"tokens": n, "targets": n, "sq": sum(len(x) ** 2 for x in batch), "padded": ids.numel(),
+                    "step_s": time.perf_counter() - t0, "loss": float(loss.detach()),
+                    "memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0})
+    return log
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -68,6 +125,8 @@ def main(argv=None) -> dict:
     p.add_argument("--images", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--freeze-vit", action="store_true")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time transformers' model in a plain padded-batch loop on the same samples (text only)")
     a = p.parse_args(argv)
     cfg_model = get_preset(a.preset)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +141,11 @@ def main(argv=None) -> dict:
         if int(os.environ.get("RANK", "0")) != 0:
             return {}
         log = [json.loads(line) for line in open(os.path.join(tmp, "run", "log.jsonl"))]
+        peer = None
+        if a.baseline and torch.cuda.is_available() and not a.images:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            peer = transformers_baseline(data, cfg_model, a.pack_length, a.steps, not a.no_checkpointing)
     timed = log[2:] if len(log) > 3 else log
     secs = sum(e["step_s"] for e in timed)
     # sum(len^2) is not logged per step: use the synthetic length distribution's ratio to tokens
@@ -99,6 +163,16 @@ def main(argv=None) -> dict:
            "mfu": flops / secs / (peak * world) if peak else None,
            "data_s": [round(e["data_s"], 3) for e in log], "step_s_all": [round(e["step_s"], 3) for e in log],
            "losses": [round(e["loss"], 4) for e in log]}
+    if peer:
+        pt = peer[2:] if len(peer) > 3 else peer
+        psecs = sum(e["step_s"] for e in pt)
+        pflops = model_flops(cfg_model, pt, sum(e["sq"] for e in pt))
+        out["transformers"] = {"tokens_per_s": sum(e["tokens"] for e in pt) / psecs, "step_s": psecs / len(pt),
+                               "padding_fraction": 1 - sum(e["tokens"] for e in pt) / sum(e["padded"] for e in pt),
+                               "peak_memory_gb": max(e["memory_gb"] for e in peer),
+                               "mfu": pflops / psecs / peak if peak else None,
+                               "losses": [round(e["loss"], 4) for e in peer]}
+        out["speedup_vs_transformers"] = out["tokens_per_s"] / out["transformers"]["tokens_per_s"]
     print(json.dumps(out))
     return out
 
