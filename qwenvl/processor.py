@@ -18,8 +18,6 @@ from .errors import InputError
 from .media import DEFAULT_MAX_IMAGE_PIXELS, Fetcher
 from .tokenizer import Tokenizer
 
-IMAGE_PAD_ID, VIDEO_PAD_ID = 151655, 151656
-
 
 class Processor:
     def __init__(self, tokenizer: Tokenizer | None = None, *, min_pixels: int = preprocess.MIN_PIXELS,
@@ -29,6 +27,9 @@ class Processor:
         """min/max_pixels: the processor's limits (preprocessor_config.json); item_defaults: options applied to
         every image/video item unless the item sets them (e.g. a server-wide max_pixels or fps)."""
         self.tokenizer = tokenizer or Tokenizer.from_pretrained(None)
+        # From the tokenizer, not fixed numbers: a pruned vocabulary (qwenvl.vocab) has other ids.
+        self.image_pad_id = self.tokenizer.token_to_id("<|image_pad|>")
+        self.video_pad_id = self.tokenizer.token_to_id("<|video_pad|>")
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.max_length = max_length
         self.fetch = fetch
@@ -84,9 +85,11 @@ class Processor:
                 images.append(preprocess.process_image(opts, **kw))
             else:
                 videos.append(preprocess.process_video(opts, **kw))
+        if (images and self.image_pad_id is None) or (videos and self.video_pad_id is None):
+            raise InputError("this tokenizer has no <|image_pad|> / <|video_pad|> token, so it cannot take media")
         ids = self.tokenizer.encode(text)
-        counts = {IMAGE_PAD_ID: iter([int(g.prod()) // 4 for _, g in images]),
-                  VIDEO_PAD_ID: iter([int(g.prod()) // 4 for _, g, _ in videos])}
+        counts = {self.image_pad_id: iter([int(g.prod()) // 4 for _, g in images]),
+                  self.video_pad_id: iter([int(g.prod()) // 4 for _, g, _ in videos])}
         expanded: list[int] = []
         for tok in ids:  # pads are added tokens, so expanding ids equals expanding the text first
             if tok in counts:

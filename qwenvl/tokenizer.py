@@ -150,14 +150,20 @@ def _qwen_merges() -> list[tuple[str, str]]:
     return merges
 
 
-def _build_hf_tokenizer():
-    """The built-in vocabulary as a `tokenizers.Tokenizer`, laid out like the official Qwen2.5-VL tokenizer.json."""
+def _build_hf_tokenizer(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None):
+    """The built-in vocabulary as a `tokenizers.Tokenizer`, laid out like the official Qwen2.5-VL tokenizer.json.
+
+    vocab / merges (byte-level strings, ids 0..len(vocab)-1) replace the Qwen BPE, e.g. a pruned one
+    (qwenvl.vocab); the ADDED_TOKENS then take the ids len(vocab).. in the same order.
+    """
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    ranks, _ = _qwen_bpe()
-    vocab = {_bytes_to_token_str(token): rank for token, rank in ranks.items()}
-    bpe = models.BPE(vocab=vocab, merges=_qwen_merges(), dropout=None, unk_token=None, continuing_subword_prefix="",
+    if vocab is None:
+        ranks, _ = _qwen_bpe()
+        vocab = {_bytes_to_token_str(token): rank for token, rank in ranks.items()}
+        merges = _qwen_merges()
+    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
                      end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False)
     tok = HFTokenizer(bpe)
     tok.normalizer = normalizers.NFC()
@@ -170,8 +176,8 @@ def _build_hf_tokenizer():
     for content, special in ADDED_TOKENS:  # one at a time so each gets the next id, in order
         tok.add_tokens([AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False,
                                    special=special)])
-    for content, token_id in ADDED_TOKEN_IDS.items():
-        assert tok.token_to_id(content) == token_id, (content, tok.token_to_id(content), token_id)
+    for i, (content, _) in enumerate(ADDED_TOKENS):
+        assert tok.token_to_id(content) == len(vocab) + i, (content, tok.token_to_id(content), len(vocab) + i)
     return tok
 
 

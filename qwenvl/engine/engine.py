@@ -81,7 +81,7 @@ class LLM:
         self.config = model.config
         self.processor = processor if processor is not None else _default_processor(path)
         self.tokenizer = self.processor.tokenizer if self.processor is not None else None
-        self.eos_token_ids = _eos_token_ids(path, self.config)
+        self.eos_token_ids = _eos_token_ids(path, self.config, self.tokenizer)
 
         self.runner = ModelRunner(model, block_size=block_size, max_num_seqs=max_num_seqs,
                                   enable_cuda_graphs=enable_cuda_graphs, encoder_cache_tokens=encoder_cache_tokens)
@@ -365,10 +365,12 @@ def _default_processor(path):
         return None
 
 
-def _eos_token_ids(path, config) -> set[int]:
-    """generation_config.json's eos ids when the checkpoint has one (Qwen2.5-VL: <|im_end|>, <|endoftext|>),
-    else the config's."""
+def _eos_token_ids(path, config, tokenizer=None) -> set[int]:
+    """The config's eos id, generation_config.json's when the checkpoint has one (Qwen2.5-VL: <|im_end|>,
+    <|endoftext|>), and the tokenizer's ids of those two tokens (its own numbering: a pruned vocabulary differs)."""
     ids = {config.eos_token_id}
+    if tokenizer is not None:
+        ids |= {i for i in (tokenizer.eos_token_id, tokenizer.im_end_id, tokenizer.endoftext_id) if i is not None}
     if path is not None:
         f = os.path.join(path, "generation_config.json")
         if os.path.exists(f):

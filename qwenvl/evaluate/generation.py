@@ -77,6 +77,7 @@ class ModelGenerator:
         return [texts[j * k:(j + 1) * k] for j in range(len(conversations))]
 
     def _decode(self, ids: list[int]) -> str:
-        stops = {self.proc.tokenizer.eos_token_id, 151643, 151645}
+        tok = self.proc.tokenizer
+        stops = {tok.eos_token_id, tok.endoftext_id, tok.im_end_id}
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
         return self.proc.decode(ids[:cut])

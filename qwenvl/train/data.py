@@ -45,10 +45,13 @@ import torch
 from .. import preprocess
 from ..chat import DEFAULT_SYSTEM_PROMPT, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, normalize_messages
 from ..errors import InputError, QwenVLError
+from ..tokenizer import ADDED_TOKEN_IDS
 
 IGNORE = -100
-IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
-ENDOFTEXT, IM_END = 151643, 151645
+# Ids in the FULL Qwen vocabulary only, kept for callers that assume it (trainer.dummy_batch, tests). ChatEncoder
+# reads its own from its tokenizer (encoder.image_pad, .endoftext, ...): a pruned vocabulary (qwenvl.vocab) differs.
+IMAGE_PAD, VIDEO_PAD = ADDED_TOKEN_IDS["<|image_pad|>"], ADDED_TOKEN_IDS["<|video_pad|>"]
+ENDOFTEXT = ADDED_TOKEN_IDS["<|endoftext|>"]
 
 
 class DataError(QwenVLError):
@@ -221,6 +224,14 @@ class ChatEncoder:
         if loss_on not in ("assistant", "last", "all"):
             raise InputError(f"loss_on must be assistant, last or all, got {loss_on!r}")
         self.tokenizer = tokenizer
+        ids = {name: tokenizer.token_to_id(tok) for name, tok in (
+            ("image_pad", "<|image_pad|>"), ("video_pad", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"), ("endoftext", "<|endoftext|>"), ("im_end", "<|im_end|>"))}
+        if None in ids.values():
+            raise InputError(f"the tokenizer lacks {[n for n, i in ids.items() if i is None]} (Qwen2.5-VL tokens)")
+        self.image_pad, self.video_pad = ids["image_pad"], ids["video_pad"]
+        self.vision_start, self.vision_end = ids["vision_start"], ids["vision_end"]
+        self.endoftext, self.im_end = ids["endoftext"], ids["im_end"]
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.image_defaults = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
         self.video_defaults = {"min_pixels": video_min_pixels, "max_pixels": video_max_pixels,
@@ -251,11 +262,11 @@ class ChatEncoder:
         if "input_ids" in record:
             ids = [int(x) for x in record["input_ids"]]
             labels = [int(x) for x in record.get("labels", ids)]
-            if len(labels) != len(ids) or any(x in (IMAGE_PAD, VIDEO_PAD) for x in ids):
+            if len(labels) != len(ids) or any(x in (self.image_pad, self.video_pad) for x in ids):
                 raise BadSample("malformed record", "pre-tokenized records need len(labels) == len(input_ids), no media")
             sample = Sample(ids, labels)
         elif "text" in record and "messages" not in record and "conversations" not in record:
-            ids = self.tokenizer.encode(str(record["text"])) + [ENDOFTEXT]
+            ids = self.tokenizer.encode(str(record["text"])) + [self.endoftext]
             sample = Sample(ids, list(ids))
         else:
             sample = self._encode_chat(record_messages(record), record, base_dir, pixels, loss_on or self.loss_on)
@@ -346,7 +357,7 @@ class ChatEncoder:
                 msg = self._tokens(f"<|im_start|>{m['role']}\n{body}<|im_end|>\n")
                 mask = [int(loss_on == "all")] * len(msg)
             for tok, keep in zip(msg, mask):
-                if tok in (IMAGE_PAD, VIDEO_PAD):  # one pad per image/video in the text -> its token count
+                if tok in (self.image_pad, self.video_pad):  # one pad per image/video in the text -> its token count
                     n = next(pads, None)
                     if n is None:
                         raise BadSample("marker mismatch", "more vision pad tokens in the text than media items")
@@ -354,7 +365,7 @@ class ChatEncoder:
                     labels.extend([IGNORE] * n)
                 else:
                     ids.append(tok)
-                    labels.append(tok if keep and tok not in (VISION_START, VISION_END) else IGNORE)
+                    labels.append(tok if keep and tok not in (self.vision_start, self.vision_end) else IGNORE)
         if next(pads, None) is not None:
             raise BadSample("marker mismatch", "vision pad tokens written in the text")
         return sample
