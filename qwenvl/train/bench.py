@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
     p.add_argument("--images", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--freeze-vit", action="store_true")
+    p.add_argument("--grad-accum", type=int, default=1, help="packed rows per rank per step (1 GPU x 2 == 2 GPUs x 1)")
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--baseline", action="store_true",
                    help="also time transformers' model in a plain padded-batch loop on the same samples (text only)")
     a = p.parse_args(argv)
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
         synthetic_data(data, a.samples, a.pack_length, cfg_model.text.vocab_size, a.images)
         cfg = TrainConfig(model=a.preset, train_files=[data], output_dir=os.path.join(tmp, "run"),
                           max_steps=a.steps, pack_length=a.pack_length, save_every=0, export=False,
-                          resume=False, lora_r=a.lora_r, lr=1e-5, freeze_vit=a.freeze_vit,
+                          resume=False, lora_r=a.lora_r, lr=a.lr, grad_accum=a.grad_accum, freeze_vit=a.freeze_vit,
                           activation_checkpointing=not a.no_checkpointing, chunk_size=a.samples,
                           max_bad_fraction=1.0)
         train(cfg)
@@ -157,6 +159,7 @@ def main(argv=None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # tokens in the log are summed over ranks
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     out = {"device": name, "preset": a.preset, "pack_length": a.pack_length, "lora_r": a.lora_r, "images": a.images,
+           "grad_accum": a.grad_accum, "lr": a.lr,
            "steps_timed": len(timed), "tokens_per_s": sum(e["tokens"] for e in timed) / secs,
            "step_s": secs / len(timed), "peak_memory_gb": max(e["memory_gb"] for e in log),
            "gpus": world, "model_tflops_per_s": flops / secs / 1e12,
