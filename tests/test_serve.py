@@ -471,6 +471,60 @@ def test_non_streaming_disconnect_cancels(base):
     assert used_blocks(base) == 0
 
 
+def test_streaming_disconnect_cancels_a_long_generation(base, client):
+    """The 50-client test ends with short requests, which free their blocks on their own by finishing. Here the
+    request would run to the context length (ignore_eos, max_tokens far beyond what the test waits for): its
+    blocks are held while it streams, and only cancelling it on the disconnect gives them back within seconds."""
+    stream = client.chat.completions.create(model=MODEL, messages=user(text("count forever")), max_tokens=100000,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+    seen = 0
+    for chunk in stream:
+        seen += bool(chunk.choices and chunk.choices[0].delta.content)
+        if seen == 3:
+            break
+    h = httpx.get(base + "/health").json()
+    assert h["engine"]["num_used_blocks"] > 0 and h["active_requests"] == 1, h  # generating, holding its KV
+    stream.close()  # hang up mid-stream
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        h = httpx.get(base + "/health").json()
+        if h["engine"]["num_used_blocks"] == 0 and not h["engine"]["num_running"] and h["active_requests"] == 0:
+            break
+        time.sleep(0.1)
+    assert h["engine"]["num_used_blocks"] == 0 and not h["engine"]["num_running"] and h["active_requests"] == 0, h
+
+
+def test_serve_flags_reach_the_server(monkeypatch, tmp_path):
+    """Every limit flag of `qwenvl serve` lands in the server's config (the engine is not started here)."""
+    import argparse
+
+    from qwenvl.serve import backend as backend_mod
+    from qwenvl.serve.cli import add_parser, build
+
+    made = {}
+    monkeypatch.setattr(backend_mod.EngineBackend, "from_path",
+                        classmethod(lambda cls, path, **kw: made.update(path=path, **kw) or ScriptedBackend("x")))
+    sub = argparse.ArgumentParser().add_subparsers()
+    args = add_parser(sub).parse_args([
+        "--model", str(tmp_path), "--served-model-name", "a", "--served-model-name", "b", "--api-key", "k",
+        "--max-request-bytes", "1000", "--max-concurrent", "3", "--request-timeout", "7.5", "--default-max-tokens", "9",
+        "--max-images", "5", "--max-videos", "2", "--max-video-seconds", "60", "--max-image-pixels", "1234",
+        "--max-request-pixels", "5678", "--allowed-media-dir", str(tmp_path), "--allow-remote-media",
+        "--remote-max-bytes", "4096", "--remote-timeout", "2.5", "--max-num-seqs", "4", "--kv-cache-mb", "8"])
+    app, _ = build(args)
+    c = app.state.server.config
+    assert (c.model_names, c.api_key, c.max_request_bytes, c.max_concurrent, c.request_timeout,
+            c.default_max_tokens) == (["a", "b"], "k", 1000, 3, 7.5, 9)
+    lim = c.limits
+    assert (lim.max_images, lim.max_videos, lim.max_video_seconds, lim.max_image_pixels, lim.max_request_pixels,
+            lim.allowed_dirs, lim.allow_remote, lim.remote_max_bytes, lim.remote_timeout) == (
+        5, 2, 60.0, 1234, 5678, [str(tmp_path)], True, 4096, 2.5)
+    assert made["max_num_seqs"] == 4 and made["kv_cache_bytes"] == 8 << 20
+    # the defaults: no local files, no remote fetching, no key
+    d = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args([])
+    assert d.allowed_media_dir == [] and not d.allow_remote_media and d.max_request_bytes == 64 << 20
+
+
 def test_request_timeout(media_dir):
     config = ServerConfig(model_names=[MODEL], request_timeout=0.5, limits=limits(media_dir))
     with live(create_app(ScriptedBackend("slow " * 100, delay=0.05), config)) as url:

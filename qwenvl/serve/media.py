@@ -159,6 +159,21 @@ def _video_seconds(where: str, src, limits: MediaLimits) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- remote fetch
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def is_public_address(ip) -> bool:
+    """Globally routable unicast, including what an IPv6 address carries inside it: ::ffff:10.0.0.1 (IPv4-mapped),
+    64:ff9b::7f00:1 (NAT64) and 2002:7f00:1:: (6to4) are as private as the IPv4 address they embed."""
+    ip = ipaddress.ip_address(ip)
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        if inner is not None:
+            return is_public_address(inner)
+    return ip.is_global and not ip.is_multicast
+
+
 def _public_ip(host: str, port: int, allow_private: bool) -> tuple:
     """The first address of host that is public (not private, loopback, link-local, reserved...)."""
     try:
@@ -166,16 +181,25 @@ def _public_ip(host: str, port: int, allow_private: bool) -> tuple:
     except socket.gaierror as e:
         raise MediaError(f"cannot resolve {host!r} ({e})") from None
     for family, _, _, _, addr in infos:
-        ip = ipaddress.ip_address(addr[0].split("%")[0])
-        if allow_private or ip.is_global:
+        if allow_private or is_public_address(addr[0].split("%")[0]):
             return family, addr
     raise MediaError(f"{host!r} resolves to a private, loopback or reserved address: refused")
 
 
 def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool = False, redirects: int = 3) -> bytes:
     """GET url with a size cap and an overall deadline; connects only to public addresses (checked on the
-    address actually connected to), follows up to `redirects` redirects (each checked the same way)."""
+    address actually connected to), follows up to `redirects` redirects (each checked the same way).
+
+    The deadline holds against a server that trickles its answer: every socket operation gets only the time
+    left, and the body is read in whatever pieces arrive (read1), so no single read waits for a full buffer."""
     deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MediaError(f"{url[:100]}: download took longer than {timeout:g} s")
+        return remaining
+
     for _ in range(redirects + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -183,10 +207,12 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool = Fa
         port = parts.port or (443 if parts.scheme == "https" else 80)
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         conn = cls(parts.hostname, port, timeout=max(0.1, deadline - time.monotonic()))
+        socks = []  # ours to re-arm: the connection drops its own reference once a closing response arrives
 
         def connect(address, timeout=None, source_address=None, *a, _host=parts.hostname, _port=port, **k):
             family, addr = _public_ip(_host, _port, allow_private)
             sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
             sock.settimeout(timeout)
             sock.connect(addr)
             return sock
@@ -194,8 +220,10 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool = Fa
         conn._create_connection = connect
         try:
             path = parts.path or "/"
+            conn.timeout = left()
             conn.request("GET", path + (f"?{parts.query}" if parts.query else ""),
                          headers={"User-Agent": "qwenvl-server", "Accept": "image/*,video/*"})
+            conn.sock.settimeout(left())  # the TLS socket when https (it wraps ours)
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urllib.parse.urljoin(url, resp.getheader("Location"))
@@ -207,9 +235,8 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool = Fa
                 raise MediaError(f"{url[:100]}: {length} bytes, over the limit of {max_bytes}")
             chunks, size = [], 0
             while True:
-                if time.monotonic() > deadline:
-                    raise MediaError(f"{url[:100]}: download took longer than {timeout:g} s")
-                chunk = resp.read(65536)
+                (conn.sock or socks[-1]).settimeout(left())
+                chunk = resp.read1(65536)
                 if not chunk:
                     break
                 size += len(chunk)
@@ -220,6 +247,8 @@ def fetch_url(url: str, max_bytes: int, timeout: float, allow_private: bool = Fa
         except MediaError:
             raise
         except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, (socket.timeout, TimeoutError)) and time.monotonic() >= deadline - 0.05:
+                raise MediaError(f"{url[:100]}: download took longer than {timeout:g} s") from None
             raise MediaError(f"{url[:100]}: download failed ({type(e).__name__}: {e})") from None
         finally:
             conn.close()

@@ -290,7 +290,8 @@ def validate_schema(value: Any, schema: dict, path: str = "$") -> list[str]:
                 errs += check(item, s.get("items"), f"{p}[{i}]")
         if _num(v):
             if v < s.get("minimum", float("-inf")) or v > s.get("maximum", float("inf")):
-                errs.append(f"{p}: {v} outside [{s.get('minimum')}, {s.get('maximum')}]")
+                lo, hi = s.get("minimum", "-inf"), s.get("maximum", "inf")
+                errs.append(f"{p}: {v} outside [{lo}, {hi}]")
         if isinstance(v, str) and not s.get("minLength", 0) <= len(v) <= s.get("maxLength", float("inf")):
             errs.append(f"{p}: string length {len(v)} out of range")
         return errs
