@@ -225,3 +225,23 @@ def test_to_arguments_rejects_what_the_tool_cannot_express():
         a.to_arguments(Click(1, 2, "right"), "mobile_use")
     with pytest.raises(InputError):
         a.to_arguments(Click(1, 2, "right", 2), "computer_use")
+
+
+def test_run_agent_resumes_from_history():
+    """Given earlier steps, the first prompt already lists them, and the run's own calls follow them."""
+    seen, executed = [], []
+    answers = iter([_call({"action": "wait", "time": 2}), _call({"action": "terminate", "status": "failure"})])
+
+    def model_fn(messages):
+        seen.append(messages[1]["content"][0]["text"])
+        return next(answers)
+
+    earlier = [{"name": "mobile_use", "arguments": {"action": "open", "text": "Clock"}}]
+    result = a.run_agent(model_fn, lambda: Image.new("RGB", (56, 56)), executed.append, "Set an alarm",
+                         history=earlier, resize_fn=lambda h, w: (h, w))
+    assert result.status == "failure" and executed == [Wait(2.0)]
+    step1 = 'Step 1: {"name": "mobile_use", "arguments": {"action": "open", "text": "Clock"}}; '
+    step2 = 'Step 2: {"name": "mobile_use", "arguments": {"action": "wait", "time": 2}}; '
+    prefix = "The user query: Set an alarm\nTask progress (You have done the following operation on the current device): "
+    assert seen == [prefix + step1, prefix + step1 + step2]
+    assert earlier == [{"name": "mobile_use", "arguments": {"action": "open", "text": "Clock"}}]  # not modified

@@ -171,3 +171,117 @@ def test_video_hour_long_on_the_tiny_model(tmp_path, capsys):
     assert r["duration_s"] == pytest.approx(3600) and s["frames"] == 32
     assert s["video_tokens"] <= 512 and s["sample_fps"] == pytest.approx(32 / 3600, rel=0.01)
     assert isinstance(r["answer"], str)
+
+
+def test_video_hmsf_answer_uses_the_files_frame_rate(tmp_path, capsys):
+    """hh:mm:ss:frames counts frames of the file's own rate (5 fps here): 00:00:01:02 = 1 s + 2/5 s = 1.4 s."""
+    clip = write_video(tmp_path / "clip.mp4", 10, 5)
+    r = run(capsys, "video", clip, "When?", "--answer", "The event happens in 00:00:01:02 - 00:00:03:00.")
+    assert r["native_fps"] == 5 and r["time_ranges"] == [[pytest.approx(1.4), 3.0]]
+    dense = '[{"start_time": "00:00:00:00", "end_time": "00:00:02:04", "description": "a"}]'
+    r = run(capsys, "video", clip, "Events?", "--answer", dense)
+    assert [(e["start"], e["end"], e["caption"]) for e in r["events"]] == [(0.0, pytest.approx(2.8), "a")]
+
+
+# ---------------------------------------------------------------------------------------------- ground --count
+def test_ground_count(tmp_path, capsys):
+    img = tmp_path / "street.png"
+    Image.new("RGB", (1000, 700), (128, 128, 128)).save(img)
+    r = run(capsys, "ground", img, "red car", "--count", "--answer", BOXES + "\nThere are two red cars.")
+    assert r["prompt"] == ("Please first output bbox coordinates and names of every red car in this image in JSON "
+                           "format, and then answer how many red car are there in the image.")
+    assert r["count"] == 2 and len(r["boxes"]) == 2
+    assert run(capsys, "ground", img, "red car", "--count", "--answer", BOXES)["count"] == 2  # no number: the boxes
+    assert "count" not in run(capsys, "ground", img, "red car", "--answer", BOXES)
+
+
+# ---------------------------------------------------------------------------------------------- ocr
+SPOTTED = ('```json\n[\n    {"bbox_2d": [504, 350, 1008, 700], "text_content": "TOTAL RM8.75",},\n'
+           '    {"bbox_2d": [0, 0, 252, 70], "text_content": "UNIHAKKA",}\n]\n```')
+
+
+def test_ocr_spotting_maps_lines_to_original_pixels(tmp_path, capsys):
+    img = tmp_path / "receipt.png"
+    Image.new("RGB", (1000, 700), "white").save(img)  # seen as 1008 x 700
+    r = run(capsys, "ocr", img, "--spot", "--answer", SPOTTED)
+    assert r["prompt"] == "Spotting all the text in the image with line-level, and output in JSON format."
+    assert r["resized_size"] == [1008, 700]
+    # x * 1000 / 1008: 504 -> 500, 1008 -> 1000, 252 -> 250; y unchanged (700 -> 700)
+    assert r["lines"] == [{"bbox_2d": [500.0, 350.0, 1000.0, 700.0], "text_content": "TOTAL RM8.75"},
+                          {"bbox_2d": [0.0, 0.0, 250.0, 70.0], "text_content": "UNIHAKKA"}]
+    plain = run(capsys, "ocr", img, "--answer", "UNIHAKKA\nTOTAL RM8.75")
+    assert plain["prompt"] == "Read all the text in the image." and plain["answer"] == "UNIHAKKA\nTOTAL RM8.75"
+
+
+RECEIPT_SCHEMA = {"type": "object", "properties": {"company": {"type": "string"}, "total": {"type": "number"},
+                                                   "date": {"type": "string"}},
+                  "required": ["company", "total"]}
+
+
+def test_ocr_kie_to_a_user_schema(tmp_path, capsys):
+    img = tmp_path / "receipt.png"
+    Image.new("RGB", (280, 280), "white").save(img)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(RECEIPT_SCHEMA))
+    answer = 'Here it is:\n```json\n{"Company": "UNIHAKKA", "total": "8.75", "tax": 0}\n```'
+    r = run(capsys, "ocr", img, "--kie", f"@{schema}", "--answer", answer)
+    # the JSON Schema's properties become the cookbook's key template
+    assert r["prompt"] == 'Extract the key-value information in the format:{"company": "", "total": "", "date": ""}'
+    assert r["values"] == {"company": "UNIHAKKA", "total": "8.75", "date": None}
+    assert r["missing"] == [] and r["extra"] == ["tax"]  # date is optional in the schema
+    assert r["errors"] == ["$.total: expected number, got str"] and r["ok"] is False
+    # a cookbook template (inline) asks for every key
+    r = run(capsys, "ocr", img, "--kie", '{"company": "", "date": ""}', "--answer", answer)
+    assert r["values"] == {"company": "UNIHAKKA", "date": None} and r["missing"] == ["date"]
+    assert main(["ocr", str(img), "--kie", "{not json", "--answer", "x"]) == 2
+    assert "--kie: not valid JSON" in capsys.readouterr().err
+
+
+def test_ocr_kie_constrained_on_the_tiny_model(tmp_path, capsys):
+    """The random model knows no JSON; constrained decoding alone makes its answer follow the user's schema
+    (enum and boolean values only, so the answer must also end)."""
+    img = tmp_path / "receipt.png"
+    Image.new("RGB", (112, 112), "white").save(img)
+    schema = {"type": "object", "properties": {"paid": {"type": "boolean"}, "currency": {"enum": ["RM", "USD"]}},
+              "required": ["paid", "currency"], "additionalProperties": False}
+    r = run(capsys, "ocr", img, "--kie", json.dumps(schema), "--max-tokens", 80)
+    assert r["ok"] is True and r["errors"] == [] and r["missing"] == []
+    assert isinstance(r["values"]["paid"], bool) and r["values"]["currency"] in ("RM", "USD")
+    assert json.loads(r["answer"]) == r["values"]
+
+
+# ---------------------------------------------------------------------------------------------- agent
+def tool_call(arguments) -> str:
+    return "Tap it.\n<tool_call>\n" + json.dumps({"name": "mobile_use", "arguments": arguments}) + "\n</tool_call>"
+
+
+def test_agent_step_maps_the_action_to_the_screen(tmp_path, capsys):
+    shot = tmp_path / "screen.png"
+    Image.new("RGB", (540, 1200), "white").save(shot)  # seen as 532 x 1204 (19 x 43 patches of 28)
+    history = json.dumps([{"name": "mobile_use", "arguments": {"action": "open", "text": "Settings"}}])
+    r = run(capsys, "agent", shot, "Turn on wifi", "--history", history,
+            "--answer", tool_call({"action": "click", "coordinate": [266, 602]}))
+    assert r["screen_size"] == [540, 1200] and r["resized_size"] == [532, 1204]
+    assert r["query"] == ('The user query: Turn on wifi\nTask progress (You have done the following operation on the '
+                          'current device): Step 1: {"name": "mobile_use", "arguments": {"action": "open", '
+                          '"text": "Settings"}}; ')
+    assert r["tool_call"] == {"name": "mobile_use", "arguments": {"action": "click", "coordinate": [266, 602]}}
+    # 266 * 540 / 532 = 270, 602 * 1200 / 1204 = 600
+    assert r["action"] == {"type": "Click", "x": 270, "y": 600, "button": "left", "clicks": 1}
+    assert r["action_resized"]["x"] == 266 and r["status"] == "continue" and r["error"] is None
+    done = run(capsys, "agent", shot, "t", "--answer", tool_call({"action": "terminate", "status": "success"}))
+    assert done["status"] == "success" and done["action"] == {"type": "Terminate", "status": "success"}
+    bad = run(capsys, "agent", shot, "t", "--answer", "I am not sure.")
+    assert bad["status"] == "error" and "no <tool_call>" in bad["error"] and bad["action"] is None
+    # computer_use on the same screen: x 504 * 540 / 532 = 511.58 -> 512, y 350 * 1200 / 1204 = 348.84 -> 349
+    r = run(capsys, "agent", shot, "t", "--tool", "computer_use", "--answer",
+            tool_call({"action": "double_click", "coordinate": [504, 350]}).replace("mobile_use", "computer_use"))
+    assert r["action"] == {"type": "Click", "x": 512, "y": 349, "button": "left", "clicks": 2}
+
+
+def test_agent_step_on_the_tiny_model(tmp_path, capsys):
+    shot = tmp_path / "screen.png"
+    Image.new("RGB", (112, 224), "white").save(shot)
+    r = run(capsys, "agent", shot, "Open the settings", "--tool", "computer_use", "--max-tokens", 6)
+    assert r["resized_size"] == [112, 224] and isinstance(r["answer"], str)
+    assert r["status"] in ("error", "continue", "success", "failure")  # random weights: most likely no tool call

@@ -146,3 +146,46 @@ def test_plain_html_without_boxes_and_bare_wrapper_div():
         ("heading", None, "Menu"), ("list_item", None, "Tea"), ("list_item", None, "Coffee"),
         ("paragraph", None, "Open daily")]
     assert d.to_markdown(els) == "# Menu\n\n- Tea\n\n- Coffee\n\nOpen daily\n"
+
+
+# ------------------------------------------------------------------ KIE to a user's JSON Schema
+
+INVOICE = {"type": "object",
+           "properties": {"company": {"type": "string"}, "total": {"type": "number", "minimum": 0},
+                          "currency": {"enum": ["RM", "USD"]}, "date": {"type": "string"},
+                          "seller": {"$ref": "#/$defs/party"},
+                          "items": {"type": "array", "items": {"type": "object",
+                                                                "properties": {"name": {"type": "string"},
+                                                                               "price": {"type": "number"}}}}},
+           "required": ["company", "total", "seller"],
+           "$defs": {"party": {"type": "object", "properties": {"name": {"type": "string"},
+                                                                "phone": {"type": "string"}},
+                               "required": ["name", "phone"]}}}
+
+
+def test_kie_json_schema_becomes_the_cookbook_template():
+    assert d.is_json_schema(INVOICE) and not d.is_json_schema(SCHEMA)
+    assert not d.is_json_schema({"type": "", "amount": ""})  # a template that happens to have a "type" key
+    assert d.schema_template(INVOICE) == {"company": "", "total": "", "currency": "", "date": "",
+                                          "seller": {"name": "", "phone": ""}, "items": [{"name": "", "price": ""}]}
+    assert d.kie_prompt(INVOICE) == (
+        'Extract the key-value information in the format:{"company": "", "total": "", "currency": "", "date": "", '
+        '"seller": {"name": "", "phone": ""}, "items": [{"name": "", "price": ""}]}')
+
+
+def test_kie_json_schema_answer_checked_against_the_schema():
+    answer = ('Here is the information:\n```json\n{"Company": "ACME", "total": 12.5, "currency": "EUR", '
+              '"seller": {"name": "Bob"}, "items": [{"name": "tea", "price": "cheap"}], "note": "x",}\n```')
+    res = d.parse_kie(answer, INVOICE)
+    assert res.values == {"company": "ACME", "total": 12.5, "currency": "EUR", "date": None,
+                          "seller": {"name": "Bob", "phone": None}, "items": [{"name": "tea", "price": "cheap"}]}
+    # only required keys count as missing (date is optional; seller.phone is required by $defs/party)
+    assert res.missing == ["seller.phone"] and res.extra == ["note"]
+    assert sorted(res.errors) == ["$.currency: 'EUR' not in ['RM', 'USD']", "$.items[0].price: expected number, got str"]
+    assert res.parsed and not res.ok
+    good = d.parse_kie('{"company": "ACME", "total": 3, "seller": {"name": "Bob", "phone": "123"}}', INVOICE)
+    assert good.ok and good.missing == [] and good.errors == [] and good.values["date"] is None
+    nothing = d.parse_kie("I cannot read this.", INVOICE)
+    assert not nothing.parsed and nothing.missing == ["company", "total", "seller"] and not nothing.ok
+    negative = d.parse_kie('{"company": "A", "total": -1, "seller": {"name": "B", "phone": "1"}}', INVOICE)
+    assert negative.errors == ["$.total: -1 outside [0, inf]"]

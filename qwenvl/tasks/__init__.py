@@ -5,7 +5,8 @@ from .agent import (Answer, AgentResult, AgentStep, Click, Drag, Key, LongPress,
                     make_tool, mobile_use_tool, parse_tool_calls, run_agent, scale_action, to_action, to_arguments,
                     tools_system_prompt, user_query)
 from .document import (DOC_PARSE_PROMPT, DOC_PARSE_SYSTEM, OCR_PROMPT, SPOTTING_PROMPT, Element, KIEResult,
-                       kie_prompt, parse_html, parse_kie, parse_text_spotting, table_to_markdown, to_markdown)
+                       is_json_schema, kie_prompt, parse_html, parse_kie, parse_text_spotting, schema_template,
+                       table_to_markdown, to_markdown)
 from .grounding import (Box, Point, count, count_prompt, describe_prompt, detect_prompt, draw, locate_prompt,
                         parse_boxes, parse_points, point_json_prompt, point_prompt, resized_hw, to_original,
                         to_original_image, to_resized)
@@ -22,7 +23,7 @@ __all__ = [
     "point_json_prompt", "count_prompt",
     # documents
     "Element", "parse_html", "to_markdown", "table_to_markdown", "parse_text_spotting", "KIEResult", "kie_prompt",
-    "parse_kie", "DOC_PARSE_PROMPT", "DOC_PARSE_SYSTEM", "OCR_PROMPT", "SPOTTING_PROMPT",
+    "parse_kie", "is_json_schema", "schema_template", "DOC_PARSE_PROMPT", "DOC_PARSE_SYSTEM", "OCR_PROMPT", "SPOTTING_PROMPT",
     # video
     "Event", "parse_time", "parse_time_range", "parse_time_ranges", "parse_events", "format_time",
     "grounding_prompt", "charades_prompt", "dense_caption_prompt",

@@ -481,7 +481,8 @@ class AgentResult:
 def run_agent(model_fn: Callable[[list[dict]], str], screenshot_fn: Callable[[], Any],
               execute_fn: Callable[[Action], Any], task: str, max_steps: int = 20,
               tool: str = "mobile_use", resize_fn: Callable[[int, int], Sequence[int]] | None = None,
-              min_pixels: int = 3136, max_pixels: int = 12845056, system: str = DEFAULT_SYSTEM) -> AgentResult:
+              min_pixels: int = 3136, max_pixels: int = 12845056, system: str = DEFAULT_SYSTEM,
+              history: Sequence[Any] = ()) -> AgentResult:
     """Drive one task: screenshot -> messages -> model_fn(messages) -> first tool call -> action mapped
     to the screen -> execute_fn(action), until terminate or max_steps.
 
@@ -490,6 +491,8 @@ def run_agent(model_fn: Callable[[list[dict]], str], screenshot_fn: Callable[[],
     default preprocess.smart_resize with min/max_pixels (model_fn must process the image with the same
     values). History lines are the model's own tool calls, as the mobile_agent cookbook writes them.
     An answer with no usable tool call ends the run with status "error" (greedy decoding would repeat it).
+    `history`: earlier steps' tool calls (ToolCall, {"name", "arguments"} dict or a preformatted line), to resume
+    a task; the run's own calls are appended after them.
     """
     if resize_fn is None:
         from ..preprocess import smart_resize  # lazy: only needed when no resize_fn is given
@@ -498,7 +501,7 @@ def run_agent(model_fn: Callable[[list[dict]], str], screenshot_fn: Callable[[],
             return smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
 
     steps: list[AgentStep] = []
-    history: list[ToolCall] = []
+    history = list(history)
     for _ in range(max_steps):
         screenshot = screenshot_fn()
         screen_hw = (screenshot.size[1], screenshot.size[0])

@@ -30,8 +30,40 @@ SPOTTING_PROMPT = "Spotting all the text in the image with line-level, and outpu
 
 def kie_prompt(schema: Any) -> str:
     """Key-information-extraction prompt (OCR cookbook): `schema` is a dict of key -> "" (or an
-    example / nested dict) or a list of keys. The JSON is written as the cookbook writes it."""
+    example / nested dict), a list of keys, or a JSON Schema of an object (its properties become the
+    key template). The JSON is written as the cookbook writes it."""
     return "Extract the key-value information in the format:" + json.dumps(_as_schema(schema), ensure_ascii=False)
+
+
+def is_json_schema(schema: Any) -> bool:
+    """A JSON Schema of an object ({"type": "object", "properties": {...}}), as opposed to a cookbook key
+    template ({"company": "", ...}, where a "type" key would hold an example value, not "object")."""
+    return isinstance(schema, dict) and schema.get("type") == "object" and isinstance(schema.get("properties"), dict)
+
+
+def schema_template(schema: dict) -> Any:
+    """The cookbook key template a JSON Schema describes: objects -> {key: template}, arrays of objects ->
+    [template], anything else -> "" (local $refs followed)."""
+    def resolve(s, depth=0):
+        while isinstance(s, dict) and isinstance(s.get("$ref"), str) and s["$ref"].startswith("#/") and depth < 32:
+            target = schema
+            for part in s["$ref"][2:].split("/"):
+                target = target.get(part, {}) if isinstance(target, dict) else {}
+            s, depth = target, depth + 1
+        return s
+
+    def build(s, depth=0):
+        s = resolve(s)
+        if not isinstance(s, dict) or depth > 32:
+            return ""
+        if isinstance(s.get("properties"), dict):
+            return {k: build(v, depth + 1) for k, v in s["properties"].items()}
+        if s.get("type") == "array" and isinstance(resolve(s.get("items")), dict) and \
+                isinstance(resolve(s.get("items")).get("properties"), dict):
+            return [build(s["items"], depth + 1)]
+        return ""
+
+    return build(schema)
 
 
 # ----------------------------------------------------------------------------- QwenVL HTML
@@ -323,18 +355,22 @@ def parse_text_spotting(text: str) -> list[Box]:
 class KIEResult:
     """values: one entry per schema key (nested dicts follow nested schemas); missing keys are None.
     missing / extra: dotted key paths absent from the answer / present but not asked for.
-    ok: an answer was found and no key is missing."""
+    errors: with a JSON Schema, where the found values break it (types, enums, required...; "$.key: ...").
+    ok: an answer was found, no key is missing and the values follow the schema."""
     values: dict
     missing: list[str]
     extra: list[str]
     parsed: bool
+    errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.parsed and not self.missing
+        return self.parsed and not self.missing and not self.errors
 
 
 def _as_schema(schema: Any) -> dict:
+    if is_json_schema(schema):
+        return schema_template(schema)
     if isinstance(schema, dict):
         return schema
     if isinstance(schema, (list, tuple)):
@@ -364,8 +400,9 @@ def _match(schema: dict, answer: dict, prefix: str, missing: list, extra: list) 
 
 def parse_kie(text: str, schema: Any) -> KIEResult:
     """Read a key-value answer (prose + fenced JSON, as the cookbook shows) against the schema the
-    prompt asked for. Never raises on model output."""
-    schema = _as_schema(schema)
+    prompt asked for (a key template, a list of keys or a JSON Schema; with a JSON Schema the values are
+    also validated against it). Never raises on model output."""
+    template = _as_schema(schema)
     value = find_value(text)
     if isinstance(value, list):  # some answers wrap the dict in a list
         value = next((v for v in value if isinstance(v, dict)), None)
@@ -374,5 +411,27 @@ def parse_kie(text: str, schema: Any) -> KIEResult:
         value = objects[0] if objects else None
     missing: list[str] = []
     extra: list[str] = []
-    values = _match(schema, value if isinstance(value, dict) else {}, "", missing, extra)
-    return KIEResult(values=values, missing=missing, extra=extra, parsed=isinstance(value, dict))
+    values = _match(template, value if isinstance(value, dict) else {}, "", missing, extra)
+    errors: list[str] = []
+    if is_json_schema(schema):
+        from ..serve.protocol import validate_schema  # lazy: the serve package is not needed otherwise
+
+        # the values as matched (keys in the schema's spelling), absent keys left out; with a JSON Schema only
+        # its *required* keys count as missing (optional ones stay None in `values`)
+        missing = []
+        for e in validate_schema(_present(values), schema):
+            m = _MISSING.match(e)
+            if m:
+                missing.append((m.group(1) + "." if m.group(1) else "") + m.group(3))
+            else:
+                errors.append(e)
+    return KIEResult(values=values, missing=missing, extra=extra, parsed=isinstance(value, dict), errors=errors)
+
+
+_MISSING = re.compile(r"^\$\.?(.*?): missing (['\"])(.*)\2$")
+
+
+def _present(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {k: _present(v) for k, v in values.items() if v is not None}
+    return values
