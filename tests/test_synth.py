@@ -289,3 +289,38 @@ def test_heldout_disjoint_from_train(tmp_path):
     held = {tuple(r["meta"]["combo"]) for r in read(ho, "grounding") + read(ho, "count")}
     for r in read(tr, "grounding") + read(tr, "count"):
         assert not {(o["color"], o["shape"]) for o in r["meta"]["objects"]} & held
+
+
+def test_video_as_frames_without_pyav(tmp_path, monkeypatch):
+    """QWENVL_SYNTH_VIDEO=frames (the default without PyAV): PNG frames at 2 fps, a frame-list video item with
+    sample_fps 2 that the trainer's encoder and the processor read; the events are those of the mp4 clip."""
+    from qwenvl.synth.video import FRAMES_FPS
+    from qwenvl.train.data import ChatEncoder
+
+    monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "frames")
+    out = str(tmp_path / "frames")
+    synth.generate(out, ["video_grounding", "dense_caption"], 3, "train", 0)
+    enc = ChatEncoder()
+    for task in ("video_grounding", "dense_caption"):
+        for rec in read(out, task):
+            meta, frames = rec["meta"], media_of(rec)
+            item = rec["messages"][0]["content"][0]
+            assert meta["format"] == "frames" and item["sample_fps"] == FRAMES_FPS == meta["fps"]
+            assert isinstance(frames, list) and len(frames) == meta["n_frames"] == int(meta["duration"] * FRAMES_FPS)
+            for e in meta["events"]:
+                rgb = np.array(COLORS[e["color"]])
+                for i, f in enumerate(frames):
+                    t = i / FRAMES_FPS
+                    if any(o is not e and o["start"] - 0.5 <= t < o["end"] + 0.5 for o in meta["events"]):
+                        continue
+                    a = np.asarray(Image.open(os.path.join(out, f))).astype(int)
+                    assert ((np.abs(a - rgb).max(-1) < 45).sum() > 20) == (e["start"] <= t < e["end"]), (e, t)
+            sample = enc.encode(rec, out)
+            assert len(sample) == enc.measure(rec, out) and sample.second_per_grid_ts == [1.0]
+        if task == "video_grounding":  # the same draws as the mp4 clip: the same events and answer
+            monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "mp4")
+            pytest.importorskip("av")
+            mp4 = str(tmp_path / "mp4")
+            synth.generate(mp4, [task], 3, "train", 0)
+            assert [answer(r) for r in read(mp4, task)] == [answer(r) for r in read(out, task)]
+            monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "frames")

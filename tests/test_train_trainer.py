@@ -158,3 +158,42 @@ def test_config_validation_and_recipes(tmp_path):
         TrainConfig(stage="rlhf")
     with pytest.raises(ConfigError, match="nothing to train"):
         TrainConfig(freeze_vit=True, freeze_merger=True, freeze_llm=True)
+
+
+def test_time_budget_stops_saves_and_exports_with_a_time_cosine(data, tmp_path):
+    from qwenvl.train.trainer import lr_factor
+
+    cfg = TrainConfig(model="tiny", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      lr=1e-3, warmup_steps=2, max_steps=10**6, max_train_seconds=4.0, pack_length=96, chunk_size=4,
+                      save_every=10**6, data_workers=2, resume=False)
+    # warmup ramp (steps) times the cosine over the wall-clock budget
+    assert lr_factor(0, cfg, 0.0) == 0.5 and lr_factor(5, cfg, 2.0) == pytest.approx(0.5)
+    assert lr_factor(5, cfg, 4.0) == 0.0 and lr_factor(5, cfg, None) == pytest.approx(1.0, abs=1e-9)
+    summary = train(cfg)
+    assert summary["stopped"] == "time" and 1 < summary["step"] < 10**6 and summary["final"]
+    lrs = [x["llm"] for x in logged(cfg.output_dir, "lr")]
+    assert lrs[-1] < 0.3 * max(lrs) and max(lrs) <= 1e-3
+    assert logged(cfg.output_dir, "elapsed_s")[-1] >= 4.0
+    state = json.load(open(tmp_path / "run" / "checkpoints" / f"step_{summary['step']:08d}" / "state.json"))
+    assert state["elapsed"] >= 4.0  # a resume continues the budget
+
+
+def test_nano_preset_trains_with_its_pruned_tokenizer_and_exports_it(data, tmp_path):
+    from qwenvl.processor import Processor
+
+    NANO_DIR = pytest.importorskip("qwenvl.nano").NANO_DIR
+
+    cfg = TrainConfig(model="nano", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      lr=1e-3, max_steps=2, pack_length=512, save_every=0, resume=False)
+    summary = train(cfg)
+    final = summary["final"]
+    assert summary["step"] == 2 and summary["skipped"] == 0
+    assert json.load(open(os.path.join(final, "vocab_map.json"))) == json.load(open(os.path.join(NANO_DIR, "vocab_map.json")))
+    proc = Processor.from_pretrained(final)
+    assert proc.tokenizer.token_to_id("<|image_pad|>") == 8182
+    model = Qwen25VL.from_pretrained(final, dtype=torch.float32)
+    assert model.config.text.vocab_size == 8192 and model.config.image_token_id == 8182
+    # a tokenizer whose vision ids are not the model's is refused before training
+    with pytest.raises(ConfigError, match="does not match the model config"):
+        train(TrainConfig(model="tiny", tokenizer=NANO_DIR, train_files=[str(data / "sft.jsonl")],
+                          output_dir=str(tmp_path / "bad"), max_steps=1))

@@ -1,5 +1,10 @@
 """Short clips (PyAV, MPEG-4 in MP4) with events at known seconds: temporal grounding and dense captions.
 
+Without PyAV (or with QWENVL_SYNTH_VIDEO=frames) a clip is a folder of PNG frames sampled at 2 fps (FRAMES_FPS,
+the training rate: frame i shows time i / 2) and the video item is that frame list with `"sample_fps": 2`
+(DESIGN.md's message format allows a video as a list of frames). The random draws are the same, so both formats
+show the same events; `meta["format"]` says which one a record has.
+
 Each clip (4-16 s, 4-24 fps, a few frame sizes that are multiples of 28) shows a static distractor and 1-3
 events that do not overlap in time: a coloured shape that appears at `start`, moves (or stays still) and is
 gone at `end`; frame i (time i / fps) shows it iff start <= i / fps < end. Times are multiples of 0.5 s.
@@ -9,6 +14,7 @@ The video item carries min/max_pixels equal to the frame size so the frames stay
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -23,6 +29,21 @@ MOTIONS = {"moves to the right": (1, 0), "moves to the left": (-1, 0), "moves up
 FRAME_SIZES = [(112, 168), (140, 196), (168, 224), (112, 140)]  # (h, w)
 FPS_CHOICES = [4, 5, 8, 10, 12, 15, 24]
 COMBO_TASK = "video"
+FRAMES_FPS = 2
+
+
+def video_format() -> str:
+    """"mp4" (PyAV installed) or "frames"; QWENVL_SYNTH_VIDEO=mp4|frames chooses."""
+    fmt = os.environ.get("QWENVL_SYNTH_VIDEO")
+    if fmt:
+        if fmt not in ("mp4", "frames"):
+            raise ValueError(f"QWENVL_SYNTH_VIDEO must be mp4 or frames, got {fmt!r}")
+        return fmt
+    try:
+        import av  # noqa: F401
+        return "mp4"
+    except ImportError:
+        return "frames"
 
 
 def _combos(heldout: bool) -> list[tuple]:
@@ -63,7 +84,8 @@ def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
             container.mux(packet)
 
 
-def make_clip(ctx: Ctx) -> tuple[str, dict]:
+def make_clip(ctx: Ctx) -> tuple[str | list[str], dict]:
+    """(the mp4's path, or the frame files' paths, relative to out_dir; meta)."""
     rng = ctx.rng
     h, w = rng.choice(FRAME_SIZES)
     fps = rng.choice(FPS_CHOICES)
@@ -82,9 +104,11 @@ def make_clip(ctx: Ctx) -> tuple[str, dict]:
         x1 = x0 if dx == 0 else w - s - x0
         y1 = y0 if dy == 0 else h - s - y0
         e["path"] = [x0, y0, x1, y1, s]
+    fmt = video_format()
+    rate = fps if fmt == "mp4" else FRAMES_FPS
     frames = []
-    for i in range(int(duration * fps)):
-        t = i / fps
+    for i in range(int(duration * rate)):
+        t = i / rate
         img = base.copy()
         d = ImageDraw.Draw(img)
         for e in events:
@@ -92,17 +116,27 @@ def make_clip(ctx: Ctx) -> tuple[str, dict]:
                 x0, y0, x1, y1, s = e["path"]
                 a = (t - e["start"]) / (e["end"] - e["start"])
                 draw_shape(d, e["shape"], round(x0 + a * (x1 - x0)), round(y0 + a * (y1 - y0)), s, COLORS[e["color"]])
-        frames.append(np.asarray(img))
-    rel, path = ctx.media_path(".mp4")
-    write_video(path, frames, fps)
-    meta = {"fps": fps, "duration": duration, "frame_hw": [h, w], "n_frames": len(frames), "events": events,
+        frames.append(img)
+    meta = {"fps": rate, "duration": duration, "frame_hw": [h, w], "n_frames": len(frames), "events": events,
             "distractor": [dc, ds]}
+    if fmt == "mp4":  # (meta as before the frames format existed: the same bytes)
+        rel, path = ctx.media_path(".mp4")
+        write_video(path, [np.asarray(f) for f in frames], fps)
+        return rel, meta
+    meta["format"] = "frames"
+    rel = []
+    for i, f in enumerate(frames):
+        r, path = ctx.media_path(f"/{i:03d}.png")
+        f.save(path, format="PNG", optimize=False)
+        rel.append(r)
     return rel, meta
 
 
-def _record(rel: str, meta: dict, prompt: str, answer: str) -> dict:
+def _record(rel: str | list[str], meta: dict, prompt: str, answer: str) -> dict:
     h, w = meta["frame_hw"]
     item = {"type": "video", "video": rel, "min_pixels": 28 * 28, "max_pixels": h * w}
+    if isinstance(rel, list):
+        item["sample_fps"] = meta["fps"]
     return {"messages": [{"role": "user", "content": [item, {"type": "text", "text": prompt}]},
                          {"role": "assistant", "content": answer}], "meta": meta}
 

@@ -19,7 +19,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 @dataclass
 class TrainConfig:
     # ---- what to train
-    model: str = "tiny"  # checkpoint dir, or a preset name (tiny, 3b, 7b, 72b) for random weights
+    model: str = "tiny"  # checkpoint dir, or a preset name (tiny, 3b, 7b, 72b, nano) for random weights
+    tokenizer: str | None = None  # tokenizer dir (tokenizer.json); default: the checkpoint's, qwenvl.nano's for nano
     stage: str = "sft"  # sft | pretrain | dpo (pretrain = sft loss on every text token)
     output_dir: str = "runs/train"
     # ---- data
@@ -37,6 +38,7 @@ class TrainConfig:
     video_max_frames: int = 768
     shuffle: bool = True
     chunk_size: int = 2048  # records read, shuffled and packed together
+    data_workers: int = 0  # processes that measure records and build the next steps' rows ahead (0: in the loop)
     max_bad_fraction: float = 0.01  # stop with a report when more records than this are unusable
     # ---- which parameters train
     freeze_vit: bool = False
@@ -53,6 +55,8 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at max_steps
     max_steps: int = 1000
+    max_train_seconds: float | None = None  # wall-clock budget: stop, save and export when spent; the cosine then
+    #                                         runs over the budget (elapsed / max_train_seconds) instead of steps
     grad_accum: int = 1  # packed rows per rank per optimizer step
     max_grad_norm: float = 1.0  # 0 = no clipping
     # ---- execution
@@ -95,6 +99,8 @@ class TrainConfig:
             (self.lora_r >= 0, "lora_r must be >= 0"),
             (self.dpo_reference in ("model", "precomputed"), "dpo_reference must be model or precomputed"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
+            (self.data_workers >= 0, "data_workers must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

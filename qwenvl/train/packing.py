@@ -9,11 +9,15 @@ every GPU does about the same work. Here:
      grad_accum bins per rank;
   3. `PackedLoader`: reads a chunk of records, measures them (no pixels), packs, plans, and materializes only this
      rank's bins. Its state (chunk start position + steps taken in the chunk) gives exact resume.
+     With `workers > 0` a process pool measures the chunk's records and materializes the bins of the next steps
+     ahead of the trainer (the same rows in the same order as without workers).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import os
 from typing import Any
 
 import torch
@@ -123,7 +127,8 @@ class PackedLoader:
 
     def __init__(self, stream: JsonlStream, encoder, *, capacity: int = 8192, world: int = 1, rank: int = 0,
                  accum: int = 1, seed: int = 0, chunk_size: int = 1024, shuffle: bool = True,
-                 stats: SkipStats | None = None, attn_weight: float = 0.0, pairs: bool = False):
+                 stats: SkipStats | None = None, attn_weight: float = 0.0, pairs: bool = False, workers: int = 0,
+                 prefetch: int | None = None, pixel_dtype: torch.dtype | None = None):
         self.stream, self.encoder = stream, encoder
         self.capacity, self.world, self.rank, self.accum = capacity, world, rank, accum
         self.seed, self.chunk_size, self.shuffle = seed, chunk_size, shuffle
@@ -135,16 +140,51 @@ class PackedLoader:
         self._steps: list | None = None
         self._next_pos: Position | None = None
         self._replay = False  # re-reading a chunk after resume: its skips are already counted
+        self.workers = workers
+        self.pixel_dtype = pixel_dtype  # e.g. bf16 when the patch embedding rounds its input to bf16 anyway
+        self._pool = None
+        self._ahead: collections.deque = collections.deque()  # (async results, state after the step), workers > 0
+        self._consumed: dict | None = None  # the state after the last step handed out (workers > 0)
+        self.prefetch = prefetch or max(1, -(-2 * workers // accum))  # steps in flight
+
+    def _start_pool(self):
+        """A fork pool (workers inherit the encoder; no CUDA in them). Tensors come back through shared memory,
+        or pickled through the pipe when /dev/shm has less than 4 GiB free."""
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            st = os.statvfs("/dev/shm")
+            shm_ok = st.f_bavail * st.f_frsize >= 4 * 2**30
+        except OSError:
+            shm_ok = False
+        self._pool = multiprocessing.get_context("fork").Pool(
+            self.workers, initializer=_worker_init, initargs=(self.encoder, self.pairs, not shm_ok, self.pixel_dtype))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._ahead.clear()
 
     @property
     def epoch(self) -> int:
         return self.pos.epoch
 
-    def state_dict(self) -> dict:
+    def _position(self) -> dict:
         return {"epoch": self.pos.epoch, "file": self.pos.file, "offset": self.pos.offset,
-                "step_in_chunk": self.step_in_chunk, "stats": self.stats.state_dict()}
+                "step_in_chunk": self.step_in_chunk}
+
+    def state_dict(self) -> dict:
+        """Where the trainer is (with workers: after the last step handed out, not the steps planned ahead;
+        skip counts then include records measured ahead)."""
+        pos = self._consumed if self.workers and self._consumed is not None else self._position()
+        return {**pos, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
+        self._ahead.clear()
+        self._consumed = None
         self.pos = Position(d["epoch"], d["file"], d["offset"])
         self.step_in_chunk = d["step_in_chunk"]
         self.stats.load_state_dict(d["stats"])
@@ -159,12 +199,18 @@ class PackedLoader:
         records, self._next_pos = self.stream.read(self.pos, self.chunk_size)
         if self.shuffle:
             records = shuffled(records, self.seed, self.pos.epoch, self.pos.file, self.pos.offset)
+        if self._pool is not None:  # lines that are not JSON stay here (their error is already made)
+            todo = [i for i, (_, rec, _) in enumerate(records) if not isinstance(rec, Exception)]
+            measured = [(None, rec) for _, rec, _ in records]
+            for i, r in zip(todo, self._pool.map(_worker_measure, [records[i][1:] for i in todo], chunksize=16)):
+                measured[i] = r
+        else:
+            measured = [_measure(self.encoder, self.pairs, rec, base) for _, rec, base in records]
         chunk = []
-        for where, rec, base in records:
+        for (where, rec, base), (n, err) in zip(records, measured):
             try:
-                if isinstance(rec, Exception):
-                    raise rec
-                n = self.encoder.measure(rec, base, pair=self.pairs)
+                if err is not None:
+                    raise err
                 if n > self.capacity:
                     raise BadSample("too long", f"{n} tokens > pack capacity {self.capacity}")
             except DataError:
@@ -185,6 +231,22 @@ class PackedLoader:
 
     def next_step(self) -> list[dict | None]:
         """This rank's micro-batches for the next optimizer step (always `accum` of them, None = nothing)."""
+        if not self.workers:
+            out = [self._finish(*_encode_bin(self.encoder, self.pairs, items, self.pixel_dtype))
+                   for items in self._plan_step()]
+            return out + [None] * (self.accum - len(out))
+        if self._pool is None:
+            self._start_pool()
+        while len(self._ahead) < self.prefetch:
+            bins = self._plan_step()
+            self._ahead.append(([self._pool.apply_async(_worker_encode, (items,)) for items in bins],
+                                self._position()))
+        results, self._consumed = self._ahead.popleft()
+        out = [self._finish(*_unpack(r.get())) for r in results]
+        return out + [None] * (self.accum - len(out))
+
+    def _plan_step(self) -> list[list[tuple]]:
+        """Advance the plan by one step: this rank's bins, each a list of (where, record, base_dir, length)."""
         crossed = 0  # epoch boundaries crossed by a run of chunks without any step
         while True:
             if self._steps is None:
@@ -198,22 +260,94 @@ class PackedLoader:
             self.pos, self.step_in_chunk, self._steps = self._next_pos, 0, None
         mine = self._steps[self.step_in_chunk][self.rank]
         self.step_in_chunk += 1
-        out = [self._materialize(b) for b in mine]
-        return out + [None] * (self.accum - len(out))
+        return [[self._chunk[i] for i in b] for b in mine]
 
-    def _materialize(self, bin_: list[int]) -> dict | None:
-        samples = []
-        for i in bin_:
-            where, rec, base, n = self._chunk[i]
-            try:
-                got = list(self.encoder.encode_pair(rec, base)) if self.pairs else [self.encoder.encode(rec, base)]
-                if sum(len(s) for s in got) != n:
-                    raise BadSample("size mismatch", f"measured {n} tokens, encoded {sum(len(s) for s in got)}")
-            except DataError:
-                raise
-            except Exception as e:  # header fine, pixels not: only this rank knows, so it counts but never stops
-                self.stats.seen -= 1  # the record was already counted as seen when measured
-                self.stats.skip(where, e, check=False)
-                continue
-            samples += got
-        return collate(samples) if samples else None
+    def _finish(self, batch: dict | None, failures: list) -> dict | None:
+        for where, err in failures:  # header fine, pixels not: only this rank knows, so it counts but never stops
+            self.stats.seen -= 1  # the record was already counted as seen when measured
+            self.stats.skip(where, err, check=False)
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------ work items
+def _measure(encoder, pairs: bool, rec, base) -> tuple[int | None, Exception | None]:
+    """(LLM length, None) or (None, the error) of one record; DataError propagates."""
+    try:
+        if isinstance(rec, Exception):
+            raise rec
+        return encoder.measure(rec, base, pair=pairs), None
+    except DataError:
+        raise
+    except Exception as e:
+        return None, e
+
+
+def _encode_bin(encoder, pairs: bool, items: list[tuple], pixel_dtype=None) -> tuple[dict | None, list]:
+    """One packed row from (where, record, base_dir, measured length) items: (batch or None, [(where, error)]);
+    pixel values in `pixel_dtype` when given."""
+    samples, failures = [], []
+    for where, rec, base, n in items:
+        try:
+            got = list(encoder.encode_pair(rec, base)) if pairs else [encoder.encode(rec, base)]
+            if sum(len(s) for s in got) != n:
+                raise BadSample("size mismatch", f"measured {n} tokens, encoded {sum(len(s) for s in got)}")
+        except DataError:
+            raise
+        except Exception as e:
+            failures.append((where, e))
+            continue
+        samples += got
+    batch = collate(samples) if samples else None
+    if batch is not None and pixel_dtype is not None:
+        for k in ("pixel_values", "pixel_values_videos"):
+            if k in batch:
+                batch[k] = batch[k].to(pixel_dtype)
+    return batch, failures
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(encoder, pairs: bool, pickle_tensors: bool, pixel_dtype) -> None:
+    torch.set_num_threads(1)  # one process per core; intra-op threads only contend
+    _WORKER.update(encoder=encoder, pairs=pairs, pickle_tensors=pickle_tensors, pixel_dtype=pixel_dtype)
+
+
+def _portable(err: Exception | None) -> Exception | None:
+    """An error that pickles back as itself (BadSample's constructor takes two arguments)."""
+    if err is None or isinstance(err, DataError):
+        return err
+    out = BadSample(getattr(err, "reason", None) or type(err).__name__)
+    out.args = (str(err),)
+    return out
+
+
+def _worker_measure(item) -> tuple[int | None, Exception | None]:
+    n, err = _measure(_WORKER["encoder"], _WORKER["pairs"], *item)
+    return n, _portable(err)
+
+
+def _worker_encode(items: list[tuple]):
+    batch, failures = _encode_bin(_WORKER["encoder"], _WORKER["pairs"], items, _WORKER["pixel_dtype"])
+    failures = [(w, _portable(e)) for w, e in failures]
+    if batch is not None and _WORKER["pickle_tensors"]:  # numpy pickles through the pipe, no shared memory
+        batch = {k: _to_np(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch, failures
+
+
+def _to_np(t: torch.Tensor) -> tuple:
+    bf16 = t.dtype == torch.bfloat16  # numpy has no bf16: sent as int16 bits
+    return "np", (t.view(torch.int16) if bf16 else t).numpy(), bf16
+
+
+def _from_np(v) -> torch.Tensor:
+    t = torch.from_numpy(v[1])
+    return t.view(torch.bfloat16) if v[2] else t
+
+
+def _unpack(result) -> tuple[dict | None, list]:
+    batch, failures = result
+    if batch is not None:
+        batch = {k: _from_np(v) if isinstance(v, tuple) and len(v) == 3 and v[0] == "np" else v
+                 for k, v in batch.items()}
+    return batch, failures

@@ -31,7 +31,7 @@ from ..config import PRESETS, preset
 from ..errors import ConfigError
 from ..model import Qwen25VL
 from .config import TrainConfig
-from .data import ENDOFTEXT, IGNORE, ChatEncoder, JsonlStream, SkipStats
+from .data import IGNORE, ChatEncoder, JsonlStream, SkipStats
 from .dpo import dpo_loss_sum, sequence_logps
 from .lora import adapters_disabled, apply_lora, merge_lora_state_dict, part_of, save_adapter
 from .loss import sft_loss_sum
@@ -139,6 +139,43 @@ def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
     return model.train()
 
 
+def tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """cfg.tokenizer, else the checkpoint's folder, else qwenvl.nano's for the nano preset (None: the built-in
+    Qwen vocabulary)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if os.path.isdir(cfg.model):
+        return cfg.model
+    if cfg.model == "nano":
+        try:
+            from ..nano import NANO_DIR
+        except ImportError:
+            raise ConfigError("model=nano needs the pruned tokenizer (qwenvl/nano) or tokenizer=DIR") from None
+        return NANO_DIR
+    return None
+
+
+def load_tokenizer(cfg: TrainConfig, config):
+    """The training tokenizer; its vision tokens must be the ids the model config says (where the model puts the
+    vision embeddings), and <|im_end|> must fit the vocabulary."""
+    from ..tokenizer import Tokenizer
+
+    path = tokenizer_dir(cfg)
+    if path is not None and not os.path.exists(path):
+        raise ConfigError(f"tokenizer {path!r} does not exist")
+    tok = Tokenizer.from_pretrained(path)
+    want = {"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+            "<|vision_start|>": config.vision_start_token_id}
+    bad = {t: (tok.token_to_id(t), i) for t, i in want.items() if tok.token_to_id(t) != i}
+    im_end = tok.token_to_id("<|im_end|>")
+    if bad or im_end is None or im_end >= config.text.vocab_size:
+        raise ConfigError(f"the tokenizer ({path or 'built-in'}) does not match the model config: "
+                          f"{', '.join(f'{t} is {a}, config says {b}' for t, (a, b) in bad.items()) or ''}"
+                          f"{'' if bad else f'<|im_end|> = {im_end}, vocab_size {config.text.vocab_size}'} "
+                          "(set tokenizer=DIR)")
+    return tok
+
+
 def trainable_parts(cfg: TrainConfig) -> list[str]:
     return [p for p, frozen in (("vit", cfg.freeze_vit), ("merger", cfg.freeze_merger), ("llm", cfg.freeze_llm))
             if not frozen]
@@ -200,12 +237,29 @@ def build_optimizer(model: Qwen25VL, cfg: TrainConfig, device) -> torch.optim.Op
                              fused=device.type == "cuda")
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to 1, then cosine to min_lr_ratio at max_steps."""
+def lr_factor(step: int, cfg: TrainConfig, elapsed: float | None = None) -> float:
+    """Linear warmup to 1, then cosine to min_lr_ratio at max_steps. With max_train_seconds (and `elapsed`, the
+    training seconds so far) the cosine runs over the wall-clock budget and the warmup ramp multiplies it."""
+    if cfg.max_train_seconds and elapsed is not None:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        return warm * _cosine(elapsed / cfg.max_train_seconds, cfg)
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return _cosine((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), cfg)
+
+
+def _cosine(progress: float, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Clock:
+    """Training seconds, continued across a resume (checkpoints store them)."""
+
+    def __init__(self, elapsed: float = 0.0):
+        self.start = time.perf_counter() - elapsed
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -273,7 +327,8 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: str, step: int, module, opt, sched, loader, cfg: TrainConfig, dev: Dist) -> str:
+def save_checkpoint(out_dir: str, step: int, module, opt, sched, loader, cfg: TrainConfig, dev: Dist,
+                    elapsed: float = 0.0) -> str:
     """Everything needed to continue exactly; written to step_N.tmp and renamed, so a crash never leaves a
     half-written checkpoint behind `latest`."""
     root = os.path.join(out_dir, "checkpoints")
@@ -290,7 +345,7 @@ def save_checkpoint(out_dir: str, step: int, module, opt, sched, loader, cfg: Tr
         save_file(params, os.path.join(tmp, "trainable.safetensors"))
         torch.save(optim, os.path.join(tmp, "optimizer.pt"))
         state = {"step": step, "scheduler": sched.state_dict(), "loader": loader.state_dict(), "world": dev.world,
-                 "config": cfg.to_dict()}
+                 "elapsed": elapsed, "config": cfg.to_dict()}
         _write_json_atomic(os.path.join(tmp, "state.json"), state)
     dev.barrier()
     if dev.main:
@@ -312,7 +367,8 @@ def latest_checkpoint(out_dir: str) -> str | None:
         return os.path.join(out_dir, "checkpoints", json.load(f)["dir"])
 
 
-def load_checkpoint(path: str, module, opt, sched, loader, dev: Dist) -> int:
+def load_checkpoint(path: str, module, opt, sched, loader, dev: Dist) -> tuple[int, float]:
+    """Restores everything; returns (step, training seconds so far)."""
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     if state["world"] != dev.world:
@@ -322,7 +378,7 @@ def load_checkpoint(path: str, module, opt, sched, loader, dev: Dist) -> int:
     sched.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
     set_rng_state(torch.load(os.path.join(path, f"rng_rank{dev.rank}.pt"), weights_only=True), dev.device)
-    return state["step"]
+    return state["step"], float(state.get("elapsed", 0.0))
 
 
 class _StateDictModel:
@@ -336,8 +392,9 @@ class _StateDictModel:
 
 
 def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEncoder, dev: Dist) -> str:
-    """output_dir/final: the trained model (LoRA merged) + tokenizer + preprocessor_config.json with the training
-    pixel limits (what inference must use); with LoRA also output_dir/adapter (PEFT)."""
+    """output_dir/final: the trained model (LoRA merged) + tokenizer (+ its vocab_map.json, a pruned vocabulary's
+    id map) + preprocessor_config.json with the training pixel limits (what inference must use); with LoRA also
+    output_dir/adapter (PEFT)."""
     model = module.model
     state = full_state(module, dev, trainable_only=False)
     final = os.path.join(out_dir, "final")
@@ -352,6 +409,9 @@ def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEnc
         save_model(_StateDictModel(model.config, state), tmp)
         from ..processor import Processor
         Processor(encoder.tokenizer, min_pixels=encoder.min_pixels, max_pixels=encoder.max_pixels).save_pretrained(tmp)
+        src = tokenizer_dir(cfg)
+        if src and os.path.isfile(os.path.join(src, "vocab_map.json")):
+            shutil.copy(os.path.join(src, "vocab_map.json"), tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     dev.barrier()
@@ -359,10 +419,11 @@ def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEnc
 
 
 # ------------------------------------------------------------------------------------------------ loop
-def dummy_batch(pairs: bool) -> dict:
-    """A row with nothing to learn, for a rank that has no data in a step (keeps collectives matched)."""
+def dummy_batch(pairs: bool, token: int) -> dict:
+    """A row with nothing to learn, for a rank that has no data in a step (keeps collectives matched); `token`:
+    any id of the model's vocabulary (the config's bos, <|endoftext|>)."""
     n = 2 if pairs else 1
-    return {"input_ids": torch.full((1, 2 * n), ENDOFTEXT), "targets": torch.full((1, 2 * n), IGNORE),
+    return {"input_ids": torch.full((1, 2 * n), token), "targets": torch.full((1, 2 * n), IGNORE),
             "seq_lens": [2] * n}
 
 
@@ -409,8 +470,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         reference = functools.partial(ref_module, kind="logps")
 
     opt = build_optimizer(model, cfg, dev.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg=cfg))
-    encoder = ChatEncoder(None, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+    clock = Clock()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, clock()))
+    encoder = ChatEncoder(load_tokenizer(cfg, model.config), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                           video_min_pixels=cfg.video_min_pixels, video_max_pixels=cfg.video_max_pixels,
                           video_total_pixels=cfg.video_total_pixels, fps=cfg.video_fps,
                           max_frames=cfg.video_max_frames, media_root=cfg.media_root,
@@ -419,16 +481,26 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     loader = PackedLoader(JsonlStream(cfg.train_files), encoder, capacity=cfg.pack_length, world=dev.world,
                           rank=dev.rank, accum=cfg.grad_accum, seed=cfg.seed, chunk_size=cfg.chunk_size,
                           shuffle=cfg.shuffle, stats=stats, pairs=pairs,
-                          attn_weight=cfg.attn_weight if cfg.attn_weight is not None else attention_weight(model.config))
+                          attn_weight=cfg.attn_weight if cfg.attn_weight is not None else attention_weight(model.config),
+                          workers=cfg.data_workers,
+                          # the patch embedding rounds pixels to bf16 under bf16 compute: send them so (same result)
+                          pixel_dtype=torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None)
+    try:
+        return _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs, clock, stop_after)
+    finally:
+        loader.close()
 
-    step = 0
+
+def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs, clock, stop_after) -> dict:
+    out_dir = cfg.output_dir
+    step, elapsed = 0, 0.0
     ckpt = latest_checkpoint(out_dir) if cfg.resume else None
     if ckpt:
-        step = load_checkpoint(ckpt, module, opt, sched, loader, dev)
+        step, elapsed = load_checkpoint(ckpt, module, opt, sched, loader, dev)
         # The saved lr is the old schedule's; recompute it (identical unless max_steps/warmup/lr changed).
         sched.base_lrs = [part_lrs(cfg)[g["name"].split("_")[0]] for g in opt.param_groups]
         for group, base in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base * lr_factor(step, cfg)
+            group["lr"] = base * lr_factor(step, cfg, elapsed)
     log_path = os.path.join(out_dir, "log.jsonl")
     if dev.main:
         _truncate_log(log_path, step)
@@ -436,8 +508,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
         if cfg.precision == "bf16" and dev.device.type == "cuda" and not dev.enabled else nullcontext()
     trainable = [p for p in module.parameters() if p.requires_grad]
-    loss_value, steps_run = float("nan"), 0
-    while step < cfg.max_steps and (stop_after is None or steps_run < stop_after):
+    loss_value, steps_run, out_of_time = float("nan"), 0, False
+    clock.start = time.perf_counter() - elapsed  # the budget counts training, not model loading
+    while step < cfg.max_steps and not out_of_time and (stop_after is None or steps_run < stop_after):
         t0 = time.perf_counter()
         micro = loader.next_step()
         t_data = time.perf_counter() - t0
@@ -449,7 +522,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         for i, b in enumerate(micro):
             if dev.enabled:
                 module.set_requires_gradient_sync(i == len(micro) - 1)
-            batch = b if b is not None else dummy_batch(pairs)
+            batch = b if b is not None else dummy_batch(pairs, module.model.config.bos_token_id)
             if pairs and cfg.dpo_reference == "model":  # never mix precomputed and model reference values
                 batch = {k: v for k, v in batch.items() if k != "ref_logps"}
             with autocast:
@@ -478,21 +551,27 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         if dev.device.type == "cuda":
             torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
         dt = time.perf_counter() - t0
-        if dev.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+        elapsed = clock()
+        if cfg.max_train_seconds:  # every rank stops at the same step: when any rank's budget is spent
+            out_of_time = dev.all_sum([float(elapsed >= cfg.max_train_seconds)])[0] > 0
+        if dev.main and (step % cfg.log_every == 0 or step == cfg.max_steps or out_of_time):
             entry = {"step": step, "loss": loss_value, "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                      "grad_norm": grad_norm, "tokens": int(total_tokens), "targets": int(total_n),
                      "tokens_per_s": total_tokens / dt, "step_s": dt, "data_s": t_data, "memory_gb": _memory_gb(dev.device),
-                     "epoch": loader.epoch, "skipped": stats.skipped}
+                     "epoch": loader.epoch, "skipped": stats.skipped, "elapsed_s": elapsed}
             entry.update({k: v / max(total_n, 1.0) for k, v in zip(metric_sums, sums[1:])})
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
-        if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(out_dir, step, module, opt, sched, loader, cfg, dev)
+        if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time):
+            save_checkpoint(out_dir, step, module, opt, sched, loader, cfg, dev, elapsed)
     final = None
-    if step >= cfg.max_steps and cfg.export:
+    done = step >= cfg.max_steps or out_of_time
+    if done and cfg.export:
         final = export(out_dir, module, cfg, encoder, dev)
     summary = {"step": step, "loss": loss_value, "skipped": stats.skipped, "seen": stats.seen,
-               "skip_reasons": dict(stats.reasons), "final": final, "output_dir": out_dir}
+               "skip_reasons": dict(stats.reasons), "final": final, "output_dir": out_dir,
+               "stopped": "time" if out_of_time else "max_steps" if done else "interrupted",
+               "elapsed_s": clock()}
     if dev.enabled:
         dist.destroy_process_group()
     return summary

@@ -1,0 +1,280 @@
+"""Helpers of bench/train_nano.sh (qwenvl-nano in one device call; docs/NANO.md §6).
+
+    python bench/nano_recipe.py data --out D --workers 14 --seconds 75 [--suite-n 50 --suite-root R]
+        synthetic training data: `workers` processes run `qwenvl.synth.generate` in rounds until the deadline (each
+        round = every task, sample counts set by the stage-2 token mix), the eval suite's held-out set in one more
+        process; then one globally shuffled D/train.jsonl (charts repeated, see CHART_REPEAT) + D/data_stats.json.
+    python bench/nano_recipe.py package --run RUN --eval EVAL --data D --out OUT [--steps-log F]
+        RUN/final (or its newest checkpoint) -> bf16 safetensors shards <= 15 MB in OUT/model/ + OUT/model/
+        model_files.tar (config, index, tokenizer, processor files), the training log, the eval report and
+        predictions, OUT/summary.json; prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tarfile
+import time
+
+# Stage-2 row of docs/NANO.md §4 (share of tokens). No text corpus is generated here: its 15 % go to captions.
+MIX = {"grounding": 0.25 / 3, "point": 0.25 / 3, "count": 0.25 / 3,
+       "ocr": 0.0625, "spotting": 0.0625, "doc": 0.0625, "kie": 0.0625,
+       "chart": 0.10, "video_grounding": 0.075, "dense_caption": 0.075, "gui": 0.10, "caption": 0.15}
+# Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task).
+TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
+          "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077}
+# matplotlib charts cost ~250 ms each (the other tasks 8-35 ms): fewer unique charts, each written this many times.
+CHART_REPEAT = 4
+
+
+def round_counts(round_tokens: int) -> dict[str, int]:
+    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition)."""
+    rep = {t: CHART_REPEAT if t == "chart" else 1 for t in MIX}
+    return {t: max(1, round(MIX[t] * round_tokens / TOKENS[t] / rep[t])) for t in MIX}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _gen_worker(w: int, workers: int, out: str, deadline: float, seed: int, counts: dict) -> None:
+    from qwenvl import synth
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `timeout`: close the JSONL being written
+    timing: dict[str, list[float]] = {}
+    try:
+        r = 0
+        while r == 0 or time.time() < deadline:  # round 0 always completes: every task is there
+            d = os.path.join(out, f"w{w:02d}", f"r{r:03d}")
+            for task, k in counts.items():
+                if r and time.time() >= deadline:
+                    break
+                t0 = time.time()
+                synth.generate(d, [task], k, "train", seed, start=(r * workers + w) * k)
+                n_s = timing.setdefault(task, [0, 0.0])
+                n_s[0] += k
+                n_s[1] += time.time() - t0
+            r += 1
+    finally:
+        with open(os.path.join(out, f"w{w:02d}", "timing.json"), "w") as f:
+            json.dump(timing, f)
+
+
+def _suite_worker(n: int, root: str) -> None:
+    from qwenvl.evaluate.cli import suite_data
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    t0 = time.time()
+    folder = suite_data("nano", n, root)
+    print(f"eval suite (n={n}) in {time.time() - t0:.1f} s -> {folder}", flush=True)
+
+
+def _relink(item_src, prefix: str):
+    if isinstance(item_src, list):
+        return [_relink(s, prefix) for s in item_src]
+    return f"{prefix}/{item_src}" if isinstance(item_src, str) and not item_src.startswith("/") else item_src
+
+
+def merge(out: str, seed: int) -> dict:
+    """Every round's JSONL -> out/train.jsonl (media paths made relative to out, charts repeated, shuffled)."""
+    lines, unique, tokens = [], {}, {}
+    for path in sorted(glob.glob(os.path.join(out, "w*", "r*", "*.jsonl"))):
+        prefix = os.path.relpath(os.path.dirname(path), out)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by `timeout`
+                    continue
+                for m in rec["messages"]:
+                    if isinstance(m["content"], list):
+                        for it in m["content"]:
+                            if it.get("type") in ("image", "video"):
+                                it[it["type"]] = _relink(it[it["type"]], prefix)
+                task = rec["task"]
+                unique[task] = unique.get(task, 0) + 1
+                rep = CHART_REPEAT if task == "chart" else 1
+                tokens[task] = tokens.get(task, 0) + rep * TOKENS[task]
+                lines += [json.dumps(rec, ensure_ascii=False) + "\n"] * rep
+    random.Random(seed).shuffle(lines)
+    with open(os.path.join(out, "train.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    total = sum(tokens.values()) or 1
+    return {"records": len(lines), "unique": unique, "est_tokens": total,
+            "token_share": {t: round(v / total, 4) for t, v in sorted(tokens.items())}}
+
+
+def cmd_data(a) -> int:
+    import multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.time()
+    deadline = t0 + a.seconds
+    counts = round_counts(a.round_tokens)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_gen_worker, args=(w, a.workers, a.out, deadline, a.seed, counts))
+             for w in range(a.workers)]
+    if a.suite_n:
+        procs.append(ctx.Process(target=_suite_worker, args=(a.suite_n, a.suite_root)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    gen_s = time.time() - t0
+    stats = merge(a.out, a.seed)
+    per_task: dict[str, list[float]] = {}
+    for path in glob.glob(os.path.join(a.out, "w*", "timing.json")):
+        for task, (n, s) in json.load(open(path)).items():
+            acc = per_task.setdefault(task, [0, 0.0])
+            acc[0] += n
+            acc[1] += s
+    stats.update(workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
+                 round_counts=counts, samples_per_s_per_process={t: round(n / s, 1) for t, (n, s) in per_task.items() if s})
+    with open(os.path.join(a.out, "data_stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    print(json.dumps(stats))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ package
+def _final_or_checkpoint(run: str) -> tuple[str | None, str]:
+    """RUN/final, else a model dir built from the newest checkpoint (training killed before its export)."""
+    final = os.path.join(run, "final")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final, "final"
+    latest = os.path.join(run, "checkpoints", "latest.json")
+    if not os.path.isfile(latest):
+        return None, "none"
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from qwenvl.train import TrainConfig
+    from qwenvl.train.trainer import _StateDictModel, load_base_model, load_tokenizer
+    from qwenvl.checkpoint import save_model
+    from qwenvl.processor import Processor
+
+    ckpt = os.path.join(run, "checkpoints", json.load(open(latest))["dir"])
+    cfg = TrainConfig.from_dict(yaml.safe_load(open(os.path.join(run, "config.yaml"))))
+    model = load_base_model(TrainConfig.from_dict({**cfg.to_dict(), "device": "cpu"}), torch.device("cpu"))
+    state = model.state_dict()
+    state.update(load_file(os.path.join(ckpt, "trainable.safetensors")))
+    out = os.path.join(run, "from_checkpoint")
+    save_model(_StateDictModel(model.config, state), out)
+    Processor(load_tokenizer(cfg, model.config), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels).save_pretrained(out)
+    return out, os.path.basename(ckpt)
+
+
+def _train_summary(log_path: str) -> dict:
+    if not os.path.isfile(log_path):
+        return {}
+    log = [json.loads(x) for x in open(log_path) if x.strip()]
+    if not log:
+        return {}
+    tail = log[len(log) // 10:] or log  # past the warm-up steps
+    tps = sorted(x["tokens_per_s"] for x in tail)
+    last = log[-20:]
+    return {"steps": log[-1]["step"], "elapsed_s": round(log[-1].get("elapsed_s", 0.0), 1),
+            "tokens": sum(x["tokens"] for x in log), "median_tokens_per_s": round(tps[len(tps) // 2]),
+            "mean_tokens_per_s": round(sum(x["tokens"] for x in log) / max(sum(x["step_s"] for x in log), 1e-9)),
+            "median_data_wait_s": sorted(x["data_s"] for x in tail)[len(tail) // 2],
+            "first_loss": round(log[0]["loss"], 4), "final_loss": round(sum(x["loss"] for x in last) / len(last), 4),
+            "peak_memory_gb": round(max(x["memory_gb"] for x in log), 2)}
+
+
+def cmd_package(a) -> int:
+    os.makedirs(os.path.join(a.out, "model"), exist_ok=True)
+    summary: dict = {"train": _train_summary(os.path.join(a.run, "log.jsonl"))}
+    stats_path = os.path.join(a.data, "data_stats.json")
+    if os.path.isfile(stats_path):
+        summary["data"] = json.load(open(stats_path))
+    src, origin = _final_or_checkpoint(a.run)
+    summary["model_from"] = origin
+    if src:
+        import torch
+
+        from qwenvl.model import Qwen25VL
+
+        tmp = os.path.join(a.run, "bf16")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = Qwen25VL.from_pretrained(src, dtype=torch.bfloat16, device="cpu")
+        model.config.torch_dtype = "bfloat16"
+        model.save_pretrained(tmp, max_shard_bytes=15_000_000)
+        for f in os.listdir(src):  # tokenizer, processor, vocab map
+            if not f.endswith(".safetensors") and not f.endswith(".index.json") and f != "config.json":
+                shutil.copy(os.path.join(src, f), tmp)
+        shards = sorted(f for f in os.listdir(tmp) if f.endswith(".safetensors"))
+        for f in shards:
+            shutil.copy(os.path.join(tmp, f), os.path.join(a.out, "model", f))
+        with tarfile.open(os.path.join(a.out, "model", "model_files.tar"), "w") as tar:
+            for f in sorted(os.listdir(tmp)):
+                if f not in shards:
+                    tar.add(os.path.join(tmp, f), arcname=f)
+        summary["model_files"] = shards + ["model_files.tar"]
+        summary["model_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in shards)
+    for src_path, name in ((os.path.join(a.run, "log.jsonl"), "train_log.jsonl"),
+                           (os.path.join(a.eval, "report.json"), "eval_report.json"),
+                           (os.path.join(a.eval, "predictions.jsonl"), "eval_predictions.jsonl")):
+        if os.path.isfile(src_path):
+            shutil.copy(src_path, os.path.join(a.out, name))
+    report_path = os.path.join(a.eval, "report.json")
+    if os.path.isfile(report_path):
+        report = json.load(open(report_path))
+        summary["eval"] = {"n": report.get("n"), "seconds": report.get("seconds"), "tasks": report.get("tasks")}
+    if a.timings:
+        summary["step_seconds"] = dict(kv.split("=") for kv in a.timings.split(","))
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(table(summary))
+    return 0
+
+
+def table(summary: dict) -> str:
+    t = summary.get("train", {})
+    d = summary.get("data", {})
+    lines = ["| qwenvl-nano, one call | value |", "|---|---|",
+             f"| data | {d.get('records', '?')} records ({sum(d.get('unique', {}).values())} unique), "
+             f"~{d.get('est_tokens', 0) / 1e6:.1f} M tokens, {d.get('generation_s', '?')} s on {d.get('workers', '?')} processes |",
+             f"| training | {t.get('steps', '?')} steps, {t.get('tokens', 0) / 1e6:.1f} M tokens in {t.get('elapsed_s', '?')} s |",
+             f"| tokens/s | median {t.get('median_tokens_per_s', '?')}, mean {t.get('mean_tokens_per_s', '?')} "
+             f"(median data wait {t.get('median_data_wait_s', '?')} s/step) |",
+             f"| loss | {t.get('first_loss', '?')} -> {t.get('final_loss', '?')} (mean of the last 20 steps) |",
+             f"| model | {summary.get('model_from', '?')}: {summary.get('model_bytes', 0) / 1e6:.1f} MB bf16 |"]
+    ev = summary.get("eval")
+    if ev:
+        lines += ["", f"| task (eval n={ev.get('n')}, {ev.get('seconds')} s) | metric | score (%) |", "|---|---|---:|"]
+        for task, res in (ev.get("tasks") or {}).items():
+            for m, v in res.items():
+                if m != "n" and isinstance(v, (int, float)):
+                    lines.append(f"| {task} | {m} | {100 * v:.1f} |")
+    if summary.get("step_seconds"):
+        lines += ["", "step seconds: " + ", ".join(f"{k} {v}" for k, v in summary["step_seconds"].items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("--out", required=True)
+    d.add_argument("--workers", type=int, default=14)
+    d.add_argument("--seconds", type=float, default=75)
+    d.add_argument("--round-tokens", type=int, default=100_000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--suite-n", type=int, default=0, help="also generate the eval suite (n per task)")
+    d.add_argument("--suite-root", default=None)
+    k = sub.add_parser("package")
+    k.add_argument("--run", required=True)
+    k.add_argument("--eval", required=True)
+    k.add_argument("--data", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--timings", default="", help="step=seconds,... for the summary")
+    a = p.parse_args(argv)
+    return cmd_data(a) if a.cmd == "data" else cmd_package(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
