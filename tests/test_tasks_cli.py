@@ -285,3 +285,34 @@ def test_agent_step_on_the_tiny_model(tmp_path, capsys):
     r = run(capsys, "agent", shot, "Open the settings", "--tool", "computer_use", "--max-tokens", 6)
     assert r["resized_size"] == [112, 224] and isinstance(r["answer"], str)
     assert r["status"] in ("error", "continue", "success", "failure")  # random weights: most likely no tool call
+
+
+# ---------------------------------------------------------------------------------------------- the Python API
+def test_python_functions_print_what_the_cli_prints(tmp_path, capsys):
+    from qwenvl.tasks import run as tasks_run
+
+    img = tmp_path / "street.png"
+    Image.new("RGB", (1000, 700), (128, 128, 128)).save(img)
+    given = tasks_run.TaskModel(answer=BOXES)
+    assert tasks_run.ground(given, str(img), "every red car") == run(capsys, "ground", img, "every red car",
+                                                                     "--answer", BOXES)
+    assert tasks_run.ocr(given, Image.open(img), spot=True)["resized_size"] == [1008, 700]  # a PIL image is fine too
+    with pytest.raises(InputError, match="separate requests"):
+        tasks_run.ocr(given, str(img), spot=True, schema=["a"])
+
+
+def test_python_functions_take_an_llm(tmp_path):
+    """The functions run a qwenvl.LLM given as is (the pipeline runs; the tiny model's answers are noise)."""
+    from qwenvl.engine import LLM
+    from qwenvl.hub import resolve_model
+    from qwenvl.tasks import run as tasks_run
+
+    llm = LLM(resolve_model(None, quiet=True), kv_cache_bytes=16 << 20, max_num_seqs=4)
+    img = tmp_path / "shot.png"
+    Image.new("RGB", (112, 84), (10, 200, 10)).save(img)
+    assert tasks_run.TaskModel(llm).llm is llm  # used as is
+    r = tasks_run.ground(tasks_run.TaskModel(llm, max_tokens=8), str(img), "the green thing",
+                         out=str(tmp_path / "o.png"))
+    assert r["resized_size"] == [112, 84] and isinstance(r["answer"], str) and (tmp_path / "o.png").exists()
+    step = tasks_run.agent_step(tasks_run.TaskModel(llm, max_tokens=4), str(img), "Open settings")
+    assert step["resized_size"] == [112, 84] and step["status"] in ("error", "continue", "success", "failure")
