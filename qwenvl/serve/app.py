@@ -8,6 +8,7 @@ non-streamed answer) cancels its generation, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -60,7 +61,8 @@ class Server:
     # ------------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:
         key = self.config.api_key
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        given = request.headers.get("authorization", "").encode("utf-8", "replace")
+        if key and not hmac.compare_digest(given, f"Bearer {key}".encode()):  # no timing hint about the key
             raise APIError(401, "Incorrect or missing API key (send 'Authorization: Bearer <key>')",
                            "invalid_request_error", None, "invalid_api_key")
 
