@@ -153,18 +153,15 @@ def _final_or_checkpoint(run: str) -> tuple[str | None, str]:
     from safetensors.torch import load_file
 
     from qwenvl.train import TrainConfig
-    from qwenvl.train.trainer import _StateDictModel, load_base_model, load_tokenizer
-    from qwenvl.checkpoint import save_model
-    from qwenvl.processor import Processor
+    from qwenvl.train.data import ChatEncoder
+    from qwenvl.train.trainer import Dist, TrainModule, export, load_base_model, load_tokenizer
 
     ckpt = os.path.join(run, "checkpoints", json.load(open(latest))["dir"])
-    cfg = TrainConfig.from_dict(yaml.safe_load(open(os.path.join(run, "config.yaml"))))
-    model = load_base_model(TrainConfig.from_dict({**cfg.to_dict(), "device": "cpu"}), torch.device("cpu"))
-    state = model.state_dict()
-    state.update(load_file(os.path.join(ckpt, "trainable.safetensors")))
-    out = os.path.join(run, "from_checkpoint")
-    save_model(_StateDictModel(model.config, state), out)
-    Processor(load_tokenizer(cfg, model.config), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels).save_pretrained(out)
+    cfg = TrainConfig.from_dict({**yaml.safe_load(open(os.path.join(run, "config.yaml"))), "device": "cpu"})
+    model = load_base_model(cfg, torch.device("cpu"))
+    model.load_state_dict(load_file(os.path.join(ckpt, "trainable.safetensors")), strict=False)
+    encoder = ChatEncoder(load_tokenizer(cfg, model.config), min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    out = export(run, TrainModule(model), cfg, encoder, Dist("cpu"))  # RUN/final, as the trainer writes it
     return out, os.path.basename(ckpt)
 
 
@@ -180,7 +177,7 @@ def _train_summary(log_path: str) -> dict:
     return {"steps": log[-1]["step"], "elapsed_s": round(log[-1].get("elapsed_s", 0.0), 1),
             "tokens": sum(x["tokens"] for x in log), "median_tokens_per_s": round(tps[len(tps) // 2]),
             "mean_tokens_per_s": round(sum(x["tokens"] for x in log) / max(sum(x["step_s"] for x in log), 1e-9)),
-            "median_data_wait_s": sorted(x["data_s"] for x in tail)[len(tail) // 2],
+            "median_data_wait_s": round(sorted(x["data_s"] for x in tail)[len(tail) // 2], 4),
             "first_loss": round(log[0]["loss"], 4), "final_loss": round(sum(x["loss"] for x in last) / len(last), 4),
             "peak_memory_gb": round(max(x["memory_gb"] for x in log), 2)}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qwenvl-nano from scratch in ONE device call (docs/NANO.md §6), every step under `timeout`, all within
-# NANO_TOTAL_SECONDS (560 s):
+# NANO_TOTAL_SECONDS (555 s; packaging gets >= 15 s even past it):
 #   (a) synthetic training data on NANO_GEN_WORKERS processes for NANO_GEN_SECONDS (stage-2 token mix) + the eval
 #       suite's held-out set, merged into one shuffled train.jsonl;
 #   (b) `qwenvl train` (qwenvl.train.cli) of the nano preset from random weights for NANO_TRAIN_SECONDS of wall
@@ -17,11 +17,11 @@ OUT=${OUT:-nano-out}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
-  D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=4 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
+  D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=3 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
   D_ACCUM=1 D_WARMUP=2 D_EVAL_TIMEOUT=60 D_EVAL_ARGS="--max-tokens 4 --backend generate --tasks grounding,chart"
 else
-  D_TOTAL=560 D_GEN=75 D_GEN_WORKERS=14 D_ROUND=100000 D_TRAIN=330 D_DATA_WORKERS=14 D_EVAL_N=50 D_DEVICE=cuda
-  D_PACK=4096 D_ACCUM=4 D_WARMUP=30 D_EVAL_TIMEOUT=95 D_EVAL_ARGS=""
+  D_TOTAL=555 D_GEN=75 D_GEN_WORKERS=14 D_ROUND=100000 D_TRAIN=330 D_DATA_WORKERS=14 D_EVAL_N=50 D_DEVICE=cuda
+  D_PACK=4096 D_ACCUM=4 D_WARMUP=30 D_EVAL_TIMEOUT=95 D_EVAL_ARGS="--batch-size 64"
 fi
 TOTAL=${NANO_TOTAL_SECONDS:-$D_TOTAL}
 GEN=${NANO_GEN_SECONDS:-$D_GEN}; GEN_WORKERS=${NANO_GEN_WORKERS:-$D_GEN_WORKERS}; ROUND=${NANO_ROUND_TOKENS:-$D_ROUND}
@@ -47,18 +47,19 @@ step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, 
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; nproc
   $PY -c "import torch, tokenizers, safetensors, yaml; print('torch', torch.__version__)"; } >> "$LOG" 2>&1
 
-# (a) data: generation ends at its own deadline; `timeout` is the backstop
-step data $(cap $(( GEN + 45 )) $(( TRAIN + EVAL_TIMEOUT + 60 ))) \
+# (a) data: generation ends at its own deadline (+ ~10 s to start and merge); `timeout` is the backstop
+step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites"
 
-# (b) train: what is left after eval and packaging, at most NANO_TRAIN_SECONDS; +50 s for start and export
-TRAIN_S=$(cap "$TRAIN" $(( EVAL_TIMEOUT + 75 )))
-step train $(( TRAIN_S + 50 )) $PY -m qwenvl.train.cli model=nano stage=sft "output_dir=$WORK/run" \
+# (b) train: at most NANO_TRAIN_SECONDS, less when (a) ran long: eval's limit + ~45 s (training start and export
+# ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop
+TRAIN_S=$(cap "$TRAIN" $(( EVAL_TIMEOUT + 45 )))
+step train $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli model=nano stage=sft "output_dir=$WORK/run" \
   "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR warmup_steps=$WARMUP \
   min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 max_train_seconds=$TRAIN_S \
   min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$DATA_WORKERS device=$DEVICE precision=bf16 \
-  save_every=400 keep_checkpoints=1 resume=false max_bad_fraction=0.05 seed=0
+  save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false max_bad_fraction=0.05 seed=0
 
 # (c) eval on the held-out suite made in (a)
 if [ -f "$WORK/run/final/config.json" ]; then
@@ -67,7 +68,7 @@ if [ -f "$WORK/run/final/config.json" ]; then
 fi
 
 # (d) package (from the newest checkpoint if the export is missing) + table
-step package $(cap 60 0) $PY bench/nano_recipe.py package --run "$WORK/run" --eval "$WORK/eval" \
+step package $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run" --eval "$WORK/eval" \
   --data "$WORK/data" --out "$OUT" --timings "$TIMES"
 cat "$WORK/package.log"
 echo "total $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT" "$OUT/model"

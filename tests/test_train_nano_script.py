@@ -45,3 +45,24 @@ def test_train_nano_script_smoke(tmp_path):
     m = Qwen25VL.from_pretrained(model_dir, dtype=torch.bfloat16)
     assert m.config.text.vocab_size == 8192 and json.loads((model_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert Processor.from_pretrained(model_dir).max_pixels == 448 * 448
+
+
+@pytest.mark.slow
+def test_package_falls_back_to_the_newest_checkpoint(tmp_path):
+    """Training killed before its export: the package step exports the newest checkpoint instead."""
+    from qwenvl.train import TrainConfig, train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny", train_files=[str(data)], output_dir=str(run), max_steps=2, save_every=1,
+                      export=False, pack_length=64))
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_recipe
+
+    assert nano_recipe.main(["package", "--run", str(run), "--eval", str(tmp_path / "none"), "--data",
+                             str(tmp_path / "none"), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["model_from"] == "step_00000002" and summary["train"]["steps"] == 2
+    assert (tmp_path / "out" / "model" / "model_files.tar").exists()
