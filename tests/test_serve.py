@@ -430,24 +430,43 @@ def test_remote_media(backend, media_dir):
                 self.send_header("Location", "/img.png")
                 self.end_headers()
                 return
+            if self.path == "/x.txt":
+                self.send_error(404)
+                return
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            if self.path != "/no-length":  # else the body simply runs to the end of the connection
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
         def log_message(self, *a):
             pass
 
-    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         u = f"http://127.0.0.1:{srv.server_port}"
         assert fetch_url(u + "/img.png", 1 << 20, 5, allow_private=True) == body
         assert fetch_url(u + "/redirect", 1 << 20, 5, allow_private=True) == body
-        with pytest.raises(MediaError, match="over the limit"):
+        assert fetch_url(u + "/no-length", 1 << 20, 5, allow_private=True) == body
+        with pytest.raises(MediaError, match="over the limit"):  # announced by Content-Length
             fetch_url(u + "/img.png", 10, 5, allow_private=True)
+        with pytest.raises(MediaError, match="more than 10 bytes"):  # counted while reading
+            fetch_url(u + "/no-length", 10, 5, allow_private=True)
         with pytest.raises(MediaError, match="private"):
             fetch_url(u + "/img.png", 1 << 20, 5)
+        # through the server: the fetched image reaches the model (56x56 -> 2x2 merged tokens + start/end)
+        config = ServerConfig(model_names=[MODEL], limits=limits(media_dir, allow_remote=True,
+                                                                 allow_private_remote=True, remote_max_bytes=1 << 20))
+        with live(create_app(backend, config)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            plain = client.chat.completions.create(model=MODEL, messages=user(text("?")), max_tokens=1)
+            r = client.chat.completions.create(model=MODEL, messages=user(image(u + "/redirect"), text("?")),
+                                               max_tokens=1)
+            assert r.usage.prompt_tokens == plain.usage.prompt_tokens + 4 + 2
+            with pytest.raises(openai.BadRequestError, match="HTTP 404|not a readable image"):
+                client.chat.completions.create(model=MODEL, messages=user(image(u + "/x.txt"), text("?")),
+                                               max_tokens=1)
     finally:
         srv.shutdown()
 
