@@ -94,6 +94,8 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.llm.shutdown()  # tensor parallel: stops the other ranks (only this thread drove the engine)
 
     # ------------------------------------------------------------------------------------------ engine thread
     def _deliver(self, rid: str, item) -> None:

@@ -6,6 +6,7 @@ append tokens, detokenize, check stops (outputs.py). The sampled ids are the onl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from . import spmd
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestOutput, StepOutput, TextStream
 from .runner import ModelRunner
@@ -57,25 +59,32 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  enable_cuda_graphs: bool = True, processor=None, kv_cache_bytes: int | None = None,
-                 encoder_cache_tokens: int = 32768, seed: int = 0):
-        from ..model import Qwen25VL
-
+                 encoder_cache_tokens: int = 32768, seed: int = 0, tensor_parallel_size: int = 1,
+                 quantization: str | None = None):
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "model", "processor", "__class__")}
         for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                           ("block_size", block_size)):
             if not isinstance(val, int) or val < 1:
                 raise InputError(f"LLM: {name}={val!r} must be a positive integer")
         if not 0 < gpu_memory_utilization <= 1:
             raise InputError(f"LLM: gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
-        path = None
-        if isinstance(model, (str, os.PathLike)):
-            path = os.fspath(model)
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-            model = Qwen25VL.from_pretrained(path, dtype=dtype, device=device)
-        elif not isinstance(model, Qwen25VL):
-            raise InputError(f"LLM: expected a checkpoint path or a Qwen25VL, got {type(model).__name__}")
-        elif device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
+        spmd.check_options(tensor_parallel_size, quantization)
+        # tensor parallelism: this process is one rank of an SPMD group (spmd.py); rank 0 drives the others
+        self._tp: spmd.TPChannel | None = None
+        self._tp_workers = None
+        self._tp_results: list[tuple] = []  # rank 0: this step's tokens, for the next control message
+        self._tp_adds: list[tuple] = []  # rank 0: requests added since the last control message
+        self._shut = False
+        rank = 0
+        if tensor_parallel_size > 1:
+            rank, device, self._tp_workers = spmd.setup(model, device, tensor_parallel_size, init_kwargs)
+        try:
+            model, path = spmd.build_model(model, dtype, device, rank, tensor_parallel_size, quantization)
+            if tensor_parallel_size > 1:
+                self._tp = spmd.TPChannel(model.device)
+        except BaseException:
+            self._stop_workers()
+            raise
         self.model = model.eval()
         self.device = model.device
         self.config = model.config
@@ -90,6 +99,9 @@ class LLM:
                 num_blocks = self.runner.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
             else:
                 num_blocks = (kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES) // self.runner.kv_bytes_per_block()
+        if self._tp is not None:  # block ids must mean the same memory on every rank
+            self.runner.tp = self._tp
+            num_blocks = self._tp.min_int(num_blocks)
         if num_blocks < 1:
             raise InputError("LLM: no room for the KV cache (raise gpu_memory_utilization or kv_cache_bytes)")
         capacity = num_blocks * block_size
@@ -109,6 +121,8 @@ class LLM:
         self._arrival = itertools.count()
         self._request_counter = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self._tp_workers is not None:
+            spmd.register_shutdown(self)
 
     # ------------------------------------------------------------------------------------------ stats
     @property
@@ -238,6 +252,8 @@ class LLM:
         self._requests[request_id] = _Request(request_id, prompt, params, seqs, streams)
         for s in seqs:
             self.scheduler.add(s)
+        if self._tp is not None and self._tp.rank == 0:  # the other ranks add it at the next step
+            self._tp_adds.append((request_id, prompt, dataclasses.replace(params, logits_processors=None)))
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed at the next step boundary (step() reports it finished)."""
@@ -249,6 +265,8 @@ class LLM:
 
     # ------------------------------------------------------------------------------------------ a step
     def step(self) -> list[StepOutput]:
+        if self._tp is not None:
+            self._tp_send("step")
         outputs = self._process_aborts()
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -265,8 +283,76 @@ class LLM:
                            s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
         result = sample(logits, rows, self._generator)
         for seq, tok, lp in zip(sampling, result.token_ids.tolist(), result.logprobs):
-            outputs.append(self._append_token(seq, tok, lp))
+            out = self._append_token(seq, tok, lp)
+            outputs.append(out)
+            if self._tp is not None:
+                self._tp_results.append((seq.request_id, seq.index, tok, out.finish_reason))
         return outputs
+
+    # ------------------------------------------------------------------------------------------ tensor parallel
+    def _tp_send(self, kind: str) -> None:
+        """rank 0: the control message that the other ranks' follow() applies (spmd.py)."""
+        if self._tp.rank != 0:
+            raise RuntimeError("under tensor parallelism only rank 0 drives the engine; the other ranks call "
+                               "follow() (or generate/chat with the same arguments)")
+        if self._shut:
+            raise RuntimeError("the tensor-parallel engine is shut down")
+        msg = (kind, self._tp_results, self._tp_adds, list(self._pending_aborts))
+        self._tp_results, self._tp_adds = [], []
+        self._tp.broadcast(msg)
+
+    def follow(self, until: str = "shutdown") -> None:
+        """Ranks > 0: mirror rank 0's engine, step by step, until rank 0 sends `until` ("return": the end
+        of one generate/chat call) or shutdown. Their forward passes are the shard's part of every step."""
+        if self._tp is None or self._tp.rank == 0:
+            raise RuntimeError("follow() is for ranks > 0 of a tensor-parallel engine")
+        while True:
+            kind, results, adds, aborts = self._tp.broadcast()
+            for rid, index, tok, reason in results:
+                req = self._requests[rid]
+                seq = req.seqs[index]
+                seq.token_ids.append(tok)
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                    if all(s.is_finished for s in req.seqs):
+                        del self._requests[rid]
+            for rid, prompt, params in adds:
+                self._add_encoded(rid, prompt, params)
+            self._pending_aborts.extend(aborts)
+            if kind == "step":
+                self._process_aborts()
+                chunks = self.scheduler.schedule()
+                if chunks:
+                    self.runner.execute(chunks)  # no sampling here: rank 0 sends its tokens
+                    self.scheduler.after_step(chunks)
+            elif kind == "shutdown":
+                self._tp.barrier()  # rank 0 leaves the process group only after every rank has the message
+                self._shut = True
+                return
+            elif kind == until:
+                return
+
+    def shutdown(self) -> None:
+        """Tensor parallelism: rank 0 stops the other ranks (their follow() returns) and, in the one-process
+        mode, joins their processes and leaves the process group. A no-op otherwise, and when repeated."""
+        if self._tp is None or self._shut:
+            return
+        if self._tp.rank == 0:
+            self._tp_send("shutdown")
+            self._tp.barrier()
+        self._shut = True
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        """One-process mode: leave the process group this LLM created, then reap the worker ranks."""
+        if self._tp_workers is None:
+            return
+        workers, self._tp_workers = self._tp_workers, None
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        workers.join(timeout=30)
+        for failure in workers.failures():
+            log.error("tensor-parallel worker: %s", failure)
 
     def _append_token(self, seq: Sequence, tok: int, logprobs) -> StepOutput:
         req = self._requests[seq.request_id]
@@ -328,6 +414,9 @@ class LLM:
         return self._run_all(conversations, params)
 
     def _run_all(self, prompts: list, params) -> list[RequestOutput]:
+        if self._tp is not None and self._tp.rank != 0:  # torchrun: rank 0's call drives this one
+            self.follow(until="return")
+            return []
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise InputError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
@@ -344,6 +433,8 @@ class LLM:
                 if out.output is not None and out.request_id in pending:
                     results[out.request_id] = out.output
                     pending.discard(out.request_id)
+        if self._tp is not None and self._tp_workers is None:  # torchrun: the other ranks' calls return
+            self._tp_send("return")
         return [results[r] for r in ids]
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..quant.fp8 import fuse_linears
 from ..rope import _inv_freq, rotate_half
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
                         triton_decode_ok, write_kv)
@@ -39,10 +40,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class FusedLayer:
     module: torch.nn.Module  # the DecoderLayer (norms, o_proj, down_proj used as they are)
-    wqkv: torch.Tensor
-    bqkv: torch.Tensor | None
-    wgu: torch.Tensor
-    bgu: torch.Tensor | None
+    qkv: torch.nn.Module  # q/k/v as one linear (nn.Linear, or FP8Linear for an FP8 model)
+    gu: torch.nn.Module  # gate/up as one linear
 
 
 @dataclass
@@ -89,6 +88,7 @@ class ModelRunner:
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
         self.kv: PagedKVCache | None = None
+        self.tp = None  # engine.spmd.TPChannel under tensor parallelism (set by the engine)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []  # sorted keys of graphs
         self.static: dict[str, torch.Tensor] = {}
@@ -96,28 +96,12 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
     def _fuse_weights(self, share: bool) -> list[FusedLayer]:
+        """share: the modules keep working, on views of the fused tensors (no second copy in memory)."""
         fused = []
         for layer in self.model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            projs = [a.q_proj, a.k_proj, a.v_proj]
-            wqkv = torch.cat([p.weight for p in projs]).detach()
-            bqkv = torch.cat([p.bias for p in projs]).detach() if a.q_proj.bias is not None else None
-            wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-            bgu = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach() if mlp.gate_proj.bias is not None else None
-            if share:  # the modules keep working, on views of the fused tensors (no second copy in memory)
-                for w, ps in ((wqkv, projs), (wgu, [mlp.gate_proj, mlp.up_proj])):
-                    off = 0
-                    for p in ps:
-                        n = p.weight.shape[0]
-                        p.weight.data = w[off:off + n]
-                        off += n
-                for b, ps in ((bqkv, projs), (bgu, [mlp.gate_proj, mlp.up_proj])):
-                    off = 0
-                    for p in ps if b is not None else []:
-                        n = p.bias.shape[0]
-                        p.bias.data = b[off:off + n]
-                        off += n
-            fused.append(FusedLayer(layer, wqkv, bqkv, wgu, bgu))
+            fused.append(FusedLayer(layer, fuse_linears([a.q_proj, a.k_proj, a.v_proj], share=share),
+                                    fuse_linears([mlp.gate_proj, mlp.up_proj], share=share)))
         return fused
 
     def kv_bytes_per_block(self) -> int:
@@ -174,14 +158,14 @@ class ModelRunner:
         layer = L.module
         N = h.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(layer.input_layernorm(h), L.wqkv, L.bqkv)
+        qkv = L.qkv(layer.input_layernorm(h))
         qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
         qk = qk * cos + rotate_half(qk) * sin  # q and k in one go, in the model dtype as the reference
         q, k = qk.split([H, KV], dim=1)
         v = qkv[:, (H + KV) * D:].view(N, KV, D)
         write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
         h = h + layer.self_attn.o_proj(attend(i, q, k, v).reshape(N, H * D))
-        gu = F.linear(layer.post_attention_layernorm(h), L.wgu, L.bgu)
+        gu = L.gu(layer.post_attention_layernorm(h))
         g, u = gu.chunk(2, dim=-1)
         return h + layer.mlp.down_proj(F.silu(g) * u)
 
@@ -346,8 +330,15 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
     def capture_cuda_graphs(self, max_model_len: int) -> None:
-        """One graph of _decode_core per batch-size bucket; any failure leaves eager decoding in place."""
-        if not (self.enable_cuda_graphs and self.is_cuda and self.use_triton):
+        """One graph of _decode_core per batch-size bucket; any failure leaves eager decoding in place.
+        Tensor parallel: the NCCL collectives of the shard's layers are captured too (capture_error_mode
+        thread_local: NCCL's watchdog thread queries events meanwhile), and every rank keeps its graphs only
+        if all ranks captured every bucket (a replay on one rank and an eager step on another would still
+        match collective for collective, but one failed capture must not leave the others' graphs half
+        built: they agree after each bucket)."""
+        tp = self.tp
+        usable = self.enable_cuda_graphs and self.is_cuda and self.use_triton
+        if not (tp.agree(usable) if tp is not None else usable):
             return
         dev = self.device
         max_batch = self.max_num_seqs
@@ -372,15 +363,20 @@ class ModelRunner:
                         self._decode_core(*args)
                 torch.cuda.current_stream(dev).wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                mode = "thread_local" if tp is not None else "global"
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                     out = self._decode_core(*args)
                 pool = graph.pool()
                 self.graphs[B] = (graph, out)
+                if tp is not None and not tp.agree(True):
+                    raise RuntimeError("another rank failed to capture")
             torch.cuda.synchronize(dev)
             self.graph_sizes = sorted(self.graphs)
             log.info("captured %d decode CUDA graphs (batch sizes up to %d)", len(self.graphs), max_batch)
         except Exception as e:
             log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+            if tp is not None and "another rank" not in str(e):
+                tp.agree(False)  # the others are waiting for this bucket's verdict
             self.graphs, self.graph_sizes = {}, []
 
     # ------------------------------------------------------------------------------------------ vision

@@ -21,12 +21,15 @@ def default_backend(world: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None, env: dict | None = None
+                     ) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*); single process
     without them. Returns (rank, world, device): cuda:LOCAL_RANK with NCCL, else cpu. timeout_s bounds how
-    long a collective may wait (a rank that died then fails the others instead of hanging them)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    long a collective may wait (a rank that died then fails the others instead of hanging them). env: those
+    variables given explicitly instead of read from os.environ (start_workers' rank 0: the caller's process)."""
+    env = os.environ if env is None else env
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    local = int(env.get("LOCAL_RANK", rank))
     backend = backend or default_backend(world)
     device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -35,6 +38,8 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         kw = {"device_id": device} if device.type == "cuda" else {}
         if timeout_s:
             kw["timeout"] = datetime.timedelta(seconds=timeout_s)
+        if env is not os.environ:
+            kw["init_method"] = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
         dist.init_process_group(backend, rank=rank, world_size=world, **kw)
     return rank, world, device
 
@@ -45,13 +50,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world, port, backend, args, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank))
+
+
+def _worker(fn, rank, world, port, backend, args, results, timeout_s=None):
+    os.environ.update(_rank_env(rank, world, port))
     try:
         if backend == "gloo":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        init_distributed(backend)
+        init_distributed(backend, timeout_s)
         out = fn(rank, world, *args)
         buf = io.BytesIO()
         torch.save(out, buf)  # bytes, not shared-memory handles: this process may exit before the parent reads
@@ -68,8 +77,7 @@ def spawn(fn, world: int, *args, backend: str | None = None, timeout: float = 60
     return values (rank order). fn must be importable (module level) and its return value picklable by
     torch.save. A failing rank raises here with its traceback, and the other ranks are terminated.
 
-    `qwenvl serve --tensor-parallel-size N` -> spawn(serve_rank, N, args): every rank loads its shard with
-    load_tp(path, rank, world, ...) and runs the same steps; rank 0 owns the HTTP server."""
+    (The engine's one-process tensor parallelism uses start_workers instead: the caller stays rank 0.)"""
     backend = backend or default_backend(world)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -108,3 +116,55 @@ def spawn(fn, world: int, *args, backend: str | None = None, timeout: float = 60
     if errors or len(got) < world:
         raise RuntimeError("spawn: " + ("\n".join(errors) or f"timed out after {timeout:.0f}s"))
     return [torch.load(io.BytesIO(got[r]), weights_only=False) for r in range(world)]
+
+
+class Workers:
+    """Ranks 1..world-1 in new processes, this process rank 0 of the same process group (see start_workers)."""
+
+    def __init__(self, procs, results):
+        self.procs, self.results = procs, results
+
+    def failures(self) -> list[str]:
+        """Tracebacks of ranks that failed so far, and ranks that died without one."""
+        out = []
+        while True:
+            try:
+                rank, ok, payload = self.results.get_nowait()
+            except queue.Empty:
+                break
+            if not ok:
+                out.append(f"rank {rank} failed:\n{payload}")
+        dead = [i + 1 for i, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
+        if dead and not out:
+            out.append(f"rank process(es) {dead} died (exit codes {[self.procs[r - 1].exitcode for r in dead]})")
+        return out
+
+    def join(self, timeout: float = 30.0) -> None:
+        for p in self.procs:
+            p.join(timeout=timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def start_workers(fn, world: int, *args, backend: str | None = None, timeout_s: float | None = None
+                  ) -> tuple[Workers, torch.device]:
+    """Start fn(rank, world, *args) for ranks 1..world-1 in new processes (as spawn does) and make the calling
+    process rank 0 of their process group (GPU 0 with NCCL). Returns (workers, this rank's device). fn must be
+    importable; its return value is ignored. The caller runs rank 0's part itself, then joins the workers."""
+    backend = backend or default_backend(world)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, backend, args, results, timeout_s), daemon=True)
+             for r in range(1, world)]
+    for p in procs:
+        p.start()
+    workers = Workers(procs, results)
+    try:
+        _, _, device = init_distributed(backend, timeout_s, env=_rank_env(0, world, port))
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    return workers, device

@@ -18,9 +18,9 @@ splits a batch's images across ranks and all-gathers the features (PEERS.md 2.2,
 mm_encoder_tp_mode=data).
 
 SPMD: every rank runs the same forward on the same inputs (ids, pixels, positions) and gets the same
-logits (all-gathered), so greedy/seeded sampling agrees without further communication. The engine (LLM)
-works unchanged on a shard if every rank is given the same requests and the same explicit num_blocks
-(profiling free memory per rank could size the caches differently).
+logits (all-gathered), so greedy/seeded sampling agrees without further communication. The engine runs on
+shards through LLM(..., tensor_parallel_size=N) (qwenvl/engine/spmd.py: rank 0 drives, the others mirror
+its scheduler from a control message per step; the KV cache size is the minimum over ranks).
 
 Two entry points: shard_model(model, rank, world) converts a full model in memory; load_tp(path, rank,
 world, ...) builds the sharded model on the meta device and reads only this rank's slices from the
@@ -381,3 +381,80 @@ def load_tp(path: str | os.PathLike, rank: int = 0, world: int = 1, dtype=None, 
 def param_bytes(model, prefix: str = "") -> int:
     """Bytes of the distinct parameters whose names start with prefix."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith(prefix))
+
+
+@torch.no_grad()
+def random_shard(config: ModelConfig, rank: int = 0, world: int = 1, dtype=torch.bfloat16, device="cpu",
+                 seed: int = 0, std: float = 0.02, fp8: bool = False, group=None, vit: str = "replicate"):
+    """This rank's shard of a random model (normal(0, std), norms at 1, biases 0; Qwen25VL.random's rule),
+    allocated straight on `device` in `dtype`: the full model never exists anywhere, so a 72B shard costs
+    only its own bytes (benchmarks at real shapes without a checkpoint). fp8: the decoder linears are
+    FP8Linear, each weight drawn in `dtype` and quantised on its own (one weight's transient copy at a time).
+    Replicated tensors draw from one generator on every rank (identical ViT everywhere); sharded ones from
+    a per-rank one. Not the same values as Qwen25VL.random (use shard_model on that where equality matters)."""
+    from ..model import Qwen25VL
+    from ..quant.fp8 import quantize_weight
+
+    if world > 1:
+        _check_group(world, group)
+    with torch.device("meta"):
+        model = Qwen25VL(config).to(dtype)
+    if fp8:
+        make_fp8_modules(model)
+    lay = TPLayout.of(config.text, rank, world) if world > 1 else None
+    if lay is not None:
+        _restructure(model, lay, group, vit)
+    device = torch.device(device)
+    shared = torch.Generator(device=device).manual_seed(seed)
+    own = torch.Generator(device=device).manual_seed(seed + 7919 * (rank + 1))
+    tied = config.text.tie_word_embeddings
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if (tied and name == "lm_head.weight") or name.endswith("weight_scale"):
+            continue
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
+                or name.endswith("norm.weight") or name.endswith("ln_q.weight"):
+            t = torch.ones(p.shape, dtype=dtype, device=device)
+        elif name.endswith(".bias"):
+            t = torch.zeros(p.shape, dtype=dtype, device=device)
+        else:
+            gen = own if lay is not None and lay.spec(name) is not None else shared
+            t = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
+        if p.dtype == torch.float8_e4m3fn:
+            t, scale = quantize_weight(t)
+            _assign(model, name[:-len("weight")] + "weight_scale", scale)
+        _assign(model, name, t)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if fp8:
+        from ..quant.fp8 import _mark_quantized
+
+        _mark_quantized(model)
+        fp8_backend(device)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """A picklable model factory f(rank, world, device) for LLM(f, tensor_parallel_size=N) and the benches:
+    random weights at a preset shape ("7b", "72b", "tiny") or a ModelConfig, built on each rank's device.
+    full=True: every rank draws the whole model (Qwen25VL.random, so TP=N has exactly the TP=1 weights) and
+    keeps its shard; full=False: only the shard is ever allocated (random_shard: a 72B shard per GPU;
+    values differ from TP=1), optionally with FP8 decoder linears."""
+    shape: object = "tiny"
+    dtype: torch.dtype = torch.bfloat16
+    seed: int = 0
+    full: bool = True
+    fp8: bool = False
+
+    def __call__(self, rank: int = 0, world: int = 1, device=None):
+        from ..config import preset
+        from ..model import Qwen25VL
+
+        config = preset(self.shape) if isinstance(self.shape, str) else self.shape
+        device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        if not self.full:
+            return random_shard(config, rank, world, self.dtype, device, self.seed, fp8=self.fp8)
+        if self.fp8:
+            raise ConfigError("RandomWeights: fp8 needs full=False (or quantise the model after)")
+        model = Qwen25VL.random(config, self.dtype, device=device, seed=self.seed)
+        return shard_model(model, rank, world) if world > 1 else model

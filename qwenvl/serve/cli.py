@@ -26,6 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache size (default: CPU 1 GiB, CUDA by "
                    "--gpu-memory-utilization)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the decoder is split over: this "
+                   "process is rank 0 (the HTTP server) and starts the other ranks; each reads only its slices of "
+                   "the checkpoint")
+    g.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: e4m3 weights with per-channel "
+                   "scales for the decoder linears (an FP8 checkpoint is FP8 without the flag)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-request-bytes", type=int, default=64 << 20)
     g.add_argument("--max-concurrent", type=int, default=256, help="requests in flight; more get HTTP 429")
@@ -48,22 +53,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def build(args) -> tuple:
-    """(app, backend) for parsed args."""
+def engine_kwargs(args) -> dict:
+    """qwenvl.LLM keyword arguments of parsed args."""
     import torch
 
+    kw = dict(max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+              max_model_len=args.max_model_len, device=args.device,
+              dtype=getattr(torch, args.dtype) if args.dtype else None,
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+    if args.kv_cache_mb:
+        kw["kv_cache_bytes"] = args.kv_cache_mb << 20
+    return kw
+
+
+def build(args) -> tuple:
+    """(app, backend) for parsed args."""
     from ..hub import resolve_model
     from .app import ServerConfig, create_app
     from .backend import EngineBackend
     from .media import MediaLimits
 
     path = resolve_model(args.model)
-    kw = dict(max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              max_model_len=args.max_model_len, device=args.device,
-              dtype=getattr(torch, args.dtype) if args.dtype else None)
-    if args.kv_cache_mb:
-        kw["kv_cache_bytes"] = args.kv_cache_mb << 20
-    backend = EngineBackend.from_path(path, **kw)
+    backend = EngineBackend.from_path(path, **engine_kwargs(args))
     names = args.served_model_name or [os.path.basename(os.path.normpath(path))]
     limits = MediaLimits(allowed_dirs=[os.path.abspath(d) for d in args.allowed_media_dir],
                          allow_remote=args.allow_remote_media, remote_max_bytes=args.remote_max_bytes,
@@ -79,6 +90,13 @@ def build(args) -> tuple:
 def run(args) -> int:
     import uvicorn
 
+    if int(os.environ.get("RANK", 0)) > 0 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # under torchrun (--tensor-parallel-size = the world size): rank 0 serves, the others follow it
+        from ..engine import LLM
+        from ..hub import resolve_model
+
+        LLM(resolve_model(args.model), **engine_kwargs(args)).follow()
+        return 0
     app, backend = build(args)
     names = app.state.server.config.model_names
     print(f"qwenvl serve: model {names[0]!r} at http://{args.host}:{args.port}/v1 (web page at /)", file=sys.stderr)
