@@ -78,27 +78,40 @@ def _relink(item_src, prefix: str):
     return f"{prefix}/{item_src}" if isinstance(item_src, str) and not item_src.startswith("/") else item_src
 
 
-def merge(out: str, seed: int) -> dict:
+def _relink_file(args) -> list[tuple[str, str]]:
+    """(task, line) for every record of one round's JSONL, media paths made relative to the data root."""
+    path, out = args
+    prefix = os.path.relpath(os.path.dirname(path), out)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by `timeout`
+                continue
+            for m in rec["messages"]:
+                if isinstance(m["content"], list):
+                    for it in m["content"]:
+                        if it.get("type") in ("image", "video"):
+                            it[it["type"]] = _relink(it[it["type"]], prefix)
+            rows.append((rec["task"], json.dumps(rec, ensure_ascii=False) + "\n"))
+    return rows
+
+
+def merge(out: str, seed: int, processes: int = 1) -> dict:
     """Every round's JSONL -> out/train.jsonl (media paths made relative to out, charts repeated, shuffled)."""
+    import multiprocessing as mp
+
+    paths = [(p, out) for p in sorted(glob.glob(os.path.join(out, "w*", "r*", "*.jsonl")))]
+    with mp.get_context("fork").Pool(max(1, processes)) as pool:
+        files = pool.map(_relink_file, paths, chunksize=4)
     lines, unique, tokens = [], {}, {}
-    for path in sorted(glob.glob(os.path.join(out, "w*", "r*", "*.jsonl"))):
-        prefix = os.path.relpath(os.path.dirname(path), out)
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by `timeout`
-                    continue
-                for m in rec["messages"]:
-                    if isinstance(m["content"], list):
-                        for it in m["content"]:
-                            if it.get("type") in ("image", "video"):
-                                it[it["type"]] = _relink(it[it["type"]], prefix)
-                task = rec["task"]
-                unique[task] = unique.get(task, 0) + 1
-                rep = CHART_REPEAT if task == "chart" else 1
-                tokens[task] = tokens.get(task, 0) + rep * TOKENS[task]
-                lines += [json.dumps(rec, ensure_ascii=False) + "\n"] * rep
+    for rows in files:
+        for task, line in rows:
+            unique[task] = unique.get(task, 0) + 1
+            rep = CHART_REPEAT if task == "chart" else 1
+            tokens[task] = tokens.get(task, 0) + rep * TOKENS[task]
+            lines += [line] * rep
     random.Random(seed).shuffle(lines)
     with open(os.path.join(out, "train.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(lines)
@@ -124,7 +137,7 @@ def cmd_data(a) -> int:
     for p in procs:
         p.join()
     gen_s = time.time() - t0
-    stats = merge(a.out, a.seed)
+    stats = merge(a.out, a.seed, a.workers)
     per_task: dict[str, list[float]] = {}
     for path in glob.glob(os.path.join(a.out, "w*", "timing.json")):
         for task, (n, s) in json.load(open(path)).items():
