@@ -124,6 +124,12 @@ def cmd_data(a) -> int:
     import multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from qwenvl import synth
+
+    for task in synth.TASKS:  # import the generators (and matplotlib, building its font cache) once, before forking
+        synth.generator(task)
+    if synth.charts.have_matplotlib():
+        import matplotlib.figure  # noqa: F401
     t0 = time.time()
     deadline = t0 + a.seconds
     counts = round_counts(a.round_tokens)
