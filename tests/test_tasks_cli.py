@@ -183,6 +183,18 @@ def test_video_hmsf_answer_uses_the_files_frame_rate(tmp_path, capsys):
     assert [(e["start"], e["end"], e["caption"]) for e in r["events"]] == [(0.0, pytest.approx(2.8), "a")]
 
 
+def test_video_cookbook_prompts(tmp_path, capsys):
+    clip = write_video(tmp_path / "clip.mp4", 4, 5)
+    r = run(capsys, "video", clip, "--when", "the screen gets brighter", "--answer", "It happens in 1.0 - 2.5 seconds.")
+    assert r["question"] == ("Give the query: 'the screen gets brighter', when does the described content occur in "
+                             "the video?") and r["time_ranges"] == [[1.0, 2.5]]
+    r = run(capsys, "video", clip, "--dense", "--answer", "00:00.0 - 00:02.5: fading in")
+    assert r["question"].startswith("Localize a series of activity events in the video") and "'mm:ss.ff'" in r["question"]
+    assert r["events"] == [{"start": 0.0, "end": 2.5, "caption": "fading in", "extra": {}}]
+    assert main(["video", str(clip), "a question", "--dense", "--answer", "x"]) == 2
+    assert "one of them" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- ground --count
 def test_ground_count(tmp_path, capsys):
     img = tmp_path / "street.png"

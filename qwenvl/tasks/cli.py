@@ -69,7 +69,12 @@ def add_parsers(subparsers) -> None:
 
     v = subparsers.add_parser("video", help="ask about a video of any length (dynamic fps within a token budget)")
     v.add_argument("file")
-    v.add_argument("question")
+    v.add_argument("question", nargs="?", default=None, help="what to ask (or one of --when / --dense)")
+    ask = v.add_mutually_exclusive_group()
+    ask.add_argument("--when", default=None, metavar="EVENT", help="temporal grounding: the cookbook's prompt for "
+                     "when EVENT happens (the answer's time ranges in seconds)")
+    ask.add_argument("--dense", action="store_true", help="dense captions: the cookbook's prompt for events with "
+                     "mm:ss.ff times (the answer's events in seconds)")
     v.add_argument("--video-tokens", type=int, default=16384, help="token budget for the video")
     v.add_argument("--fps", type=float, default=None, help="override the chosen sampling rate")
     v.add_argument("--max-frames", type=int, default=None, help="override the chosen frame cap")
@@ -145,7 +150,13 @@ def cmd_ocr(args) -> int:
 
 
 def cmd_video(args) -> int:
-    _print(run.ask_video(_model(args), args.file, args.question, video_tokens=args.video_tokens, fps=args.fps,
+    from .video import dense_caption_prompt, grounding_prompt
+
+    if (args.question is not None) + (args.when is not None) + args.dense != 1:
+        raise InputError("qwenvl video: give a question, or --when EVENT, or --dense (one of them)")
+    question = grounding_prompt(args.when) if args.when is not None else dense_caption_prompt() if args.dense \
+        else args.question
+    _print(run.ask_video(_model(args), args.file, question, video_tokens=args.video_tokens, fps=args.fps,
                          max_frames=args.max_frames))
     return 0
 
