@@ -45,6 +45,11 @@ def test_train_nano_script_smoke(tmp_path):
     m = Qwen25VL.from_pretrained(model_dir, dtype=torch.bfloat16)
     assert m.config.text.vocab_size == 8192 and json.loads((model_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert Processor.from_pretrained(model_dir).max_pixels == 448 * 448
+    import qwenvl
+
+    out = qwenvl.LLM(str(model_dir), device="cpu").chat([[{"role": "user", "content": "hi"}]],
+                                                        qwenvl.SamplingParams(max_tokens=2, temperature=0.0))
+    assert len(out[0].token_ids) <= 2 and all(0 <= t < 8192 for t in out[0].token_ids)
 
 
 @pytest.mark.slow
