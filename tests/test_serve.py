@@ -174,15 +174,24 @@ def test_image_data_url_counts_vision_tokens(client, media_dir):
 
 
 def test_video_url(client):
+    base_tokens = client.chat.completions.create(model=MODEL, messages=user(text("What happens?")),
+                                                 max_tokens=1).usage.prompt_tokens
     r = client.chat.completions.create(
         model=MODEL, max_tokens=2,
         messages=user({"type": "video_url", "video_url": {"url": data_url(mp4(2.0), "video/mp4")}},
                       text("What happens?")))
-    assert r.usage.prompt_tokens > 20
-    r = client.chat.completions.create(  # Qwen style with options
+    # 2 s at 2 fps = 4 frames = 2 temporal patches; a 56x56 frame is below the video minimum of 128*28*28 pixels,
+    # so it is scaled up: beta = sqrt(100352 / 3136) = 5.657, side = ceil(56 * 5.657 / 28) * 28 = 12 * 28 = 336,
+    # i.e. 12 x 12 merged tokens a patch: 2 * 144 = 288, plus <|vision_start|> and <|vision_end|>
+    assert r.usage.prompt_tokens == base_tokens + 288 + 2
+    r = client.chat.completions.create(  # Qwen style with options: 1 fps would be 2 frames, raised to the minimum 4
         model=MODEL, max_tokens=2,
         messages=user({"type": "video", "video": data_url(mp4(2.0), "video/mp4"), "fps": 1.0}, text("What happens?")))
-    assert r.choices[0].message.content is not None
+    assert r.choices[0].message.content is not None and r.usage.prompt_tokens == base_tokens + 288 + 2
+    r = client.chat.completions.create(  # and a small max_pixels: 56x56 frames kept at 56x56 -> 2 * 4 tokens
+        model=MODEL, max_tokens=1, messages=user({"type": "video", "video": data_url(mp4(2.0), "video/mp4"),
+                                                  "min_pixels": 3136, "max_pixels": 3136}, text("What happens?")))
+    assert r.usage.prompt_tokens == base_tokens + 8 + 2
 
 
 def test_sampling_n_seed_stop_logprobs(client):
