@@ -4,13 +4,14 @@
     PYTHONPATH=. python bench/bench_tp_engine.py --device cpu --shape tiny --big tiny --w4-requests 4 \
         --big-w4-requests 2 --eq-requests 4 --eq-tokens 8 --w1-tokens 8 --out /tmp/b   # CPU dry run (gloo)
 
-Sections, each in its own process group-led subprocess (a fresh GPU state, killed with its rank processes at
-its time limit; its JSON is rewritten after every measurement, so a timeout keeps what was measured):
+Sections, each in a subprocess of its own session (a fresh GPU state; at its time limit it is killed together
+with the rank processes it started; its JSON is rewritten after every measurement, so what was measured stays):
   tp1   7B shape, TP=1, bf16: greedy tokens of --eq-requests W4-style requests (--eq-tokens each), W1, W4
   tp2   the same weights at TP=2 (LLM(..., tensor_parallel_size=2): this process rank 0, rank 1 started by it):
         the same requests -> first divergence position per request against tp1, W1, W4
-  big   72B shape at TP=2, random weights drawn per rank straight on its GPU (no full model anywhere): bf16
-        when a rank's weights fit in --big-fit of the card, else FP8; W1 and W4 (--big-w4-requests)
+  big   72B shape at TP=2 (--big-tp), random weights drawn per rank straight on its GPU (no full model
+        anywhere): bf16 when a rank's weights fit in --big-fit of the card, else FP8 (--big-dtype forces one);
+        W1 and W4 (--big-w4-requests). 72B FP8 on one H200: --sections big --big-tp 1 --big-dtype fp8
   fp8   one GPU, 7B: W1 bf16, then the same weights quantised (quantization="fp8" path), then with the
         activation quantisation compiled (fp8c)
 W1 = batch 1, one 1280x720 image + 64 text tokens, --w1-tokens greedy tokens, decode tok/s after the first
@@ -184,20 +185,19 @@ def run_big(a, R: Out) -> None:
     cfg = qwenvl.preset(a.big)
     if a.device == "cuda":
         card = torch.cuda.get_device_properties(0).total_memory
-        need_bf16 = weight_bytes_per_rank(cfg, 2, fp8=False)
+        need_bf16 = weight_bytes_per_rank(cfg, a.big_tp, fp8=False)
         fp8 = a.big_dtype == "fp8" or (a.big_dtype == "auto" and need_bf16 > a.big_fit * card)
         R["fit"] = {"card_gib": card / 2**30, "bf16_weights_gib_per_rank": need_bf16 / 2**30,
-                    "fp8_weights_gib_per_rank": weight_bytes_per_rank(cfg, 2, fp8=True) / 2**30}
+                    "fp8_weights_gib_per_rank": weight_bytes_per_rank(cfg, a.big_tp, fp8=True) / 2**30}
         dtype = torch.bfloat16
     else:
         fp8, dtype = a.big_dtype == "fp8", torch.float32
-    R["dtype"] = "fp8" if fp8 else str(dtype)
-    measure(a, R, cfg, RandomWeights(a.big, dtype, seed=0, full=False, fp8=fp8), 2, a.big_w4_requests,
+    R["dtype"], R["tp"] = "fp8" if fp8 else str(dtype), a.big_tp
+    measure(a, R, cfg, RandomWeights(a.big, dtype, seed=0, full=False, fp8=fp8), a.big_tp, a.big_w4_requests,
             gpu_memory_utilization=a.big_gpu_util, max_num_seqs=a.big_max_seqs)
 
 
 def run_fp8(a, R: Out) -> None:
-    from qwenvl.quant import quantize_model_fp8
     from qwenvl.quant.fp8 import compile_activation_quant, fp8_backend
 
     cfg = qwenvl.preset(a.shape)
@@ -206,13 +206,12 @@ def run_fp8(a, R: Out) -> None:
     R["fp8_backend"] = fp8_backend(model.device)
     small = dict(max_num_seqs=16, gpu_memory_utilization=0.45)  # W1 only; leaves room for the next engine
     for name in ("bf16", "fp8", "fp8c"):
-        if name == "fp8":
-            quantize_model_fp8(model)  # in place, layer by layer (what LLM(..., quantization="fp8") does)
         if name == "fp8c":
             R["fp8c_compiled"] = compile_activation_quant(True)
             if not R["fp8c_compiled"]:
                 break
-        llm, t = make_llm(a, model, 1, **small)
+        # quantization="fp8": the model's decoder linears become FP8Linear in place, layer by layer
+        llm, t = make_llm(a, model, 1, quantization=None if name == "bf16" else "fp8", **small)
         R[name] = dict(engine_info(llm, t), w1=w1(llm, cfg, a))
         log(name, R[name])
         del llm
@@ -259,7 +258,7 @@ def table(out: str) -> str:
             note.append(f"identical to TP=1 {v['identical']}/{v['requests']}, first divergences "
                         f"{[d for d in v['first_divergence'] if d is not None]}")
         if n == "big":
-            note.append(f"dtype {r.get('dtype')}")
+            note.append(f"dtype {r.get('dtype')}, TP={r.get('tp')}")
         if "error" in r:
             note.append("ERROR " + r["error"][:200])
         if not r.get("complete"):
@@ -319,8 +318,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--big", default="72b")
     ap.add_argument("--big-dtype", default="auto", choices=["auto", "bf16", "fp8"])
-    ap.add_argument("--big-fit", type=float, default=0.88,
+    ap.add_argument("--big-fit", type=float, default=0.9,
                     help="bf16 if a rank's weights fit in this share of the card")
+    ap.add_argument("--big-tp", type=int, default=2, help="1: the 72B shape on one GPU (an H200, in FP8)")
     ap.add_argument("--big-gpu-util", type=float, default=0.95)
     ap.add_argument("--big-max-seqs", type=int, default=64)
     ap.add_argument("--sections", default=",".join(SECTIONS))
@@ -330,9 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--w4-requests", type=int, default=256)
     ap.add_argument("--big-w4-requests", type=int, default=64)
     ap.add_argument("--budget", type=float, default=570.0, help="seconds for all sections together")
-    ap.add_argument("--tp1-s", type=float, default=140.0)
-    ap.add_argument("--tp2-s", type=float, default=160.0)
-    ap.add_argument("--big-s", type=float, default=190.0)
+    ap.add_argument("--tp1-s", type=float, default=130.0)
+    ap.add_argument("--tp2-s", type=float, default=150.0)
+    ap.add_argument("--big-s", type=float, default=180.0)
     ap.add_argument("--fp8-s", type=float, default=100.0)
     ap.add_argument("--run", default=None, choices=SECTIONS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from qwenvl import preset
 from qwenvl.engine import LLM, AsyncLLM, SamplingParams
 from qwenvl.errors import InputError
 from qwenvl.parallel import RandomWeights, spawn
@@ -148,6 +149,24 @@ def test_control_channel_carries_long_messages_and_raw_tensors():
     assert spawn(_channel, 2, backend="gloo") == [True, True]
 
 
+def _random_shards(rank, world):
+    from qwenvl.parallel import param_bytes, random_shard
+
+    m = random_shard(preset("tiny"), rank, world, torch.float32, "cpu", seed=3, fp8=True)
+    down = m.model.layers[0].mlp.down_proj
+    return {"visual": sum(p.double().sum().item() for p in m.visual.parameters()),
+            "embed": m.model.embed_tokens.weight.double().sum().item(), "layers": param_bytes(m, "model.layers"),
+            "down": (type(down).__name__, tuple(down.weight.shape), down.weight.dtype, down.reduce_output),
+            "logits_finite": bool(torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all())}
+
+
+def test_random_shards_replicate_the_vit_and_split_the_decoder():
+    r0, r1 = spawn(_random_shards, 2, backend="gloo")
+    assert r0["visual"] == r1["visual"] and r0["embed"] != r1["embed"]  # ViT identical on every rank
+    assert r0["down"] == r1["down"] == ("FP8Linear", (64, 48), torch.float8_e4m3fn, True)  # row-parallel FP8
+    assert r0["layers"] == r1["layers"] and r0["logits_finite"] and r1["logits_finite"]
+
+
 def test_fp8_engine_on_cpu_equals_the_fp8_model():
     model = TINY(0, 1, "cpu")
     work = [(p, SamplingParams(max_tokens=6, **GREEDY)) for p, _ in workload(4, seed=2)]
@@ -230,3 +249,30 @@ def test_serve_tensor_parallel_and_fp8():
     assert not torch.distributed.is_initialized()  # shut down with the backend
     text8, _ = _serve_answer("--quantization", "fp8")
     assert isinstance(text8, str)
+
+
+# ---------------------------------------------------------------------------------------------- GPU (device tool)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_cuda_tp2_graphs_equal_eager(fp8):
+    """`pytest -m gpu tests/test_engine_tp.py` on 2 GPUs: TP=2 over NCCL with decode CUDA graphs (collectives
+    captured) gives the eager TP=2 tokens; the graphs were actually captured."""
+    work = [(p, SamplingParams(max_tokens=12, **GREEDY)) for p, _ in workload(12, seed=4)]
+    factory = RandomWeights("tiny", torch.bfloat16, seed=0)
+    got = []
+    for graphs in (True, False):
+        llm = LLM(factory, tensor_parallel_size=2, num_blocks=1024, max_num_seqs=16, enable_cuda_graphs=graphs,
+                  quantization="fp8" if fp8 else None)
+        try:
+            if graphs:
+                st = llm.stats()
+                assert st["cuda_graph_batch_sizes"] and st["triton_decode"], st
+            got.append(tokens(llm.generate([p for p, _ in work], [s for _, s in work])))
+        finally:
+            llm.shutdown()
+    if not fp8:
+        assert got[0] == got[1]
+    else:  # scaled_mm may pick another kernel for the padded graph batch: the prefill's first tokens are equal
+        assert [[c[0] for c in o] for o in got[0]] == [[c[0] for c in o] for o in got[1]]
+        assert all(len(c) == 12 for o in got[0] + got[1] for c in o)
