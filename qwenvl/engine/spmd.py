@@ -48,8 +48,8 @@ QUANTIZATIONS = (None, "fp8")
 # The control group may idle for as long as a server has no requests: its receives must not time out.
 CONTROL_TIMEOUT = datetime.timedelta(days=365)
 TENSOR_OUT_OF_BAND = 1 << 16  # bytes: larger tensors of a control message are sent raw, not pickled
-STAGING_BYTES = 64 << 20
-INLINE_BYTES = 16 << 10  # a control message this long (every decode step's) is one gloo collective  # chunk of a raw transfer (the GPU staging buffer's size under NCCL)
+STAGING_BYTES = 64 << 20  # chunk of a raw transfer (the GPU staging buffer's size under NCCL)
+INLINE_BYTES = 16 << 10  # a control message this long (every decode step's) is one gloo collective
 
 
 class _Pickler(pickle.Pickler):
@@ -164,11 +164,12 @@ def check_options(tensor_parallel_size, quantization) -> None:
 
 def _rank_device(device, world: int) -> tuple[str, torch.device | None]:
     """(backend, device) for the ranks of a new process group: NCCL and cuda:rank when there is a GPU per
-    rank (and device is not cpu), else gloo on the CPU."""
+    rank (and device is not cpu), gloo on the CPU for device="cpu" or a machine without CUDA; too few GPUs
+    is an error (not a silent fall back to the CPU)."""
     want = torch.device(device) if device is not None else None
     if (want is None or want.type == "cuda") and torch.cuda.is_available() and torch.cuda.device_count() >= world:
         return "nccl", None
-    if want is not None and want.type == "cuda":
+    if (want is None and torch.cuda.is_available()) or (want is not None and want.type == "cuda"):
         raise InputError(f"LLM: tensor_parallel_size={world} on CUDA needs {world} GPUs, this machine has "
                          f"{torch.cuda.device_count()}")
     return "gloo", torch.device("cpu")
