@@ -10,6 +10,7 @@
 #       train_log.jsonl, eval_report.json, eval_predictions.jsonl, summary.json, steps.log (8 files at most).
 #   bash bench/train_nano.sh                 # on the device (OUT is set there)
 #   NANO_SMOKE=1 OUT=/tmp/o bash bench/train_nano.sh    # CPU dry run of the same steps in about a minute
+#   NANO_INIT=DIR bash bench/train_nano.sh             # continue from an exported model (weights + tokenizer) instead of random
 # Unpack the model: mkdir m && cp $OUT/model/*.safetensors m/ && tar xf $OUT/model/model_files.tar -C m
 set -u
 T0=$(date +%s)
@@ -56,7 +57,7 @@ step data $(( GEN + 30 )) \
 # (b) train: at most NANO_TRAIN_SECONDS, less when (a) ran long: eval's limit + ~45 s (training start and export
 # ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop
 TRAIN_S=$(cap "$TRAIN" $(( EVAL_TIMEOUT + 45 )))
-step train $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli model=nano stage=sft "output_dir=$WORK/run" \
+step train $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_INIT:-nano}" stage=sft "output_dir=$WORK/run" \
   "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR warmup_steps=$WARMUP \
   min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 max_train_seconds=$TRAIN_S \
   min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$DATA_WORKERS device=$DEVICE precision=bf16 \
