@@ -348,9 +348,12 @@ class LLM:
         if self._tp_workers is None:
             return
         workers, self._tp_workers = self._tp_workers, None
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        workers.join(timeout=30)
+        from ..parallel.launch import leave_process_group
+
+        self.runner.graphs, self.runner.graph_sizes = {}, []  # captured NCCL calls must not outlive their group
+        if not leave_process_group():
+            log.warning("tensor-parallel shutdown: the process group did not close within 10 s; going on")
+        workers.join(timeout=30)  # then terminated: shutdown is bounded
         for failure in workers.failures():
             log.error("tensor-parallel worker: %s", failure)
 

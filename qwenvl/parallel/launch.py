@@ -55,6 +55,20 @@ def _rank_env(rank: int, world: int, port: int) -> dict:
                 LOCAL_RANK=str(rank))
 
 
+def leave_process_group(timeout_s: float = 10.0) -> bool:
+    """destroy_process_group, but never for longer than timeout_s: NCCL teardown can block (seen with the
+    engine's CUDA graphs on 2 GPUs), and a process that is leaving anyway must not hang on it. True if it
+    finished; otherwise the daemon thread is abandoned and process exit releases the communicator."""
+    import threading
+
+    if not dist.is_initialized():
+        return True
+    t = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return not t.is_alive()
+
+
 def _worker(fn, rank, world, port, backend, args, results, timeout_s=None):
     os.environ.update(_rank_env(rank, world, port))
     try:
@@ -68,8 +82,7 @@ def _worker(fn, rank, world, port, backend, args, results, timeout_s=None):
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 def spawn(fn, world: int, *args, backend: str | None = None, timeout: float = 600.0) -> list:
