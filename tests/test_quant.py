@@ -45,13 +45,15 @@ def test_round_trip_within_e4m3_rounding_per_channel():
 
 
 def test_dequant_path_equals_hand_computation():
+    torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=True)
     with torch.no_grad():
         lin.weight.copy_(weights())
     m = FP8Linear.from_linear(lin, backend="dequant")
     x = torch.randn(2, 5, 64)
     hand = x @ (m.weight.float() * m.weight_scale).t() + lin.bias
-    assert torch.allclose(m(x), hand, atol=1e-6, rtol=1e-5)
+    # fp32 sums of 64 products in another order differ by a few ulp of the largest term, not of the result
+    assert torch.allclose(m(x), hand, atol=1e-5, rtol=1e-5)
 
 
 def test_scaled_mm_path_equals_per_token_emulation():
