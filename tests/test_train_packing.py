@@ -29,6 +29,41 @@ def test_pack_lengths_fills_bins_within_capacity():
         pack_lengths([9000], 8192)
 
 
+def test_rows_mix_the_tasks_of_a_chunk_with_no_more_rows_than_best_fit(tmp_path):
+    # Two tasks of different lengths: best-fit decreasing fills whole rows with the long task, then with the short.
+    rng = random.Random(0)
+    recs = [{"messages": [{"role": "user", "content": "Describe."},
+                          {"role": "assistant", "content": " ".join(["word"] * (rng.randint(150, 250) if i % 2 else
+                                                                                rng.randint(5, 20)))}]}
+            for i in range(60)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    enc = ChatEncoder()
+    lengths = [len(enc.encode(r)) for r in recs]
+    long = {n for i, n in enumerate(lengths) if i % 2}
+    assert not long & {n for i, n in enumerate(lengths) if not i % 2}
+    cap = 1024
+    tight = pack_lengths(lengths, cap, mix=False)
+    assert any(all(i % 2 for i in b) for b in tight)  # what this fixes: rows of one task
+    loader = PackedLoader(JsonlStream([str(path)]), enc, capacity=cap, chunk_size=64)
+    rows = []
+    while True:
+        step = loader.next_step()
+        if loader.epoch > 0:  # that step already came from the second pass
+            break
+        rows += [r for r in step if r is not None]
+    assert len(rows) == len(tight) and sum(sum(r["seq_lens"]) for r in rows) == sum(lengths)
+    for r in rows:
+        assert {n in long for n in r["seq_lens"]} == {True, False}, r["seq_lens"]
+    # random lengths: never more rows (lower fill) than best-fit decreasing, still within capacity
+    for cap, hi in ((8192, 3000), (4096, 3000), (32768, 2500), (2048, 1500)):
+        lengths = [rng.randint(20, hi) for _ in range(800)]
+        bins = pack_lengths(lengths, cap)
+        assert sorted(i for b in bins for i in b) == list(range(800))
+        assert all(sum(lengths[i] for i in b) <= cap for b in bins)
+        assert len(bins) <= len(pack_lengths(lengths, cap, mix=False))
+
+
 def test_ranks_balanced_by_tokens_and_squared_lengths():
     rng = random.Random(1)
     lengths = [rng.choice([100, 200, 4000, 8000]) for _ in range(400)]

@@ -2,8 +2,9 @@
 
 The report (Qwen2.5-VL §2.2) packs samples by their LLM sequence length to 8192 (32768 for long context) so that
 every GPU does about the same work. Here:
-  1. `pack_lengths`: best-fit decreasing into bins of `capacity` tokens (each bin = one packed row, B = 1, with
-     per-sample boundaries `seq_lens`: the model's block-diagonal mask and restarting MRoPE positions);
+  1. `pack_lengths`: samples into bins of `capacity` tokens (each bin = one packed row, B = 1, with per-sample
+     boundaries `seq_lens`: the model's block-diagonal mask and restarting MRoPE positions), as few bins as best-fit
+     decreasing needs, with every length range (hence every task of a mix) spread over the bins;
   2. `plan_steps`: each optimizer step takes world * grad_accum bins; inside a step the bins go to ranks by
      longest-processing-time first on a compute cost sum(len) + w * sum(len^2) (linear layers + attention),
      grad_accum bins per rank;
@@ -26,18 +27,41 @@ from .data import IGNORE, BadSample, DataError, JsonlStream, Position, Sample, S
 
 
 # ------------------------------------------------------------------------------------------------ bin packing
-def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into bins with sum(length) <= capacity: best-fit decreasing (ties keep input order).
+def pack_lengths(lengths: list[int], capacity: int, mix: bool = True) -> list[list[int]]:
+    """Indices grouped into bins with sum(length) <= capacity, never more bins than best-fit decreasing needs.
 
-    Best fit keeps the fullest bins full; with many short samples it is within a few % of optimal.
+    mix=False: best-fit decreasing (ties keep input order): the tightest packing, but it fills one bin after the
+    other from the longest samples down, so a row holds samples of one length, which in a multi-task mix means
+    mostly one task (a step of one or two rows then sees one task: a noisy loss). mix=True (default) spreads the
+    samples instead (`_spread`): each row gets a share of every length range, hence of every task, and this is kept
+    only when it needs no more bins than best-fit decreasing (else the best-fit bins are returned).
     """
+    tight = _best_fit_decreasing(lengths, capacity)
+    if mix:
+        for head in (1.0, 0.5, 0.25):
+            bins = _spread(lengths, capacity, head)
+            if len(bins) <= len(tight):
+                return bins
+    return tight
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best fit keeps the fullest bins full; with many short samples it is within a few % of optimal."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # sorted (free space, bin id)
+    for i in order:
+        if lengths[i] > capacity:
+            raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the bin capacity {capacity}")
+    _best_fit(order, lengths, capacity, bins, [])
+    return bins
+
+
+def _best_fit(order: list[int], lengths: list[int], capacity: int, bins: list[list[int]],
+              free: list[tuple[int, int]]) -> None:
+    """Each index of `order` into the bin with the least free space that holds it (a new bin if none does);
+    `free`: sorted (free space, bin id) of `bins`, updated in place."""
     for i in order:
         n = lengths[i]
-        if n > capacity:
-            raise ValueError(f"sample {i} has {n} tokens, more than the bin capacity {capacity}")
         k = bisect.bisect_left(free, (n, -1))
         if k < len(free):
             space, b = free.pop(k)
@@ -47,7 +71,31 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
         bins[b].append(i)
         if space - n > 0:
             bisect.insort(free, (space - n, b))
-    return bins
+
+
+def _spread(lengths: list[int], capacity: int, head: float) -> list[list[int]]:
+    """Worst-fit decreasing over the lower-bound number of bins for the longest `head` share of the samples (each
+    goes into the emptiest bin: the bins fill level with samples of every length), then best fit for the rest and
+    for what did not fit (new bins only if needed)."""
+    import heapq
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    k = max(1, -(-sum(lengths) // capacity))
+    bins: list[list[int]] = [[] for _ in range(k)]
+    heap = [(-capacity, b) for b in range(k)]  # (-free space, bin id): the emptiest bin on top
+    n_head = int(len(order) * head)
+    rest = []
+    for i in order[:n_head]:
+        neg_free, b = heap[0]
+        if -neg_free >= lengths[i]:
+            heapq.heapreplace(heap, (neg_free + lengths[i], b))
+            bins[b].append(i)
+        else:
+            rest.append(i)
+    free = sorted((-neg_free, b) for neg_free, b in heap if neg_free < 0)
+    rest = sorted(rest + order[n_head:], key=lambda i: (-lengths[i], i))
+    _best_fit(rest, lengths, capacity, bins, free)
+    return [b for b in bins if b]
 
 
 def attention_weight(config) -> float:
