@@ -1,8 +1,9 @@
 """The OpenAI-compatible server, driven by the real `openai` client over HTTP on 127.0.0.1.
 
 The real engine (tiny random model, CPU) answers the plain, streaming, multimodal, sampling, error and
-concurrency tests; a ScriptedBackend (fixed answers) stands in where the random model can't produce the
-format under test (tool calls, valid JSON).
+concurrency tests, and the constrained formats (response_format json_schema, forced tool_choice: only the
+constraint can make the random model write them); a ScriptedBackend (fixed answers) stands in for free-form tool
+calls and JSON.
 """
 
 from __future__ import annotations
@@ -280,6 +281,65 @@ def test_json_schema_is_enforced_while_generating(client, base):
     assert used_blocks(base) == 0
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Tokyo"]}, "metric": {"type": "boolean"}},
+                   "required": ["city", "metric"], "additionalProperties": False}}}
+TIMER = {"type": "function", "function": {
+    "name": "set_timer", "description": "Start a timer.",
+    "parameters": {"type": "object", "properties": {"minutes": {"type": "integer", "enum": [1, 5, 10]}},
+                   "required": ["minutes"], "additionalProperties": False}}}
+
+
+def checked_call(call) -> tuple[str, dict]:
+    """(name, arguments) of an OpenAI tool call, checked by hand against WEATHER's or TIMER's schema."""
+    assert call.type == "function" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert sorted(args) == ["city", "metric"] and args["city"] in ("Paris", "Tokyo")
+        assert isinstance(args["metric"], bool)
+    else:
+        assert call.function.name == "set_timer" and sorted(args) == ["minutes"]
+        assert type(args["minutes"]) is int and args["minutes"] in (1, 5, 10)
+    return call.function.name, args
+
+
+def test_tool_choice_is_enforced_while_generating(client, base):
+    """The tiny random model writes no tool call by itself (tool_choice auto: plain text); with a named function
+    or "required" constrained decoding alone makes its answer <tool_call> blocks following the tools' schemas,
+    the tags written as their single tokens; streamed alike. Cut short, the answer is refused clearly."""
+    kw = dict(model=MODEL, messages=user(text("Set a timer for five minutes.")), tools=[WEATHER, TIMER],
+              max_tokens=300, temperature=1.0, seed=0)
+    auto = client.chat.completions.create(**{**kw, "max_tokens": 40}, tool_choice="auto")
+    assert not auto.choices[0].message.tool_calls and auto.choices[0].finish_reason != "tool_calls"
+    assert "<tool_call>" not in auto.choices[0].message.content
+
+    named = client.chat.completions.create(**kw, n=2, tool_choice={"type": "function", "function": {"name": "set_timer"}})
+    for c in named.choices:
+        assert c.finish_reason == "tool_calls" and c.message.content is None and c.message.tool_calls
+        assert {checked_call(t)[0] for t in c.message.tool_calls} == {"set_timer"}
+
+    required = client.chat.completions.create(**kw, tool_choice="required", logprobs=True)
+    c = required.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and c.message.tool_calls
+    calls = [checked_call(t) for t in c.message.tool_calls]
+    tokens = [t.token for t in c.logprobs.content]
+    assert tokens[0] == "<tool_call>" and tokens.count("<tool_call>") == tokens.count("</tool_call>") == len(calls)
+
+    chunks = list(client.chat.completions.create(**kw, tool_choice="required", stream=True))
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    streamed = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [checked_call(t) for t in streamed] == calls  # the same seed: the same calls
+    assert [t.index for t in streamed] == list(range(len(calls))) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(**{**kw, "max_tokens": 3}, tool_choice="required")
+    err = e.value.body
+    assert err["code"] == "invalid_model_output" and err["param"] == "tool_choice" and "max_tokens" in err["message"]
+    assert used_blocks(base) == 0
+
+
+
 def test_json_schema_and_tool_calls_with_scripted_answers(media_dir):
     seen = []
     answers = {
@@ -334,6 +394,12 @@ def test_json_schema_and_tool_calls_with_scripted_answers(media_dir):
         # tool_choice none: no tools block, the tags stay in the text
         r = client.chat.completions.create(model=MODEL, messages=user(text("tool")), tools=tools, tool_choice="none")
         assert "<tool_call>" in r.choices[0].message.content and not r.choices[0].message.tool_calls
+        # forced calls (this backend does not constrain): an answer without one is refused, not passed as text
+        forced = {"type": "function", "function": {"name": "mobile_use"}}
+        assert client.chat.completions.create(model=MODEL, messages=user(text("tool")), tools=tools,
+                                              tool_choice=forced).choices[0].message.tool_calls
+        with pytest.raises(openai.InternalServerError, match="no complete tool call"):
+            client.chat.completions.create(model=MODEL, messages=user(text("json")), tools=tools, tool_choice="required")
 
 
 # ---------------------------------------------------------------------------------------------- bad requests
@@ -368,6 +434,12 @@ def _bad_cases(media_dir):
         "bad image option": (dict(model=MODEL, messages=user({"type": "image", "image": data_url(png()),
                                                               "resized_height": 99999, "resized_width": 99999})),
                              400, "messages"),
+        "tool_choice names no tool": (dict(model=MODEL, messages=ok, tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "set_timer"}}), 400, "tool_choice"),
+        "tool_choice required without tools": (dict(model=MODEL, messages=ok, tool_choice="required"), 400,
+                                               "tool_choice"),
+        "malformed tool_choice": (dict(model=MODEL, messages=ok, tools=[WEATHER], tool_choice={"type": "function"}),
+                                  400, "tool_choice"),
         "malformed JSON": ((b'{"model": "tiny", "messages": [', {}), 400, "invalid_json"),
         "body not an object": ((b'[1, 2]', {}), 400, None),
         "body too large": ((b'{"model": "tiny", "pad": "' + b"x" * (3 << 20) + b'"}', {}), 413, "request_too_large"),

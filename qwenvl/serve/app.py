@@ -23,8 +23,8 @@ from starlette.routing import Route
 
 from ..errors import InputError, MediaError
 from .media import MediaLimits, prepare_messages
-from .protocol import (APIError, ChatRequest, bad, check_json, completion_id, logprobs_content, now,
-                       parse_request, split_tool_calls)
+from .protocol import (APIError, ChatRequest, bad, check_json, completion_id, logprobs_content, no_tool_call,
+                       now, parse_request, split_tool_calls)
 
 log = logging.getLogger("qwenvl.serve")
 STATIC = os.path.join(os.path.dirname(__file__), "static")
@@ -120,8 +120,12 @@ class Server:
                 await run_in_threadpool(prepare_messages, req.messages, self.config.limits)
             except (MediaError, InputError) as e:
                 raise _media_error(e) from None
-            if req.response_format is not None and hasattr(self.backend, "constrain"):
-                await run_in_threadpool(self.backend.constrain, req.params, req.response_format)
+            if hasattr(self.backend, "constrain"):
+                if req.tool_schema is not None:
+                    await run_in_threadpool(self.backend.constrain, req.params,
+                                            {"type": "tool_calls", "schema": req.tool_schema})
+                elif req.response_format is not None:
+                    await run_in_threadpool(self.backend.constrain, req.params, req.response_format)
             rid = completion_id()
             model = body["model"]
             deadline = asyncio.get_running_loop().time() + self.config.request_timeout
@@ -194,6 +198,8 @@ class Server:
             content, calls = split_tool_calls(text)
             if calls:
                 return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            if req.tool_schema is not None:
+                raise no_tool_call(text)
         if req.response_format is not None:
             message["content"] = check_json(text, req.response_format)
         return message, finish

@@ -40,12 +40,18 @@ class EngineBackend:
         self.eos_token_ids = sorted(llm.eos_token_ids)
 
     def constrain(self, params, response_format: dict) -> None:
-        """response_format json_object / json_schema: constrained decoding (serve.constrained)."""
-        from .constrained import JsonConstraint
+        """Constrained decoding (serve.constrained): response_format json_object / json_schema, or
+        {"type": "tool_calls", "schema": one call's schema} for tool_choice "required" / a named function."""
+        from .constrained import JsonConstraint, ToolCallConstraint
 
-        schema = response_format.get("schema") if response_format["type"] == "json_schema" else None
-        params.logits_processors = list(params.logits_processors or []) + [
-            JsonConstraint(schema, self.tokenizer, self.eos_token_ids)]
+        if response_format["type"] == "tool_calls":
+            proc = ToolCallConstraint(response_format["schema"], self.tokenizer, self.eos_token_ids)
+            if any(t is not None and self.tokenizer.is_skipped_special(t) for t in proc.tag_ids):
+                params.skip_special_tokens = False  # the tags must reach the text (nothing else special can)
+        else:
+            schema = response_format.get("schema") if response_format["type"] == "json_schema" else None
+            proc = JsonConstraint(schema, self.tokenizer, self.eos_token_ids)
+        params.logits_processors = list(params.logits_processors or []) + [proc]
 
     @classmethod
     def from_path(cls, path: str, **llm_kwargs) -> "EngineBackend":

@@ -8,10 +8,16 @@ minItems / maxItems, enum / const, anyOf / oneOf, $ref to #/$defs or #/definitio
 only once the value is complete (serve.protocol.validate_schema runs on the whole answer): minimum / maximum,
 minLength / maxLength, allOf; `pattern` and `format` are not enforced.
 
+`tool_calls_prefix_state(text, schema)` does the same for forced tool calls (`tool_choice` "required" or a named
+function): one or more blocks `<tool_call>` "\n" JSON "\n" `</tool_call>` (the Qwen2.5 function-calling format),
+each JSON following the call schema, an optional "\n" between blocks, nothing after the last.
+
 `JsonConstraint` is the processor: at each step it tries candidate tokens in the order of their logits and
 keeps the first `keep` that extend the text validly (with temperature > 0 the sample is among those, a top-k
 of valid tokens); the end-of-sequence tokens are allowed only when the document is complete. Whitespace runs
 are capped so a model cannot stall in indentation, and property names of closed objects take no escapes.
+`ToolCallConstraint` is the same processor over the tool-call grammar; where the vocabulary has `<tool_call>` /
+`</tool_call>` as single tokens those tokens (and only they) write the tags, else the tags are spelled out.
 """
 
 from __future__ import annotations
@@ -307,6 +313,33 @@ def json_prefix_state(text: str, schema: dict | None) -> str:
     return "complete" if _complete(text, schema) else "invalid"
 
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def tool_calls_prefix_state(text: str, schema: dict, open_tag: str = TOOL_CALL_OPEN,
+                            close_tag: str = TOOL_CALL_CLOSE) -> str:
+    """'invalid', 'partial' or 'complete' for `text` as the start of one or more tool calls
+    `open_tag` "\n" JSON(schema) "\n" `close_tag`, with at most one "\n" between two calls; complete right after
+    a closing tag. (ToolCallConstraint passes one-character stand-ins for the tags that are single tokens.)"""
+    p = _Parser(text, schema)
+    try:
+        while True:
+            p.literal(open_tag + "\n")
+            start = p.i
+            p.value(schema)
+            if not _complete(text[start:p.i], schema):
+                return "invalid"  # closed, yet breaks a bound checked only on whole values (maximum, ...)
+            p.literal("\n" + close_tag)
+            if p.i == p.n:
+                return "complete"
+            if p.s[p.i] == "\n":
+                p.i += 1
+    except _Invalid:
+        return "invalid"
+    except _Partial:
+        return "partial"
+
+
 def _complete(text: str, schema: dict) -> bool:
     try:
         value = json.loads(text)
@@ -386,16 +419,18 @@ class JsonConstraint:
         self.keep = keep
         self.schema_chars = sorted(_schema_chars(schema or {}))
 
+    def state(self, text: str) -> str:
+        return json_prefix_state(text, self.schema)
+
     def text_of(self, token_ids: list[int]) -> str:
         return "".join(self.pieces[t] or "" for t in token_ids if t < len(self.pieces))
 
     def allowed(self, token_ids: list[int], logits: torch.Tensor) -> list[int]:
         """Up to `keep` token ids, best first, that keep the answer valid (the eos ids once it is complete)."""
         text = self.text_of(token_ids)
-        state = json_prefix_state(text, self.schema)
-        ok = list(self.eos) if state == "complete" else []
-        first = {c for c in _ASCII + self.schema_chars if json_prefix_state(text + c, self.schema) != "invalid"}
-        free_string = json_prefix_state(text + _FREE_STRING_PROBE, self.schema) != "invalid"
+        ok = list(self.eos) if self.state(text) == "complete" else []
+        first = {c for c in _ASCII + self.schema_chars if self.state(text + c) != "invalid"}
+        free_string = self.state(text + _FREE_STRING_PROBE) != "invalid"
 
         # `first` holds ASCII and schema characters; in a free string every non-ASCII character may follow
         groups = [self.by_first[c] for c in first if c in self.by_first and not (free_string and ord(c) > 127)]
@@ -408,12 +443,14 @@ class JsonConstraint:
         order = cand[torch.argsort(logits[cand.to(logits.device)].float().cpu(), descending=True)].tolist()
         memo: dict[str, bool] = {c: True for c in first}  # prefix of a piece -> whether text + it is valid
 
-        def valid(piece: str) -> bool:
+        def valid(piece: str | None) -> bool:
+            if piece is None:  # a token this constraint never writes
+                return False
             for k in range(2, len(piece) + 1):  # shortest prefix first: most pieces fail early, shared
                 head = piece[:k]
                 r = memo.get(head)
                 if r is None:
-                    r = memo[head] = json_prefix_state(text + head, self.schema) != "invalid"
+                    r = memo[head] = self.state(text + head) != "invalid"
                 if not r:
                     return False
             return True
@@ -433,3 +470,51 @@ class JsonConstraint:
         out = torch.full_like(logits, float("-inf"))
         out[keep] = logits[keep]
         return out
+
+
+_TAG_STANDINS = ("\ue000", "\ue001")  # private-use characters standing for the single-token tags
+
+
+def _tag_pieces(tokenizer, tag_ids: tuple) -> list[str | None]:
+    """token_pieces with each single-token tag (id, or None where spelled out) as its stand-in character, and no
+    other piece holding a stand-in; cached on the tokenizer."""
+    cached = getattr(tokenizer, "_constrained_tag_pieces", None)
+    if cached is None or cached[0] != tag_ids:
+        a, b = _TAG_STANDINS
+        pieces = [None if p is not None and (a in p or b in p) else p for p in token_pieces(tokenizer)]
+        for t, c in zip(tag_ids, _TAG_STANDINS):
+            if t is not None:
+                pieces[t] = c
+        cached = tokenizer._constrained_tag_pieces = (tag_ids, pieces)
+    return cached[1]
+
+
+class ToolCallConstraint(JsonConstraint):
+    """The JsonConstraint processor over forced tool calls (tool_calls_prefix_state): `schema` is the JSON schema
+    of one call's {"name": ..., "arguments": ...} (serve.protocol.tool_call_schema). A tag that is one token in the
+    vocabulary (`Tokenizer.token_to_id("<tool_call>")`, 151657 / 151658 in Qwen's) is written only as that token;
+    a tag the vocabulary lacks is spelled out in ordinary tokens."""
+
+    def __init__(self, schema: dict, tokenizer, eos_token_ids, keep: int = 8):
+        super().__init__(schema, tokenizer, eos_token_ids, keep)
+        ids = tuple(_tag_id(tokenizer, tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
+        self.tag_ids = ids
+        self.tags = tuple(c if t is not None else tag
+                          for t, c, tag in zip(ids, _TAG_STANDINS, (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)))
+        if any(t is not None for t in ids):
+            self.pieces = _tag_pieces(tokenizer, ids)
+            self.by_first = {**self.by_first, **{c: torch.tensor([t]) for t, c in zip(ids, _TAG_STANDINS)
+                                                  if t is not None}}
+            self.schema_chars = sorted(set(self.schema_chars) | {c for t, c in zip(ids, _TAG_STANDINS)
+                                                                  if t is not None})
+
+    def state(self, text: str) -> str:
+        return tool_calls_prefix_state(text, self.schema, *self.tags)
+
+
+def _tag_id(tokenizer, tag: str) -> int | None:
+    """The id of `tag` where it is one added token (which token_pieces leaves out), else None: spelled out (an
+    ordinary token that happens to spell the whole tag is then one way to spell it)."""
+    t = tokenizer.token_to_id(tag) if hasattr(tokenizer, "token_to_id") else None
+    ok = isinstance(t, int) and 0 <= t < tokenizer.vocab_size and token_pieces(tokenizer)[t] is None
+    return t if ok else None

@@ -40,6 +40,7 @@ class ChatRequest:
     parse_tools: bool = False
     response_format: dict | None = None
     top_logprobs: int | None = None  # None: no logprobs in the response
+    tool_schema: dict | None = None  # tool_choice "required" / a named function: the schema of one call
 
 
 _SAMPLING = {  # OpenAI name -> (SamplingParams name, type check, description)
@@ -128,11 +129,10 @@ def parse_request(body: Any, served: list[str], max_model_len: int, default_max_
         raise bad("'stream_options' must be an object", "stream_options")
 
     tools = _parse_tools(body)
-    tool_choice = body.get("tool_choice", "auto" if tools else "none")
-    if not (tool_choice in ("auto", "none", "required") or isinstance(tool_choice, dict)):
-        raise bad("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', ...}", "tool_choice")
-    use_tools = bool(tools) and tool_choice != "none"
+    use_tools, tool_schema = _parse_tool_choice(body.get("tool_choice"), tools)
     response_format = _parse_response_format(body.get("response_format"))
+    if tool_schema is not None:
+        response_format = None  # the forced tool calls are the answer (as vLLM: the tool's schema wins)
 
     if use_tools or (response_format and response_format["type"] == "json_schema"):
         messages = _with_system_text(messages, tools if use_tools else [], response_format)
@@ -142,7 +142,7 @@ def parse_request(body: Any, served: list[str], max_model_len: int, default_max_
         m = re.search(r"SamplingParams\.(\w+)", str(e))
         raise bad(str(e), m.group(1) if m else None) from None
     return ChatRequest(messages, params, stream, bool(opts.get("include_usage")), tools, use_tools,
-                       response_format, top_logprobs)
+                       response_format, top_logprobs, tool_schema)
 
 
 def _parse_tools(body: dict) -> list[dict]:
@@ -159,6 +159,56 @@ def _parse_tools(body: dict) -> list[dict]:
                       f"tools[{i}]")
         out.append(fn)
     return out
+
+
+def _parse_tool_choice(choice, tools: list[dict]) -> tuple[bool, dict | None]:
+    """(whether the tools are advertised and the answer parsed for calls, the schema of one call where
+    tool_choice forces calls: "required" -> any of the tools, {"type": "function", "function": {"name": X}} -> X).
+    'auto' (the default with tools) and 'none' leave the answer free."""
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if choice in ("auto", "none"):
+        return bool(tools) and choice == "auto", None
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if choice != "required" and not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+        raise bad("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                  "{'name': ...}}", "tool_choice")
+    if not tools:
+        raise bad("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified",
+                  "tool_choice")
+    name = None if choice == "required" else fn["name"]
+    if name is not None and name not in {t["name"] for t in tools}:
+        raise bad(f"Invalid value for 'tool_choice': no function named {name!r} in 'tools' (given: "
+                  f"{', '.join(repr(t['name']) for t in tools)})", "tool_choice", "invalid_value")
+    return True, tool_call_schema(tools, name)
+
+
+def tool_call_schema(tools: list[dict], name: str | None = None) -> dict:
+    """The JSON schema of one call's body {"name": ..., "arguments": ...}: the function `name`'s, else anyOf over
+    all the tools. Each tool's parameters (any object where it has none) move to #/$defs/tool<i>, their local
+    $refs rebased there, so that they resolve from this root."""
+    defs, alts = {}, []
+    for i, fn in enumerate(tools):
+        if name is not None and fn["name"] != name:
+            continue
+        key = f"tool{i}"
+        params = fn.get("parameters")
+        defs[key] = _rebase_refs(params if isinstance(params, dict) and params else {"type": "object"},
+                                 f"#/$defs/{key}")
+        alts.append({"type": "object", "properties": {"name": {"const": fn["name"]},
+                                                      "arguments": {"$ref": f"#/$defs/{key}"}},
+                     "required": ["name", "arguments"], "additionalProperties": False})
+    return {**(alts[0] if len(alts) == 1 else {"anyOf": alts}), "$defs": defs}
+
+
+def _rebase_refs(x, base: str):
+    """`x` with each "$ref": "#..." pointing below `base` ("#/$defs/a" -> base + "/$defs/a")."""
+    if isinstance(x, dict):
+        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else
+                    _rebase_refs(v, base)) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rebase_refs(v, base) for v in x]
+    return x
 
 
 def _parse_response_format(rf) -> dict | None:
@@ -229,11 +279,16 @@ def check_json(text: str, response_format: dict) -> str:
     return doc
 
 
-def _invalid(why: str) -> APIError:
-    return APIError(500, "The model produced invalid content: " + why + ". The engine constrains the answer "
-                    "to the response_format while generating, so it was most likely cut short (max_tokens or "
+def _invalid(why: str, param: str = "response_format") -> APIError:
+    return APIError(500, "The model produced invalid content: " + why + f". The engine constrains the answer "
+                    f"to the {param} while generating, so it was most likely cut short (max_tokens or "
                     "the context length): retry with a larger max_tokens, or adjust the prompt.", "model_error",
-                    "response_format", "invalid_model_output")
+                    param, "invalid_model_output")
+
+
+def no_tool_call(text: str) -> APIError:
+    """tool_choice forced calls, yet the answer holds no complete one (cut short)."""
+    return _invalid(f"no complete tool call in the answer: {text[:200]!r}", "tool_choice")
 
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
