@@ -211,7 +211,15 @@ class PackedLoader:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
+            # Let the prefetched steps finish first: terminate() with results still outstanding can race the
+            # pool's result thread (CPython: "Cannot have cache with result_hander not alive").
+            pending = [r for results, _ in self._ahead for r in results]
+            for r in pending:
+                r.wait(timeout=60)
+            if all(r.ready() for r in pending):
+                self._pool.close()
+            else:  # a worker hangs: nothing left to lose
+                self._pool.terminate()
             self._pool.join()
             self._pool = None
         self._ahead.clear()
