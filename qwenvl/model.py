@@ -11,7 +11,7 @@ from .config import ModelConfig
 from .decoder import Decoder, KVCache, attention_mask_4d
 from .errors import InputError
 from .layers import segments
-from .rope import mrope_cos_sin, mrope_positions
+from .rope import mrope_cos_sin, mrope_positions, packed_mrope_positions
 from .vision import VisionTransformer
 
 
@@ -140,7 +140,20 @@ class Qwen25VL(nn.Module):
         return self.model(h, cos, sin, mask)
 
     def _packed_positions(self, input_ids, seq_lens, image_grid_thw, video_grid_thw, second_per_grid_ts):
-        # One padded row per sample: mrope_positions consumes grids in order, exactly the packing order.
+        c = self.config
+        pos = packed_mrope_positions(input_ids, seq_lens, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                     image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+                                     vision_start_token_id=c.vision_start_token_id,
+                                     spatial_merge_size=c.vision.spatial_merge_size,
+                                     tokens_per_second=c.vision.tokens_per_second)
+        if pos is not None:
+            return pos.unsqueeze(1)
+        return self._packed_positions_per_sample(input_ids, seq_lens, image_grid_thw, video_grid_thw,
+                                                 second_per_grid_ts)
+
+    def _packed_positions_per_sample(self, input_ids, seq_lens, image_grid_thw, video_grid_thw, second_per_grid_ts):
+        # One padded row per sample: mrope_positions consumes grids in order, exactly the packing order (and raises
+        # on a malformed row).
         L = max(seq_lens)
         rows = input_ids.new_full((len(seq_lens), L), self.config.bos_token_id)
         mask = torch.zeros(len(seq_lens), L, dtype=torch.long)

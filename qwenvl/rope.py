@@ -112,6 +112,92 @@ def mrope_positions(
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 
 
+@functools.lru_cache(maxsize=1024)
+def _block_ids(t: int, lh: int, lw: int, t_scale: float) -> tuple[torch.Tensor, int]:
+    """(t, h, w) ids [3, t*lh*lw] of one vision block relative to its start, and its largest id (+1 is the advance
+    of the text after it): mrope_positions' block arithmetic, cached per shape and time scale."""
+    t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * t_scale).long()
+    block = torch.stack([t_ids.view(t, 1, 1).expand(t, lh, lw).flatten(),
+                         torch.arange(lh).view(1, lh, 1).expand(t, lh, lw).flatten(),
+                         torch.arange(lw).view(1, 1, lw).expand(t, lh, lw).flatten()])
+    return block, int(block.max())
+
+
+def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], image_grid_thw=None, video_grid_thw=None,
+                           second_per_grid_ts=None, *, image_token_id: int = 151655, video_token_id: int = 151656,
+                           vision_start_token_id: int = 151652, spatial_merge_size: int = 2,
+                           tokens_per_second: float = 2) -> torch.Tensor | None:
+    """Position ids [3, T] of a packed row (1-D ids, samples laid end to end, positions restarting in each): the same
+    ids as mrope_positions on each sample alone, vectorised over the row instead of a Python loop over its tokens.
+
+    A text token's id is the count of text tokens before it in its sample plus (largest id + 1) of every vision block
+    before it: an exclusive cumulative sum of per-token advances (1 per text token, largest id + 1 on a block's last
+    token, 0 on its other tokens), restarted per sample; a block's tokens add their (t, h, w) ids to the id of the
+    block's first token. Returns None when the row is not well formed (a block without its grid, a block not made of
+    `count` pad tokens inside its sample, unused grids): mrope_positions then decides (and raises its errors).
+    """
+    ids = input_ids.reshape(-1).cpu()
+    T = ids.shape[0]
+    lens = torch.as_tensor(list(seq_lens), dtype=torch.long)
+    if T == 0 or int(lens.sum()) != T:
+        return None
+    starts = torch.cumsum(lens, 0) - lens  # first token of each sample
+    sample_of = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    prev = torch.cat([ids.new_full((1,), -1), ids[:-1]])
+    prev[starts] = -1  # a sample's first token has no predecessor
+    is_img, is_vid = ids == image_token_id, ids == video_token_id
+    first = (is_img | is_vid) & (prev == vision_start_token_id)
+    block_at = first.nonzero().flatten().tolist()
+    images, videos = _grid_list(image_grid_thw), _grid_list(video_grid_thw)
+    if second_per_grid_ts is None:
+        spgs = [1.0] * len(videos)
+    else:
+        spgs = [float(x) for x in (second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor)
+                                   else second_per_grid_ts)]
+    kinds = is_img[first].tolist()  # True: image block, False: video block
+    if sum(kinds) != len(images) or len(kinds) - sum(kinds) != len(videos) or len(spgs) != len(videos):
+        return None
+    ends = (starts + lens).tolist()
+    sample_idx = sample_of[first].tolist() if block_at else []
+    m = spatial_merge_size
+    adv = torch.ones(T, dtype=torch.long)
+    blocks, spans, toks, tops = [], [], [], []
+    img_i = vid_i = 0
+    last_end = 0
+    for s, is_image, smp in zip(block_at, kinds, sample_idx):
+        if is_image:
+            (t, h, w), scale, tok = images[img_i], 0.0, image_token_id
+            img_i += 1
+        else:
+            (t, h, w), scale, tok = videos[vid_i], spgs[vid_i] * tokens_per_second, video_token_id
+            vid_i += 1
+        block, top = _block_ids(t, h // m, w // m, scale)
+        e = s + block.shape[1]
+        if s < last_end or e > ends[smp]:
+            return None
+        last_end = e
+        blocks.append(block)
+        spans.append(s)
+        toks.append(tok)
+        tops.append(top)
+    if blocks:
+        counts = torch.tensor([b.shape[1] for b in blocks])
+        span_at = torch.tensor(spans)
+        where = torch.repeat_interleave(span_at - (torch.cumsum(counts, 0) - counts), counts) + \
+            torch.arange(int(counts.sum()))  # every block token, in block order
+        if not torch.equal(ids[where], torch.repeat_interleave(torch.tensor(toks), counts)):
+            return None
+        adv[where] = 0
+        adv[span_at + counts - 1] = torch.tensor(tops) + 1
+    cum = torch.cumsum(adv, 0) - adv  # exclusive: advances before each token
+    base = cum - cum[starts][sample_of]
+    pos = base.expand(3, T).clone()
+    if blocks:
+        block_base = base[where]
+        pos[:, where] = torch.cat(blocks, dim=1) + block_base
+    return pos
+
+
 @functools.lru_cache(maxsize=16)
 def _inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

@@ -203,3 +203,49 @@ def test_chunked_linear_nll_matches_cross_entropy():
     h.grad = head.weight.grad = None
     (F.cross_entropy(head(h), t, reduction="none") * w).sum().backward()
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
+
+
+def test_packed_positions_vectorised_equal_the_per_sample_loop():
+    from qwenvl.rope import packed_mrope_positions
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+    c = model.config
+    VS, IMG, VID = c.vision_start_token_id, c.image_token_id, c.video_token_id
+    rng = random.Random(0)
+    for trial in range(30):
+        ids, lens, grids, vgrids, spgs = [], [], [], [], []
+        for _ in range(rng.randint(1, 8)):
+            sample = [rng.randint(0, 1000) for _ in range(rng.randint(1, 6))]
+            for _ in range(rng.randint(0, 3)):
+                t, h, w = rng.choice([1, 2, 3, 5]), 2 * rng.randint(1, 4), 2 * rng.randint(1, 4)
+                if rng.random() < 0.5:
+                    grids.append([1, h, w])
+                    sample += [VS] + [IMG] * (h * w // 4) + [c.vision_end_token_id]
+                else:
+                    vgrids.append([t, h, w])
+                    spgs.append(rng.choice([0.5, 1.0, 2 / 3, 1.5]))
+                    sample += [VS] + [VID] * (t * h * w // 4) + [c.vision_end_token_id]
+                sample += [rng.randint(0, 1000) for _ in range(rng.randint(0, 4))]
+            if trial % 3 == 0 and rng.random() < 0.3:
+                sample += [IMG]  # a stray pad token (not after vision_start) is text
+            ids += sample
+            lens.append(len(sample))
+        row = torch.tensor([ids])
+        kw = dict(image_grid_thw=torch.tensor(grids) if grids else None,
+                  video_grid_thw=torch.tensor(vgrids) if vgrids else None,
+                  second_per_grid_ts=torch.tensor(spgs) if spgs else None)
+        fast = packed_mrope_positions(row, lens, kw["image_grid_thw"], kw["video_grid_thw"], kw["second_per_grid_ts"],
+                                      image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS,
+                                      spatial_merge_size=2, tokens_per_second=c.vision.tokens_per_second)
+        slow = model._packed_positions_per_sample(row, lens, kw["image_grid_thw"], kw["video_grid_thw"],
+                                                  kw["second_per_grid_ts"])
+        assert fast is not None and torch.equal(fast.unsqueeze(1), slow), trial
+        assert torch.equal(model._packed_positions(row, lens, **kw), slow)
+    # malformed (a block cut by the sample's end; a grid too many): no fast answer, the per-sample path raises
+    row = torch.tensor([[1, VS, IMG, IMG, 2]])
+    assert packed_mrope_positions(row, [3, 2], torch.tensor([[1, 2, 4]]), image_token_id=IMG, video_token_id=VID,
+                                  vision_start_token_id=VS) is None
+    with pytest.raises(qwenvl.errors.InputError):
+        model._packed_positions(row, [3, 2], torch.tensor([[1, 2, 4]]), None, None)
+    assert packed_mrope_positions(row, [5], torch.tensor([[1, 2, 4], [1, 2, 2]]), image_token_id=IMG,
+                                  video_token_id=VID, vision_start_token_id=VS) is None
