@@ -518,7 +518,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         local_tokens = sum(int(b["input_ids"].numel()) for b in micro if b is not None)
         total_n, total_tokens = dev.all_sum([local_n, local_tokens])
         scale = dev.world / max(total_n, 1.0)  # FSDP averages gradients over ranks; undo that, divide by the count
-        loss_sum, metric_sums = 0.0, {}
+        loss_sum, metric_sums = torch.zeros((), dtype=torch.float64, device=dev.device), {}  # read once per step
         for i, b in enumerate(micro):
             if dev.enabled:
                 module.set_requires_gradient_sync(i == len(micro) - 1)
@@ -534,7 +534,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
                     metrics = {}
             weight = 0.0 if b is None else 1.0
             (loss * (scale * weight)).backward()
-            loss_sum += float(loss.detach()) * weight
+            loss_sum += loss.detach().double() * weight
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
         for p in trainable:  # a step without images still moves the ViT by momentum, as it does under FSDP
@@ -546,7 +546,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_run += 1
-        sums = dev.all_sum([loss_sum] + list(metric_sums.values()))
+        sums = dev.all_sum([float(loss_sum)] + list(metric_sums.values()))
         loss_value = sums[0] / max(total_n, 1.0)
         if dev.device.type == "cuda":
             torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
