@@ -96,6 +96,15 @@ class Segments:
         return self._padded
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`. A host tensor goes to CUDA through pinned memory without blocking: a copy from pageable memory
+    first waits for the GPU to drain, so the host could never run ahead of the kernels it launches."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def segments(cu_seqlens: torch.Tensor, device) -> Segments:
     cu = cu_seqlens.tolist()
     t = torch.tensor(cu, dtype=torch.int32)

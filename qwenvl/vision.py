@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import VisionConfig
 from .errors import InputError
-from .layers import RMSNorm, Segments, SwiGLU, segments, varlen_attention
+from .layers import RMSNorm, Segments, SwiGLU, segments, to_device, varlen_attention
 from .rope import check_grid, frame_cu_seqlens, rotate_half, vision_rotary_freqs, window_index
 
 
@@ -146,8 +146,8 @@ class VisionTransformer(nn.Module):
         freqs = vision_rotary_freqs(grids, c.head_dim, c.spatial_merge_size)
         win_idx, cu_window = window_index(grids, c.window_size, c.patch_size, c.spatial_merge_size)
         freqs = freqs.view(n // unit, unit, -1)[win_idx].reshape(n, -1)
-        emb = torch.cat([freqs, freqs], dim=-1).to(device)
-        plan = VisionPlan(win_idx.to(device), torch.argsort(win_idx).to(device), emb.cos(), emb.sin(),
+        emb = to_device(torch.cat([freqs, freqs], dim=-1), device)
+        plan = VisionPlan(to_device(win_idx, device), to_device(torch.argsort(win_idx), device), emb.cos(), emb.sin(),
                           segments(cu_window, device), segments(frame_cu_seqlens(grids), device))
         self._plans[key] = plan
         # Bounded by rows, not entries: a plan for a packed step of many images holds big rotary tables.

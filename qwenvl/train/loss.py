@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..layers import to_device
 from .data import IGNORE
 
 
@@ -62,25 +63,32 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def target_nll(model, batch: dict, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll of every target token [N], sample index of each [N]) for a packed row."""
+def target_nll(model, batch: dict, device=None, samples: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(nll of every target token [N], sample index of each [N], or None with samples=False) for a packed row.
+
+    Which tokens have a target is worked out on the host (the batch's targets are host tensors): no boolean indexing
+    on the device, whose output size would make the host wait for the GPU in every row."""
     device = device or model.lm_head.weight.device
-    ids = batch["input_ids"].to(device)
-    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model_inputs(batch).items()}
-    if "pixel_values" in kw:
-        kw["pixel_values"] = kw["pixel_values"].to(model.visual.dtype)
-    if "pixel_values_videos" in kw:
-        kw["pixel_values_videos"] = kw["pixel_values_videos"].to(model.visual.dtype)
-    hidden = model.hidden_states(ids, seq_lens=batch["seq_lens"], **kw)[0]  # [T, D]
-    targets = batch["targets"][0].to(device)
-    keep = targets != IGNORE
-    seg = torch.repeat_interleave(torch.arange(len(batch["seq_lens"]), device=device),
-                                  torch.tensor(batch["seq_lens"], device=device))
-    return linear_nll(hidden[keep], model.lm_head, targets[keep]), seg[keep]
+    ids = to_device(batch["input_ids"], device)
+    kw = model_inputs(batch)  # grids and second_per_grid_ts stay on the host: the model reads them as lists
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in kw:
+            kw[k] = to_device(kw[k], device).to(model.visual.dtype)
+    pos = model._packed_positions(batch["input_ids"].cpu(), batch["seq_lens"], kw.get("image_grid_thw"),
+                                  kw.get("video_grid_thw"), kw.get("second_per_grid_ts"))  # from the host ids
+    hidden = model.hidden_states(ids, seq_lens=batch["seq_lens"], position_ids=to_device(pos, device), **kw)[0]  # [T, D]
+    targets = batch["targets"][0].cpu()  # already on the host unless a caller moved the batch
+    keep = (targets != IGNORE).nonzero().flatten()
+    seg = None
+    if samples:
+        seg = torch.repeat_interleave(torch.arange(len(batch["seq_lens"])), torch.tensor(batch["seq_lens"]))
+        seg = to_device(seg[keep], device)
+    hidden = hidden.index_select(0, to_device(keep, hidden.device))
+    return linear_nll(hidden, model.lm_head, to_device(targets[keep], device)), seg
 
 
 def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of target-token nll, number of target tokens): divide by the step's total count, never per row, so that
     packing, grad accumulation and data parallelism all give the same gradient as one big batch."""
-    nll, _ = target_nll(model, batch)
+    nll, _ = target_nll(model, batch, samples=False)
     return nll.sum(), nll.numel()
