@@ -28,6 +28,14 @@ def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
 
 
 # ----------------------------------------------------------------------------------------- decoder positions
+def _spg_list(second_per_grid_ts, n_videos: int) -> list[float]:
+    """Seconds per temporal grid of each video as floats (1.0 each when not given)."""
+    if second_per_grid_ts is None:
+        return [1.0] * n_videos
+    return [float(x) for x in (second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor)
+                               else second_per_grid_ts)]
+
+
 def mrope_positions(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -51,13 +59,9 @@ def mrope_positions(
         raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
     images, videos = _grid_list(image_grid_thw), _grid_list(video_grid_thw)
-    if second_per_grid_ts is None:
-        spgs = [1.0] * len(videos)
-    else:
-        spgs = [float(x) for x in (second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor)
-                                   else second_per_grid_ts)]
-        if len(spgs) != len(videos):
-            raise InputError(f"second_per_grid_ts has {len(spgs)} values for {len(videos)} videos")
+    spgs = _spg_list(second_per_grid_ts, len(videos))
+    if len(spgs) != len(videos):
+        raise InputError(f"second_per_grid_ts has {len(spgs)} values for {len(videos)} videos")
     mask = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
     ids_cpu = input_ids.cpu()
     positions = torch.ones(3, B, S, dtype=torch.long)
@@ -149,11 +153,7 @@ def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], ima
     first = (is_img | is_vid) & (prev == vision_start_token_id)
     block_at = first.nonzero().flatten().tolist()
     images, videos = _grid_list(image_grid_thw), _grid_list(video_grid_thw)
-    if second_per_grid_ts is None:
-        spgs = [1.0] * len(videos)
-    else:
-        spgs = [float(x) for x in (second_per_grid_ts.tolist() if isinstance(second_per_grid_ts, torch.Tensor)
-                                   else second_per_grid_ts)]
+    spgs = _spg_list(second_per_grid_ts, len(videos))
     kinds = is_img[first].tolist()  # True: image block, False: video block
     if sum(kinds) != len(images) or len(kinds) - sum(kinds) != len(videos) or len(spgs) != len(videos):
         return None
