@@ -20,6 +20,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("qwen2_5_vl",)
+MROPE_TEMPORAL = ("absolute", "frame")  # rope.TEMPORAL_MODES
 
 
 @dataclass
@@ -90,6 +91,10 @@ class ModelConfig:
     eos_token_id: int = 151645
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
+    # MRoPE temporal ids of video: "absolute" (time-aligned, the released models; transformers' only behaviour) or
+    # "frame" (the temporal patch index, fps-independent: the ablation of docs/NANO.md §4). Not a transformers key:
+    # written to config.json only when not "absolute", so real checkpoints' files load and save unchanged.
+    mrope_temporal: str = "absolute"
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ HF config.json
@@ -139,6 +144,8 @@ class ModelConfig:
         extra = {k: v for k, v in d.items() if k not in known}
         if extra:
             log.info("%s: keeping unknown keys as extra: %s", source, sorted(extra))
+        if kw.get("mrope_temporal", "absolute") not in MROPE_TEMPORAL:
+            raise ConfigError(f"{source}: mrope_temporal must be one of {MROPE_TEMPORAL}, got {kw['mrope_temporal']!r}")
         return cls(vision=vision, text=text, torch_dtype=str(dtype), extra=extra, **kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -168,6 +175,8 @@ class ModelConfig:
         }
         if self.pad_token_id is not None:
             d["pad_token_id"] = self.pad_token_id
+        if self.mrope_temporal != "absolute":
+            d["mrope_temporal"] = self.mrope_temporal
         d.update(self.extra)
         return d
 
@@ -197,6 +206,7 @@ class ModelConfig:
             (t.num_attention_heads % t.num_key_value_heads == 0, "num_attention_heads must be divisible by num_key_value_heads"),
             (sum(t.mrope_section) * 2 == t.head_dim, f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}"),
             (v.window_size % (v.patch_size * v.spatial_merge_size) == 0, "vision window_size must be a multiple of patch_size*spatial_merge_size"),
+            (self.mrope_temporal in MROPE_TEMPORAL, f"mrope_temporal must be one of {MROPE_TEMPORAL}, got {self.mrope_temporal!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -99,7 +99,7 @@ class Qwen25VL(nn.Module):
                                image_token_id=c.image_token_id, video_token_id=c.video_token_id,
                                vision_start_token_id=c.vision_start_token_id,
                                spatial_merge_size=c.vision.spatial_merge_size,
-                               tokens_per_second=c.vision.tokens_per_second)
+                               tokens_per_second=c.vision.tokens_per_second, temporal=c.mrope_temporal)
 
     def _cos_sin(self, positions):
         t = self.config.text
@@ -145,7 +145,7 @@ class Qwen25VL(nn.Module):
                                      image_token_id=c.image_token_id, video_token_id=c.video_token_id,
                                      vision_start_token_id=c.vision_start_token_id,
                                      spatial_merge_size=c.vision.spatial_merge_size,
-                                     tokens_per_second=c.vision.tokens_per_second)
+                                     tokens_per_second=c.vision.tokens_per_second, temporal=c.mrope_temporal)
         if pos is not None:
             return pos.unsqueeze(1)
         return self._packed_positions_per_sample(input_ids, seq_lens, image_grid_thw, video_grid_thw,

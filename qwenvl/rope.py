@@ -6,6 +6,10 @@ of llm grid (t, h, w) starting at `s` gets T = s + floor(k * second_per_grid_t *
 temporal patch k (0 for images), H = s + row, W = s + col; text after the block continues at max + 1.
 transformers 4.52-5.2 cast second_per_grid_t to int first and 5.3+ continue text after a video at
 s + max(h, w); both deviate from that rule and we do not copy them.
+
+`temporal="frame"` is an ablation (docs/NANO.md §4), not a released model's behaviour: a video's temporal id is its
+temporal patch index k (Qwen2-VL's rule), whatever the fps; everything else is unchanged. The model reads it from
+ModelConfig.mrope_temporal ("absolute", the default, is the rule above).
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
 
 
 # ----------------------------------------------------------------------------------------- decoder positions
+TEMPORAL_MODES = ("absolute", "frame")
+
+
+def video_time_scale(second_per_grid: float, tokens_per_second: float, temporal: str = "absolute") -> float:
+    """Temporal id of a video's temporal patch k is floor(k * this): second_per_grid * tokens_per_second (absolute
+    time, the released models) or 1 (temporal="frame": the patch index, independent of fps)."""
+    if temporal == "absolute":
+        return second_per_grid * tokens_per_second
+    if temporal == "frame":
+        return 1.0
+    raise InputError(f"MRoPE temporal mode must be one of {TEMPORAL_MODES}, got {temporal!r}")
+
+
 def _spg_list(second_per_grid_ts, n_videos: int) -> list[float]:
     """Seconds per temporal grid of each video as floats (1.0 each when not given)."""
     if second_per_grid_ts is None:
@@ -48,13 +65,18 @@ def mrope_positions(
     vision_start_token_id: int = 151652,
     spatial_merge_size: int = 2,
     tokens_per_second: float = 2,
+    temporal: str = "absolute",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D position ids [3, B, S] and rope_deltas [B, 1] for a (left-padded) batch.
 
     Padded positions get 1 (as transformers 4.x). rope_delta = max position + 1 - S (S the padded length),
     so decode step i of row b uses position S + i + delta[b] on all three axes.
     Images and videos are consumed in global order across the batch, as the processor lays them out.
+    temporal: "absolute" (video temporal ids follow second_per_grid_ts) or "frame" (the temporal patch index).
     """
+    video_time_scale(1.0, tokens_per_second, temporal)  # validates the mode
+    absolute = temporal == "absolute"
+    tps = tokens_per_second if absolute else 1.0
     if input_ids.dim() != 2:
         raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
@@ -96,13 +118,13 @@ def mrope_positions(
                 if vid_i >= len(videos):
                     raise InputError(f"row {b}: more video blocks in input_ids than video_grid_thw entries ({len(videos)})")
                 t, h, w = videos[vid_i]
-                spg = spgs[vid_i]
+                spg = spgs[vid_i] if absolute else 1.0  # frame: ids k * 1.0 * 1.0 = k
                 vid_i += 1
             lh, lw = h // m, w // m
             count = t * lh * lw
             if row[i:i + count] != [tok] * count:
                 raise InputError(f"row {b}: a vision block needs {count} consecutive pad tokens for grid {(t, h, w)}")
-            t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * spg * tokens_per_second).long()
+            t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * spg * tps).long()
             tt = t_ids.view(t, 1, 1).expand(t, lh, lw).flatten()
             hh = torch.arange(lh).view(1, lh, 1).expand(t, lh, lw).flatten()
             ww = torch.arange(lw).view(1, 1, lw).expand(t, lh, lw).flatten()
@@ -130,7 +152,7 @@ def _block_ids(t: int, lh: int, lw: int, t_scale: float) -> tuple[torch.Tensor, 
 def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], image_grid_thw=None, video_grid_thw=None,
                            second_per_grid_ts=None, *, image_token_id: int = 151655, video_token_id: int = 151656,
                            vision_start_token_id: int = 151652, spatial_merge_size: int = 2,
-                           tokens_per_second: float = 2) -> torch.Tensor | None:
+                           tokens_per_second: float = 2, temporal: str = "absolute") -> torch.Tensor | None:
     """Position ids [3, T] of a packed row (1-D ids, samples laid end to end, positions restarting in each): the same
     ids as mrope_positions on each sample alone, vectorised over the row instead of a Python loop over its tokens.
 
@@ -139,7 +161,9 @@ def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], ima
     token, 0 on its other tokens), restarted per sample; a block's tokens add their (t, h, w) ids to the id of the
     block's first token. Returns None when the row is not well formed (a block without its grid, a block not made of
     `count` pad tokens inside its sample, unused grids): mrope_positions then decides (and raises its errors).
+    temporal: as in mrope_positions.
     """
+    video_time_scale(1.0, tokens_per_second, temporal)  # validates the mode
     ids = input_ids.reshape(-1).cpu()
     T = ids.shape[0]
     lens = torch.as_tensor(list(seq_lens), dtype=torch.long)
@@ -169,7 +193,8 @@ def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], ima
             (t, h, w), scale, tok = images[img_i], 0.0, image_token_id
             img_i += 1
         else:
-            (t, h, w), scale, tok = videos[vid_i], spgs[vid_i] * tokens_per_second, video_token_id
+            (t, h, w), tok = videos[vid_i], video_token_id
+            scale = video_time_scale(spgs[vid_i], tokens_per_second, temporal)
             vid_i += 1
         block, top = _block_ids(t, h // m, w // m, scale)
         e = s + block.shape[1]

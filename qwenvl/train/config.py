@@ -22,6 +22,8 @@ class TrainConfig:
     model: str = "tiny"  # checkpoint dir, or a preset name (tiny, 3b, 7b, 72b, nano) for random weights
     tokenizer: str | None = None  # tokenizer dir (tokenizer.json); default: the checkpoint's, qwenvl.nano's for nano
     stage: str = "sft"  # sft | pretrain | dpo (pretrain = sft loss on every text token)
+    mrope_temporal: str | None = None  # absolute | frame: sets the model config's video temporal ids (default: the
+    #                                    checkpoint's / preset's, i.e. absolute); frame = the ablation of NANO.md §4
     output_dir: str = "runs/train"
     # ---- data
     train_files: list[str] = field(default_factory=list)
@@ -101,6 +103,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),
+            (self.mrope_temporal in (None, "absolute", "frame"),
+             f"mrope_temporal must be absolute or frame, got {self.mrope_temporal!r}"),
         ]
         for ok, msg in checks:
             if not ok:

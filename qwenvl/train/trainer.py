@@ -129,13 +129,16 @@ def with_vision_dummies(batch: dict, config) -> dict:
 
 
 def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
-    """fp32 master weights: a checkpoint dir, or random weights of a preset shape (seeded)."""
+    """fp32 master weights: a checkpoint dir, or random weights of a preset shape (seeded); cfg.mrope_temporal, when
+    set, replaces the config's video temporal-id mode (it travels in the exported config.json)."""
     if os.path.isdir(cfg.model):
         model = Qwen25VL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     elif cfg.model in PRESETS:
         model = Qwen25VL.random(preset(cfg.model), torch.float32, device, seed=cfg.seed)
     else:
         raise ConfigError(f"model {cfg.model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+    if cfg.mrope_temporal:
+        model.config.mrope_temporal = cfg.mrope_temporal
     return model.train()
 
 
