@@ -64,6 +64,7 @@ class TrainConfig:
     # ---- execution
     precision: str = "bf16"  # bf16 (autocast / FSDP mixed precision, fp32 master weights) | fp32; CPU runs fp32
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer and ViT block (fuses norms, rotary, SwiGLU elementwise work)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     fsdp_reshard_after_forward: bool = True

@@ -193,6 +193,14 @@ def setup_trainable(model: Qwen25VL, cfg: TrainConfig) -> None:
             p.requires_grad_(part_of(name) in parts)
 
 
+def compile_blocks(model: Qwen25VL) -> None:
+    """torch.compile each decoder layer's and ViT block's forward (in place: names and state_dict unchanged).
+    Per block, not the whole model: one compiled graph reused by every layer, and the data-dependent parts
+    (packing plan, ViT windows, the loss) stay eager. dynamic=True: row and image sizes change every step."""
+    for block in [*model.model.layers, *model.visual.blocks]:
+        block.forward = torch.compile(block.forward, dynamic=True)
+
+
 def enable_activation_checkpointing(model: Qwen25VL) -> None:
     """Recompute each decoder layer and ViT block in backward (forward replaced in place: names unchanged)."""
     from torch.utils.checkpoint import checkpoint
@@ -462,6 +470,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             reference = "adapters"
         else:
             ref_module = TrainModule(copy.deepcopy(model).requires_grad_(False).eval(), vision_sync=dev.enabled)
+    if cfg.compile:
+        compile_blocks(model)  # inside the checkpoint wrapper: the recompute runs the compiled forward too
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     module = TrainModule(model, vision_sync=dev.enabled)
