@@ -35,7 +35,7 @@ def oracle(samples, answers=None):
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("heldout"))
-    synth.generate(out, "all", 3, "heldout", 0)
+    synth.generate(out, list(synth.TASKS) + list(synth.EVAL_TASKS), 3, "heldout", 0)
     return out
 
 
@@ -48,6 +48,12 @@ def test_perfect_answers_score_one(heldout):
         for m in TASK_METRICS[task]:
             assert res[m] == 1.0, (task, m)
     assert all(r["prediction"] == r["reference"] for r in rows)
+    # the unseen-fps variants are reported apart, with a mean per sampling rate (samples 0, 2: 1 fps; 1: 4 fps)
+    for task in synth.EVAL_TASKS:
+        groups = report["tasks"][task]["by_group"]
+        assert {g: r["n"] for g, r in groups.items()} == {"1 fps": 2, "4 fps": 1}
+        assert all(r[m] == 1.0 for r in groups.values() for m in TASK_METRICS[task])
+    assert "by_group" not in report["tasks"]["video_grounding"]
 
 
 def test_garbage_answers_score_zero(heldout):
@@ -172,3 +178,23 @@ def test_end_to_end_tiny_random_checkpoint(heldout, tmp_path, backend, capsys):
     for res in report["tasks"].values():
         assert all(0.0 <= v <= 1.0 for k, v in res.items() if k != "n")
     assert "| task | n | metric | score |" in capsys.readouterr().out
+
+
+def test_suite_opt_in_unseen_fps_tasks(tmp_path, capsys):
+    """--add-tasks: the nano suite's default tasks stay as they are; the unseen-fps clips are generated into the same
+    cached folder on request and reported apart, per sampling rate."""
+    from qwenvl.evaluate.cli import SUITES
+
+    assert "video_grounding_unseen_fps" not in SUITES["nano"]["tasks"]
+    root, out = tmp_path / "suites", str(tmp_path / "eval")
+    common = ["--suite", "nano", "--n", "1", "--suite-root", str(root), "--max-tokens", "2", "--backend", "generate",
+              "--out", out]
+    assert eval_main(common + ["--tasks", "video_grounding", "--add-tasks", "video_grounding_unseen_fps"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert set(report["tasks"]) == {"video_grounding", "video_grounding_unseen_fps"}
+    assert set(report["tasks"]["video_grounding_unseen_fps"]["by_group"]) == {"1 fps"}
+    assert "| video_grounding_unseen_fps (1 fps) | 1 | mIoU |" in capsys.readouterr().out
+    (folder,) = root.iterdir()
+    assert sorted(p.name for p in folder.glob(".complete*")) == [".complete", ".complete-video_grounding_unseen_fps"]
+    with pytest.raises(SystemExit):
+        eval_main(common + ["--add-tasks", "ocr"])  # not an opt-in task

@@ -324,3 +324,46 @@ def test_video_as_frames_without_pyav(tmp_path, monkeypatch):
             synth.generate(mp4, [task], 3, "train", 0)
             assert [answer(r) for r in read(mp4, task)] == [answer(r) for r in read(out, task)]
             monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "frames")
+
+
+def test_unseen_fps_variants(tmp_path, monkeypatch):
+    """The eval-only variants: the held-out base clip i (same events, answer) sampled at 1 or 4 fps (training: 2),
+    so the processor's second_per_grid (what the MRoPE temporal ids follow) is 2 or 0.5 instead of 1."""
+    from qwenvl.synth.video import FRAMES_FPS, UNSEEN_FPS
+    from qwenvl.train.data import ChatEncoder
+
+    assert FRAMES_FPS not in UNSEEN_FPS and not set(synth.EVAL_TASKS) & set(synth.TASKS)
+    assert synth.parse_tasks("all") == list(synth.TASKS)
+    enc = ChatEncoder()
+    fmts = ["frames"]
+    try:
+        import av  # noqa: F401
+        fmts.append("mp4")
+    except ImportError:
+        pass
+    for fmt in fmts:
+        monkeypatch.setenv("QWENVL_SYNTH_VIDEO", fmt)
+        out = str(tmp_path / fmt)
+        synth.generate(out, ["video_grounding", "dense_caption"] + list(synth.EVAL_TASKS), 2, "heldout", 0)
+        for task in synth.EVAL_TASKS:
+            base = read(out, synth.VARIANTS[task])
+            for i, rec in enumerate(read(out, task)):
+                fps, meta, item = UNSEEN_FPS[i % 2], rec["meta"], rec["messages"][0]["content"][0]
+                assert rec["task"] == task and meta["sample_fps"] == fps and meta["eval_group"] == f"{fps} fps"
+                assert meta["events"] == base[i]["meta"]["events"] and meta["duration"] == base[i]["meta"]["duration"]
+                assert answer(rec) == answer(base[i]) and meta.get("span") == base[i]["meta"].get("span")
+                if fmt == "frames":
+                    assert item["sample_fps"] == fps and len(media_of(rec)) == int(meta["duration"] * fps)
+                    frames = [np.asarray(Image.open(os.path.join(out, f))).astype(int) for f in media_of(rec)]
+                    for e in meta["events"]:  # frame j shows time j / fps
+                        rgb = np.array(COLORS[e["color"]])
+                        for j, a in enumerate(frames):
+                            t = j / fps
+                            if any(o is not e and o["start"] - 0.5 <= t < o["end"] + 0.5 for o in meta["events"]):
+                                continue
+                            assert ((np.abs(a - rgb).max(-1) < 45).sum() > 20) == (e["start"] <= t < e["end"])
+                else:
+                    assert item["fps"] == fps
+                spg = enc.encode(rec, out).second_per_grid_ts
+                assert spg == [2 / fps] or (fmt == "mp4" and fps == 1 and spg[0] > 2)  # mp4: an even frame count
+            assert enc.encode(base[0], out).second_per_grid_ts == [1.0]

@@ -1,6 +1,8 @@
 """`qwenvl eval`: score a model on the nano suite (synthetic held-out set) or on the user's JSONL data.
 
     qwenvl eval --model DIR --suite nano [--n 50]        # generates the held-out set once (cached), then scores
+    qwenvl eval --model DIR --suite nano --add-tasks video_grounding_unseen_fps,dense_caption_unseen_fps
+                                                         # + the held-out clips sampled at fps unseen in training
     qwenvl eval --model DIR --data my.jsonl|my_dir/      # records with images/videos by path; task from "task"
                                                          # or from the tagger; reference = last assistant turn
 Writes OUT/report.json, OUT/report.md, OUT/predictions.jsonl and prints the Markdown table.
@@ -14,21 +16,28 @@ import sys
 
 SUITES = {"nano": dict(split="heldout", seed=0,
                        tasks=["grounding", "point", "count", "ocr", "spotting", "doc", "kie", "chart",
-                              "video_grounding", "dense_caption", "gui"])}
+                              "video_grounding", "dense_caption", "gui"],
+                       # opt-in (--add-tasks / --tasks): the video clips sampled at frame rates training never uses
+                       extra_tasks=["video_grounding_unseen_fps", "dense_caption_unseen_fps"])}
 
 
-def suite_data(name: str, n: int, root: str | None = None) -> str:
-    """The suite's data folder, generated on first use (deterministic: cached by name, generator version, n)."""
+def suite_data(name: str, n: int, root: str | None = None, extra_tasks=()) -> str:
+    """The suite's data folder, generated on first use (deterministic: cached by name, generator version, n): the
+    suite's tasks, plus any of its opt-in `extra_tasks` asked for (each generated once, into the same folder)."""
     from .. import synth
     from ..hub import cache_dir
 
     spec = SUITES[name]
+    bad = [t for t in extra_tasks if t not in spec.get("extra_tasks", ())]
+    if bad:
+        raise ValueError(f"suite {name!r} has no extra task(s) {bad}; it has {spec.get('extra_tasks', [])}")
     folder = os.path.join(root or os.path.join(cache_dir(), "suites"),
                           f"{name}-v{synth.VERSION}-{spec['split']}-s{spec['seed']}-n{n}")
-    done = os.path.join(folder, ".complete")
-    if not os.path.exists(done):
-        synth.generate(folder, spec["tasks"], n, spec["split"], spec["seed"])
-        open(done, "w").close()
+    for tasks, done in [(spec["tasks"], os.path.join(folder, ".complete"))] + \
+            [([t], os.path.join(folder, f".complete-{t}")) for t in extra_tasks]:
+        if not os.path.exists(done):
+            synth.generate(folder, tasks, n, spec["split"], spec["seed"])
+            open(done, "w").close()
     return folder
 
 
@@ -40,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", action="append", help="JSONL file or folder of them (repeatable); replaces --suite")
     p.add_argument("--n", type=int, default=50, help="suite samples per task")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples per task")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of tasks (a suite's opt-in tasks included)")
+    p.add_argument("--add-tasks", default=None, help="comma-separated opt-in suite tasks evaluated besides the "
+                   f"suite's own: {', '.join(SUITES['nano']['extra_tasks'])}")
     p.add_argument("--out", default="eval-out", help="report folder")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="cap on every task's generation budget")
@@ -53,8 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     from .generation import ModelGenerator
     from .harness import evaluate, load_samples, markdown_table, write_report
 
-    data = a.data or [suite_data(a.suite or "nano", a.n, a.suite_root)]
     tasks = a.tasks.split(",") if a.tasks else None
+    added = a.add_tasks.split(",") if a.add_tasks else []
+    if a.data:  # every record is evaluated unless --tasks narrows it
+        data = a.data
+        tasks = tasks + added if tasks else None
+    else:
+        spec = SUITES[a.suite or "nano"]
+        bad = [t for t in added if t not in spec["extra_tasks"]]
+        if bad:
+            p.error(f"--add-tasks: {bad} are not opt-in tasks of suite {a.suite or 'nano'} ({spec['extra_tasks']})")
+        extra = [t for t in dict.fromkeys((tasks or []) + added) if t in spec["extra_tasks"]]
+        data = [suite_data(a.suite or "nano", a.n, a.suite_root, extra)]
+        if added:
+            tasks = list(dict.fromkeys((tasks or spec["tasks"]) + added))
     samples = load_samples(data, a.limit, tasks)
     gen = ModelGenerator(a.model, a.backend, a.device, a.dtype, a.batch_size)
     print(f"qwenvl eval: {len(samples)} samples, backend {gen.backend}, model {gen.path}", file=sys.stderr)

@@ -88,6 +88,9 @@ def evaluate(samples: list[tuple[dict, str]], model_fn: Callable[[list, int], li
                 ref = reference_text(rec)
                 rows[i] = {"id": rec.get("id", str(i)), "task": task, "prediction": pred, "reference": ref,
                            "scores": score(task, pred, rec, ref)}
+                group = (rec.get("meta") or {}).get("eval_group")
+                if group is not None:
+                    rows[i]["group"] = group
             if progress:
                 print(f"  {task}: {min(s + chunk, len(idx))}/{len(idx)}", flush=True)
     report = {"n": len(samples), "seconds": round(time.time() - t0, 2), "tasks": aggregate(rows)}
@@ -97,8 +100,9 @@ def evaluate(samples: list[tuple[dict, str]], model_fn: Callable[[list, int], li
 def markdown_table(report: dict) -> str:
     lines = ["| task | n | metric | score |", "|---|---:|---|---:|"]
     for task, res in report["tasks"].items():
-        for j, m in enumerate(TASK_METRICS[task]):
-            lines.append(f"| {task if j == 0 else ''} | {res['n'] if j == 0 else ''} | {m} | {100 * res[m]:.1f} |")
+        for name, r in [(task, res)] + [(f"{task} ({g})", gr) for g, gr in res.get("by_group", {}).items()]:
+            for j, m in enumerate(TASK_METRICS[task]):
+                lines.append(f"| {name if j == 0 else ''} | {r['n'] if j == 0 else ''} | {m} | {100 * r[m]:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,10 @@ as general VQA (ANLS and exact match). Unparseable predictions score 0; nothing 
 | dense_caption | mIoU: per reference event the best tIoU over predicted events, averaged; R@0.5 likewise |
 | gui | action_em: same action type and arguments; a click must land inside the target (meta.box) |
 | general | anls, exact |
+
+video_grounding_unseen_fps / dense_caption_unseen_fps (the held-out clips sampled at frame rates training never
+uses; synth.video.UNSEEN_FPS) are scored as their base task and reported apart. A record whose meta has an
+`eval_group` (e.g. "1 fps") also gets per-group means in its task's `by_group`.
 """
 from __future__ import annotations
 
@@ -36,12 +40,16 @@ TASK_METRICS = {
     "spotting": ("f1", "char_acc"), "doc": ("element_f1", "text_anls"), "kie": ("field_acc",),
     "chart": ("relaxed_acc",), "video_grounding": ("mIoU", "R@0.5"), "dense_caption": ("mIoU", "R@0.5"),
     "gui": ("action_em",), "general": ("anls", "exact"),
+    "video_grounding_unseen_fps": ("mIoU", "R@0.5"), "dense_caption_unseen_fps": ("mIoU", "R@0.5"),
 }
+# tasks scored exactly as another one (reported under their own name)
+SCORED_AS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption"}
 # the synthetic caption task has no dedicated metric
 TASK_ALIASES = {"caption": "general"}
 # generation budget per task (tokens); the harness caps it with --max-tokens
 MAX_TOKENS = {"grounding": 96, "point": 96, "count": 512, "ocr": 256, "spotting": 768, "doc": 1024, "kie": 192,
-              "chart": 32, "video_grounding": 48, "dense_caption": 384, "gui": 96, "general": 256}
+              "chart": 32, "video_grounding": 48, "dense_caption": 384, "gui": 96, "general": 256,
+              "video_grounding_unseen_fps": 48, "dense_caption_unseen_fps": 384}
 
 
 def primary_metric(task: str) -> str:
@@ -131,6 +139,7 @@ def _action(text: str):
 def score(task: str, pred: str, record: dict, ref: str | None = None) -> dict[str, float]:
     """Scores (0..1) of prediction `pred` for `record` under `task`'s metrics."""
     task = eval_task(task)
+    task = SCORED_AS.get(task, task)
     ref = reference_text(record) if ref is None else ref
     meta = record.get("meta") or {}
     pred = pred or ""
@@ -197,12 +206,22 @@ def score(task: str, pred: str, record: dict, ref: str | None = None) -> dict[st
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """rows: {"task", "scores"} per sample -> {task: {"n": .., metric: mean, ...}} in TASK_METRICS order."""
+    """rows: {"task", "scores"[, "group"]} per sample -> {task: {"n": .., metric: mean, ...}} in TASK_METRICS order;
+    a task whose rows carry a "group" also gets {"by_group": {group: {"n": .., metric: mean, ...}}}."""
     by_task: dict[str, list[dict]] = {}
     for r in rows:
-        by_task.setdefault(r["task"], []).append(r["scores"])
+        by_task.setdefault(r["task"], []).append(r)
     out = {}
     for task in [t for t in TASK_METRICS if t in by_task]:
-        scores = by_task[task]
-        out[task] = {"n": len(scores), **{m: sum(s[m] for s in scores) / len(scores) for m in TASK_METRICS[task]}}
+        out[task] = _means(by_task[task], TASK_METRICS[task])
+        groups: dict[str, list[dict]] = {}
+        for r in by_task[task]:
+            if r.get("group") is not None:
+                groups.setdefault(str(r["group"]), []).append(r)
+        if groups:
+            out[task]["by_group"] = {g: _means(groups[g], TASK_METRICS[task]) for g in sorted(groups)}
     return out
+
+
+def _means(rows: list[dict], metrics) -> dict:
+    return {"n": len(rows), **{m: sum(r["scores"][m] for r in rows) / len(rows) for m in metrics}}

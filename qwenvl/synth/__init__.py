@@ -14,6 +14,8 @@ is where the trainer resolves them), DIR/media/<task>/..., and DIR/manifest.json
 Tasks: grounding (referring expressions incl. relations and absent objects -> bbox_2d), point, count
 (detect then count), caption, ocr (plain text), spotting (text-spotting JSON), doc (QwenVL HTML), kie
 (receipts/forms -> JSON), chart (values), video_grounding, dense_caption, gui (computer_use tool calls).
+Eval-only (not in "all"): video_grounding_unseen_fps, dense_caption_unseen_fps — the base task's clips sampled at
+1 or 4 fps (training: 2 fps), so their MRoPE temporal ids differ from anything training shows.
 """
 from __future__ import annotations
 
@@ -31,7 +33,13 @@ _TASKS = {
     "video_grounding": ("video", "gen_video_grounding"), "dense_caption": ("video", "gen_dense_caption"),
     "gui": ("gui", "gen_gui"),
 }
-TASKS = tuple(_TASKS)
+TASKS = tuple(_TASKS)  # the training tasks ("all"; also the vocabulary's corpus: do not add eval-only ones here)
+# Eval-only variants: the same clip as the base task's sample i (drawn from the base task's RNG), sampled at a frame
+# rate training never uses (synth.video.UNSEEN_FPS), for the absolute-time vs frame-index MRoPE ablation.
+VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption"}
+_TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unseen_fps"),
+               "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps")})
+EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
 VERSION = 1  # bump whenever a generator's output changes (cached eval suites are keyed by it)
 
@@ -40,7 +48,7 @@ def generator(task: str):
     import importlib
 
     if task not in _TASKS:
-        raise ValueError(f"unknown synth task {task!r}; known: {', '.join(TASKS)}")
+        raise ValueError(f"unknown synth task {task!r}; known: {', '.join(TASKS + EVAL_TASKS)}")
     module, name = _TASKS[task]
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
@@ -58,8 +66,8 @@ def make_sample(task: str, index: int, out_dir: str, split: str = "train", seed:
     """Sample `index` of (task, split, seed), its media written under out_dir; the same bytes every time."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    ctx = Ctx(sample_rng(seed, split, task, index), split == "heldout", out_dir,
-              f"media/{task}/{split}-{seed}-{index:06d}")
+    ctx = Ctx(sample_rng(seed, split, VARIANTS.get(task, task), index), split == "heldout", out_dir,
+              f"media/{task}/{split}-{seed}-{index:06d}", index)
     record = generator(task)(ctx)
     return {"id": f"{task}/{split}/{seed}/{index}", "task": task, **record}
 
@@ -85,4 +93,4 @@ def generate(out_dir: str, tasks="all", n: int = 1000, split: str = "train", see
     return manifest
 
 
-__all__ = ["TASKS", "SPLITS", "VERSION", "generate", "make_sample", "generator", "parse_tasks"]
+__all__ = ["TASKS", "EVAL_TASKS", "VARIANTS", "SPLITS", "VERSION", "generate", "make_sample", "generator", "parse_tasks"]

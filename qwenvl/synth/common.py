@@ -187,6 +187,7 @@ class Ctx:
     heldout: bool
     out_dir: str
     stem: str  # media path without extension, relative to out_dir
+    index: int = 0  # the sample's index (for choices that must not consume `rng`, e.g. an eval variant's fps)
 
     def save_image(self, img: Image.Image) -> str:
         rel = self.stem + ".png"

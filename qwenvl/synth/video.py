@@ -10,6 +10,13 @@ events that do not overlap in time: a coloured shape that appears at `start`, mo
 gone at `end`; frame i (time i / fps) shows it iff start <= i / fps < end. Times are multiples of 0.5 s.
 Held out: (colour, shape, motion) combinations; training clips never show them.
 The video item carries min/max_pixels equal to the frame size so the frames stay at their native size.
+
+Unseen frame rates (the eval-only tasks video_grounding_unseen_fps / dense_caption_unseen_fps): what sets a video's
+MRoPE temporal ids is the rate the processor *samples* it at (second_per_grid = 2 / sample_fps), not the file's own
+fps — an mp4 at any source fps is sampled at the item's `fps` (default 2), a frame list is taken at its `sample_fps`.
+Every training clip is sampled at 2 fps (second_per_grid 1, absolute temporal ids 0, 2, 4, ...). A variant clip is
+the base task's clip i (same draws, events and answer) sampled at UNSEEN_FPS[i % 2] (1 or 4 fps: second_per_grid 2
+or 0.5): frames written at that rate (frames format) or the same mp4 with `"fps"` set on the item.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ FRAME_SIZES = [(112, 168), (140, 196), (168, 224), (112, 140)]  # (h, w)
 FPS_CHOICES = [4, 5, 8, 10, 12, 15, 24]
 COMBO_TASK = "video"
 FRAMES_FPS = 2
+UNSEEN_FPS = (1, 4)  # sampling rates of the eval-only variants; training samples every clip at FRAMES_FPS (2)
 
 
 def video_format() -> str:
@@ -84,8 +92,10 @@ def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
             container.mux(packet)
 
 
-def make_clip(ctx: Ctx) -> tuple[str | list[str], dict]:
-    """(the mp4's path, or the frame files' paths, relative to out_dir; meta)."""
+def make_clip(ctx: Ctx, sample_fps: float | None = None) -> tuple[str | list[str], dict]:
+    """(the mp4's path, or the frame files' paths, relative to out_dir; meta). sample_fps: the rate the processor
+    is to sample the clip at (default: FRAMES_FPS, the processor's default for an mp4); it draws nothing from
+    ctx.rng, so the clip's content does not depend on it."""
     rng = ctx.rng
     h, w = rng.choice(FRAME_SIZES)
     fps = rng.choice(FPS_CHOICES)
@@ -105,7 +115,7 @@ def make_clip(ctx: Ctx) -> tuple[str | list[str], dict]:
         y1 = y0 if dy == 0 else h - s - y0
         e["path"] = [x0, y0, x1, y1, s]
     fmt = video_format()
-    rate = fps if fmt == "mp4" else FRAMES_FPS
+    rate = fps if fmt == "mp4" else (sample_fps or FRAMES_FPS)
     frames = []
     for i in range(int(duration * rate)):
         t = i / rate
@@ -119,6 +129,8 @@ def make_clip(ctx: Ctx) -> tuple[str | list[str], dict]:
         frames.append(img)
     meta = {"fps": rate, "duration": duration, "frame_hw": [h, w], "n_frames": len(frames), "events": events,
             "distractor": [dc, ds]}
+    if sample_fps is not None:  # (meta of the training clips unchanged)
+        meta.update(sample_fps=sample_fps, eval_group=f"{sample_fps:g} fps")
     if fmt == "mp4":  # (meta as before the frames format existed: the same bytes)
         rel, path = ctx.media_path(".mp4")
         write_video(path, [np.asarray(f) for f in frames], fps)
@@ -137,12 +149,14 @@ def _record(rel: str | list[str], meta: dict, prompt: str, answer: str) -> dict:
     item = {"type": "video", "video": rel, "min_pixels": 28 * 28, "max_pixels": h * w}
     if isinstance(rel, list):
         item["sample_fps"] = meta["fps"]
+    elif "sample_fps" in meta:  # an mp4 sampled at another rate than the processor's default 2 fps
+        item["fps"] = meta["sample_fps"]
     return {"messages": [{"role": "user", "content": [item, {"type": "text", "text": prompt}]},
                          {"role": "assistant", "content": answer}], "meta": meta}
 
 
-def gen_video_grounding(ctx: Ctx) -> dict:
-    rel, meta = make_clip(ctx)
+def gen_video_grounding(ctx: Ctx, sample_fps: float | None = None) -> dict:
+    rel, meta = make_clip(ctx, sample_fps)
     e = meta["events"][0] if ctx.heldout else ctx.rng.choice(meta["events"])
     query = e["description"][0].lower() + e["description"][1:].rstrip(".")
     meta.update(query=query, span=[e["start"], e["end"]], combo=[e["color"], e["shape"], e["motion"]])
@@ -150,11 +164,24 @@ def gen_video_grounding(ctx: Ctx) -> dict:
     return _record(rel, meta, grounding_prompt(query), answer)
 
 
-def gen_dense_caption(ctx: Ctx) -> dict:
-    rel, meta = make_clip(ctx)
+def gen_dense_caption(ctx: Ctx, sample_fps: float | None = None) -> dict:
+    rel, meta = make_clip(ctx, sample_fps)
     e0 = meta["events"][0]
     meta["combo"] = [e0["color"], e0["shape"], e0["motion"]]
     events = [{"start_time": format_time(e["start"], "mm:ss.ff"), "end_time": format_time(e["end"], "mm:ss.ff"),
                "description": e["description"]} for e in meta["events"]]
     answer = "```json\n" + json.dumps(events, indent=None).replace("}, {", "},\n {") + "\n```"
     return _record(rel, meta, dense_caption_prompt("mm:ss.ff"), answer)
+
+
+def unseen_fps(ctx: Ctx) -> int:
+    """The sampling rate of an eval-only variant's clip: alternating over UNSEEN_FPS by sample index."""
+    return UNSEEN_FPS[ctx.index % len(UNSEEN_FPS)]
+
+
+def gen_video_grounding_unseen_fps(ctx: Ctx) -> dict:
+    return gen_video_grounding(ctx, unseen_fps(ctx))
+
+
+def gen_dense_caption_unseen_fps(ctx: Ctx) -> dict:
+    return gen_dense_caption(ctx, unseen_fps(ctx))
