@@ -20,6 +20,10 @@ Forward, chosen per device once (`fp8_backend`):
       per-channel scale on the output in fp32.
 On CUDA the scaled_mm path is probed once against an fp32 emulation before it is used; a failure or a
 mismatch falls back to "dequant" with a warning.
+Small batches (decode: at most QWENVL_FP8_GEMV_MAX_M = 16 rows) take neither: a weight-only Triton GEMV
+(fp8_gemv.py) reads each fp8 weight byte once and needs no activation quantisation (bf16/fp16 activations,
+compute capability >= 8.9, probed once per device). QWENVL_FP8_GEMV=0 or fp8_gemv.set_enabled(False) turns
+it off; backend "scaled_mm" / "dequant" on a module never uses it, "gemv" uses it even when switched off.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import fp8_gemv as _gemv
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,8 @@ def fp8_backend(device) -> str:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        _gemv.gemv_ok(device)  # the small-batch kernel's one-time probe, also before any CUDA graph capture
     key = str(device)
     if key in _BACKENDS:
         return _BACKENDS[key]
@@ -160,8 +168,9 @@ def fp8_backend(device) -> str:
 
 # ---------------------------------------------------------------------------------------------- module
 class FP8Linear(nn.Module):
-    """y = x @ (weight * weight_scale)^T + bias. `backend`: 'auto' (fp8_backend of the input's device),
-    'scaled_mm' or 'dequant'. `reduce_output` (set by tensor parallelism for row-parallel layers): the
+    """y = x @ (weight * weight_scale)^T + bias. `backend`: 'auto' (the GEMV kernel for small batches where
+    it is usable and switched on, else fp8_backend of the input's device), 'gemv' (the kernel where usable,
+    even when switched off), 'scaled_mm' or 'dequant'. `reduce_output` (set by tensor parallelism for row-parallel layers): the
     output is a partial sum, all-reduced over `group` before the bias is added."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
@@ -200,7 +209,19 @@ class FP8Linear(nn.Module):
         return (b == "scaled_mm" and self.weight.dtype == FP8 and (x.dtype == torch.bfloat16 or x.device.type == "cpu")
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0)
 
+    def use_gemv(self, x: torch.Tensor) -> bool:
+        if self.backend not in ("auto", "gemv"):
+            return False
+        return _gemv.use_gemv(x, self.weight, self.in_features, force=self.backend == "gemv")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_gemv(x):
+            # the bias after the all-reduce of a row-parallel layer (a partial sum), else fused
+            y = _gemv.fp8_gemv(x, self.weight, self.weight_scale, None if self.reduce_output else self.bias)
+            if not self.reduce_output:
+                return y
+            torch.distributed.all_reduce(y, group=self.group)
+            return y if self.bias is None else y + self.bias
         scale_row = self.weight_scale.view(1, -1).float()
         if self.use_scaled_mm(x):
             y = _mm_scaled(x.reshape(-1, self.in_features), self.weight, scale_row, x.dtype)

@@ -1,0 +1,424 @@
+"""Weight-only FP8 GEMV/skinny GEMM for decode: y[M, N] = x[M, K] @ (W[N, K] * scale[N])^T (+ bias), small M.
+
+Why: at batch 1..16 a decode step is bound by reading weights. The scaled_mm path (fp8.py) quantises the
+activations (extra kernels), pads M to 16 and runs cuBLAS kernels not tuned for M=1, so FP8 decoded slower
+than bf16. This kernel reads each e4m3 weight byte once, converts it in registers and multiplies it with the
+bf16/fp16 activation in fp32; the per-output-channel scale (and the bias) are applied once per output, then
+one rounding to the activation dtype. The activations are not quantised: it is the "dequant" path's maths
+(weight-only), with fp32 accumulation and a single final rounding.
+
+Two code paths in one kernel (constexpr USE_DOT):
+  FMA  (M == 1 by default): a [BLOCK_N, BLOCK_K] tile of fp8 rows (BLOCK_K contiguous bytes per row: 16-byte
+       vector loads), w.to(fp32) * x into an fp32 register tile, summed over K once at the end.
+  DOT  (M > 1): out^T = W @ x^T with tl.dot on a [BLOCK_N, BLOCK_K] weight tile converted to the activation
+       dtype (exact: e4m3 fits in bf16/fp16) and x padded to BLOCK_M = 16 rows (swap-AB: the weight tile is
+       the big operand), fp32 accumulator.
+Split-K (SPLIT_K > 1): when cdiv(N, BLOCK_N) programs cannot keep the memory system busy (o_proj, down_proj,
+k/v at TP), each program does a K range and writes an fp32 partial to a workspace [SPLIT_K, M, N]; a second
+small kernel sums the partials in a fixed order (deterministic), applies scale and bias and rounds.
+
+The config is picked from the shape (`pick_config`; `set_tuned` overrides it per (M, N, K), e.g. with the
+winners of bench/bench_fp8_gemv.py). No autotuning at run time, no host sync, the only allocations are the
+output and the fixed-size workspace: CUDA-graph capturable (compile happens on the first eager call: the
+engine runs every bucket eagerly before capturing it).
+
+Dispatch (FP8Linear.forward): `use_gemv(x, ...)`: CUDA, triton importable, x bf16/fp16, M <= max_m (default
+16), compute capability >= 8.9 (triton's e4m3 conversion), the kernel probed once per device against an fp32
+reference (`gemv_ok`). Switch: env QWENVL_FP8_GEMV=0 (off) / QWENVL_FP8_GEMV_MAX_M, or `set_enabled()`.
+
+CPU testing: in a process started with TRITON_INTERPRET=1 (set before triton is imported: triton's own library
+functions such as tl.sum must be interpreted too), fp8_gemv on CPU tensors runs these same kernel functions
+under Triton's interpreter; e4m3 loads and casts work there (checked with triton 3.9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # CPU builds of torch come without triton
+    triton = tl = None
+    HAVE_TRITON = False
+
+FP8 = torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------------------------------------- switch
+def _env_enabled() -> bool:
+    return os.environ.get("QWENVL_FP8_GEMV", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _env_max_m() -> int:
+    return int(os.environ.get("QWENVL_FP8_GEMV_MAX_M", "16"))
+
+
+_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m()}
+
+
+def set_enabled(enabled: bool | None = None, max_m: int | None = None) -> dict:
+    """Turn the GEMV path on/off and set the largest M it takes (None: leave as is). Returns the old settings.
+    Takes effect for eager calls at once; a captured CUDA graph keeps the kernels it recorded."""
+    old = dict(_STATE)
+    if enabled is not None:
+        _STATE["enabled"] = bool(enabled)
+    if max_m is not None:
+        _STATE["max_m"] = int(max_m)
+    return old
+
+
+def settings() -> dict:
+    return dict(_STATE)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+    use_dot: bool = False
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def set_tuned(table: dict | None) -> None:
+    """Per-shape configs {(M, N, K): GemvConfig or its dict} used instead of pick_config's heuristic; None
+    clears them."""
+    _TUNED.clear()
+    for key, cfg in (table or {}).items():
+        _TUNED[tuple(int(v) for v in key)] = cfg if isinstance(cfg, GemvConfig) else GemvConfig(**cfg)
+
+
+def normalize_split(k_blocks: int, split: int) -> tuple[int, int]:
+    """(split, blocks per split) with no empty split: every split gets cdiv(k_blocks, split) blocks except
+    possibly the last."""
+    split = max(1, min(split, k_blocks))
+    per = -(-k_blocks // split)
+    return -(-k_blocks // per), per
+
+
+def max_split(M: int, K: int) -> int:
+    """Split-K adds a workspace write + read of split * M * N fp32 values: at most 16 splits, and at most
+    1/10 of the weight bytes (N * K) in workspace traffic (8 * split * M * N <= N * K / 10)."""
+    return max(1, min(16, K // (80 * M)))
+
+
+def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
+    """Heuristic: FMA tile [16, 256] (4 KiB of fp8 per iteration, 4 warps) for M == 1, a [32, 128] weight
+    tile with tl.dot for M > 1; split K until about 8 programs per SM exist (one 4 KiB load in flight per
+    program: enough bytes in flight to cover DRAM latency), within max_split."""
+    if (M, N, K) in _TUNED:
+        return _TUNED[(M, N, K)]
+    if M == 1:
+        bn, bk, warps, dot, m_programs = 16, 256, 4, False, 1
+    else:
+        bn, bk, warps, dot, m_programs = 32, 128, 4, True, -(-M // 16)
+    bk = min(bk, max(16, triton_next_pow2(K)))
+    programs = -(-N // bn) * m_programs
+    k_blocks = -(-K // bk)
+    target = 8 * num_sms
+    split = 1
+    if programs < target:
+        per = max(1, k_blocks * programs // target)  # blocks per split: cdiv(k_blocks, per) * programs >= target
+        split = min(-(-k_blocks // per), max_split(M, K))
+    split, _ = normalize_split(k_blocks, split)
+    return GemvConfig(bn, bk, split, warps, 1, dot)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=8)
+def num_sms(device) -> int:
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+if HAVE_TRITON:
+
+    @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym"])
+    def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         USE_DOT: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(offs_n, N - 1)  # clamped: loads need no row mask, the store has one
+        offs_k = tl.arange(0, BLOCK_K)
+        k_start = pid_k * k_per_split
+        w_ptrs = W + rows.to(tl.int64)[:, None] * stride_wn + (k_start + offs_k)[None, :]
+        if USE_DOT:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            xrows = tl.minimum(offs_m, M - 1)
+            x_ptrs = X + xrows.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            x_ptrs = X + pid_m.to(tl.int64) * stride_xm + k_start + offs_k
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        k_end = tl.minimum(k_start + k_per_split, K)  # the last split may have fewer blocks
+        for k in range(k_start, k_end, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if USE_DOT:
+                    x = tl.load(x_ptrs)
+                else:
+                    x = tl.load(x_ptrs, eviction_policy="evict_last")
+            else:
+                k_ok = (k + offs_k) < K
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                if USE_DOT:
+                    x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                else:
+                    x = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+            if USE_DOT:
+                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M], fp32
+            else:
+                acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        n_ok = offs_n < N
+        if USE_DOT:
+            y = acc
+            out_offs = offs_m[None, :] * stride_ym + offs_n[:, None]
+            ws_offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
+            ok = n_ok[:, None] & (offs_m < M)[None, :]
+        else:
+            y = tl.sum(acc2, axis=1)
+            out_offs = pid_m * stride_ym + offs_n
+            ws_offs = (pid_k * M + pid_m) * N + offs_n
+            ok = n_ok
+        if SPLIT_K == 1:
+            s = tl.load(S + rows).to(tl.float32)
+            if USE_DOT:
+                s = s[:, None]
+            y = y * s
+            if HAS_BIAS:
+                b = tl.load(Bias + rows).to(tl.float32)
+                if USE_DOT:
+                    b = b[:, None]
+                y = y + b
+            tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=ok)
+        else:
+            tl.store(WS + ws_offs, y, mask=ok)
+
+    @triton.jit(do_not_specialize=["M", "stride_ym"])
+    def _splitk_reduce_kernel(WS, S, Bias, Y, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                              HAS_BIAS: tl.constexpr):
+        pid = tl.program_id(0)
+        m = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):  # fixed order: deterministic
+            acc += tl.load(WS + (s * M + m) * N + offs, mask=ok, other=0.0)
+        y = acc * tl.load(S + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + m * stride_ym + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def interpreting() -> bool:
+    """Whether triton was imported under TRITON_INTERPRET=1 (its kernels, ours and triton's own library
+    functions, are then run by the interpreter on CPU tensors). It is read when the kernels are decorated, so
+    it must be set before the first `import triton` of the process (tests run it in a subprocess)."""
+    if not HAVE_TRITON:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(_fp8_gemv_kernel, InterpretedFunction):
+        return False
+    _fix_interpreter()
+    return True
+
+
+def _fix_interpreter() -> None:
+    """Two gaps of triton's CPU interpreter (seen in 3.9) that the GPU does not have, closed in this process so
+    the kernel runs unchanged: (1) tl.dot on bf16 operands multiplies their raw bit patterns (the interpreter
+    holds bf16 as uint16 numpy arrays; fp16 and fp32 are fine); (2) fp32 -> bf16 casts truncate instead of
+    rounding to nearest even (and its explicit "rtne" mode does not carry into the exponent). Patched here:
+    bf16 dot operands are widened to fp32 first (exact, like the GPU's bf16 products into an fp32
+    accumulator); fp32 -> bf16 rounds to nearest even, as the GPU's cvt.rn.bf16.f32."""
+    import numpy as np
+    from triton.runtime import interpreter as I
+
+    B = I.InterpreterBuilder
+    if getattr(B, "_qwenvl_fixed", False):
+        return
+    dot, cast = B.create_dot, B.cast_impl
+
+    def create_dot(self, a, b, d, *args):
+        if a.dtype.scalar == tl.bfloat16:
+            a = cast(self, a, tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = cast(self, b, tl.float32)
+        return dot(self, a, b, d, *args)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            return I.TensorHandle(out, tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    B.create_dot, B.cast_impl, B._qwenvl_fixed = create_dot, cast_impl, True
+
+
+# ---------------------------------------------------------------------------------------------- launch
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale)^T + bias in x's dtype. x [..., K] bf16/fp16 (last dim contiguous), weight
+    float8_e4m3fn [N, K] (rows contiguous, any row stride), scale [N] or [N, 1] (any float dtype), bias [N].
+    CUDA tensors, or CPU tensors in a TRITON_INTERPRET=1 process (see interpreting())."""
+    if not HAVE_TRITON:
+        raise RuntimeError("fp8_gemv needs triton")
+    interpret = not x.is_cuda
+    if interpret and not interpreting():
+        raise RuntimeError("fp8_gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    K = x.shape[-1]
+    N = weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    s = scale.reshape(-1)
+    if s.stride(0) != 1:
+        s = s.contiguous()
+    cfg = config or pick_config(M, N, K, num_sms(x.device))
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.view(*lead, N)
+    bk = cfg.block_k
+    k_blocks = -(-K // bk)
+    split, per = normalize_split(k_blocks, cfg.split_k)
+    k_per_split = per * bk
+    even_k = K % bk == 0
+    block_m = 16 if cfg.use_dot else 1
+    ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
+    has_bias = bias is not None
+    b = bias if has_bias else s  # a valid pointer, never read
+    grid = (-(-N // cfg.block_n), split, -(-M // block_m))
+    kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+                           k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
+                           EVEN_K=even_k, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, **kw)
+    if split > 1:
+        rb = 1024 if N >= 1024 else triton_next_pow2(N)
+        kw = {} if interpret else {"num_warps": 4}
+        _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, M, N, y.stride(0), SPLIT_K=split, BLOCK=rb,
+                                                HAS_BIAS=has_bias, **kw)
+    return y.view(*lead, N)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x @ (weight * scale)^T + bias in float64 (the weights dequantised exactly; no TF32 whatever the
+    matmul settings), reshaped to [M, N]."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    y = (x @ weight.double().t()) * scale.reshape(1, -1).double()
+    return y if bias is None else y + bias.double()
+
+
+def error_bound(x, weight, scale, bias, ref, out_dtype) -> torch.Tensor:
+    """Elementwise bound on |fp8_gemv - reference|: one rounding to out_dtype (half an ulp: eps/2 relative)
+    plus the kernel's fp32 summation of K exact products in any order (gamma_K = K u / (1 - K u), u = 2^-24,
+    on sum |x||w| * scale; counted twice, for a split-K's partial sums and slack), plus the scale/bias
+    roundings (a few u). The reference is float64 (its own error is far below these)."""
+    K = x.shape[-1]
+    u = 2.0 ** -24
+    gamma = K * u / (1 - K * u)
+    absdot = (x.reshape(-1, K).double().abs() @ weight.double().abs().t()) * scale.reshape(1, -1).double().abs()
+    if bias is not None:
+        absdot = absdot + bias.double().abs()
+    half_ulp = torch.finfo(out_dtype).eps / 2
+    return half_ulp * ref.abs() * (1 + 4 * u) + (2 * gamma + 4 * u) * absdot * (1 + half_ulp) + 1e-30
+
+
+_OK: dict[str, bool] = {}
+
+
+def gemv_ok(device) -> bool:
+    """Whether the kernel can be used on `device`: CUDA, triton, compute capability >= 8.9, and one run per
+    code path (FMA, DOT, split-K, bias, ragged K) within error_bound of the fp32 reference. Probed once per
+    device (synchronises: call before capturing CUDA graphs; fp8_backend does)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = str(dev)
+    if key in _OK:
+        return _OK[key]
+    ok = False
+    if HAVE_TRITON and torch.cuda.get_device_capability(dev) >= (8, 9):
+        try:
+            ok = _self_test(dev)
+        except Exception as e:  # compile or launch failure
+            log.warning("fp8 GEMV kernel unavailable on %s (%s: %s); using the FP8 matmul path", dev,
+                        type(e).__name__, e)
+    _OK[key] = ok
+    return ok
+
+
+def _self_test(dev) -> bool:
+    g = torch.Generator(device=dev).manual_seed(0)
+    for M, N, K, bias, split in ((1, 96, 512, True, None), (1, 80, 320, False, 3), (5, 64, 640, True, None),
+                                 (3, 48, 272, False, 2)):
+        w = torch.randn(N, K, generator=g, device=dev) * 0.02
+        scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
+        q = (w / scale).to(FP8)
+        x = torch.randn(M, K, generator=g, device=dev).to(torch.bfloat16)
+        b = torch.randn(N, generator=g, device=dev).to(torch.bfloat16) if bias else None
+        cfg = dataclasses.replace(pick_config(M, N, K, num_sms(dev)), split_k=split) if split else None
+        got = fp8_gemv(x, q, scale, b, config=cfg).double()
+        ref = reference(x, q, scale, b)
+        bound = error_bound(x, q, scale, b, ref, torch.bfloat16)
+        if not bool(((got - ref).abs() <= bound).all()):
+            log.warning("fp8 GEMV kernel disagrees with the fp32 reference (M=%d N=%d K=%d, max err %.3g); "
+                        "not using it", M, N, K, (got - ref).abs().max().item())
+            return False
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return True
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, in_features: int, force: bool = False) -> bool:
+    """The dispatch rule of FP8Linear.forward (cheap: no device work after the first probe). force: even when
+    switched off (a module whose backend is 'gemv')."""
+    if not (_STATE["enabled"] or force) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.dtype != FP8 or x.numel() // max(1, in_features) > _STATE["max_m"]:
+        return False
+    return gemv_ok(x.device)
+
+
+def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 2) -> int:
+    """Bytes a perfect kernel reads/writes: the weights once, x once, y once, the scales."""
+    return N * K * weight_bytes + M * K * act_bytes + M * N * act_bytes + N * 4
+
+
+__all__ = ["GemvConfig", "HAVE_TRITON", "bytes_moved", "error_bound", "fp8_gemv", "gemv_ok", "pick_config",
+           "reference", "set_enabled", "set_tuned", "settings", "use_gemv"]

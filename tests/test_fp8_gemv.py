@@ -1,0 +1,288 @@
+"""The weight-only FP8 GEMV kernel (qwenvl/quant/fp8_gemv.py).
+
+CPU (make test): the config heuristic on the real shapes, the dispatch rules, and the kernel itself run by
+Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before triton is imported) against the
+fp32 reference: FMA and tl.dot paths, split-K, bias, ragged K and N, fp16, strided rows. Skipped when triton
+is not installed (it is in the test extras).
+GPU (`pytest -m gpu tests/test_fp8_gemv.py` through the device tool): the compiled kernel on the 3B/7B/72B
+(and tensor-parallel) decoder shapes at M = 1..16, inside a CUDA graph, FP8Linear's dispatch, and the engine's
+greedy FP8 decode with the kernel equal to the weight-only path without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwenvl.quant import FP8Linear
+from qwenvl.quant import fp8_gemv as G
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (N, K) of the decoder linears as the engine runs them: fused qkv, o, fused gate/up, down
+SHAPES = {
+    "3b": [(2048 + 2 * 256, 2048), (2048, 2048), (2 * 11008, 2048), (2048, 11008)],
+    "7b": [(3584 + 2 * 512, 3584), (3584, 3584), (2 * 18944, 3584), (3584, 18944)],
+    "72b": [(8192 + 2 * 1024, 8192), (8192, 8192), (2 * 29568, 8192), (8192, 29568)],
+    "72b_tp2": [(5120, 8192), (8192, 4096), (29568, 8192), (8192, 14784)],
+    "72b_tp4": [(2560, 8192), (8192, 2048), (14784, 8192), (8192, 7392)],
+    "7b_unfused": [(512, 3584)],  # k/v alone (the model's own forward, bench_tp_fp8's Decoder)
+}
+
+
+def quantized(N, K, g, device="cpu", std=0.02):
+    w = torch.randn(N, K, generator=g, device=device) * std
+    scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
+    return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def check(y, x, q, scale, bias) -> dict:
+    ref = G.reference(x, q, scale, bias)
+    bound = G.error_bound(x, q, scale, bias, ref, y.dtype)
+    err = (y.reshape(ref.shape).double() - ref).abs()
+    return {"within_bound": bool((err <= bound).all()), "worst_err_over_bound": (err / bound).max().item(),
+            "exact_frac": (y.reshape(ref.shape) == ref.to(y.dtype)).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
+def test_pick_config_on_real_shapes(M):
+    for name, shapes in SHAPES.items():
+        for N, K in shapes:
+            c = G.pick_config(M, N, K, num_sms=132)
+            assert c.use_dot == (M > 1) and c.block_k & (c.block_k - 1) == 0 and c.block_n >= (16 if c.use_dot else 1)
+            k_blocks = -(-K // c.block_k)
+            split, per = G.normalize_split(k_blocks, c.split_k)
+            assert split == c.split_k and (split - 1) * per < k_blocks <= split * per, (name, N, K, c)  # no empty split
+            programs = -(-N // c.block_n) * split * (-(-M // 16) if c.use_dot else M)
+            cap, _ = G.normalize_split(k_blocks, G.max_split(M, K))
+            assert split <= 16 and 8 * split * M * N <= max(N * K / 10, 8 * M * N), (name, N, K, c)
+            assert programs >= 8 * 132 or split == cap, (name, N, K, c, programs)
+
+
+def test_tuned_table_overrides_heuristic():
+    cfg = G.GemvConfig(block_n=8, block_k=512, split_k=3, num_warps=8)
+    G.set_tuned({(1, 3584, 18944): cfg.as_dict()})
+    try:
+        assert G.pick_config(1, 3584, 18944) == cfg and G.pick_config(2, 3584, 18944) != cfg
+    finally:
+        G.set_tuned(None)
+    assert G.pick_config(1, 3584, 18944) != cfg
+
+
+def test_dispatch_rules_on_cpu(monkeypatch):
+    lin = torch.nn.Linear(64, 32)
+    m = FP8Linear.from_linear(lin)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert not m.use_gemv(x)  # CPU tensors never take the kernel outside the interpreter
+    monkeypatch.setenv("QWENVL_FP8_GEMV", "0")
+    assert not G._env_enabled()
+    monkeypatch.setenv("QWENVL_FP8_GEMV", "1")
+    assert G._env_enabled()
+    old = G.set_enabled(False, max_m=4)
+    try:
+        assert G.settings() == {"enabled": False, "max_m": 4}
+    finally:
+        G.set_enabled(**old)
+    for backend, allowed in (("auto", True), ("gemv", True), ("scaled_mm", False), ("dequant", False)):
+        m.backend = backend
+        monkeypatch.setattr(G, "use_gemv", lambda *a, **k: True)
+        assert m.use_gemv(x) == allowed
+
+
+def interpreter_cases() -> list[dict]:
+    """Run in a TRITON_INTERPRET=1 process: every code path of the kernel against the fp32 reference."""
+    assert G.interpreting(), "TRITON_INTERPRET=1 must be set before triton is imported"
+    g = torch.Generator().manual_seed(0)
+    C = G.GemvConfig
+    cases = [  # M, N, K, bias, x dtype, config (None: the heuristic with 4 "SMs")
+        (1, 48, 512, True, torch.bfloat16, None),  # FMA, split-K by the heuristic
+        (1, 50, 300, False, torch.bfloat16, None),  # ragged N and K (masked K tail, clamped rows)
+        (1, 40, 3584, True, torch.bfloat16, C(16, 256, 1)),  # 7B K, no split, bias fused
+        (1, 24, 18944, False, torch.bfloat16, C(8, 512, 5, num_warps=8)),  # down_proj K, last split shorter
+        (1, 16, 7392, True, torch.bfloat16, C(16, 256, 4)),  # 72B TP=4 down_proj K: not a multiple of 256
+        (2, 40, 272, False, torch.bfloat16, C(16, 64, 1)),  # M > 1 on the FMA path (one program per row)
+        (3, 40, 272, True, torch.bfloat16, C(16, 64, 3, use_dot=True)),  # DOT path, split-K, ragged K
+        (5, 64, 640, True, torch.bfloat16, C(32, 128, 2, use_dot=True)),
+        (16, 72, 3584, True, torch.bfloat16, C(64, 128, 1, use_dot=True)),  # full 16-row tile, bias
+        (17, 33, 96, True, torch.bfloat16, None),  # two row blocks, K < BLOCK_K
+        (4, 40, 512, True, torch.float16, None),  # fp16 activations (DOT)
+        (1, 40, 512, True, torch.float16, C(16, 128, 2)),  # fp16 activations (FMA, split)
+    ]
+    out = []
+    for M, N, K, bias, dtype, cfg in cases:
+        q, scale = quantized(N, K, g)
+        x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        y = G.fp8_gemv(x, q, scale, b, config=cfg)
+        out.append(dict(case=[M, N, K, bias, str(dtype)], config=(cfg or G.pick_config(M, N, K, 4)).as_dict(),
+                        dtype_ok=y.dtype == dtype and y.shape == (M, N), **check(y, x, q, scale, b)))
+    # a row-offset view of a fused weight (FP8Linear after fuse_linears(share=True)), bf16 scales,
+    # a non-contiguous x and a 3-D input
+    q, scale = quantized(96, 256, g)
+    x = torch.randn(2, 3, 512, generator=g).to(torch.bfloat16)[..., ::2]
+    qv, sv = q[32:80], scale[32:80].to(torch.bfloat16)
+    y = G.fp8_gemv(x, qv, sv)
+    x2 = x.reshape(-1, 256)
+    out.append(dict(case="view+bf16 scale+strided x", dtype_ok=y.shape == (2, 3, 48),
+                    **check(y.reshape(-1, 48), x2, qv, sv.float(), None)))
+    # FP8Linear end to end (the dispatch, forced: CPU tensors never take it otherwise)
+    lin = torch.nn.Linear(256, 48, bias=True)
+    m = FP8Linear.from_linear(lin)
+    xb = torch.randn(1, 256, generator=g).to(torch.bfloat16)
+    y = G.fp8_gemv(xb, m.weight, m.weight_scale, m.bias.to(torch.bfloat16))
+    out.append(dict(case="FP8Linear weights", dtype_ok=True,
+                    **check(y, xb, m.weight, m.weight_scale, m.bias.to(torch.bfloat16))))
+    return out
+
+
+def test_kernel_under_triton_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    bad = [r for r in results if not (r["within_bound"] and r["dtype_ok"])]
+    assert not bad, bad
+    # one rounding of the fp32 result: nearly every output is the correctly rounded reference (the rest are
+    # within the fp32 summation-order difference of a rounding boundary)
+    assert all(r["exact_frac"] >= 0.97 for r in results), results
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _needs_fp8_gpu():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the kernel needs compute capability >= 8.9 (e4m3 conversions)")
+    assert G.gemv_ok("cuda"), "the kernel's self-test failed on this GPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model", list(SHAPES))
+def test_gpu_kernel_matches_reference_on_real_shapes(model):
+    _needs_fp8_gpu()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in SHAPES[model]:
+        q, scale = quantized(N, K, g, "cuda")
+        bias = torch.randn(N, generator=g, device="cuda").to(torch.bfloat16)
+        for M in (1, 2, 3, 8, 16):
+            x = (torch.randn(M, K, generator=g, device="cuda") * 2).to(torch.bfloat16)
+            for b in (None, bias) if M in (1, 8) else (None,):
+                r = check(G.fp8_gemv(x, q, scale, b), x, q, scale, b)
+                assert r["within_bound"] and r["exact_frac"] > 0.9, (model, N, K, M, r)
+        if N * K <= 64 * 2**20:  # splits other than the heuristic's give the same result (up to fp32 order)
+            x = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16)
+            base = G.pick_config(1, N, K, G.num_sms("cuda"))
+            for split in (1, 3):
+                r = check(G.fp8_gemv(x, q, scale, None, config=dataclasses.replace(base, split_k=split)), x, q,
+                          scale, None)
+                assert r["within_bound"], (model, N, K, split, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp16_and_views():
+    _needs_fp8_gpu()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, scale = quantized(2 * 18944, 3584, g, "cuda")
+    qv, sv = q[18944:], scale[18944:]  # up_proj as a view of the fused gate/up weight
+    for M in (1, 4):
+        x = torch.randn(M, 3584, generator=g, device="cuda").to(torch.float16)
+        r = check(G.fp8_gemv(x, qv, sv), x, qv, sv, None)
+        assert r["within_bound"], r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cuda_graph_capture():
+    _needs_fp8_gpu()
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, scale = quantized(3584, 18944, g, "cuda")  # down_proj: split-K (workspace + reduce kernel)
+    bias = torch.randn(3584, generator=g, device="cuda").to(torch.bfloat16)
+    for M in (1, 4):
+        x = torch.randn(M, 18944, generator=g, device="cuda").to(torch.bfloat16)
+        G.fp8_gemv(x, q, scale, bias)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = G.fp8_gemv(x, q, scale, bias)
+        for _ in range(3):
+            x.copy_(torch.randn(M, 18944, generator=g, device="cuda").to(torch.bfloat16))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, G.fp8_gemv(x, q, scale, bias))  # deterministic: fixed split order
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8linear_dispatch(monkeypatch):
+    _needs_fp8_gpu()
+    lin = torch.nn.Linear(3584, 4608, bias=True, device="cuda", dtype=torch.bfloat16)
+    m = FP8Linear.from_linear(lin)
+    calls = []
+    real = G.fp8_gemv
+    monkeypatch.setattr(G, "fp8_gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    with torch.no_grad():
+        for M in (1, 16, 17, 300):
+            x = torch.randn(M, 3584, device="cuda", dtype=torch.bfloat16)
+            y = m(x)
+            ref = G.reference(x, m.weight, m.weight_scale, m.bias)
+            assert (y.double() - ref).norm() / ref.norm() < 0.05  # (> 16 rows: the activation-quantised path)
+        assert [s[0] for s in calls] == [1, 16]
+        old = G.set_enabled(False)
+        try:
+            m(torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16))
+            assert len(calls) == 2
+            m.backend = "gemv"  # forced
+            m(torch.randn(1, 3584, device="cuda", dtype=torch.bfloat16))
+            assert len(calls) == 3
+        finally:
+            G.set_enabled(**old)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_fp8_greedy_with_kernel_equals_without(monkeypatch):
+    """Same FP8 weights, same weight-only maths (bf16 activations, fp8 weights): the kernel (one rounding of
+    an fp32 result) vs the dequant path (bf16 matmul, then the scale). Large-M steps use dequant in both."""
+    _needs_fp8_gpu()
+    import random
+
+    import qwenvl
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.model import Qwen25VL
+    from qwenvl.quant import fp8, quantize_model_fp8
+
+    model = quantize_model_fp8(Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0))
+    monkeypatch.setitem(fp8._BACKENDS, str(torch.device("cuda", torch.cuda.current_device())), "dequant")
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
+               for _ in range(8)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    calls = []
+    real = G.fp8_gemv
+    monkeypatch.setattr(G, "fp8_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for on in (True, False):
+        old = G.set_enabled(on)
+        try:
+            n0 = len(calls)  # counted while the engine warms up and captures its decode graphs, and eagerly
+            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
+            assert llm.stats()["cuda_graph_batch_sizes"]
+            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+            assert (len(calls) > n0) == on
+            llm.shutdown()
+        finally:
+            G.set_enabled(**old)
+    assert outs[True] == outs[False]
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    print(json.dumps(interpreter_cases()))
