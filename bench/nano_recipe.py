@@ -1,13 +1,17 @@
 """Helpers of bench/train_nano.sh (qwenvl-nano in one device call; docs/NANO.md §6).
 
-    python bench/nano_recipe.py data --out D --workers 14 --seconds 75 [--suite-n 50 --suite-root R]
+    python bench/nano_recipe.py data --out D --workers 14 --seconds 75 [--stage 2] [--suite-n 50 --suite-root R
+                                     --suite-extra video_grounding_unseen_fps,...]
         synthetic training data: `workers` processes run `qwenvl.synth.generate` in rounds until the deadline (each
-        round = every task, sample counts set by the stage-2 token mix), the eval suite's held-out set in one more
-        process; then one globally shuffled D/train.jsonl (charts repeated, see CHART_REPEAT) + D/data_stats.json.
-    python bench/nano_recipe.py package --run RUN --eval EVAL --data D --out OUT [--steps-log F]
+        round = every task of the stage's mix, sample counts set by its token shares, MIXES), the eval suite's
+        held-out set (+ its opt-in tasks) in one more process; then one globally shuffled D/train.jsonl (charts
+        repeated, see CHART_REPEAT) + D/data_stats.json.
+    python bench/nano_recipe.py package --run RUN --eval EVAL --data D --out OUT [--stage S --init I --timings T]
         RUN/final (or its newest checkpoint) -> bf16 safetensors shards <= 15 MB in OUT/model/ + OUT/model/
         model_files.tar (config, index, tokenizer, processor files), the training log, the eval report and
-        predictions, OUT/summary.json; prints a short table.
+        predictions, OUT/summary.json (stage, init, MRoPE temporal mode, eval after the stage); prints a short table.
+    python bench/nano_recipe.py compare A/summary.json B/summary.json ...
+        the eval of several runs side by side (e.g. the absolute-time vs frame-index ablation, docs/NANO.md §4).
 """
 from __future__ import annotations
 
@@ -26,6 +30,9 @@ import time
 MIX = {"grounding": 0.25 / 3, "point": 0.25 / 3, "count": 0.25 / 3,
        "ocr": 0.0625, "spotting": 0.0625, "doc": 0.0625, "kie": 0.0625,
        "chart": 0.10, "video_grounding": 0.075, "dense_caption": 0.075, "gui": 0.10, "caption": 0.15}
+# Stage-1 row (visual pretraining, LLM frozen): caption 40 %, ocr 30 %, spotting 10 %, grounding 10 %, chart 10 %.
+MIX_STAGE1 = {"caption": 0.40, "ocr": 0.30, "spotting": 0.10, "grounding": 0.10, "chart": 0.10}
+MIXES = {1: MIX_STAGE1, 2: MIX}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
           "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077}
@@ -33,10 +40,11 @@ TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 1
 CHART_REPEAT = 4
 
 
-def round_counts(round_tokens: int) -> dict[str, int]:
-    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition)."""
-    rep = {t: CHART_REPEAT if t == "chart" else 1 for t in MIX}
-    return {t: max(1, round(MIX[t] * round_tokens / TOKENS[t] / rep[t])) for t in MIX}
+def round_counts(round_tokens: int, stage: int = 2) -> dict[str, int]:
+    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1 or 2."""
+    mix = MIXES[stage]
+    rep = {t: CHART_REPEAT if t == "chart" else 1 for t in mix}
+    return {t: max(1, round(mix[t] * round_tokens / TOKENS[t] / rep[t])) for t in mix}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -63,12 +71,12 @@ def _gen_worker(w: int, workers: int, out: str, deadline: float, seed: int, coun
             json.dump(timing, f)
 
 
-def _suite_worker(n: int, root: str) -> None:
+def _suite_worker(n: int, root: str, extra: list[str]) -> None:
     from qwenvl.evaluate.cli import suite_data
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     t0 = time.time()
-    folder = suite_data("nano", n, root)
+    folder = suite_data("nano", n, root, extra)
     print(f"eval suite (n={n}) in {time.time() - t0:.1f} s -> {folder}", flush=True)
 
 
@@ -132,12 +140,13 @@ def cmd_data(a) -> int:
         import matplotlib.figure  # noqa: F401
     t0 = time.time()
     deadline = t0 + a.seconds
-    counts = round_counts(a.round_tokens)
+    counts = round_counts(a.round_tokens, a.stage)
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_gen_worker, args=(w, a.workers, a.out, deadline, a.seed, counts))
              for w in range(a.workers)]
     if a.suite_n:
-        procs.append(ctx.Process(target=_suite_worker, args=(a.suite_n, a.suite_root)))
+        extra = [t for t in a.suite_extra.split(",") if t]
+        procs.append(ctx.Process(target=_suite_worker, args=(a.suite_n, a.suite_root, extra)))
     for p in procs:
         p.start()
     for p in procs:
@@ -150,7 +159,7 @@ def cmd_data(a) -> int:
             acc = per_task.setdefault(task, [0, 0.0])
             acc[0] += n
             acc[1] += s
-    stats.update(workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
+    stats.update(stage=a.stage, seed=a.seed, workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
                  round_counts=counts, samples_per_s_per_process={t: round(n / s, 1) for t, (n, s) in per_task.items() if s})
     with open(os.path.join(a.out, "data_stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -201,9 +210,22 @@ def _train_summary(log_path: str) -> dict:
             "peak_memory_gb": round(max(x["memory_gb"] for x in log), 2)}
 
 
+def _run_settings(run: str) -> dict:
+    """What the run trained (from its config.yaml): trainable parts, loss, MRoPE temporal mode asked for."""
+    path = os.path.join(run, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    import yaml
+
+    cfg = yaml.safe_load(open(path)) or {}
+    return {"trained": [p for p in ("vit", "merger", "llm") if not cfg.get(f"freeze_{p}")],
+            "loss": cfg.get("stage"), "lr": cfg.get("lr"), "mrope_temporal": cfg.get("mrope_temporal")}
+
+
 def cmd_package(a) -> int:
     os.makedirs(os.path.join(a.out, "model"), exist_ok=True)
-    summary: dict = {"train": _train_summary(os.path.join(a.run, "log.jsonl"))}
+    summary: dict = {"stage": a.stage, "init": a.init or "random", **_run_settings(a.run),
+                     "train": _train_summary(os.path.join(a.run, "log.jsonl"))}
     stats_path = os.path.join(a.data, "data_stats.json")
     if os.path.isfile(stats_path):
         summary["data"] = json.load(open(stats_path))
@@ -230,6 +252,7 @@ def cmd_package(a) -> int:
                 if f not in shards:
                     tar.add(os.path.join(tmp, f), arcname=f)
         summary["model_files"] = shards + ["model_files.tar"]
+        summary["mrope_temporal"] = model.config.mrope_temporal  # what the exported config.json says
         summary["model_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in shards)
     for src_path, name in ((os.path.join(a.run, "log.jsonl"), "train_log.jsonl"),
                            (os.path.join(a.eval, "report.json"), "eval_report.json"),
@@ -252,6 +275,8 @@ def table(summary: dict) -> str:
     t = summary.get("train", {})
     d = summary.get("data", {})
     lines = ["| qwenvl-nano, one call | value |", "|---|---|",
+             f"| stage | {summary.get('stage', '?')} from {summary.get('init', '?')}: trained "
+             f"{'+'.join(summary.get('trained', [])) or '?'}, MRoPE temporal ids {summary.get('mrope_temporal', '?')} |",
              f"| data | {d.get('records', '?')} records ({sum(d.get('unique', {}).values())} unique), "
              f"~{d.get('est_tokens', 0) / 1e6:.1f} M tokens, {d.get('generation_s', '?')} s on {d.get('workers', '?')} processes |",
              f"| training | {t.get('steps', '?')} steps, {t.get('tokens', 0) / 1e6:.1f} M tokens in {t.get('elapsed_s', '?')} s |",
@@ -263,12 +288,38 @@ def table(summary: dict) -> str:
     if ev:
         lines += ["", f"| task (eval n={ev.get('n')}, {ev.get('seconds')} s) | metric | score (%) |", "|---|---|---:|"]
         for task, res in (ev.get("tasks") or {}).items():
-            for m, v in res.items():
-                if m != "n" and isinstance(v, (int, float)):
-                    lines.append(f"| {task} | {m} | {100 * v:.1f} |")
+            for name, r in [(task, res)] + [(f"{task} ({g})", gr) for g, gr in (res.get("by_group") or {}).items()]:
+                for m, v in r.items():
+                    if m != "n" and isinstance(v, (int, float)):
+                        lines.append(f"| {name} | {m} | {100 * v:.1f} |")
     if summary.get("step_seconds"):
         lines += ["", "step seconds: " + ", ".join(f"{k} {v}" for k, v in summary["step_seconds"].items())]
     return "\n".join(lines)
+
+
+def _eval_rows(summary: dict) -> dict[tuple[str, str], float]:
+    rows = {}
+    for task, res in ((summary.get("eval") or {}).get("tasks") or {}).items():
+        for name, r in [(task, res)] + [(f"{task} ({g})", gr) for g, gr in (res.get("by_group") or {}).items()]:
+            for m, v in r.items():
+                if m != "n" and isinstance(v, (int, float)):
+                    rows[(name, m)] = v
+    return rows
+
+
+def cmd_compare(a) -> int:
+    """Eval scores (%) of several runs' summary.json side by side; a run that lacks a row shows '-'."""
+    runs = [json.load(open(p)) for p in a.summaries]
+    tables = [_eval_rows(r) for r in runs]
+    keys = list(dict.fromkeys(k for t in tables for k in t))
+    head = [f"{r.get('stage', '?')}/{r.get('mrope_temporal', '?')} ({os.path.basename(os.path.dirname(os.path.abspath(p))) or p})"
+            for r, p in zip(runs, a.summaries)]
+    lines = ["| task | metric | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(runs)]
+    for task, m in keys:
+        cells = [f"{100 * t[(task, m)]:.1f}" if (task, m) in t else "-" for t in tables]
+        lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -282,14 +333,20 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--suite-n", type=int, default=0, help="also generate the eval suite (n per task)")
     d.add_argument("--suite-root", default=None)
+    d.add_argument("--suite-extra", default="", help="opt-in suite tasks to generate too (comma-separated)")
+    d.add_argument("--stage", type=int, default=2, choices=sorted(MIXES), help="whose data mix (docs/NANO.md §4)")
     k = sub.add_parser("package")
     k.add_argument("--run", required=True)
     k.add_argument("--eval", required=True)
     k.add_argument("--data", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
+    k.add_argument("--stage", type=int, default=2)
+    k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
+    c = sub.add_parser("compare")
+    c.add_argument("summaries", nargs="+")
     a = p.parse_args(argv)
-    return cmd_data(a) if a.cmd == "data" else cmd_package(a)
+    return {"data": cmd_data, "package": cmd_package, "compare": cmd_compare}[a.cmd](a)
 
 
 if __name__ == "__main__":

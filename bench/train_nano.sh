@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # qwenvl-nano from scratch in ONE device call (docs/NANO.md §6), every step under `timeout`, all within
 # NANO_TOTAL_SECONDS (555 s; packaging gets >= 15 s even past it):
-#   (a) synthetic training data on NANO_GEN_WORKERS processes for NANO_GEN_SECONDS (stage-2 token mix) + the eval
+#   (a) synthetic training data on NANO_GEN_WORKERS processes for NANO_GEN_SECONDS (NANO_STAGE's token mix) + the eval
 #       suite's held-out set, merged into one shuffled train.jsonl;
 #   (b) `qwenvl train` (qwenvl.train.cli) of the nano preset from random weights for NANO_TRAIN_SECONDS of wall
 #       clock (max_train_seconds: cosine over the budget, then save + export), data_workers processes feeding it;
@@ -10,20 +10,40 @@
 #       train_log.jsonl, eval_report.json, eval_predictions.jsonl, summary.json, steps.log (8 files at most).
 #   bash bench/train_nano.sh                 # on the device (OUT is set there)
 #   NANO_SMOKE=1 OUT=/tmp/o bash bench/train_nano.sh    # CPU dry run of the same steps in about a minute
+#   NANO_DRY_RUN=1 bash bench/train_nano.sh            # only print each step's command and time limit (writes nothing)
 #   NANO_INIT=DIR bash bench/train_nano.sh             # continue from an exported model (weights + tokenizer) instead of random
+#   NANO_STAGE=1 NANO_INIT=DIR bash bench/train_nano.sh   # stage 1 of docs/NANO.md §4: ViT + merger trained, LLM frozen,
+#                                                         # the stage-1 mix (captions, OCR, spotting, grounding, charts)
+#   NANO_MROPE_TEMPORAL=frame bash bench/train_nano.sh    # the ablation: frame-index video temporal ids (NANO.md §4)
+# Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
+# (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
+# NANO_DATA_SEED picks other synthetic samples (the same seed regenerates the same ones: give each call its own).
 # Unpack the model: mkdir m && cp $OUT/model/*.safetensors m/ && tar xf $OUT/model/model_files.tar -C m
 set -u
 T0=$(date +%s)
 OUT=${OUT:-nano-out}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+DRY=${NANO_DRY_RUN:-0}
+STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
+case "$STAGE" in 1|2) ;; *) echo "NANO_STAGE must be 1 or 2, got $STAGE" >&2; exit 2;; esac
+case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
   D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=3 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
   D_ACCUM=1 D_WARMUP=2 D_EVAL_TIMEOUT=60 D_EVAL_ARGS="--max-tokens 4 --backend generate --tasks grounding,chart"
 else
+  # eval: 95 s for the 11 suite tasks (n=50), +20 s for the 2 unseen-fps video tasks
   D_TOTAL=555 D_GEN=75 D_GEN_WORKERS=14 D_ROUND=100000 D_TRAIN=330 D_DATA_WORKERS=14 D_EVAL_N=50 D_DEVICE=cuda
-  D_PACK=4096 D_ACCUM=4 D_WARMUP=30 D_EVAL_TIMEOUT=95 D_EVAL_ARGS="--batch-size 64 --max-tokens 448"
+  D_PACK=4096 D_ACCUM=4 D_WARMUP=30 D_EVAL_TIMEOUT=$(( UNSEEN == 1 ? 115 : 95 )) D_EVAL_ARGS="--batch-size 64 --max-tokens 448"
+fi
+UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
+[ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
+STAGE_ARGS=""  # stage 1: ViT + merger, LLM frozen (TrainConfig.freeze_llm); stage 2: everything trains
+[ "$STAGE" = 1 ] && STAGE_ARGS="freeze_llm=true"
+[ -n "$MROPE" ] && STAGE_ARGS="$STAGE_ARGS mrope_temporal=$MROPE"  # unset: the init's (a preset: absolute)
+if [ "$STAGE" = 1 ] && [ -z "${NANO_INIT:-}" ]; then
+  echo "warning: NANO_STAGE=1 without NANO_INIT trains the ViT + merger against a frozen RANDOM LLM" >&2
 fi
 TOTAL=${NANO_TOTAL_SECONDS:-$D_TOTAL}
 GEN=${NANO_GEN_SECONDS:-$D_GEN}; GEN_WORKERS=${NANO_GEN_WORKERS:-$D_GEN_WORKERS}; ROUND=${NANO_ROUND_TOKENS:-$D_ROUND}
@@ -31,14 +51,14 @@ TRAIN=${NANO_TRAIN_SECONDS:-$D_TRAIN}; DATA_WORKERS=${NANO_DATA_WORKERS:-$D_DATA
 PACK=${NANO_PACK_LENGTH:-$D_PACK}; ACCUM=${NANO_GRAD_ACCUM:-$D_ACCUM}; WARMUP=${NANO_WARMUP_STEPS:-$D_WARMUP}
 LR=${NANO_LR:-1e-3}; DEVICE=${NANO_DEVICE:-$D_DEVICE}
 EVAL_N=${NANO_EVAL_N:-$D_EVAL_N}; EVAL_TIMEOUT=${NANO_EVAL_TIMEOUT:-$D_EVAL_TIMEOUT}; EVAL_ARGS=${NANO_EVAL_ARGS-$D_EVAL_ARGS}
-WORK=${NANO_WORK:-$(mktemp -d /tmp/qwenvl-nano.XXXXXX)}
-mkdir -p "$OUT" "$WORK"
+if [ "$DRY" = 1 ]; then WORK=${NANO_WORK:-/tmp/qwenvl-nano.WORK}; else WORK=${NANO_WORK:-$(mktemp -d /tmp/qwenvl-nano.XXXXXX)}; fi
 LOG="$OUT/steps.log"
-: > "$LOG"
+if [ "$DRY" != 1 ]; then mkdir -p "$OUT" "$WORK"; : > "$LOG"; fi
 left() { echo $(( T0 + TOTAL - $(date +%s) )); }
 cap() { local l=$(( $(left) - $2 )); local v=$(( $1 < l ? $1 : l )); echo $(( v > 1 ? v : 1 )); }  # min(want, left - reserve)
 step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, append its tail to steps.log
   local name=$1 limit=$2 s=$(date +%s); shift 2
+  if [ "$DRY" = 1 ]; then printf '%s (limit %s s):' "$name" "$limit"; printf ' %q' "$@"; echo; return 0; fi
   timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   TIMES="${TIMES:+$TIMES,}$name=$(( $(date +%s) - s ))"
@@ -46,13 +66,14 @@ step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, 
   echo "$name: rc=$rc, $(( $(date +%s) - s )) s (limit $limit s)"
   return $rc
 }
-{ date -u +%FT%TZ; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; nproc
+[ "$DRY" = 1 ] || { date -u +%FT%TZ; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; nproc
   $PY -c "import torch, tokenizers, safetensors, yaml; print('torch', torch.__version__)"; } >> "$LOG" 2>&1
 
 # (a) data: generation ends at its own deadline (+ ~10 s to start and merge); `timeout` is the backstop
 step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
-  --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites"
+  --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
+  --stage "$STAGE" --seed "${NANO_DATA_SEED:-0}"
 
 # (b) train: at most NANO_TRAIN_SECONDS, less when (a) ran long: eval's limit + ~45 s (training start and export
 # ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop
@@ -61,16 +82,18 @@ step train $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_I
   "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR warmup_steps=$WARMUP \
   min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 max_train_seconds=$TRAIN_S \
   min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$DATA_WORKERS device=$DEVICE precision=bf16 \
-  save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false max_bad_fraction=0.05 seed=0
+  save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false max_bad_fraction=0.05 seed=0 $STAGE_ARGS
 
 # (c) eval on the held-out suite made in (a)
-if [ -f "$WORK/run/final/config.json" ]; then
+if [ "$DRY" = 1 ] || [ -f "$WORK/run/final/config.json" ]; then
   step eval $(cap "$EVAL_TIMEOUT" 20) $PY -m qwenvl.evaluate.cli --model "$WORK/run/final" --suite nano \
-    --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval" --device "$DEVICE" $EVAL_ARGS
+    --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval" --device "$DEVICE" $EVAL_ARGS \
+    ${UNSEEN_TASKS:+--add-tasks $UNSEEN_TASKS}
 fi
 
 # (d) package (from the newest checkpoint if the export is missing) + table
 step package $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run" --eval "$WORK/eval" \
-  --data "$WORK/data" --out "$OUT" --timings "$TIMES"
+  --data "$WORK/data" --out "$OUT" --timings "${TIMES:-}" --stage "$STAGE" --init "${NANO_INIT:-}"
+[ "$DRY" = 1 ] && exit 0
 cat "$WORK/package.log"
 echo "total $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT" "$OUT/model"

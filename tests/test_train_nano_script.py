@@ -1,5 +1,7 @@
 """bench/train_nano.sh (the one-call nano recipe, docs/NANO.md §6) as a CPU dry run: NANO_SMOKE=1 runs the same
-steps (data, train on a wall budget, eval, package) with tiny budgets; the outputs fit the device's return limits."""
+steps (data, train on a wall budget, eval, package) with tiny budgets; the outputs fit the device's return limits.
+The smoke run trains with the ablation's frame-index MRoPE ids (NANO_MROPE_TEMPORAL=frame) and evaluates the
+unseen-fps clips too; NANO_DRY_RUN=1 checks what NANO_STAGE=1 and the defaults would run, in a second."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ def test_train_nano_script_smoke(tmp_path):
     pytest.importorskip("qwenvl.nano")
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "NANO_SMOKE": "1", "OUT": str(out), "NANO_WORK": str(work), "PYTHON": sys.executable,
-           "QWENVL_SYNTH_VIDEO": "frames"}  # as on the device (no PyAV)
+           "QWENVL_SYNTH_VIDEO": "frames", "NANO_MROPE_TEMPORAL": "frame"}  # as on the device (no PyAV)
     r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("data", "train", "eval", "package"):
@@ -31,7 +33,12 @@ def test_train_nano_script_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_from"] == "final" and summary["train"]["steps"] >= 1
     assert summary["data"]["unique"]["video_grounding"] >= 1 and summary["eval"]["tasks"]
-    assert json.loads((out / "eval_report.json").read_text())["n"] >= 1
+    assert summary["stage"] == 2 and summary["trained"] == ["vit", "merger", "llm"] and summary["init"] == "random"
+    assert summary["mrope_temporal"] == "frame"
+    tasks = json.loads((out / "eval_report.json").read_text())["tasks"]
+    assert {"grounding", "chart", "video_grounding_unseen_fps", "dense_caption_unseen_fps"} <= set(tasks)
+    assert set(tasks["video_grounding_unseen_fps"]["by_group"]) == {"1 fps"}
+    assert "| video_grounding_unseen_fps (1 fps) | mIoU |" in r.stdout
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     for f in (out / "model").glob("*.safetensors"):
@@ -44,6 +51,7 @@ def test_train_nano_script_smoke(tmp_path):
 
     m = Qwen25VL.from_pretrained(model_dir, dtype=torch.bfloat16)
     assert m.config.text.vocab_size == 8192 and json.loads((model_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert m.config.mrope_temporal == "frame" == json.loads((model_dir / "config.json").read_text())["mrope_temporal"]
     assert Processor.from_pretrained(model_dir).max_pixels == 448 * 448
     import qwenvl
 
@@ -71,3 +79,61 @@ def test_package_falls_back_to_the_newest_checkpoint(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["model_from"] == "step_00000002" and summary["train"]["steps"] == 2
     assert (tmp_path / "out" / "model" / "model_files.tar").exists()
+
+
+def _dry_run(**env):
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NANO_DRY_RUN": "1", "OUT": "/nonexistent/out", **env})
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = {}
+    for line in r.stdout.splitlines():
+        name, _, cmd = line.partition(" (limit ")
+        steps[name] = cmd.split(": ", 1)[1].split()
+    assert list(steps) == ["data", "train", "eval", "package"] and not os.path.exists("/nonexistent/out")
+    return steps, r.stderr
+
+
+def test_dry_run_stage_and_ablation_switches():
+    """NANO_STAGE=1: the stage-1 mix, LLM frozen (TrainConfig.freeze_llm); NANO_MROPE_TEMPORAL=frame reaches the
+    trainer; the unseen-fps tasks are generated with the suite and evaluated; the defaults pass neither."""
+    import shlex
+
+    from qwenvl.train import TrainConfig
+
+    def train_config(cmd):
+        overrides = [shlex.split(a)[0] for a in cmd[cmd.index("qwenvl.train.cli") + 1:]]  # undo printf %q
+        return TrainConfig.load(None, overrides)
+
+    steps, err = _dry_run(NANO_STAGE="1", NANO_MROPE_TEMPORAL="frame")
+    assert "frozen RANDOM LLM" in err  # stage 1 without NANO_INIT
+    cfg = train_config(steps["train"])
+    assert cfg.freeze_llm and not cfg.freeze_vit and not cfg.freeze_merger and cfg.mrope_temporal == "frame"
+    assert steps["data"][steps["data"].index("--stage") + 1] == "1"
+    assert "--add-tasks" in steps["eval"] and steps["package"][-4:] == ["--stage", "1", "--init", "''"]
+    steps, err = _dry_run(NANO_INIT="/some/model", NANO_EVAL_UNSEEN_FPS="0")
+    cfg = train_config(steps["train"])
+    assert not err and cfg.model == "/some/model" and not cfg.freeze_llm and cfg.mrope_temporal is None
+    assert steps["data"][steps["data"].index("--stage") + 1] == "2" and "--add-tasks" not in steps["eval"]
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NANO_DRY_RUN": "1", "NANO_MROPE_TEMPORAL": "index"})
+    assert r.returncode == 2 and "NANO_MROPE_TEMPORAL" in r.stderr
+
+
+def test_stage_mixes_and_compare(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_recipe
+
+    assert set(nano_recipe.round_counts(100_000, 1)) == {"caption", "ocr", "spotting", "grounding", "chart"}
+    assert nano_recipe.round_counts(100_000) == nano_recipe.round_counts(100_000, 2)
+    assert abs(sum(nano_recipe.MIX_STAGE1.values()) - 1) < 1e-9 and abs(sum(nano_recipe.MIX.values()) - 1) < 1e-9
+    paths = []
+    for name, mode, v in (("abs", "absolute", 0.5), ("frame", "frame", 0.25)):
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name / "summary.json"))
+        task = {"n": 2, "mIoU": v, "R@0.5": v, "by_group": {"1 fps": {"n": 1, "mIoU": v, "R@0.5": 0.0}}}
+        json.dump({"stage": 2, "mrope_temporal": mode, "eval": {"tasks": {"video_grounding_unseen_fps": task}}},
+                  open(paths[-1], "w"))
+    assert nano_recipe.main(["compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "| 2/absolute (abs) | 2/frame (frame) |" in out
+    assert "| video_grounding_unseen_fps (1 fps) | mIoU | 50.0 | 25.0 |" in out
