@@ -135,14 +135,12 @@ def test_training_row_and_engine_agree_with_the_model(models, mode):
         spg = s.second_per_grid_ts[0]
         assert t_ids == ([0, 1, 2, 3] if mode == "frame" else [round(k * spg * 2) for k in range(4)])
     # and generation through the engine equals the model's own generate (decode positions from the rope delta)
-    p = prompts[0]
     proc_out = proc([_messages(1, 0)], add_generation_prompt=True)
+    assert proc_out["input_ids"][0].tolist() == prompts[0].token_ids
     ref = model.generate(proc_out["input_ids"], proc_out["attention_mask"],
                          pixel_values_videos=proc_out["pixel_values_videos"], video_grid_thw=proc_out["video_grid_thw"],
                          second_per_grid_ts=proc_out["second_per_grid_ts"], max_new_tokens=6, eos_token_id=[])
-    out = llm.generate({"prompt_token_ids": p.token_ids, "videos": [(it.pixel_values, it.grid_thw, it.second_per_grid)
-                                                                     for it in p.items]},
-                       SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    out = llm.generate({"messages": _messages(1, 0)}, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert out[0].token_ids == ref[0].tolist()
 
 
