@@ -23,7 +23,9 @@ Deliberate differences from the references (each is only reachable where the ref
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -220,8 +222,167 @@ def patchify(frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return x.reshape(t * gh * gw, C * TEMPORAL_PATCH_SIZE * p * p), (t, gh, gw)
 
 
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalize_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, offsets) on `device`: table [3 * 256] float32 is normalize() of every uint8 value of every channel
+    (channel c at c * 256), computed here on the host by normalize() itself; offsets [1, 3, 1, 1] int32 = c * 256."""
+    device = torch.device(device)
+    found = _TABLES.get(device)
+    if found is None:
+        with torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
+            values = torch.arange(256, dtype=torch.uint8).expand(1, 3, 1, 256)
+            table = normalize(values).reshape(-1).to(device)
+            offsets = (torch.arange(3, dtype=torch.int32) * 256).view(1, 3, 1, 1).to(device)
+        found = _TABLES[device] = (table, offsets)
+    return found
+
+
+def pixel_values_from_frames(frames: torch.Tensor, *, max_chunk_values: int = 1 << 24) -> torch.Tensor:
+    """uint8 frames [T, 3, H, W] (an image: T = 1; any strides) -> float32 pixel_values [t*gh*gw, 3*2*14*14] on
+    the frames' device: bit for bit `patchify(normalize(frames))[0]`, the slow processor's arithmetic, on any device.
+
+    The patch reshuffle moves bytes, then each byte becomes its normalised value by a lookup in normalize()'s own
+    outputs for the 256 values of each channel (so no floating-point operation runs on the device). An image's one
+    frame is looked up once and then copied to both temporal slots; an odd T > 1 gets its last frame repeated, as
+    patchify does. Videos go `max_chunk_values` output values at a time (whole temporal patches), which bounds
+    the integer temporaries.
+    """
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
+        raise InputError(f"frames must be uint8 [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    T, C, H, W = frames.shape
+    if T == 0 or H % IMAGE_FACTOR or W % IMAGE_FACTOR:
+        raise InputError(f"frames of shape {tuple(frames.shape)}: T must be >= 1 and H, W multiples of {IMAGE_FACTOR}")
+    table, offsets = _normalize_table(frames.device)
+    tp = TEMPORAL_PATCH_SIZE
+    if T == 1:  # an image: look up one frame, duplicate the values
+        return _frames_to_values(frames, 1, table, offsets)
+    if T % tp:
+        frames = torch.cat([frames, frames[-1:].expand(tp - T % tp, -1, -1, -1)])
+    t = frames.shape[0] // tp
+    rows_per_t = (H // PATCH_SIZE) * (W // PATCH_SIZE)
+    per_chunk = max(1, max_chunk_values // (rows_per_t * C * tp * PATCH_SIZE**2))
+    if per_chunk >= t:
+        return _frames_to_values(frames, tp, table, offsets)
+    out = torch.empty(t * rows_per_t, C * tp * PATCH_SIZE**2, dtype=torch.float32, device=frames.device)
+    for k in range(0, t, per_chunk):
+        n = min(per_chunk, t - k)
+        out[k * rows_per_t:(k + n) * rows_per_t] = _frames_to_values(frames[k * tp:(k + n) * tp], tp, table, offsets)
+    return out
+
+
+def _frames_to_values(frames: torch.Tensor, tp: int, table: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """patchify + normalise T = t * tp frames, tp = 1 (an image's frame, duplicated at the end) or 2."""
+    T, C, H, W = frames.shape
+    t, gh, gw = T // tp, H // PATCH_SIZE, W // PATCH_SIZE
+    m, p = MERGE_SIZE, PATCH_SIZE
+    x = frames.reshape(t, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    x = x.reshape(t * gh * gw, C, tp, p * p)  # the patch order of patchify, still bytes
+    values = table.index_select(0, (x + offsets).view(-1))  # uint8 + int32 -> int32 indices c * 256 + byte
+    values = values.view(t * gh * gw, C, tp, p * p)
+    if tp < TEMPORAL_PATCH_SIZE:
+        values = values.expand(-1, -1, TEMPORAL_PATCH_SIZE, -1)
+    return values.reshape(t * gh * gw, C * TEMPORAL_PATCH_SIZE * p * p)
+
+
 def _to_chw(image: np.ndarray | Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))
+
+
+def _image_frames(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> uint8 frames [1, 3, H, W], a view of its H x W x 3 bytes (no transposing copy).
+
+    `np.asarray` of a PIL image is read-only; torch warns about wrapping it (writes would be undefined). Frames
+    are only ever read (pixel_values_from_frames, hashing, copies to a device), so the warning is silenced."""
+    array = np.asarray(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)[None].permute(0, 3, 1, 2)
+
+
+def dense_frames(frames: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(a dense tensor holding `frames`' bytes in memory order, channels_last): `frames.permute(0, 2, 3, 1)` when
+    the frames are a channels-last view (an image straight from PIL, H x W x 3), else `frames` made contiguous.
+    The byte stream that is hashed and copied to a device, with no transposing copy for either layout."""
+    hwc = frames.permute(0, 2, 3, 1)
+    if hwc.is_contiguous() and not frames.is_contiguous():
+        return hwc, True
+    return frames.contiguous(), False
+
+
+# ---------------------------------------------------------------------------------------------- the processor's items
+class VisionInput:
+    """One image or video as the Processor hands it on: the uint8 frames the model sees (resized; [1, 3, H, W] for an
+    image, [T, 3, H, W] with T even for a video), `grid_thw` (int64 [3]) and, for a video, `second_per_grid`.
+
+    The float32 `pixel_values` are made from the frames (`pixel_values_from_frames`) on first use, on the host. The
+    engine instead copies the frames (an eighth of the float bytes) to its device and makes them there, and keys
+    its encoder and prefix caches by `content_hash()`. Unpacks like the tuples it stands for: (pixel_values,
+    grid_thw) for an image, (pixel_values, grid_thw, second_per_grid_ts) for a video; unpacking makes the host
+    pixel_values, so code that needs only the grid reads `.grid_thw`. The frames are read, never written.
+    """
+
+    __slots__ = ("kind", "frames", "grid_thw", "second_per_grid", "_pixel_values", "_hash")
+
+    def __init__(self, kind: str, frames: torch.Tensor, second_per_grid: float = 0.0):
+        if kind not in ("image", "video"):
+            raise InputError(f"VisionInput kind must be 'image' or 'video', got {kind!r}")
+        if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3 or frames.device.type != "cpu":
+            raise InputError(f"VisionInput frames must be uint8 [T, 3, H, W] on the host, got {frames.dtype} "
+                             f"{tuple(frames.shape)} on {frames.device}")
+        T, _, H, W = frames.shape
+        if (kind == "image" and T != 1) or (kind == "video" and T % TEMPORAL_PATCH_SIZE):
+            raise InputError(f"a {kind} has {'1 frame' if kind == 'image' else 'an even number of frames'}, got {T}")
+        if H % IMAGE_FACTOR or W % IMAGE_FACTOR or not H or not W:
+            raise InputError(f"frames of {H}x{W} (H x W): both sides must be positive multiples of {IMAGE_FACTOR}")
+        self.kind, self.frames, self.second_per_grid = kind, frames, float(second_per_grid)
+        self.grid_thw = torch.tensor((-(-T // TEMPORAL_PATCH_SIZE), H // PATCH_SIZE, W // PATCH_SIZE), dtype=torch.long)
+        self._pixel_values: torch.Tensor | None = None
+        self._hash: bytes | None = None
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        if self._pixel_values is None:
+            self._pixel_values = pixel_values_from_frames(self.frames)
+        return self._pixel_values
+
+    def content_hash(self) -> bytes:
+        """SHA-256 of the uint8 frames, their shape and layout, the grid and the timing: equal exactly when the
+        model's input is (for images in the same memory layout, as the processor always gives them). Not the hash
+        of the float pixel_values that the engine computes for (pixel_values, grid) tuples: the same image given
+        both ways is encoded twice, never confused. SHA-256 (SHA-NI) hashes the 2.8 MB of a 1288x728 image in ~2 ms
+        on the 2-core dev box; blake2b takes 4.3 ms there, and the old float32 pixel hash 15 ms."""
+        if self._hash is None:
+            data, channels_last = dense_frames(self.frames)
+            h = hashlib.sha256()
+            h.update(f"uint8 frames|{self.kind}|{tuple(self.frames.shape)}|channels_last={channels_last}|"
+                     f"{tuple(self.grid_thw.tolist())}|{self.second_per_grid!r}".encode())
+            h.update(memoryview(data.numpy()).cast("B"))  # the bytes themselves, no copy
+            self._hash = h.digest()
+        return self._hash
+
+    def _parts(self) -> tuple:
+        if self.kind == "image":
+            return self.pixel_values, self.grid_thw
+        return self.pixel_values, self.grid_thw, self.second_per_grid
+
+    def __iter__(self):
+        return iter(self._parts())
+
+    def __len__(self) -> int:
+        return 2 if self.kind == "image" else 3
+
+    def __getitem__(self, i):
+        if i in (1, -len(self) + 1):
+            return self.grid_thw
+        if self.kind == "video" and i in (2, -1):
+            return self.second_per_grid
+        return self._parts()[i]
+
+    def __repr__(self) -> str:
+        return (f"VisionInput({self.kind}, frames {tuple(self.frames.shape)}, grid {self.grid_thw.tolist()}"
+                + (f", {self.second_per_grid} s per grid)" if self.kind == "video" else ")"))
 
 
 # ---------------------------------------------------------------------------------------------- stage 1: qwen-vl-utils
@@ -317,11 +478,25 @@ def process_image(
     `item`: a Qwen content item ``{"type": "image", "image": src, "min_pixels": .., "max_pixels": ..}`` or a bare
     source. `min_pixels`/`max_pixels` are the processor's limits (preprocessor_config.json).
     """
-    image = np.asarray(fetch_image(item, fetch, max_image_pixels=max_image_pixels))
-    height, width = smart_resize(image.shape[0], image.shape[1], min_pixels=min_pixels, max_pixels=max_pixels)
-    image = _pil_bicubic(image, height, width)
-    pixel_values, grid = patchify(normalize(_to_chw(image)[None]))
-    return pixel_values, torch.tensor(grid, dtype=torch.long)
+    image = prepare_image(item, min_pixels=min_pixels, max_pixels=max_pixels, fetch=fetch,
+                          max_image_pixels=max_image_pixels)
+    return image.pixel_values, image.grid_thw
+
+
+def prepare_image(
+    item,
+    *,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    fetch: Fetcher | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> VisionInput:
+    """process_image up to the resized uint8 image: a VisionInput, whose pixel_values are process_image's."""
+    image = fetch_image(item, fetch, max_image_pixels=max_image_pixels)
+    height, width = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (height, width) != (image.height, image.width):  # the processor's own resize: per-item limits left its range
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return VisionInput("image", _image_frames(image))
 
 
 def process_video(
@@ -337,6 +512,21 @@ def process_video(
     `item`: ``{"type": "video", "video": path_or_frame_list, "fps"|"nframes": .., "min_pixels": ..,
     "max_pixels": .., "total_pixels": ..}``. `second_per_grid_ts` = 2 / sample_fps, a float (never cast to int).
     """
+    video = prepare_video(item, min_pixels=min_pixels, max_pixels=max_pixels, fetch=fetch,
+                          max_image_pixels=max_image_pixels)
+    return video.pixel_values, video.grid_thw, video.second_per_grid
+
+
+def prepare_video(
+    item: dict,
+    *,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    fetch: Fetcher | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> VisionInput:
+    """process_video up to the resized uint8 frames (padded to an even count): a VisionInput, whose pixel_values
+    are process_video's (made a bounded chunk at a time, so a long video's float copy is never made twice)."""
     def processor_resize(frame: torch.Tensor) -> torch.Tensor:  # stage 2's smart_resize, per frame
         height, width = smart_resize(frame.shape[1], frame.shape[2], min_pixels=min_pixels, max_pixels=max_pixels)
         if (height, width) == tuple(frame.shape[1:]):
@@ -346,12 +536,4 @@ def process_video(
     frames, sample_fps = fetch_video(item, fetch, frame_transform=processor_resize, max_image_pixels=max_image_pixels)
     if frames.shape[0] % TEMPORAL_PATCH_SIZE:
         frames = torch.cat([frames, frames[-1:]])
-    # Normalise and patchify one temporal patch at a time into the preallocated output: a long video's float copy
-    # is never made twice.
-    t = frames.shape[0] // TEMPORAL_PATCH_SIZE
-    rows_per_t = (frames.shape[2] // PATCH_SIZE) * (frames.shape[3] // PATCH_SIZE)
-    pixel_values = torch.empty(t * rows_per_t, 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE**2, dtype=torch.float32)
-    for k in range(t):
-        chunk, (_, gh, gw) = patchify(normalize(frames[k * TEMPORAL_PATCH_SIZE:(k + 1) * TEMPORAL_PATCH_SIZE]))
-        pixel_values[k * rows_per_t:(k + 1) * rows_per_t] = chunk
-    return pixel_values, torch.tensor((t, gh, gw), dtype=torch.long), TEMPORAL_PATCH_SIZE / sample_fps
+    return VisionInput("video", frames, TEMPORAL_PATCH_SIZE / sample_fps)

@@ -212,6 +212,56 @@ def test_every_source_form_gives_the_same_pixels(tmp_path):
     assert torch.equal(values, expected)
 
 
+def test_pixel_values_from_frames_is_the_host_path_bit_for_bit():
+    """The one function the engine runs on its device, against patchify(normalize(...)): every byte value of every
+    channel, images (contiguous and channels-last, as PIL gives them), even and odd frame counts, chunked videos."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 3, 56, 84), (1, 3, 28, 28), (2, 3, 28, 56), (4, 3, 56, 56), (3, 3, 28, 84)]:
+        frames = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        frames[0, :, 0, :] = torch.arange(shape[3]).remainder(256)  # all 256 values in every channel
+        frames[0, :, 1, :] = torch.arange(shape[3]).remainder(256).flip(0)
+        frames[0, :, 2:10, :] = torch.arange(8 * shape[3]).view(8, -1).remainder(256)
+        expected = preprocess.patchify(preprocess.normalize(frames))[0]
+        channels_last = frames.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        for f, chunk in ((frames, 1 << 24), (channels_last, 1 << 24), (frames, 1)):
+            got = preprocess.pixel_values_from_frames(f, max_chunk_values=chunk)
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), (shape, f.stride(), chunk)
+    for bad in (torch.zeros(1, 3, 28, 28), torch.zeros(1, 1, 28, 28, dtype=torch.uint8),
+                torch.zeros(1, 3, 28, 30, dtype=torch.uint8)):
+        with pytest.raises(InputError):
+            preprocess.pixel_values_from_frames(bad)
+
+
+def test_prepare_image_keeps_the_resized_image_and_a_content_key(tmp_path):
+    """prepare_image: the uint8 image the model sees (a view of PIL's bytes), the same pixel_values as the float
+    path of before, and a key equal for equal images and different for a one-pixel change or another size."""
+    array = photo_like(60, 90, 21)
+    item = {"image": Image.fromarray(array), "max_pixels": 28 * 28 * 6}  # 60x90 -> 56x84
+    image = preprocess.prepare_image(item)
+    resized = np.asarray(preprocess.fetch_image(item))
+    assert image.kind == "image" and image.grid_thw.tolist() == [1, resized.shape[0] // 14, resized.shape[1] // 14]
+    assert image.frames.is_contiguous(memory_format=torch.channels_last)  # no transposing copy
+    assert torch.equal(image.frames[0].permute(1, 2, 0), torch.from_numpy(resized))
+    before = preprocess.patchify(preprocess.normalize(torch.from_numpy(resized).permute(2, 0, 1)[None]))[0]
+    pix, grid = image  # unpacks as process_image's tuple
+    assert torch.equal(pix, before) and torch.equal(grid, image.grid_thw)
+    assert torch.equal(process_image(item)[0], before)
+    again = preprocess.prepare_image({**item, "image": Image.fromarray(array.copy())})
+    assert again.content_hash() == image.content_hash() and len(image.content_hash()) == 32
+    changed = array.copy()
+    changed[30, 45, 1] ^= 1
+    assert preprocess.prepare_image({**item, "image": Image.fromarray(changed)}).content_hash() != image.content_hash()
+    bigger = preprocess.prepare_image({**item, "resized_height": 84, "resized_width": 112})
+    assert bigger.grid_thw.tolist() != image.grid_thw.tolist() and bigger.content_hash() != image.content_hash()
+    # a video of the same two frames is another input (its kind, frame count and timing are in the key)
+    video = preprocess.VisionInput("video", image.frames.expand(2, -1, -1, -1).contiguous(), 1.0)
+    assert torch.equal(video.pixel_values, pix) and video.content_hash() != image.content_hash()
+    assert video.content_hash() != preprocess.VisionInput("video", video.frames, 0.5).content_hash()
+    with pytest.raises(InputError):
+        preprocess.VisionInput("image", video.frames)
+
+
 def describe(src):
     return media.describe_source(src)
 
