@@ -73,7 +73,10 @@ class Processor:
 
     # ------------------------------------------------------------------
     def encode_conversation(self, messages, add_generation_prompt: bool = True) -> dict[str, Any]:
-        """One conversation -> {"input_ids": list[int], "images": [(pix, grid)], "videos": [(pix, grid, spg)]}."""
+        """One conversation -> {"input_ids": list[int], "images": [VisionInput], "videos": [VisionInput]}.
+
+        A VisionInput holds the resized uint8 frames; it unpacks as (pixel_values, grid) / (pixel_values, grid,
+        second_per_grid), making the float pixels on the host then, and the engine makes them on its device."""
         messages = normalize_messages(messages)
         text = render_chat(messages, add_generation_prompt=add_generation_prompt)
         images, videos = [], []
@@ -82,14 +85,14 @@ class Processor:
             kw = dict(min_pixels=self.min_pixels, max_pixels=self.max_pixels, fetch=self.fetch,
                       max_image_pixels=self.max_image_pixels)
             if item["type"] == "image":
-                images.append(preprocess.process_image(opts, **kw))
+                images.append(preprocess.prepare_image(opts, **kw))
             else:
-                videos.append(preprocess.process_video(opts, **kw))
+                videos.append(preprocess.prepare_video(opts, **kw))
         if (images and self.image_pad_id is None) or (videos and self.video_pad_id is None):
             raise InputError("this tokenizer has no <|image_pad|> / <|video_pad|> token, so it cannot take media")
         ids = self.tokenizer.encode(text)
-        counts = {self.image_pad_id: iter([int(g.prod()) // 4 for _, g in images]),
-                  self.video_pad_id: iter([int(g.prod()) // 4 for _, g, _ in videos])}
+        counts = {self.image_pad_id: iter([int(x.grid_thw.prod()) // 4 for x in images]),
+                  self.video_pad_id: iter([int(x.grid_thw.prod()) // 4 for x in videos])}
         expanded: list[int] = []
         for tok in ids:  # pads are added tokens, so expanding ids equals expanding the text first
             if tok in counts:

@@ -212,6 +212,35 @@ def test_chat_with_messages_matches_processor_and_reference(model):
     assert out.text == proc.tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
 
+def test_processor_images_share_caches_by_their_uint8_key(model):
+    """The processor's items (VisionInput: uint8 frames, normalised and patchified by the engine, keyed by a hash of
+    the frames): equal images share the encoder and prefix caches, a one-pixel change shares neither, and the
+    float pixels of the same image given as a tuple are encoded again under their own key, never confused."""
+    proc = Processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    array = (np.random.default_rng(1).random((56, 84, 3)) * 255).astype("uint8")
+    changed = array.copy()
+    changed[20, 30, 0] ^= 1
+
+    def encoded(a):
+        msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(a)},
+                                             {"type": "text", "text": "What is it?"}]}]
+        return proc.encode_conversation(msgs)
+
+    a, a2, b = encoded(array), encoded(array.copy()), encoded(changed)
+    assert isinstance(a["images"][0], qwenvl.preprocess.VisionInput) and a["input_ids"] == b["input_ids"]
+    ids = a["input_ids"]
+    llm = LLM(model, num_blocks=256, block_size=4, processor=proc)
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    outs = [llm.generate({"prompt_token_ids": ids, "images": e["images"]}, sp)[0] for e in (a, a2, b)]
+    assert [o.num_cached_tokens for o in outs] == [0, (len(ids) - 1) // 4 * 4, ids.index(IMG) // 4 * 4]
+    assert llm.stats()["encoded_items"] == 2
+    floats = {"prompt_token_ids": ids, "images": [tuple(a["images"][0])]}  # (pixel_values, grid) of the same image
+    ref_a, ref_b = reference(model, floats, 4), reference(model, {"prompt_token_ids": ids, "images": b["images"]}, 4)
+    assert outs[0].token_ids == outs[1].token_ids == ref_a and outs[2].token_ids == ref_b
+    assert llm.generate(floats, sp)[0].token_ids == ref_a
+    assert llm.stats()["encoded_items"] == 3
+
+
 def test_step_api_streams_deltas_that_add_up(model):
     llm = LLM(model, num_blocks=128, block_size=4)
     llm.add_request("a", chat([1, 2, 3]), SamplingParams(max_tokens=12, **GREEDY))

@@ -107,3 +107,31 @@ def test_cuda_fp32_greedy_equals_reference():
         ref = model.generate(torch.tensor([p["prompt_token_ids"]], device="cuda"), max_new_tokens=n,
                              eos_token_id=[], **kw)
         assert out.token_ids == ref[0].tolist()
+
+
+def test_processor_frames_normalised_on_the_device_equal_the_host_path():
+    """uint8 frames -> pixel_values on the GPU equal the host path bit for bit, and the engine fed the processor's
+    image (pinned uint8 copy, device normalise/patchify) decodes as the reference fed the host pixel_values."""
+    import numpy as np
+    from PIL import Image
+
+    from qwenvl import preprocess
+    from qwenvl.processor import Processor
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 56, 84), dtype=torch.uint8, generator=g)
+    video = torch.randint(0, 256, (4, 3, 56, 56), dtype=torch.uint8, generator=g)
+    for f in (image, image.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), video):
+        host = preprocess.pixel_values_from_frames(f)
+        assert torch.equal(preprocess.pixel_values_from_frames(f.cuda()).cpu(), host)
+    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.float32, device="cuda", seed=0)
+    proc = Processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    array = (np.random.default_rng(0).random((60, 90, 3)) * 255).astype("uint8")
+    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(array)},
+                                         {"type": "text", "text": "Describe."}]}]
+    out = LLM(model, num_blocks=256, block_size=16, processor=proc).chat(msgs, SamplingParams(max_tokens=6, **GREEDY))
+    enc = proc.encode_conversation(msgs)
+    pix, grid = enc["images"][0]
+    ref = model.generate(torch.tensor([enc["input_ids"]], device="cuda"), pixel_values=pix.cuda(),
+                         image_grid_thw=grid[None].cuda(), max_new_tokens=6, eos_token_id=[])
+    assert out[0].token_ids == ref[0].tolist()

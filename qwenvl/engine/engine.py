@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..preprocess import VisionInput
 from . import spmd
 from .kv_cache import BlockManager
 from .outputs import CompletionOutput, RequestOutput, StepOutput, TextStream
@@ -150,7 +151,8 @@ class LLM:
         Accepted: chat messages (list of {"role", "content"} dicts); a text string (no chat template);
         token ids (list of ints or a 1-D tensor); or a dict with "prompt_token_ids" (or "input_ids") and
         optional "images" [(pixel_values, grid_thw)] and "videos" [(pixel_values, grid_thw, second_per_grid)]
-        (Processor.encode_conversation's output), or {"messages": [...]}, or {"prompt": "..."}.
+        or, as Processor.encode_conversation gives them, preprocess.VisionInput items (uint8 frames, normalised
+        and patchified on the engine's device); or {"messages": [...]}, or {"prompt": "..."}.
         """
         images, videos = [], []
         if isinstance(prompt, dict) and "messages" in prompt:
@@ -192,8 +194,8 @@ class LLM:
     def _prompt_data(self, ids: list[int], images, videos) -> PromptData:
         c = self.config
         unit = c.vision.spatial_merge_size ** 2
-        queues = {c.image_token_id: [("image", p, g, 0.0) for p, g in images],
-                  c.video_token_id: [("video", p, g, float(s)) for p, g, s in videos]}
+        queues = {c.image_token_id: [_vision_entry("image", x) for x in images],
+                  c.video_token_id: [_vision_entry("video", x) for x in videos]}
         items: list[VisionItem] = []
         used = {c.image_token_id: 0, c.video_token_id: 0}
         i = 0
@@ -205,14 +207,15 @@ class LLM:
             kind = "image" if tok == c.image_token_id else "video"
             if used[tok] >= len(queues[tok]):
                 raise InputError(f"the prompt has more {kind} blocks than {kind}s given ({len(queues[tok])})")
-            _, pix, grid, spg = queues[tok][used[tok]]
+            pix, vin, grid, spg = queues[tok][used[tok]]
             used[tok] += 1
             grid = tuple(int(x) for x in (grid.tolist() if isinstance(grid, torch.Tensor) else grid))
             n = grid[0] * grid[1] * grid[2] // unit
             if ids[i:i + n] != [tok] * n:
                 raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
                                  f"prompt position {i}")
-            items.append(VisionItem(kind, pix, grid, spg, i, n, content_hash(pix, grid, spg)))
+            key = vin.content_hash() if vin is not None else content_hash(pix, grid, spg)
+            items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None))
             i += n
         for tok, q in queues.items():
             if used[tok] != len(q):
@@ -439,6 +442,24 @@ class LLM:
         if self._tp is not None and self._tp_workers is None:  # torchrun: the other ranks' calls return
             self._tp_send("return")
         return [results[r] for r in ids]
+
+
+def _vision_entry(kind: str, x) -> tuple:
+    """An "images" / "videos" entry -> (pixel_values or None, VisionInput or None, grid, second_per_grid)."""
+    if isinstance(x, VisionInput):
+        if x.kind != kind:
+            raise InputError(f"a {x.kind} VisionInput was given among the {kind}s")
+        return None, x, x.grid_thw, x.second_per_grid
+    try:
+        if kind == "image":
+            pix, grid = x
+            return pix, None, grid, 0.0
+        pix, grid, spg = x
+        return pix, None, grid, float(spg)
+    except (TypeError, ValueError):
+        form = "(pixel_values, grid_thw)" if kind == "image" else "(pixel_values, grid_thw, second_per_grid)"
+        raise InputError(f"each of the prompt's {kind}s must be {form} or a VisionInput, got "
+                         f"{type(x).__name__}") from None
 
 
 def _penalised(p: SamplingParams) -> bool:

@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..layers import to_device
+from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
 from ..rope import _inv_freq, rotate_half
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
                         triton_decode_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledChunk
-from .sequence import Sequence
+from .sequence import Sequence, VisionItem
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +402,8 @@ class ModelRunner:
         if not missing:
             return
         todo = list(items.values())
-        pix = torch.cat([it.pixel_values.to(self.device) for it in todo])
+        parts = [self._pixel_values(it) for it in todo]
+        pix = parts[0] if len(parts) == 1 else torch.cat(parts)
         feats = self.model.visual(pix, [it.grid_thw for it in todo])
         self.num_encoder_runs += 1
         self.num_encoded_items += len(todo)
@@ -415,3 +418,12 @@ class ModelRunner:
         while self.encoder_cache_rows > self.encoder_cache_tokens and len(self.encoder_cache) > 1:
             _, old = self.encoder_cache.popitem(last=False)
             self.encoder_cache_rows -= old.shape[0]
+
+    def _pixel_values(self, item: VisionItem) -> torch.Tensor:
+        """The item's float32 pixel_values on the device. The processor's uint8 frames go over as they lie in host
+        memory (pinned, not blocking: an eighth of the float bytes) and are normalised and patchified there."""
+        if item.frames is None:
+            return item.pixel_values.to(self.device)
+        frames, channels_last = dense_frames(item.frames)
+        frames = to_device(frames, self.device)
+        return pixel_values_from_frames(frames.permute(0, 3, 1, 2) if channels_last else frames)

@@ -74,7 +74,8 @@ class TaskModel:
         params = SamplingParams(max_tokens=max_tokens or self.max_tokens, temperature=0.0,
                                 logits_processors=logits_processors(self.llm) if logits_processors else None)
         out = self.llm.generate(prompt, params)[0]
-        return out.text, [g.tolist() for _, g in enc["images"]], [(g.tolist(), s) for _, g, s in enc["videos"]]
+        return (out.text, [x.grid_thw.tolist() for x in enc["images"]],  # VisionInputs: unpacking makes pixels
+                [(x.grid_thw.tolist(), x.second_per_grid) for x in enc["videos"]])
 
     def resized_hw(self, image, grids, options) -> tuple[int, int]:
         """The size the model saw: from the processor's grid when it ran, else recomputed."""
