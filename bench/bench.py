@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import qwenvl  # noqa: E402
 from qwenvl.model import Qwen25VL  # noqa: E402
+from qwenvl.preprocess import VisionInput  # noqa: E402
 
 IMG, VS, VE = 151655, 151652, 151653
 
@@ -78,8 +79,11 @@ def cuda_time(fn, warmup=2, iters=5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def image_request(cfg, n_text=64, h=720, w=1280, seed=0):
-    """Chat-shaped ids around one image of h x w px (smart-resized as the processor would) + random pixels."""
+def image_request(cfg, n_text=64, h=720, w=1280, seed=0, frames=False):
+    """Chat-shaped ids around one image of h x w px (smart-resized as the processor would) + a random image: its
+    float32 pixel values, or with frames=True the resized uint8 image as the processor hands it to the engine (a
+    VisionInput: H x W x 3 bytes; the engine hashes those and normalises/patchifies on the GPU). Same seed, same
+    image either way."""
     rh, rw = round(h / 28) * 28, round(w / 28) * 28  # smart_resize for sizes inside the pixel limits
     grid = torch.tensor([[1, rh // 14, rw // 14]])
     n_img = int(grid.prod()) // 4
@@ -87,8 +91,9 @@ def image_request(cfg, n_text=64, h=720, w=1280, seed=0):
     text = torch.randint(100, 150000, (n_text,), generator=g).tolist()
     ids = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, VS] + [IMG] * n_img + \
         [VE] + text + [151645, 198, 151644, 77091, 198]
-    pix = torch.randn(int(grid.prod()), cfg.vision.patch_dim, generator=g)
-    return torch.tensor([ids]), pix, grid
+    hwc = torch.randint(0, 256, (1, rh, rw, 3), dtype=torch.uint8, generator=g)  # as PIL's bytes
+    image = VisionInput("image", hwc.permute(0, 3, 1, 2))
+    return torch.tensor([ids]), image if frames else image.pixel_values, grid
 
 
 def section(name):
@@ -210,13 +215,13 @@ def decode(ours, hf, cfg, new_tokens=128):
     log(res)
 
 
-def w4_requests(cfg, n=256, seed=1):
+def w4_requests(cfg, n=256, seed=1, frames=False):
     """W4: each request one image between 448x448 and 1280x720, 32-128 text tokens, 128-256 output tokens."""
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
         h, w = rng.randint(448, 720), rng.randint(448, 1280)
-        ids, pix, grid = image_request(cfg, n_text=rng.randint(32, 128), h=h, w=w, seed=1000 + i)
+        ids, pix, grid = image_request(cfg, n_text=rng.randint(32, 128), h=h, w=w, seed=1000 + i, frames=frames)
         reqs.append((ids, pix, grid, rng.randint(128, 256)))
     return reqs
 
@@ -357,14 +362,15 @@ def engine(ours, hf, cfg, w1_tokens=256):
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
     res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
-    ids, pix, grid = image_request(cfg)
+    ids, pix, grid = image_request(cfg, frames=True)
     with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image
-        res["w3_vision_ms"] = cuda_time(lambda: ours.visual(pix.to(DEV), grid)) * 1e3
+        res["w3_vision_ms"] = cuda_time(lambda: ours.visual(pix.pixel_values.to(DEV), grid)) * 1e3
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 
-    def prompt(ids, pix, grid):  # pixels stay on the host, fp32, as the processor gives them
-        return {"prompt_token_ids": ids[0].tolist(), "images": [(pix, grid[0])]}
+    def prompt(ids, image, grid):  # the uint8 image on the host, as the processor gives it (a fresh VisionInput per
+        # request, so its content hash is computed in every encode_prompt, as for a new request)
+        return {"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]}
 
     # Greedy check against the reference path (same request as the decode section), also the warm-up.
     ref = REF_TOKENS.get("w1")
@@ -377,7 +383,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
             same += 1
         res["greedy_same_prefix_vs_reference_path"] = f"{same}/{len(ref)}"
     # W1 + W2: a fresh image (new content hash: ViT runs, nothing cached), then the same request again.
-    ids, pix, grid = image_request(cfg, seed=7)
+    ids, pix, grid = image_request(cfg, seed=7, frames=True)
     ttft, dec, toks = drive(llm, "w1", prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
     res["w1_decode_tok_s"] = (len(toks) - 1) / dec
     res["w2_ttft_new_image_ms"] = ttft * 1e3
@@ -386,12 +392,12 @@ def engine(ours, hf, cfg, w1_tokens=256):
     res["w2_of_which_host_encode_prompt_ms"] = (time.perf_counter() - t0) * 1e3
     ttft, _, _ = drive(llm, "w2", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_cached_image_ms"] = ttft * 1e3
-    ids, pix, grid = image_request(cfg, n_text=64, seed=8)
+    ids, pix, grid = image_request(cfg, n_text=64, seed=8, frames=True)
     ttft, _, _ = drive(llm, "w2b", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_new_image_2_ms"] = ttft * 1e3
     log(res)
     # W4: 256 requests at once.
-    reqs = w4_requests(cfg, n=W4_REQUESTS)
+    reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
     prompts = [prompt(*r[:3]) for r in reqs]
     params = [SamplingParams(max_tokens=r[3], **greedy) for r in reqs]
     prof = instrument(llm)
