@@ -120,26 +120,30 @@ def max_split(M: int, K: int) -> int:
     return max(1, min(16, K // (80 * M)))
 
 
-def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
-    """Heuristic: FMA tile [16, 256] (4 KiB of fp8 per iteration, 4 warps) for M == 1, a [32, 128] weight
-    tile with tl.dot for M > 1; split K until about 8 programs per SM exist (one 4 KiB load in flight per
-    program: enough bytes in flight to cover DRAM latency), within max_split."""
-    if (M, N, K) in _TUNED:
-        return _TUNED[(M, N, K)]
-    if M == 1:
-        bn, bk, warps, dot, m_programs = 16, 256, 4, False, 1
-    else:
-        bn, bk, warps, dot, m_programs = 32, 128, 4, True, -(-M // 16)
-    bk = min(bk, max(16, triton_next_pow2(K)))
-    programs = -(-N // bn) * m_programs
-    k_blocks = -(-K // bk)
+def auto_split(M: int, N: int, K: int, block_n: int, block_k: int, use_dot: bool, num_sms: int = 132) -> int:
+    """Split K until about 8 programs per SM exist (one ~4 KiB weight load in flight per program: enough bytes
+    in flight to cover DRAM latency), within max_split; no empty split."""
+    programs = -(-N // block_n) * (-(-M // 16) if use_dot else M)
+    k_blocks = -(-K // block_k)
     target = 8 * num_sms
     split = 1
     if programs < target:
         per = max(1, k_blocks * programs // target)  # blocks per split: cdiv(k_blocks, per) * programs >= target
         split = min(-(-k_blocks // per), max_split(M, K))
-    split, _ = normalize_split(k_blocks, split)
-    return GemvConfig(bn, bk, split, warps, 1, dot)
+    return normalize_split(k_blocks, split)[0]
+
+
+def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
+    """Heuristic: FMA tile [16, 256] (4 KiB of fp8 per iteration, 4 warps) for M == 1, a [32, 128] weight
+    tile with tl.dot for M > 1, split-K by auto_split. set_tuned entries win."""
+    if (M, N, K) in _TUNED:
+        return _TUNED[(M, N, K)]
+    if M == 1:
+        bn, bk, warps, dot = 16, 256, 4, False
+    else:
+        bn, bk, warps, dot = 32, 128, 4, True
+    bk = min(bk, max(16, triton_next_pow2(K)))
+    return GemvConfig(bn, bk, auto_split(M, N, K, bn, bk, dot, num_sms), warps, 1, dot)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -158,7 +162,7 @@ if HAVE_TRITON:
     @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym"])
     def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -208,7 +212,7 @@ if HAVE_TRITON:
             out_offs = pid_m * stride_ym + offs_n
             ws_offs = (pid_k * M + pid_m) * N + offs_n
             ok = n_ok
-        if SPLIT_K == 1:
+        if not SPLIT:
             s = tl.load(S + rows).to(tl.float32)
             if USE_DOT:
                 s = s[:, None]
@@ -222,15 +226,15 @@ if HAVE_TRITON:
         else:
             tl.store(WS + ws_offs, y, mask=ok)
 
-    @triton.jit(do_not_specialize=["M", "stride_ym"])
-    def _splitk_reduce_kernel(WS, S, Bias, Y, M, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+    @triton.jit(do_not_specialize=["M", "stride_ym", "split_k"])
+    def _splitk_reduce_kernel(WS, S, Bias, Y, M, N, stride_ym, split_k, BLOCK: tl.constexpr,
                               HAS_BIAS: tl.constexpr):
         pid = tl.program_id(0)
         m = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):  # fixed order: deterministic
+        for s in range(split_k):  # fixed order: deterministic
             acc += tl.load(WS + (s * M + m) * N + offs, mask=ok, other=0.0)
         y = acc * tl.load(S + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -323,12 +327,12 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     grid = (-(-N // cfg.block_n), split, -(-M // block_m))
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-                           k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT_K=split,
+                           k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1,
                            EVEN_K=even_k, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, **kw)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
-        _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, M, N, y.stride(0), SPLIT_K=split, BLOCK=rb,
+        _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, M, N, y.stride(0), split, BLOCK=rb,
                                                 HAS_BIAS=has_bias, **kw)
     return y.view(*lead, N)
 
@@ -420,5 +424,5 @@ def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 
     return N * K * weight_bytes + M * K * act_bytes + M * N * act_bytes + N * 4
 
 
-__all__ = ["GemvConfig", "HAVE_TRITON", "bytes_moved", "error_bound", "fp8_gemv", "gemv_ok", "pick_config",
+__all__ = ["GemvConfig", "HAVE_TRITON", "auto_split", "bytes_moved", "error_bound", "fp8_gemv", "gemv_ok", "pick_config",
            "reference", "set_enabled", "set_tuned", "settings", "use_gemv"]
