@@ -12,8 +12,9 @@ with the rank processes it started; its JSON is rewritten after every measuremen
   big   72B shape at TP=2 (--big-tp), random weights drawn per rank straight on its GPU (no full model
         anywhere): bf16 when a rank's weights fit in --big-fit of the card, else FP8 (--big-dtype forces one);
         W1 and W4 (--big-w4-requests). 72B FP8 on one H200: --sections big --big-tp 1 --big-dtype fp8
-  fp8   one GPU, 7B: W1 bf16, then the same weights quantised (quantization="fp8" path), then with the
-        activation quantisation compiled (fp8c)
+  fp8   one GPU, 7B: W1 bf16, then the same weights quantised (quantization="fp8" path) with the small-batch
+        GEMV kernel off (fp8: torch._scaled_mm), with it (fp8g), and with the activation quantisation compiled
+        (fp8c, kernel off). Per-linear timings of the kernel: bench/bench_fp8_gemv.py
 W1 = batch 1, one 1280x720 image + 64 text tokens, --w1-tokens greedy tokens, decode tok/s after the first
 token; W4 = --w4-requests requests at once, each one image 448x448..1280x720, 32-128 text tokens, 128-256
 greedy output tokens (bench.py's builders); output tok/s over the whole run. Random weights, ignore_eos.
@@ -198,6 +199,7 @@ def run_big(a, R: Out) -> None:
 
 
 def run_fp8(a, R: Out) -> None:
+    from qwenvl.quant import fp8_gemv
     from qwenvl.quant.fp8 import compile_activation_quant, fp8_backend
 
     cfg = qwenvl.preset(a.shape)
@@ -205,14 +207,19 @@ def run_fp8(a, R: Out) -> None:
     model = RandomWeights(a.shape, dtype, seed=0)(0, 1, a.device)
     R["fp8_backend"] = fp8_backend(model.device)
     small = dict(max_num_seqs=16, gpu_memory_utilization=0.45)  # W1 only; leaves room for the next engine
-    for name in ("bf16", "fp8", "fp8c"):
+    R["fp8g_kernel_usable"] = fp8_gemv.gemv_ok(model.device)
+    for name in ("bf16", "fp8", "fp8g", "fp8c"):
         if name == "fp8c":
             R["fp8c_compiled"] = compile_activation_quant(True)
             if not R["fp8c_compiled"]:
                 break
-        # quantization="fp8": the model's decoder linears become FP8Linear in place, layer by layer
-        llm, t = make_llm(a, model, 1, quantization=None if name == "bf16" else "fp8", **small)
-        R[name] = dict(engine_info(llm, t), w1=w1(llm, cfg, a))
+        old = fp8_gemv.set_enabled(name == "fp8g")  # read while the engine captures its decode graphs
+        try:
+            # quantization="fp8": the model's decoder linears become FP8Linear in place, layer by layer
+            llm, t = make_llm(a, model, 1, quantization=None if name == "bf16" else "fp8", **small)
+            R[name] = dict(engine_info(llm, t), w1=w1(llm, cfg, a))
+        finally:
+            fp8_gemv.set_enabled(**old)
         log(name, R[name])
         del llm
         gc.collect()
@@ -220,6 +227,7 @@ def run_fp8(a, R: Out) -> None:
             torch.cuda.empty_cache()
     compile_activation_quant(False)
     R["fp8_vs_bf16_w1"] = R["fp8"]["w1"]["decode_tok_s"] / R["bf16"]["w1"]["decode_tok_s"]
+    R["fp8g_vs_bf16_w1"] = R["fp8g"]["w1"]["decode_tok_s"] / R["bf16"]["w1"]["decode_tok_s"]
     if "fp8c" in R.r:
         R["fp8c_vs_bf16_w1"] = R["fp8c"]["w1"]["decode_tok_s"] / R["bf16"]["w1"]["decode_tok_s"]
 
@@ -267,8 +275,8 @@ def table(out: str) -> str:
                     f"{w4_.get('output_tok_s', float('nan')):.1f} ({w4_.get('requests')} req) | {'; '.join(note)} |")
     r = load("fp8")
     if r:
-        parts = [f"{k} {r[k]['w1']['decode_tok_s']:.1f}" for k in ("bf16", "fp8", "fp8c") if k in r]
-        ratios = ", ".join(f"{k}/bf16 {r[f'{k}_vs_bf16_w1']:.2f}x" for k in ("fp8", "fp8c")
+        parts = [f"{k} {r[k]['w1']['decode_tok_s']:.1f}" for k in ("bf16", "fp8", "fp8g", "fp8c") if k in r]
+        ratios = ", ".join(f"{k}/bf16 {r[f'{k}_vs_bf16_w1']:.2f}x" for k in ("fp8", "fp8g", "fp8c")
                            if f"{k}_vs_bf16_w1" in r)
         rows.append(f"| fp8 (1 GPU, W1) | {' / '.join(parts)} | | | {ratios}, backend {r.get('fp8_backend')}"
                     f"{'; ERROR ' + r['error'][:200] if 'error' in r else ''} |")
@@ -333,7 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp1-s", type=float, default=130.0)
     ap.add_argument("--tp2-s", type=float, default=150.0)
     ap.add_argument("--big-s", type=float, default=180.0)
-    ap.add_argument("--fp8-s", type=float, default=100.0)
+    ap.add_argument("--fp8-s", type=float, default=130.0)
     ap.add_argument("--run", default=None, choices=SECTIONS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     bench.DEV = a.device

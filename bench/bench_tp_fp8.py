@@ -1,6 +1,8 @@
 """FP8 weights and tensor parallelism: correctness checks and decode timings on random weights.
 
     # (a) one GPU: FP8 vs bf16 (vs fp32) logits, 7B decode batch 1 (static cache, CUDA graph) bf16 vs fp8
+    #     (fp8: the small-batch GEMV kernel off, i.e. torch._scaled_mm; fp8g: the kernel; fp8c: compiled
+    #     activation quantisation, kernel off)
     PYTHONPATH=. python bench/bench_tp_fp8.py --shape 7b --out $OUT
     # (b) two GPUs: TP=2 greedy output equals TP=1 (fp32 and bf16), decode timing TP=1 vs TP=2 (bf16, fp8)
     PYTHONPATH=. torchrun --nproc-per-node 2 bench/bench_tp_fp8.py --shape 7b --out $OUT
@@ -33,7 +35,7 @@ import qwenvl  # noqa: E402
 from qwenvl.decoder import KVCache  # noqa: E402
 from qwenvl.model import Qwen25VL  # noqa: E402
 from qwenvl.parallel import init_distributed, param_bytes, shard_model, spawn  # noqa: E402
-from qwenvl.quant import FP8Linear, compare_logits, fp8_backend, quantize_model_fp8  # noqa: E402
+from qwenvl.quant import FP8Linear, compare_logits, fp8_backend, fp8_gemv, quantize_model_fp8  # noqa: E402
 from qwenvl.quant.fp8 import compile_activation_quant  # noqa: E402
 from qwenvl.rope import _inv_freq  # noqa: E402
 
@@ -271,10 +273,25 @@ def run_fp8(args) -> dict:
         m.backend = "auto"
     R["fp8_generate_ok"] = model.generate(**{k: v[:1] if k != "pixel_values" else v for k, v in bb.items()},
                                           max_new_tokens=4).shape == (1, 4)
-    R["fp8_decode"] = time_decode(model, cfg, P, N, graph=True)
+    old = fp8_gemv.set_enabled(False)
+    try:
+        R["fp8_decode"] = time_decode(model, cfg, P, N, graph=True)
+    finally:
+        fp8_gemv.set_enabled(**old)
     R["fp8_prefill_ms"] = time_prefill(model, 2 * P)
     log("fp8:", json.dumps(R["fp8_vs_fp32"]), json.dumps(R["fp8_decode"]))
     save_partial(R, "fp8", args.out)
+    R["fp8g_kernel_usable"] = fp8_gemv.gemv_ok(dev)
+    if R["fp8g_kernel_usable"]:  # the weight-only GEMV kernel for the decode steps (M = 1)
+        old = fp8_gemv.set_enabled(True)
+        try:
+            R["fp8g_decode"] = time_decode(model, cfg, P, N, graph=True)
+        finally:
+            fp8_gemv.set_enabled(**old)
+        R["fp8g_prefill_ms"], R["fp8g_weight_bytes"] = R["fp8_prefill_ms"], R["fp8_weight_bytes"]
+        log("fp8 (GEMV kernel):", json.dumps(R["fp8g_decode"]))
+        save_partial(R, "fp8", args.out)
+    old = fp8_gemv.set_enabled(False)
     R["fp8_compiled_act_quant"] = compile_activation_quant(True)
     if R["fp8_compiled_act_quant"]:  # the same model with the activation quantisation fused by torch.compile
         R["fp8c_vs_fp32"] = compare_logits(ref, model(**bb).float(), mask)
@@ -283,6 +300,7 @@ def run_fp8(args) -> dict:
         R["fp8c_weight_bytes"] = R["fp8_weight_bytes"]
         log("fp8 (compiled act quant):", json.dumps(R["fp8c_decode"]))
     compile_activation_quant(False)
+    fp8_gemv.set_enabled(**old)
     R["prompt_tokens"], R["decode_steps"], R["prefill_tokens"] = P, N, 2 * P
     q = R["fp8_vs_fp32"]
     R["checks"] = {"fp8_rel_err_lt_0.10": q["rel_err"] < 0.10, "fp8_top1_ge_0.90": q["top1_agree"] >= 0.90,
@@ -402,7 +420,7 @@ def table(R: dict, kind: str) -> str:
             q = R[name]
             rows.append(f"{name:28s} rel_err {q['rel_err']:.4f}  top1 {q['top1_agree']:.3f}  "
                         f"max_abs {q['max_abs_err']:.3g}")
-        for name in ("bf16", "fp8", "fp8c"):
+        for name in ("bf16", "fp8", "fp8g", "fp8c"):
             if f"{name}_decode" not in R:
                 continue
             d = R[f"{name}_decode"]
@@ -412,7 +430,8 @@ def table(R: dict, kind: str) -> str:
             rows.append(f"{name:5s} decode B=1: eager {d['eager_ms']:.2f} ms/step, graph "
                         f"{g if g is None else round(g, 2)} ms/step{bw}  (weights {gb:.2f} GB)  "
                         f"prefill {R['prefill_tokens']} tok {R[f'{name}_prefill_ms']:.1f} ms")
-        rows.append(f"fp8 backend: {R['fp8_backend']} (fp8c: activation quantisation compiled by torch.compile)")
+        rows.append(f"fp8 backend: {R['fp8_backend']} (fp8g: the weight-only GEMV kernel for decode; fp8c: "
+                    "activation quantisation compiled by torch.compile)")
     else:
         q = R["fp32_prefill_logits"]
         rows.append(f"TP={R['world']} vs TP=1 fp32 prefill logits rel_err {q['rel_err']:.2e} "

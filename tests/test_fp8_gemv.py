@@ -156,6 +156,31 @@ def test_kernel_under_triton_interpreter():
     assert all(r["exact_frac"] >= 0.97 for r in results), results
 
 
+def test_bench_fp8_gemv_cpu_smoke(tmp_path):
+    """bench/bench_fp8_gemv.py end to end on the tiny model (the GPU command's code paths: microbench with a
+    config sweep, graph-free CPU timing, engine W1 for every variant); the kernel under the interpreter when
+    triton is installed."""
+    try:
+        import triton  # noqa: F401
+        interp = {"TRITON_INTERPRET": "1"}
+    except ImportError:
+        interp = {}
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **interp)
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_fp8_gemv.py"), "--shape", "tiny", "--device", "cpu",
+           "--out", str(tmp_path), "--ms", "1,4", "--sweep-ms", "1", "--w1-tokens", "4", "--eq-tokens", "4",
+           "--image", "112x112"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    r = json.load(open(tmp_path / "fp8_gemv.json"))
+    assert r["complete"] and all(r["checks"].values()) and "micro_error" not in r and "engine_error" not in r
+    rows = {(x["linear"], x["M"]): x for x in r["micro"]}
+    assert set(rows) == {(n, m) for n in ("qkv", "o_proj", "gate_up", "down_proj", "lm_head") for m in (1, 4)}
+    assert set(r["engine"]) >= {"bf16", "fp8_scaled_mm", "fp8_gemv"} and r["issue7_target"]["target"] == 1.7
+    if interp:
+        assert r["gemv_available"] and all(rows[(n, 1)]["sweep_all_correct"] for n in ("qkv", "down_proj"))
+        assert len(rows[("gate_up", 1)]["sweep"]) > 5 and "best_config" in rows[("gate_up", 1)]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 def _needs_fp8_gpu():
     if torch.cuda.get_device_capability() < (8, 9):

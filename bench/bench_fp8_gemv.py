@@ -1,0 +1,381 @@
+"""FP8 decode at batch 1..16 (issue 7): the weight-only GEMV kernel against bf16 and torch._scaled_mm, per decoder
+linear and through the engine, in one device call.
+
+    PYTHONPATH=. python bench/bench_fp8_gemv.py --shape 7b --out $OUT          # one GPU, ~4-6 minutes
+    TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_fp8_gemv.py --shape tiny --device cpu --out /tmp/b
+        # CPU smoke run: every code path, the kernel under triton's interpreter (timings meaningless)
+
+(1) micro: for each decoder linear as the engine runs it (fused qkv, o_proj, fused gate/up, down_proj; and the
+    bf16 lm_head) and each M in --ms: median time and achieved GB/s (bytes a perfect kernel moves: weights once,
+    activations, output) of the bf16 matmul (cuBLAS), the scaled_mm path as FP8Linear runs it (per-token
+    activation quantisation + torch._scaled_mm) and the GEMV kernel with its heuristic config; for M in
+    --sweep-ms also a sweep of GEMV configs (tile, warps, stages, split-K), the best one kept. Weights are
+    rotated over enough copies to overflow L2, calls are timed as CUDA-graph replays (launch gaps out).
+    Every GEMV output is checked against a float64 reference (error bound of one bf16 rounding).
+    Sums per decode step (the four linears x layers + lm_head) at M=1 estimate the linear time of a step.
+(2) engine: W1 (batch 1, one 1280x720 image (--image) + 64 text tokens, --w1-tokens greedy tokens; decode
+    tok/s after the first token; as bench_tp_engine.py) for bf16, FP8 with the kernel off (scaled_mm), FP8 with the kernel (heuristic configs), and
+    FP8 with the kernel on the sweep's best configs (set_tuned) when those differ. Random weights.
+Writes $OUT/fp8_gemv.json after every measurement; prints tables. Exit 1 when a correctness check fails; the
+issue's target (FP8 >= 1.7x bf16 W1 decode tok/s) is reported, not enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import qwenvl  # noqa: E402
+from qwenvl.quant import fp8_gemv as G  # noqa: E402
+from qwenvl.quant.fp8 import _mm_scaled, quantize_weight  # noqa: E402
+
+TARGET = 1.7
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def linear_shapes(cfg) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one decoder layer's linears as the engine runs them (qkv and gate/up fused)."""
+    t = cfg.text
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    H, I = t.hidden_size, t.intermediate_size
+    return [("qkv", q + 2 * kv, H), ("o_proj", H, q), ("gate_up", 2 * I, H), ("down_proj", H, I)]
+
+
+def sweep_configs(M: int, N: int, K: int, num_sms: int) -> list[G.GemvConfig]:
+    """A small grid around the heuristic: FMA tiles (M == 1 only) and tl.dot tiles, each with its auto split
+    and without split."""
+    base = []
+    if M == 1:
+        base += [(bn, bk, w, st, False) for bn, bk, w, st in
+                 ((4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 256, 4, 3),
+                  (16, 512, 4, 1), (16, 512, 8, 1), (32, 256, 8, 1))]
+    base += [(bn, bk, w, st, True) for bn, bk, w, st in
+             ((16, 256, 4, 2), (32, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
+    out = []
+    for bn, bk, w, st, dot in base:
+        bk = min(bk, max(16, G.triton_next_pow2(K)))
+        for split in sorted({1, G.auto_split(M, N, K, bn, bk, dot, num_sms)}):
+            c = G.GemvConfig(bn, bk, split, w, st, dot)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class Timer:
+    """Seconds per call of fn(i) over rotating weight copies i: CUDA-graph replays of reps rounds (falls back to
+    eager calls between events if the capture fails); wall clock on the CPU."""
+
+    def __init__(self, device, reps: int, trials: int):
+        self.dev, self.reps, self.trials = torch.device(device), reps, trials
+
+    def __call__(self, fn, copies: int) -> tuple[float, str]:
+        if self.dev.type != "cuda":
+            t0 = time.perf_counter()
+            for i in range(copies):
+                fn(i)
+            return (time.perf_counter() - t0) / copies, "cpu-wall"
+        for i in range(copies):  # compile, warm
+            fn(i)
+        torch.cuda.synchronize(self.dev)
+        n = self.reps * copies
+        try:
+            s = torch.cuda.Stream(self.dev)
+            s.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(s):
+                for i in range(copies):
+                    fn(i)
+            torch.cuda.current_stream(self.dev).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(self.reps):
+                    for i in range(copies):
+                        fn(i)
+            run, how = g.replay, "graph"
+        except Exception as e:  # report and time eagerly
+            log(f"  (graph capture failed: {type(e).__name__}: {str(e)[:200]}; timing eager calls)")
+            g = None
+
+            def run():
+                for _ in range(self.reps):
+                    for i in range(copies):
+                        fn(i)
+            how = "eager"
+        run()
+        torch.cuda.synchronize(self.dev)
+        times = []
+        for _ in range(self.trials):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            torch.cuda.synchronize(self.dev)
+            times.append(a.elapsed_time(b) / 1e3 / n)
+        del g
+        return sorted(times)[len(times) // 2], how
+
+
+def n_copies(weight_bytes: int, device) -> int:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20)
+    return max(2, min(16, math.ceil(3 * l2 / weight_bytes)))
+
+
+# ---------------------------------------------------------------------------------------------- micro
+def micro(a, R: dict, save) -> None:
+    dev = torch.device(a.device)
+    cfg = qwenvl.preset(a.shape)
+    sms = G.num_sms(dev)
+    timer = Timer(dev, a.reps, a.trials)
+    kernel_ok = dev.type == "cuda" and G.gemv_ok(dev) or dev.type == "cpu" and G.interpreting()
+    R["gemv_available"] = kernel_ok
+    if not kernel_ok:
+        R["gemv_unavailable_reason"] = ("CPU without TRITON_INTERPRET=1" if dev.type == "cpu" else
+                                        "triton missing, compute capability < 8.9 or the self-test failed")
+    ms = [int(m) for m in a.ms.split(",")]
+    sweep_ms = {int(m) for m in a.sweep_ms.split(",") if m}
+    act = torch.bfloat16
+    rows, best = [], {}
+    g = torch.Generator(device=dev).manual_seed(0)
+    shapes = linear_shapes(cfg)
+    for name, N, K in shapes + [("lm_head", cfg.text.vocab_size, cfg.text.hidden_size)]:
+        fp8 = name != "lm_head"
+        nc8, nc16 = n_copies(N * K, dev), n_copies(2 * N * K, dev)
+        w16 = [(torch.randn(N, K, generator=g, device=dev) * 0.02).to(act) for _ in range(nc16)]
+        qs = []  # (fp8 weight, fp32 scale row) copies
+        if fp8:
+            for i in range(nc8):
+                q, s = quantize_weight(w16[i % nc16])
+                qs.append((q, s.view(1, -1).contiguous()))
+        for M in ms:
+            xs = [torch.randn(M, K, generator=g, device=dev).to(act) for _ in range(max(nc8, nc16))]
+            row = {"linear": name, "N": N, "K": K, "M": M}
+            t, how = timer(lambda i: F.linear(xs[i], w16[i]), nc16)
+            row["bf16_us"], row["bf16_GBs"], row["timing"] = t * 1e6, G.bytes_moved(M, N, K, 2) / t / 1e9, how
+            if fp8:
+                try:
+                    t, _ = timer(lambda i: _mm_scaled(xs[i], qs[i][0], qs[i][1], act), nc8)
+                    row["scaled_mm_us"], row["scaled_mm_GBs"] = t * 1e6, G.bytes_moved(M, N, K) / t / 1e9
+                except Exception as e:  # e.g. CPU builds without _scaled_mm
+                    row["scaled_mm_error"] = f"{type(e).__name__}: {e}"[:200]
+            if fp8 and kernel_ok:
+                q0, s0 = qs[0]
+                ref = G.reference(xs[0], q0, s0)
+                bound = G.error_bound(xs[0], q0, s0, None, ref, act)
+
+                def measure(c):
+                    y = G.fp8_gemv(xs[0], q0, s0, config=c)
+                    ok = bool(((y.double() - ref).abs() <= bound).all())
+                    t, _ = timer(lambda i: G.fp8_gemv(xs[i], qs[i][0], qs[i][1], config=c), nc8)
+                    return {"config": c.as_dict(), "us": t * 1e6, "GBs": G.bytes_moved(M, N, K) / t / 1e9,
+                            "correct": ok}
+
+                heur = G.pick_config(M, N, K, sms)
+                h = measure(heur)
+                row.update(gemv_us=h["us"], gemv_GBs=h["GBs"], gemv_config=h["config"], gemv_correct=h["correct"])
+                if M in sweep_ms:
+                    results = [h]
+                    for c in sweep_configs(M, N, K, sms):
+                        if c == heur:
+                            continue
+                        try:
+                            results.append(measure(c))
+                        except Exception as e:  # a config that does not compile here: note it, go on
+                            results.append({"config": c.as_dict(), "error": f"{type(e).__name__}: {e}"[:200]})
+                    good = [r for r in results if r.get("correct")]
+                    row["sweep"] = results
+                    row["sweep_all_correct"] = all(r.get("correct") for r in results if "error" not in r)
+                    if good:
+                        b = min(good, key=lambda r: r["us"])
+                        row.update(best_us=b["us"], best_GBs=b["GBs"], best_config=b["config"])
+                        best[(M, N, K)] = b["config"]
+            rows.append(row)
+            log(fmt_row(row))
+            R["micro"] = rows
+            save()
+        del w16, qs
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    R["tuned_table"] = [[list(k), v] for k, v in best.items()]
+    # a decode step's linear time at M=1: four linears x layers + lm_head (bf16 in every variant)
+    L = cfg.text.num_hidden_layers
+    by = {(r["linear"], r["M"]): r for r in rows}
+    if 1 in ms:
+        head = by[("lm_head", 1)]["bf16_us"]
+        step = {}
+        for key in ("bf16_us", "scaled_mm_us", "gemv_us", "best_us"):
+            vals = [by[(n, 1)].get(key) for n, _, _ in shapes]
+            if all(v is not None for v in vals):
+                step[key.replace("_us", "_ms")] = (L * sum(vals) + head) / 1e3
+        R["step_linear_ms_M1"] = step
+    save()
+
+
+def fmt_row(r: dict) -> str:
+    def f(k):
+        return f"{r[k + '_us']:8.1f} us {r[k + '_GBs']:6.0f} GB/s" if k + "_us" in r else " " * 23
+    return (f"{r['linear']:9s} N={r['N']:6d} K={r['K']:6d} M={r['M']:2d} | bf16 {f('bf16')} | scaled_mm "
+            f"{f('scaled_mm')} | gemv {f('gemv')} | best {f('best')}")
+
+
+# ---------------------------------------------------------------------------------------------- engine
+def engine(a, R: dict, save) -> None:
+    import bench
+    import bench_tp_engine as E
+    from qwenvl.engine import SamplingParams
+    from qwenvl.parallel import RandomWeights
+
+    bench.DEV = a.device
+    cfg = qwenvl.preset(a.shape)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    model = RandomWeights(a.shape, dtype, seed=0)(0, 1, a.device)
+    small = dict(max_num_seqs=16, gpu_memory_utilization=0.45)
+    tuned = {tuple(k): v for k, v in R.get("tuned_table", [])}
+    variants = [("bf16", None, False, None), ("fp8_scaled_mm", "fp8", False, None), ("fp8_gemv", "fp8", True, None)]
+    heur = {k: G.pick_config(*k, G.num_sms(a.device)).as_dict() for k in tuned}
+    if tuned and any(tuned[k] != heur[k] for k in tuned):
+        variants.append(("fp8_gemv_tuned", "fp8", True, tuned))
+    E_args = argparse.Namespace(device=a.device)
+    h, w = (int(v) for v in a.image.split("x")[::-1])
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for name, quant, gemv, table in variants:
+        old = G.set_enabled(gemv)
+        G.set_tuned(table)
+        try:
+            llm, t = E.make_llm(E_args, model, 1, quantization=quant, **small)
+            try:
+                # W1 as bench_tp_engine's: a warm-up request, then a new image (the ViT runs) alone
+                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=7)
+                bench.drive(llm, "w1-warm", E.prompt_of(ids, pix, grid), SamplingParams(max_tokens=4, **greedy))
+                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=8)
+                ttft, dec, toks = bench.drive(llm, "w1", E.prompt_of(ids, pix, grid),
+                                              SamplingParams(max_tokens=a.w1_tokens, **greedy))
+                r = {"decode_tok_s": (len(toks) - 1) / dec, "ttft_ms": ttft * 1e3, "tokens": len(toks),
+                     "prompt_tokens": ids.shape[1], "init_s": t,
+                     "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"]}
+                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
+                out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
+                tokens[name] = out[0].token_ids
+            finally:
+                llm.shutdown()
+        finally:
+            G.set_enabled(**old)
+            G.set_tuned(None)
+        R.setdefault("engine", {})[name] = r
+        log(name, json.dumps(r))
+        save()
+        del llm
+        gc.collect()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    eng = R["engine"]
+    base = eng["bf16"]["decode_tok_s"]
+    R["w1_vs_bf16"] = {k: v["decode_tok_s"] / base for k, v in eng.items()}
+    R["first_divergence_vs_fp8_gemv"] = {k: first_divergence(tokens["fp8_gemv"], v) for k, v in tokens.items()}
+    save()
+
+
+def first_divergence(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------------------------------------- main
+def summary(R: dict) -> str:
+    rows = ["| linear | N | K | M | bf16 us (GB/s) | scaled_mm us (GB/s) | GEMV us (GB/s) | best GEMV us (GB/s) |",
+            "|---|---|---|---|---|---|---|---|"]
+
+    def c(r, k):
+        return f"{r[k + '_us']:.1f} ({r[k + '_GBs']:.0f})" if k + "_us" in r else ""
+    for r in R.get("micro", []):
+        rows.append(f"| {r['linear']} | {r['N']} | {r['K']} | {r['M']} | {c(r, 'bf16')} | {c(r, 'scaled_mm')} | "
+                    f"{c(r, 'gemv')} | {c(r, 'best')} |")
+    if "step_linear_ms_M1" in R:
+        rows.append(f"decode step, linears only, M=1 (ms): {json.dumps(R['step_linear_ms_M1'])}")
+    for k, v in R.get("engine", {}).items():
+        rows.append(f"W1 {k:15s} decode {v['decode_tok_s']:.1f} tok/s  TTFT {v['ttft_ms']:.0f} ms  "
+                    f"({R.get('w1_vs_bf16', {}).get(k, float('nan')):.2f}x bf16)")
+    if "first_divergence_vs_fp8_gemv" in R:
+        rows.append(f"greedy tokens, first divergence vs fp8_gemv: {R['first_divergence_vs_fp8_gemv']}")
+    rows += [f"check {k}: {'PASS' if v else 'FAIL'}" for k, v in R.get("checks", {}).items()]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--sections", default="micro,engine")
+    ap.add_argument("--ms", default="1,2,4,8,16", help="batch rows timed per linear")
+    ap.add_argument("--sweep-ms", default="1,4,16", help="rows at which GEMV configs are swept")
+    ap.add_argument("--reps", type=int, default=10, help="rounds over the weight copies per timed replay")
+    ap.add_argument("--trials", type=int, default=7)
+    ap.add_argument("--w1-tokens", type=int, default=256)
+    ap.add_argument("--eq-tokens", type=int, default=32, help="greedy tokens compared across the variants")
+    ap.add_argument("--image", default="1280x720", help="W1's image, WxH pixels")
+    a = ap.parse_args(argv)
+    if a.device == "cpu":
+        a.reps, a.trials = 1, 1
+    os.makedirs(a.out, exist_ok=True)
+    R: dict = {"shape": a.shape, "torch": torch.__version__, "triton": getattr(G.triton, "__version__", None),
+               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+               "interpreter": G.interpreting(), "gemv_settings": G.settings(), "complete": False}
+    path = os.path.join(a.out, "fp8_gemv.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(R, f, indent=2, default=str)
+
+    code = 0
+    for name in a.sections.split(","):
+        t0 = time.time()
+        try:
+            {"micro": micro, "engine": engine}[name](a, R, save)
+        except Exception as e:  # keep what the other section measured
+            R[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+            code = 1
+        log(f"--- {name} done in {time.time() - t0:.0f}s")
+    micro_rows = R.get("micro", [])
+    R["checks"] = {"gemv_outputs_within_bf16_bound": all(r.get("gemv_correct", True) and
+                                                         r.get("sweep_all_correct", True) for r in micro_rows)}
+    if a.device == "cuda":
+        R["checks"]["gemv_in_use"] = bool(R.get("gemv_available"))
+    ratio = R.get("w1_vs_bf16", {})
+    if ratio:
+        R["issue7_target"] = {"target": TARGET, "fp8_gemv": ratio.get("fp8_gemv"),
+                              "best": max(v for k, v in ratio.items() if k.startswith("fp8_gemv")),
+                              "met": max(v for k, v in ratio.items() if k.startswith("fp8_gemv")) >= TARGET}
+    R["complete"] = True
+    save()
+    log(summary(R))
+    if "issue7_target" in R:
+        log(f"issue 7 target (FP8 W1 >= {TARGET}x bf16): {json.dumps(R['issue7_target'])}")
+    return code if all(R["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
