@@ -211,7 +211,7 @@ def micro(a, R: dict, save) -> None:
             log(fmt_row(row))
             R["micro"] = rows
             save()
-        del w16, qs
+        w16 = qs = xs = None  # free the copies before the next shape
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()

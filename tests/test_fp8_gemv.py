@@ -259,7 +259,7 @@ def test_gpu_fp8linear_dispatch(monkeypatch):
             x = torch.randn(M, 3584, device="cuda", dtype=torch.bfloat16)
             y = m(x)
             ref = G.reference(x, m.weight, m.weight_scale, m.bias)
-            assert (y.double() - ref).norm() / ref.norm() < 0.05  # (> 16 rows: the activation-quantised path)
+            assert (y.double() - ref).norm() / ref.norm() < 0.08  # (> 16 rows: the activation-quantised path)
         assert [s[0] for s in calls] == [1, 16]
         old = G.set_enabled(False)
         try:
