@@ -63,7 +63,8 @@ def test_dpo_loss_and_gradients_match_the_formula(pairs):
     batch = collate([s for pair in pairs for s in pair])  # [c1, r1, c2, r2, ...]
 
     loss_sum, n, metrics = dpo_loss_sum(policy, batch, lambda b: sequence_logps(ref_model, b), beta, eps)
-    assert n == 4 and batch["pixel_values"].shape[0] == 2 * pairs[-1][0].pixel_values.shape[0]
+    # the image pair's chosen and rejected each carry the image (uint8 frames, made into pixel values in the loss)
+    assert n == 4 and batch["frames"].numel() == 2 * pairs[-1][0].images[0].frames.numel()
     (loss_sum / n).backward()
     ours = {k: p.grad.clone() for k, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad()

@@ -109,20 +109,25 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
     g = torch.Generator().manual_seed(0)
     for i, (w, h) in enumerate([(84, 56), (56, 112), (112, 84)]):
         Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    for i in range(3):
+        Image.fromarray(torch.randint(0, 256, (56, 84, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / f"v{i}.png")
     (tmp_path / "bad.png").write_bytes(open(tmp_path / "0.png", "rb").read()[:60])  # header fine, pixels cut
     recs = [{"images": [f"{i % 3}.png"], "messages": [{"role": "user", "content": "<image>" + "q" * (i % 5)},
                                                     {"role": "assistant", "content": f"a{i}"}]} for i in range(30)]
     recs[7] = {"images": ["missing.png"], "messages": recs[7]["messages"]}
     recs[11] = {"images": ["bad.png"], "messages": recs[11]["messages"]}
+    for i in (4, 17):  # and videos (frame lists, 3 frames: padded to 4)
+        recs[i] = {"video": ["v0.png", "v1.png", "v2.png"], "messages": [{"role": "user", "content": "<video>?"},
+                                                                      {"role": "assistant", "content": f"v{i}"}]}
     lines = [json.dumps(r) for r in recs]
     lines[3] = "{not json"
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    enc = ChatEncoder(max_pixels=32 * 28 * 28)
+    enc = ChatEncoder(max_pixels=32 * 28 * 28, video_min_pixels=3136, video_max_pixels=64 * 28 * 28)
 
-    def run(workers, steps=7, state=None, pixel_dtype=None):
+    def run(workers, steps=7, state=None):
         ld = PackedLoader(JsonlStream([str(path)]), enc, capacity=200, accum=2, chunk_size=16, workers=workers,
-                          stats=qwenvl.train.data.SkipStats(max_bad_fraction=1.0), pixel_dtype=pixel_dtype)
+                          stats=qwenvl.train.data.SkipStats(max_bad_fraction=1.0))
         if state:
             ld.load_state_dict(state)
         rows = [ld.next_step() for _ in range(steps)]
@@ -141,13 +146,72 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
     first3, state = run(2, 3)
     resumed, _ = run(2, 4, state)
     assert first3 + resumed == plain
-    # bf16 pixels (what bf16 compute rounds them to), also through the pipe when /dev/shm is small
+    # rows carry uint8 frames (images and videos), no float pixels
+    rows = [r for step in plain for r in step if r is not None]
+    assert any("image_grid_thw" in r for r in rows) and any("video_grid_thw" in r for r in rows)
+    assert all("pixel_values" not in r and "pixel_values_videos" not in r for r in rows)
+    # rows through the pipe when /dev/shm is small: the same batches (uint8 frames, pickled as numpy)
     monkeypatch.setattr("qwenvl.train.packing.os.statvfs", lambda p: (_ for _ in ()).throw(OSError()))
-    half, _ = run(2, 3, pixel_dtype=torch.bfloat16)
-    assert half == run(0, 3, pixel_dtype=torch.bfloat16)[0]
-    rows = [r for step in half for r in step if r is not None and "pixel_values" in r]
-    assert rows and all(r["pixel_values"] == torch.tensor(p["pixel_values"]).to(torch.bfloat16).tolist()
-                        for r, p in zip(rows, [r for step in plain[:3] for r in step if r is not None and "pixel_values" in r]))
+    assert run(2, 3)[0] == plain[:3]
+
+
+def _row_with_images_and_videos(tmp_path):
+    """A packed row (list of Samples) of images of three sizes and two frame-list videos (odd and even counts)."""
+    g = torch.Generator().manual_seed(1)
+    for name, (w, h) in [("0", (84, 56)), ("1", (56, 112)), ("2", (140, 84)), ("v0", (84, 112)), ("v1", (84, 112)),
+                         ("v2", (84, 112))]:
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / f"{name}.png")
+    recs = [
+        {"images": ["0.png", "1.png"], "messages": [{"role": "user", "content": "<image><image>Same?"},
+                                                    {"role": "assistant", "content": "No."}]},
+        {"video": ["v0.png", "v1.png", "v2.png"], "messages": [{"role": "user", "content": "<video>What moves?"},
+                                                            {"role": "assistant", "content": "Noise."}]},
+        {"messages": [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."}]},
+        {"images": ["2.png"], "video": ["v2.png", "v0.png"],
+         "messages": [{"role": "user", "content": "<image><video>Both?"}, {"role": "assistant", "content": "Yes."}]},
+    ]
+    enc = ChatEncoder(max_pixels=32 * 28 * 28, video_min_pixels=3136, video_max_pixels=48 * 28 * 28)
+    return [enc.encode(r, str(tmp_path)) for r in recs]
+
+
+def test_uint8_frames_give_the_float_path_bit_for_bit(tmp_path):
+    """A row carries uint8 frames; its pixel values made from them (device_pixels) equal the slow processor's
+    (patchify(normalize())) bit for bit, and the loss and every gradient equal the float path's exactly."""
+    from qwenvl import preprocess
+    from qwenvl.train.packing import device_pixels, pixel_bytes
+
+    samples = _row_with_images_and_videos(tmp_path)
+    batch = collate(samples)
+    assert "pixel_values" not in batch and batch["frames"].dtype == torch.uint8
+    assert batch["frames_hwc"] == [True, True, True, False, False]  # PIL images as they are; videos T x 3 x H x W
+    ref = {}
+    for key, kind in (("pixel_values", "images"), ("pixel_values_videos", "videos")):
+        ref[key] = torch.cat([preprocess.patchify(preprocess.normalize(v.frames))[0]
+                              for s in samples for v in getattr(s, kind)])
+    n_patches = sum(x.shape[0] for x in ref.values())
+    # bytes: an image patch is one frame's 588 (1/8 of its float32 values' bytes), a video patch two frames' 1176 (1/4)
+    assert pixel_bytes(batch) == ref["pixel_values"].numel() // 2 + ref["pixel_values_videos"].numel()
+    assert n_patches == sum(t * h * w for t, h, w in batch["image_grid_thw"].tolist() + batch["video_grid_thw"].tolist())
+    made = device_pixels(batch, "cpu")
+    assert "frames" not in made and "frames_hwc" not in made
+    for key in ref:
+        assert made[key].dtype == torch.float32 and torch.equal(made[key], ref[key]), key
+    assert torch.equal(samples[0].pixel_values, ref["pixel_values"][:samples[0].pixel_values.shape[0]])
+    half = device_pixels(batch, "cpu", torch.bfloat16)
+    assert all(torch.equal(half[k], ref[k].to(torch.bfloat16)) for k in ref)
+    assert device_pixels(made, "cpu") is made  # nothing left to make
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+    floats = {k: v for k, v in batch.items() if k not in ("frames", "frames_hwc")} | ref
+    grads = []
+    for b in (batch, floats):
+        loss, n = sft_loss_sum(model, b)
+        (loss / n).backward()
+        grads.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters()}))
+        model.zero_grad()
+    (l8, n8, g8), (lf, nf, gf) = grads
+    assert n8 == nf and torch.equal(l8, lf)
+    assert all(torch.equal(g8[k], gf[k]) for k in gf) and g8["visual.patch_embed.proj.weight"].abs().sum() > 0
 
 
 @pytest.fixture(scope="module")

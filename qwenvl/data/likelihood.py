@@ -14,10 +14,10 @@ import torch
 @torch.no_grad()
 def answer_logprob(model, encoder, record: dict, base_dir: str | None = None) -> dict:
     """{"logp_mean", "logp_sum", "n_tokens"} of the record's assistant tokens under `model`."""
-    from ..train.packing import collate
+    from ..train.packing import collate, device_pixels
 
-    batch = collate([encoder.encode(record, base_dir)])
     dev = model.device
+    batch = device_pixels(collate([encoder.encode(record, base_dir)]), dev)
     kw = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()
           if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
     h = model.hidden_states(batch["input_ids"].to(dev), **kw)[0]

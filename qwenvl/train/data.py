@@ -1,4 +1,4 @@
-"""Training data: JSONL records -> token-level samples (input_ids, labels, vision tensors), read as a stream.
+"""Training data: JSONL records -> token-level samples (input_ids, labels, uint8 vision frames), read as a stream.
 
 Record formats (one JSON object per line):
 
@@ -69,19 +69,32 @@ class BadSample(QwenVLError):
 # ------------------------------------------------------------------------------------------------ samples
 @dataclass
 class Sample:
-    """One sequence. labels are aligned with input_ids (not shifted); the loss shifts inside each sample."""
+    """One sequence. labels are aligned with input_ids (not shifted); the loss shifts inside each sample.
+
+    Images and videos are kept as the processor's resized uint8 frames (`preprocess.VisionInput`, an eighth of the
+    float32 bytes): packed rows carry them to the training process, which makes the pixel values on its device
+    (packing.device_pixels). `pixel_values` / `pixel_values_videos` give the host float32 values on demand."""
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None = None  # [n_patches, 1176]
+    images: list[preprocess.VisionInput] = field(default_factory=list)
     image_grid_thw: list[list[int]] = field(default_factory=list)
-    pixel_values_videos: torch.Tensor | None = None
+    videos: list[preprocess.VisionInput] = field(default_factory=list)
     video_grid_thw: list[list[int]] = field(default_factory=list)
     second_per_grid_ts: list[float] = field(default_factory=list)
     ref_logp: float | None = None  # DPO: precomputed reference log-prob of the response
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """float32 [image patches, 1176] on the host (the processor's values), None without images."""
+        return torch.cat([v.pixel_values for v in self.images]) if self.images else None
+
+    @property
+    def pixel_values_videos(self) -> torch.Tensor | None:
+        return torch.cat([v.pixel_values for v in self.videos]) if self.videos else None
 
     @property
     def n_labels(self) -> int:
@@ -381,11 +394,12 @@ class ChatEncoder:
         grid = image_grid(h, w, item, self.min_pixels, self.max_pixels)
         n = grid[0] * grid[1] * grid[2] // 4
         self._check_limit(sample, n)
-        if pixels:
-            pix, g = preprocess.process_image(item, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-            if g.tolist() != grid:  # the header-only size must predict the real one exactly (packing relies on it)
-                raise BadSample("size mismatch", f"{item['image']}: header grid {grid} != decoded grid {g.tolist()}")
-            sample.pixel_values = pix if sample.pixel_values is None else torch.cat([sample.pixel_values, pix])
+        if pixels:  # the resized uint8 image; its pixel values are made where they are used
+            image = preprocess.prepare_image(item, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            g = image.grid_thw.tolist()
+            if g != grid:  # the header-only size must predict the real one exactly (packing relies on it)
+                raise BadSample("size mismatch", f"{item['image']}: header grid {grid} != decoded grid {g}")
+            sample.images.append(image)
         sample.image_grid_thw.append(grid)
         return "image", n, (h, w), (grid[1] * 14, grid[2] * 14)
 
@@ -400,11 +414,11 @@ class ChatEncoder:
         self._check_limit(sample, n)
         spg = None
         if pixels:
-            pix, g, spg = preprocess.process_video(item, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-            if g.tolist() != grid:
-                raise BadSample("size mismatch", f"video header grid {grid} != decoded grid {g.tolist()}")
-            sample.pixel_values_videos = pix if sample.pixel_values_videos is None else \
-                torch.cat([sample.pixel_values_videos, pix])
+            video = preprocess.prepare_video(item, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+            if video.grid_thw.tolist() != grid:
+                raise BadSample("size mismatch", f"video header grid {grid} != decoded grid {video.grid_thw.tolist()}")
+            spg = video.second_per_grid
+            sample.videos.append(video)
         sample.video_grid_thw.append(grid)
         sample.second_per_grid_ts.append(float(spg) if spg is not None else 1.0)
         return "video", n, (0, 0), (grid[1] * 14, grid[2] * 14)

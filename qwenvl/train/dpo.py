@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import target_nll
+from .packing import device_pixels
 
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
@@ -42,6 +43,7 @@ def dpo_loss_sum(model, batch: dict, reference=None, beta: float = 0.1, label_sm
     reference: a callable batch -> per-sample logps (no grad), used when the batch has no "ref_logps".
     """
     n = batch.get("n_samples", len(batch["seq_lens"]))  # samples after n are padding (trainer's vision dummies)
+    batch = device_pixels(batch, model.lm_head.weight.device)  # once for the policy and the reference model
     logps = sequence_logps(model, batch)[:n]
     if "ref_logps" in batch:
         ref = batch["ref_logps"].to(logps.device, torch.float32)

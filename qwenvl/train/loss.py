@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..layers import to_device
 from .data import IGNORE
+from .packing import device_pixels
 
 
 class _LinearNLL(torch.autograd.Function):
@@ -58,7 +59,7 @@ def linear_nll(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tenso
 
 
 def model_inputs(batch: dict) -> dict:
-    """The model keyword arguments of a collated batch (packing.collate), on the model's device."""
+    """The model keyword arguments of a batch (packing.collate) whose pixel values are made (packing.device_pixels)."""
     keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     return {k: batch[k] for k in keys if k in batch}
 
@@ -69,6 +70,7 @@ def target_nll(model, batch: dict, device=None, samples: bool = True) -> tuple[t
     Which tokens have a target is worked out on the host (the batch's targets are host tensors): no boolean indexing
     on the device, whose output size would make the host wait for the GPU in every row."""
     device = device or model.lm_head.weight.device
+    batch = device_pixels(batch, device)  # a row with uint8 frames (the trainer makes its pixel values beforehand)
     ids = to_device(batch["input_ids"], device)
     kw = model_inputs(batch)  # grids and second_per_grid_ts stay on the host: the model reads them as lists
     for k in ("pixel_values", "pixel_values_videos"):

@@ -11,7 +11,8 @@ every GPU does about the same work. Here:
   3. `PackedLoader`: reads a chunk of records, measures them (no pixels), packs, plans, and materializes only this
      rank's bins. Its state (chunk start position + steps taken in the chunk) gives exact resume.
      With `workers > 0` a process pool measures the chunk's records and materializes the bins of the next steps
-     ahead of the trainer (the same rows in the same order as without workers).
+     ahead of the trainer (the same rows in the same order as without workers). A row carries its images and videos
+     as uint8 frames (collate); the trainer makes the pixel values on its device (device_pixels).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .. import preprocess
+from ..layers import to_device
 from .data import IGNORE, BadSample, DataError, JsonlStream, Position, Sample, SkipStats, shuffled
 
 
@@ -137,7 +140,10 @@ def plan_steps(bin_costs: list[float], world: int, accum: int) -> list[list[list
 # ------------------------------------------------------------------------------------------------ collation
 def collate(samples: list[Sample]) -> dict[str, Any]:
     """Samples -> one packed row: input_ids/targets [1, T] (targets shifted inside each sample, -100 at its end),
-    seq_lens, and the vision tensors concatenated in sample order (the order the model consumes grids in)."""
+    seq_lens, the grids (and second_per_grid_ts) in sample order (the order the model consumes them in), and the
+    images' and videos' uint8 frames in one buffer: "frames" (uint8 [bytes]: every image, then every video, each
+    in its own memory order) and "frames_hwc" (per item: True for T x H x W x 3 bytes, False for T x 3 x H x W).
+    `device_pixels` turns them into pixel_values / pixel_values_videos on the training device."""
     ids, targets = [], []
     for s in samples:
         ids += s.input_ids
@@ -145,21 +151,77 @@ def collate(samples: list[Sample]) -> dict[str, Any]:
     batch: dict[str, Any] = {"input_ids": torch.tensor([ids], dtype=torch.long),
                              "targets": torch.tensor([targets], dtype=torch.long),
                              "seq_lens": [len(s) for s in samples]}
-    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
-    vid = [s.pixel_values_videos for s in samples if s.pixel_values_videos is not None]
     grids = [g for s in samples for g in s.image_grid_thw]
     vgrids = [g for s in samples for g in s.video_grid_thw]
     if grids:
-        batch["pixel_values"] = torch.cat(pix)
         batch["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
     if vgrids:
-        batch["pixel_values_videos"] = torch.cat(vid)
         batch["video_grid_thw"] = torch.tensor(vgrids, dtype=torch.long)
         batch["second_per_grid_ts"] = torch.tensor([x for s in samples for x in s.second_per_grid_ts])
+    items = [v for s in samples for v in s.images] + [v for s in samples for v in s.videos]
+    if len(items) != len(grids) + len(vgrids):
+        raise ValueError(f"{len(items)} vision items for {len(grids) + len(vgrids)} grids (samples made without pixels?)")
+    if items:
+        dense = [preprocess.dense_frames(v.frames) for v in items]  # no transposing copy for either layout
+        frames = torch.empty(sum(d.numel() for d, _ in dense), dtype=torch.uint8)
+        off = 0
+        for d, _ in dense:
+            frames[off:off + d.numel()] = d.reshape(-1)
+            off += d.numel()
+        batch["frames"], batch["frames_hwc"] = frames, [hwc for _, hwc in dense]
     refs = [s.ref_logp for s in samples]
     if all(r is not None for r in refs):
         batch["ref_logps"] = torch.tensor(refs, dtype=torch.float64)
     return batch
+
+
+def pixel_bytes(batch: dict | None) -> int:
+    """Bytes of a row's vision input as it travels: its uint8 frames (or float pixel values, if it has those)."""
+    if not batch:
+        return 0
+    if "frames" in batch:
+        return int(batch["frames"].numel())
+    return sum(int(batch[k].numel() * batch[k].element_size()) for k in ("pixel_values", "pixel_values_videos")
+               if k in batch)
+
+
+def device_pixels(batch: dict, device, dtype: torch.dtype | None = None) -> dict:
+    """The row with its uint8 "frames" replaced by pixel_values / pixel_values_videos made on `device`.
+
+    The frames go to the device in one copy (pinned, non-blocking: layers.to_device) and each item is normalised
+    and patchified there by `preprocess.pixel_values_from_frames`, bit for bit the processor's float32 values;
+    `dtype` (e.g. bf16, what bf16 compute rounds the patch embedding's input to anyway) is the values' dtype.
+    A row without frames (text only, float pixel values, the trainer's vision dummies) comes back as it is; a
+    modality whose pixel values are already there (a dummy) is left alone."""
+    if "frames" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k not in ("frames", "frames_hwc")}
+    frames = to_device(batch["frames"], device)
+    layout = list(batch["frames_hwc"])
+    off = item_no = 0
+    for key, grid_key, frames_per_t in (("pixel_values", "image_grid_thw", 1),
+                                        ("pixel_values_videos", "video_grid_thw", preprocess.TEMPORAL_PATCH_SIZE)):
+        if grid_key not in batch or key in batch:
+            continue
+        grids = batch[grid_key].tolist()
+        n_rows = sum(t * h * w for t, h, w in grids)
+        values = torch.empty(n_rows, 3 * preprocess.TEMPORAL_PATCH_SIZE * preprocess.PATCH_SIZE ** 2,
+                             dtype=dtype or torch.float32, device=frames.device)
+        row = 0
+        for t, h, w in grids:
+            T, H, W = t * frames_per_t, h * preprocess.PATCH_SIZE, w * preprocess.PATCH_SIZE
+            n = T * 3 * H * W
+            if item_no >= len(layout) or off + n > frames.numel():
+                break  # reported below
+            item = frames[off:off + n]
+            item = item.view(T, H, W, 3).permute(0, 3, 1, 2) if layout[item_no] else item.view(T, 3, H, W)
+            values[row:row + t * h * w] = preprocess.pixel_values_from_frames(item)  # cast to dtype in the copy
+            off, row, item_no = off + n, row + t * h * w, item_no + 1
+        out[key] = values
+    if off != frames.numel() or item_no != len(layout):
+        raise ValueError(f"the row's frames ({frames.numel()} bytes, {len(batch['frames_hwc'])} items) do not match "
+                         "its grids")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -176,7 +238,7 @@ class PackedLoader:
     def __init__(self, stream: JsonlStream, encoder, *, capacity: int = 8192, world: int = 1, rank: int = 0,
                  accum: int = 1, seed: int = 0, chunk_size: int = 1024, shuffle: bool = True,
                  stats: SkipStats | None = None, attn_weight: float = 0.0, pairs: bool = False, workers: int = 0,
-                 prefetch: int | None = None, pixel_dtype: torch.dtype | None = None):
+                 prefetch: int | None = None):
         self.stream, self.encoder = stream, encoder
         self.capacity, self.world, self.rank, self.accum = capacity, world, rank, accum
         self.seed, self.chunk_size, self.shuffle = seed, chunk_size, shuffle
@@ -189,7 +251,6 @@ class PackedLoader:
         self._next_pos: Position | None = None
         self._replay = False  # re-reading a chunk after resume: its skips are already counted
         self.workers = workers
-        self.pixel_dtype = pixel_dtype  # e.g. bf16 when the patch embedding rounds its input to bf16 anyway
         self._pool = None
         self._ahead: collections.deque = collections.deque()  # (async results, state after the step), workers > 0
         self._consumed: dict | None = None  # the state after the last step handed out (workers > 0)
@@ -207,7 +268,7 @@ class PackedLoader:
         except OSError:
             shm_ok = False
         self._pool = multiprocessing.get_context("fork").Pool(
-            self.workers, initializer=_worker_init, initargs=(self.encoder, self.pairs, not shm_ok, self.pixel_dtype))
+            self.workers, initializer=_worker_init, initargs=(self.encoder, self.pairs, not shm_ok))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -288,7 +349,7 @@ class PackedLoader:
     def next_step(self) -> list[dict | None]:
         """This rank's micro-batches for the next optimizer step (always `accum` of them, None = nothing)."""
         if not self.workers:
-            out = [self._finish(*_encode_bin(self.encoder, self.pairs, items, self.pixel_dtype))
+            out = [self._finish(*_encode_bin(self.encoder, self.pairs, items))
                    for items in self._plan_step()]
             return out + [None] * (self.accum - len(out))
         if self._pool is None:
@@ -338,9 +399,8 @@ def _measure(encoder, pairs: bool, rec, base) -> tuple[int | None, Exception | N
         return None, e
 
 
-def _encode_bin(encoder, pairs: bool, items: list[tuple], pixel_dtype=None) -> tuple[dict | None, list]:
-    """One packed row from (where, record, base_dir, measured length) items: (batch or None, [(where, error)]);
-    pixel values in `pixel_dtype` when given."""
+def _encode_bin(encoder, pairs: bool, items: list[tuple]) -> tuple[dict | None, list]:
+    """One packed row from (where, record, base_dir, measured length) items: (batch or None, [(where, error)])."""
     samples, failures = [], []
     for where, rec, base, n in items:
         try:
@@ -353,20 +413,15 @@ def _encode_bin(encoder, pairs: bool, items: list[tuple], pixel_dtype=None) -> t
             failures.append((where, e))
             continue
         samples += got
-    batch = collate(samples) if samples else None
-    if batch is not None and pixel_dtype is not None:
-        for k in ("pixel_values", "pixel_values_videos"):
-            if k in batch:
-                batch[k] = batch[k].to(pixel_dtype)
-    return batch, failures
+    return (collate(samples) if samples else None), failures
 
 
 _WORKER: dict = {}
 
 
-def _worker_init(encoder, pairs: bool, pickle_tensors: bool, pixel_dtype) -> None:
+def _worker_init(encoder, pairs: bool, pickle_tensors: bool) -> None:
     torch.set_num_threads(1)  # one process per core; intra-op threads only contend
-    _WORKER.update(encoder=encoder, pairs=pairs, pickle_tensors=pickle_tensors, pixel_dtype=pixel_dtype)
+    _WORKER.update(encoder=encoder, pairs=pairs, pickle_tensors=pickle_tensors)
 
 
 def _portable(err: Exception | None) -> Exception | None:
@@ -384,7 +439,7 @@ def _worker_measure(item) -> tuple[int | None, Exception | None]:
 
 
 def _worker_encode(items: list[tuple]):
-    batch, failures = _encode_bin(_WORKER["encoder"], _WORKER["pairs"], items, _WORKER["pixel_dtype"])
+    batch, failures = _encode_bin(_WORKER["encoder"], _WORKER["pairs"], items)
     failures = [(w, _portable(e)) for w, e in failures]
     if batch is not None and _WORKER["pickle_tensors"]:  # numpy pickles through the pipe, no shared memory
         batch = {k: _to_np(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -35,7 +35,7 @@ from .data import IGNORE, ChatEncoder, JsonlStream, SkipStats
 from .dpo import dpo_loss_sum, sequence_logps
 from .lora import adapters_disabled, apply_lora, merge_lora_state_dict, part_of, save_adapter
 from .loss import sft_loss_sum
-from .packing import PackedLoader, attention_weight
+from .packing import PackedLoader, attention_weight, device_pixels
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -495,9 +495,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                           rank=dev.rank, accum=cfg.grad_accum, seed=cfg.seed, chunk_size=cfg.chunk_size,
                           shuffle=cfg.shuffle, stats=stats, pairs=pairs,
                           attn_weight=cfg.attn_weight if cfg.attn_weight is not None else attention_weight(model.config),
-                          workers=cfg.data_workers,
-                          # the patch embedding rounds pixels to bf16 under bf16 compute: send them so (same result)
-                          pixel_dtype=torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None)
+                          workers=cfg.data_workers)
     try:
         return _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs, clock, stop_after)
     finally:
@@ -520,6 +518,9 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
         if cfg.precision == "bf16" and dev.device.type == "cuda" and not dev.enabled else nullcontext()
+    # rows carry uint8 frames; their pixel values are made on the device, in bf16 under bf16 compute (the patch
+    # embedding rounds its input to bf16 anyway: the same result in half the memory)
+    pixel_dtype = torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     loss_value, steps_run, out_of_time = float("nan"), 0, False
     clock.start = time.perf_counter() - elapsed  # the budget counts training, not model loading
@@ -536,6 +537,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
             if dev.enabled:
                 module.set_requires_gradient_sync(i == len(micro) - 1)
             batch = b if b is not None else dummy_batch(pairs, module.model.config.bos_token_id)
+            batch = device_pixels(batch, dev.device, pixel_dtype)
             if pairs and cfg.dpo_reference == "model":  # never mix precomputed and model reference values
                 batch = {k: v for k, v in batch.items() if k != "ref_logps"}
             with autocast:
