@@ -150,7 +150,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     segment, and there is no Python loop over (possibly thousands of) windows.
     """
     global _flash_varlen
-    gqa = k.shape[1] != q.shape[1]
+    gqa = bool(k.shape[1] != q.shape[1])  # a plain bool under torch.compile too (SDPA's enable_gqa takes no SymBool)
     if torch.is_autocast_enabled(q.device.type):  # autocast does not reach the varlen op: cast as SDPA would
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
