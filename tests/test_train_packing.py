@@ -124,15 +124,17 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     enc = ChatEncoder(max_pixels=32 * 28 * 28, video_min_pixels=3136, video_max_pixels=64 * 28 * 28)
+    loaders = {}
 
-    def run(workers, steps=7, state=None):
+    def run(workers, steps=7, state=None, transport="auto"):
         ld = PackedLoader(JsonlStream([str(path)]), enc, capacity=200, accum=2, chunk_size=16, workers=workers,
-                          stats=qwenvl.train.data.SkipStats(max_bad_fraction=1.0))
+                          stats=qwenvl.train.data.SkipStats(max_bad_fraction=1.0), transport=transport)
         if state:
             ld.load_state_dict(state)
         rows = [ld.next_step() for _ in range(steps)]
         st = ld.state_dict()
         ld.close()
+        loaders[(workers, transport, steps)] = ld
         return [[None if r is None else {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
                  for r in step] for step in rows], st
 
@@ -150,9 +152,27 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
     rows = [r for step in plain for r in step if r is not None]
     assert any("image_grid_thw" in r for r in rows) and any("video_grid_thw" in r for r in rows)
     assert all("pixel_values" not in r and "pixel_values_videos" not in r for r in rows)
-    # rows through the pipe when /dev/shm is small: the same batches (uint8 frames, pickled as numpy)
-    monkeypatch.setattr("qwenvl.train.packing.os.statvfs", lambda p: (_ for _ in ()).throw(OSError()))
-    assert run(2, 3)[0] == plain[:3]
+    n_rows = len(rows)
+    assert loaders[(0, "auto", 7)].rows_via == {"main": n_rows}
+    auto = loaders[(2, "auto", 7)].rows_via  # shared memory where /dev/shm has room for the rows in flight
+    assert sum(auto.values()) == n_rows and set(auto) <= {"shm", "pipe"}
+    # rows pickled through the pipe (numpy) and rows forced into shared memory: the same batches
+    assert run(2, transport="pipe")[0] == plain and loaders[(2, "pipe", 7)].rows_via == {"pipe": n_rows}
+    assert run(2, transport="shm")[0] == plain and loaders[(2, "shm", 7)].rows_via == {"shm": n_rows}
+    frame_bytes = sum(len(r["frames"]) for r in rows if "frames" in r)
+    assert loaders[(2, "pipe", 7)].pixel_bytes == loaders[(0, "auto", 7)].pixel_bytes == frame_bytes > 0
+    summary = loaders[(2, "pipe", 7)].transport_summary()
+    assert summary["rows_via"] == {"pipe": n_rows} and summary["pixel_mb_per_row"] * 2**20 * n_rows == frame_bytes
+    # auto: too little room in /dev/shm for the rows in flight, or moving a row there fails -> the pipe
+    monkeypatch.setattr("qwenvl.train.packing._shm_free", lambda: 64 * 1024)
+    assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"pipe"}
+    monkeypatch.undo()
+
+    def no_room(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_0>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"pipe"}
 
 
 def _row_with_images_and_videos(tmp_path):

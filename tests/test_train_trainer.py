@@ -83,7 +83,11 @@ def test_loss_falls_and_the_export_loads_in_transformers(data, tmp_path):
     assert len(curve) == 16 and curve[0] > 10.0  # ln(151936) = 11.9 at random init
     assert curve[-1] < 4.0, curve
     log = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
-    assert {"loss", "lr", "tokens_per_s", "memory_gb", "grad_norm"} <= set(log)
+    assert {"loss", "lr", "tokens_per_s", "memory_gb", "grad_norm", "rows_via", "pixel_mb"} <= set(log)
+    # no data workers: rows built in the training process; the image's uint8 frames (56 x 84 x 3) counted
+    assert set(summary["data_transport"]["rows_via"]) == {"main"}
+    assert summary["data_transport"]["rows_via"]["main"] == sum(v["main"] for v in logged(cfg.output_dir, "rows_via"))
+    assert sum(logged(cfg.output_dir, "pixel_mb")) * 2**20 % (56 * 84 * 3) == 0 < sum(logged(cfg.output_dir, "pixel_mb"))
 
     final = summary["final"]
     assert json.load(open(os.path.join(final, "preprocessor_config.json")))["max_pixels"] == cfg.max_pixels
@@ -177,6 +181,9 @@ def test_time_budget_stops_saves_and_exports_with_a_time_cosine(data, tmp_path):
     assert logged(cfg.output_dir, "elapsed_s")[-1] >= 4.0
     state = json.load(open(tmp_path / "run" / "checkpoints" / f"step_{summary['step']:08d}" / "state.json"))
     assert state["elapsed"] >= 4.0  # a resume continues the budget
+    # rows came from the data workers, through shared memory or the pipe, and the log says which
+    via = summary["data_transport"]["rows_via"]
+    assert set(via) <= {"shm", "pipe"} and sum(via.values()) == sum(sum(v.values()) for v in logged(cfg.output_dir, "rows_via"))
 
 
 def test_nano_preset_trains_with_its_pruned_tokenizer_and_exports_it(data, tmp_path):

@@ -238,7 +238,7 @@ class PackedLoader:
     def __init__(self, stream: JsonlStream, encoder, *, capacity: int = 8192, world: int = 1, rank: int = 0,
                  accum: int = 1, seed: int = 0, chunk_size: int = 1024, shuffle: bool = True,
                  stats: SkipStats | None = None, attn_weight: float = 0.0, pairs: bool = False, workers: int = 0,
-                 prefetch: int | None = None):
+                 prefetch: int | None = None, transport: str = "auto"):
         self.stream, self.encoder = stream, encoder
         self.capacity, self.world, self.rank, self.accum = capacity, world, rank, accum
         self.seed, self.chunk_size, self.shuffle = seed, chunk_size, shuffle
@@ -251,24 +251,37 @@ class PackedLoader:
         self._next_pos: Position | None = None
         self._replay = False  # re-reading a chunk after resume: its skips are already counted
         self.workers = workers
+        if transport not in ("auto", "shm", "pipe"):
+            raise ValueError(f"transport must be auto, shm or pipe, got {transport!r}")
+        self.transport = transport  # how workers send rows back (see _start_pool)
         self._pool = None
         self._ahead: collections.deque = collections.deque()  # (async results, state after the step), workers > 0
         self._consumed: dict | None = None  # the state after the last step handed out (workers > 0)
         self.prefetch = prefetch or max(1, -(-2 * workers // accum))  # steps in flight
+        # rows by the way they reached this process ("main": built here, workers=0), and their vision bytes
+        self.rows_via: collections.Counter = collections.Counter()
+        self.pixel_bytes = 0
+        self.last_step: dict = {}  # the last step's {"via": {path: rows}, "pixel_bytes": ...}
+        self.shm_free_start: int | None = None  # /dev/shm bytes free when the pool started
+
+    def rows_in_flight(self) -> int:
+        """Rows that can hold shared memory at once: the prefetched steps (built or being built), the step the
+        trainer still holds and the one it is being handed."""
+        return (self.prefetch + 2) * self.accum
 
     def _start_pool(self):
-        """A fork pool (workers inherit the encoder; no CUDA in them). Tensors come back through shared memory,
-        or pickled through the pipe when /dev/shm has less than 4 GiB free."""
+        """A fork pool (workers inherit the encoder; no CUDA in them). Each row comes back through shared memory
+        (its tensors moved to /dev/shm; this process maps them: no copy) or pickled through the pipe (this process
+        reads and unpickles every byte). transport="auto" (default): shared memory while /dev/shm has room for
+        SHM_MARGIN x rows_in_flight() rows of this row's size, and whenever moving the row there fails; else the pipe.
+        "shm" / "pipe" force one way."""
         import multiprocessing
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        try:
-            st = os.statvfs("/dev/shm")
-            shm_ok = st.f_bavail * st.f_frsize >= 4 * 2**30
-        except OSError:
-            shm_ok = False
+        self.shm_free_start = _shm_free()
         self._pool = multiprocessing.get_context("fork").Pool(
-            self.workers, initializer=_worker_init, initargs=(self.encoder, self.pairs, not shm_ok))
+            self.workers, initializer=_worker_init,
+            initargs=(self.encoder, self.pairs, self.transport, SHM_MARGIN * self.rows_in_flight()))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -349,9 +362,8 @@ class PackedLoader:
     def next_step(self) -> list[dict | None]:
         """This rank's micro-batches for the next optimizer step (always `accum` of them, None = nothing)."""
         if not self.workers:
-            out = [self._finish(*_encode_bin(self.encoder, self.pairs, items))
-                   for items in self._plan_step()]
-            return out + [None] * (self.accum - len(out))
+            return self._step_done([(*_encode_bin(self.encoder, self.pairs, items), "main")
+                                    for items in self._plan_step()])
         if self._pool is None:
             self._start_pool()
         while len(self._ahead) < self.prefetch:
@@ -359,8 +371,23 @@ class PackedLoader:
             self._ahead.append(([self._pool.apply_async(_worker_encode, (items,)) for items in bins],
                                 self._position()))
         results, self._consumed = self._ahead.popleft()
-        out = [self._finish(*_unpack(r.get())) for r in results]
+        return self._step_done([_unpack(r.get()) for r in results])
+
+    def _step_done(self, rows: list[tuple]) -> list[dict | None]:
+        """(batch or None, failures, how it came) per row -> the step's micro-batches; counts skips and transport."""
+        out = [self._finish(batch, failures) for batch, failures, _ in rows]
+        self.last_step = {"via": dict(collections.Counter(via for b, _, via in rows if b is not None)),
+                          "pixel_bytes": sum(pixel_bytes(b) for b in out)}
+        self.rows_via.update(self.last_step["via"])
+        self.pixel_bytes += self.last_step["pixel_bytes"]
         return out + [None] * (self.accum - len(out))
+
+    def transport_summary(self) -> dict:
+        """How rows reached this process so far: rows by path (shm, pipe; main = built here without workers),
+        mean vision MB per row, /dev/shm free when the pool started."""
+        rows = sum(self.rows_via.values())
+        return {"rows_via": dict(self.rows_via), "pixel_mb_per_row": self.pixel_bytes / max(rows, 1) / 2**20,
+                "dev_shm_free_mb": None if self.shm_free_start is None else self.shm_free_start / 2**20}
 
     def _plan_step(self) -> list[list[tuple]]:
         """Advance the plan by one step: this rank's bins, each a list of (where, record, base_dir, length)."""
@@ -417,11 +444,20 @@ def _encode_bin(encoder, pairs: bool, items: list[tuple]) -> tuple[dict | None, 
 
 
 _WORKER: dict = {}
+SHM_MARGIN = 2  # /dev/shm must have room for this many times the rows that can be in flight (auto transport)
 
 
-def _worker_init(encoder, pairs: bool, pickle_tensors: bool) -> None:
+def _shm_free() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+
+
+def _worker_init(encoder, pairs: bool, transport: str, shm_rows: int) -> None:
     torch.set_num_threads(1)  # one process per core; intra-op threads only contend
-    _WORKER.update(encoder=encoder, pairs=pairs, pickle_tensors=pickle_tensors)
+    _WORKER.update(encoder=encoder, pairs=pairs, transport=transport, shm_rows=shm_rows)
 
 
 def _portable(err: Exception | None) -> Exception | None:
@@ -439,11 +475,36 @@ def _worker_measure(item) -> tuple[int | None, Exception | None]:
 
 
 def _worker_encode(items: list[tuple]):
+    """(batch, failures, "shm" | "pipe" | None): the row's tensors in shared memory, or as numpy for the pipe."""
     batch, failures = _encode_bin(_WORKER["encoder"], _WORKER["pairs"], items)
     failures = [(w, _portable(e)) for w, e in failures]
-    if batch is not None and _WORKER["pickle_tensors"]:  # numpy pickles through the pipe, no shared memory
-        batch = {k: _to_np(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch, failures
+    if batch is None:
+        return batch, failures, None
+    if _to_shm(batch):
+        return batch, failures, "shm"
+    return {k: _to_np(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, failures, "pipe"
+
+
+def _to_shm(batch: dict) -> bool:
+    """Move the row's tensors to shared memory when the transport allows it and /dev/shm has room (auto: free >=
+    shm_rows x the row's bytes); False: send it through the pipe. Should /dev/shm fill up anyway (other rows, other
+    processes), torch fails to reserve the pages of the row's shm file ("No space left on device", checked on torch
+    2.13 with a 4 MB tmpfs) and the row goes by the pipe; "shm" then raises."""
+    mode = _WORKER["transport"]
+    if mode == "pipe":
+        return False
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    if mode == "auto" and (_shm_free() or 0) < _WORKER["shm_rows"] * nbytes:
+        return False
+    try:
+        for t in tensors:
+            t.share_memory_()
+    except RuntimeError:
+        if mode == "shm":
+            raise
+        return False
+    return True
 
 
 def _to_np(t: torch.Tensor) -> tuple:
@@ -456,9 +517,9 @@ def _from_np(v) -> torch.Tensor:
     return t.view(torch.bfloat16) if v[2] else t
 
 
-def _unpack(result) -> tuple[dict | None, list]:
-    batch, failures = result
+def _unpack(result) -> tuple[dict | None, list, str | None]:
+    batch, failures, via = result
     if batch is not None:
         batch = {k: _from_np(v) if isinstance(v, tuple) and len(v) == 3 and v[0] == "np" else v
                  for k, v in batch.items()}
-    return batch, failures
+    return batch, failures, via

@@ -573,7 +573,10 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
             entry = {"step": step, "loss": loss_value, "lr": {g["name"]: g["lr"] for g in opt.param_groups},
                      "grad_norm": grad_norm, "tokens": int(total_tokens), "targets": int(total_n),
                      "tokens_per_s": total_tokens / dt, "step_s": dt, "data_s": t_data, "memory_gb": _memory_gb(dev.device),
-                     "epoch": loader.epoch, "skipped": stats.skipped, "elapsed_s": elapsed}
+                     "epoch": loader.epoch, "skipped": stats.skipped, "elapsed_s": elapsed,
+                     # this rank's rows: how they reached the trainer (shm / pipe / main) and their uint8 frame bytes
+                     "rows_via": loader.last_step.get("via", {}),
+                     "pixel_mb": loader.last_step.get("pixel_bytes", 0) / 2**20}
             entry.update({k: v / max(total_n, 1.0) for k, v in zip(metric_sums, sums[1:])})
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -586,7 +589,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     summary = {"step": step, "loss": loss_value, "skipped": stats.skipped, "seen": stats.seen,
                "skip_reasons": dict(stats.reasons), "final": final, "output_dir": out_dir,
                "stopped": "time" if out_of_time else "max_steps" if done else "interrupted",
-               "elapsed_s": clock()}
+               "elapsed_s": clock(), "data_transport": loader.transport_summary()}
     if dev.enabled:
         dist.destroy_process_group()
     return summary
