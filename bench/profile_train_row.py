@@ -6,7 +6,8 @@ of what the GPU could do).
 
 Rows are built exactly as the trainer builds them (its ChatEncoder options for the nano recipe, PackedLoader with
 best-fit-decreasing packing over one chunk of all the task files, shuffled). For each row it prints
-  * the row's make-up (samples, tasks, images, videos, vision tokens, patches, pixel bytes),
+  * the row's make-up (samples, tasks, images, videos, vision tokens, patches, pixel bytes: the uint8 frames the
+    row carries and the float pixel values made from them),
   * host milliseconds of the per-row steps that do not shrink on a fast GPU (positions, segment tables, the vision
     plan, loss bookkeeping), timed around the functions themselves,
   * with --profile: the aten ops one forward + backward issues, counted by name and grouped by the qwenvl function
@@ -154,6 +155,8 @@ def host_parts(timer: Timer) -> None:
     timer.wrap(Qwen25VL, "_cos_sin", "model._cos_sin (decoder rotary tables)")
     timer.wrap(Qwen25VL, "embed", "model.embed (embedding + ViT forward + scatter)")
     timer.wrap(qwenvl.train.loss, "linear_nll", "loss.linear_nll (LM head forward, targets only)")
+    timer.wrap(qwenvl.train.loss, "device_pixels",
+               "packing.device_pixels (uint8 frames -> pixel values; on the CPU here, device kernels in training)")
 
 
 # ops that launch no kernel on CUDA (views, metadata, allocation): left out of the counts
@@ -239,16 +242,20 @@ def host_only(model, batch: dict, repeat: int = 3) -> dict:
 
 
 def describe(batch: dict, chunk_tasks: dict) -> dict:
+    """The row's make-up and its vision bytes: as it travels (uint8 frames) and as float pixel values."""
+    from qwenvl.train.packing import pixel_bytes
+
     ids = batch["input_ids"]
-    pix = batch.get("pixel_values")
-    vid = batch.get("pixel_values_videos")
-    nbytes = sum(int(t.numel() * t.element_size()) for t in (pix, vid) if t is not None)
+    patches = {k: sum(t * h * w for t, h, w in batch[k].tolist()) if k in batch else 0
+               for k in ("image_grid_thw", "video_grid_thw")}
+    n = sum(patches.values())
     return {"tokens": int(ids.shape[1]), "samples": len(batch["seq_lens"]),
             "targets": int((batch["targets"] != -100).sum()),
             "images": int(batch["image_grid_thw"].shape[0]) if "image_grid_thw" in batch else 0,
             "videos": int(batch["video_grid_thw"].shape[0]) if "video_grid_thw" in batch else 0,
-            "patches": int((pix.shape[0] if pix is not None else 0) + (vid.shape[0] if vid is not None else 0)),
-            "pixel_MB_fp32": round(nbytes / 2**20, 1)}
+            "patches": n, "image_patches": patches["image_grid_thw"], "video_patches": patches["video_grid_thw"],
+            "pixel_MB_uint8": round(pixel_bytes(batch) / 2**20, 1),  # what the row carries
+            "pixel_MB_fp32": round(n * 1176 * 4 / 2**20, 1), "pixel_MB_bf16": round(n * 1176 * 2 / 2**20, 1)}
 
 
 def main(argv=None) -> int:

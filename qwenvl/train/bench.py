@@ -166,6 +166,11 @@ def main(argv=None) -> dict:
            "gpus": world, "model_tflops_per_s": flops / secs / 1e12,
            "mfu": flops / secs / (peak * world) if peak else None,
            "data_s": [round(e["data_s"], 3) for e in log], "step_s_all": [round(e["step_s"], 3) for e in log],
+           # how rank 0's rows reached the trainer (shm / pipe from data workers, main: built in the loop) and their
+           # uint8 frame bytes per step
+           "rows_via": {k: sum(e.get("rows_via", {}).get(k, 0) for e in log)
+                        for k in sorted({k for e in log for k in e.get("rows_via", {})})},
+           "pixel_mb_per_step": round(sum(e.get("pixel_mb", 0.0) for e in log) / len(log), 2),
            "losses": [round(e["loss"], 4) for e in log]}
     if peer:
         pt = peer[2:] if len(peer) > 3 else peer
