@@ -1,8 +1,9 @@
 """What receiving one packed training row costs the training process (issue 6): the main process's CPU per row that
-a data worker sends back, through the pipe (pickled numpy) and through shared memory, on the rows of a real mix.
+a data worker sends back, through the pipe (pickled numpy), as raw files and through shared memory, on the rows of a real
+mix.
 
     python -m qwenvl.synth --out D --tasks all --n 40          # (QWENVL_SYNTH_VIDEO=frames without PyAV)
-    python bench/row_transport.py --data D [--pack 32768] [--rows 4] [--modes pipe,shm]
+    python bench/row_transport.py --data D [--pack 32768] [--rows 4] [--modes pipe,file,shm]
 
 Rows are planned exactly as bench/profile_train_row.py plans them (the nano recipe's encoder options, one chunk of
 every task file, packed and shuffled); each is built by one worker of the PackedLoader's fork pool (its own
@@ -53,7 +54,12 @@ def idle_cpu_rate(seconds: float = 2.0) -> float:
 
 def measure(enc, bins: list, mode: str, pixel_dtype) -> dict:
     params = list(inspect.signature(packing._worker_init).parameters)
-    if "transport" in params:  # uint8 frames; "shm" / "pipe" forced
+    spool = None
+    if "spool" in params:  # uint8 frames; "shm" / "file" / "pipe" forced
+        import tempfile
+        spool = tempfile.mkdtemp(prefix="qwenvl-rows-")
+        initargs = (enc, False, mode, 1, spool)
+    elif "transport" in params:  # uint8 frames; "shm" / "pipe" forced
         initargs = (enc, False, mode, 1)
     else:  # before: float pixel values (bf16 as the nano recipe sends them), pipe when pickle_tensors
         initargs = (enc, False, mode == "pipe", pixel_dtype)
@@ -74,6 +80,9 @@ def measure(enc, bins: list, mode: str, pixel_dtype) -> dict:
     finally:
         pool.close()
         pool.join()
+        if spool:
+            import shutil
+            shutil.rmtree(spool, ignore_errors=True)
     return {"idle_cpu_per_s": idle, "rows": out}
 
 
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--min-fill", type=float, default=0.8)
-    ap.add_argument("--modes", default="pipe,shm")
+    ap.add_argument("--modes", default="pipe,file,shm")
     ap.add_argument("--pixel-dtype", default="bfloat16", help="older checkouts: the dtype rows carry pixels in")
     ap.add_argument("--json")
     a = ap.parse_args(argv)  # glibc's default malloc settings, as in the trainer (no profile_train_row.keep_heap)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -133,6 +134,7 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
             ld.load_state_dict(state)
         rows = [ld.next_step() for _ in range(steps)]
         st = ld.state_dict()
+        ld.spool_used = ld._spool
         ld.close()
         loaders[(workers, transport, steps)] = ld
         return [[None if r is None else {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
@@ -172,6 +174,19 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
         raise RuntimeError("unable to allocate shared memory(shm) for file </torch_0>: No space left on device (28)")
 
     monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"pipe"}
+    # the file transport (these rows' frames are small: every tensor goes to a file here), forced and as auto's
+    # second choice; a failing write falls back to the pipe; no file is left behind
+    monkeypatch.setattr("qwenvl.train.packing.FILE_MIN_BYTES", 0)
+    assert run(2, transport="file")[0] == plain and loaders[(2, "file", 7)].rows_via == {"file": n_rows}
+    assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"file"}
+    spool = loaders[(2, "auto", 3)].spool_used
+    assert spool and not os.path.exists(spool)  # removed by close(), with the files of rows never taken
+
+    def disk_full(a, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qwenvl.train.packing._write_raw", disk_full)
     assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"pipe"}
 
 
