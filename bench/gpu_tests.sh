@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every GPU-marked test in one device call, with a log and JUnit XML under $OUT:
+#   source bench/device_env.sh && bash bench/gpu_tests.sh        (carry ".devcarry" for the tokenizer wheel)
+set -u
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+timeout "${GPU_TESTS_TIMEOUT:-400}" "${PY:-python3}" -m pytest -m gpu -q -rfEs --durations=10 --junitxml="$OUT/gpu_tests.xml" \
+  tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_train_cuda.py tests/test_fp8_gemv.py "$@" \
+  2>&1 | tee "$OUT/gpu_tests.log" | tail -40
