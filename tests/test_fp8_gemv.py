@@ -96,6 +96,32 @@ def test_dispatch_rules_on_cpu(monkeypatch):
         assert m.use_gemv(x) == allowed
 
 
+def test_kernel_failure_falls_back_to_the_matmul_path(monkeypatch):
+    """A kernel that fails at a shape the self-test did not probe: the layer answers through the matmul path (the
+    same values as with the kernel off), and the kernel is switched off for every layer; a forced backend raises."""
+    m = FP8Linear.from_linear(torch.nn.Linear(64, 32))
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    expected = m(x)  # CPU: the kernel is never chosen
+    monkeypatch.setattr(G, "use_gemv", lambda *a, **k: G.settings()["enabled"])
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(G, "fp8_gemv", broken)
+    old = G.set_enabled(True)
+    try:
+        assert torch.equal(m(x), expected) and calls == [1] and not G.settings()["enabled"]
+        assert torch.equal(m(x), expected) and calls == [1]  # off from now on: no second try
+        G.set_enabled(True)
+        m.backend = "gemv"
+        with pytest.raises(RuntimeError, match="PassManager"):
+            m(x)
+    finally:
+        G.set_enabled(**old)
+
+
 def interpreter_cases() -> list[dict]:
     """Run in a TRITON_INTERPRET=1 process: every code path of the kernel against the fp32 reference."""
     assert G.interpreting(), "TRITON_INTERPRET=1 must be set before triton is imported"

@@ -217,7 +217,17 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_gemv(x):
             # the bias after the all-reduce of a row-parallel layer (a partial sum), else fused
-            y = _gemv.fp8_gemv(x, self.weight, self.weight_scale, None if self.reduce_output else self.bias)
+            try:
+                y = _gemv.fp8_gemv(x, self.weight, self.weight_scale, None if self.reduce_output else self.bias)
+            except Exception as e:  # e.g. a config that does not compile at this shape on this triton: the
+                # self-test probes small shapes only. Off for every layer, this call on the matmul path; a forced
+                # backend or a graph being captured cannot fall back silently.
+                if self.backend == "gemv" or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                    raise
+                log.warning("fp8 GEMV kernel failed at M=%d N=%d K=%d (%s: %s); using the FP8 matmul path from now on",
+                            x.numel() // self.in_features, self.out_features, self.in_features, type(e).__name__, e)
+                _gemv.set_enabled(False)
+                return self.forward(x)
             if not self.reduce_output:
                 return y
             torch.distributed.all_reduce(y, group=self.group)
