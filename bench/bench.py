@@ -164,6 +164,20 @@ def vision(ours, hf, cfg):
         finally:
             layers._flash_varlen = saved
         res["flash_vs_padded_rel_err"] = ((fast - padded).norm() / padded.norm()).item()
+        if DEV == "cuda":  # the engine's path: the ViT replayed from a CUDA graph of this grid (vision_graphs.py)
+            from qwenvl.engine.vision_graphs import VisionGraphs
+            glist = [tuple(g) for g in grid.tolist()]  # host grids, as the engine passes them
+            graphs = VisionGraphs(ours.visual)
+            graphed = [graphs(pix, glist) for _ in range(2)][-1].float()  # eager, then captured
+            res["ours_cuda_graph"] = cuda_time(lambda: graphs(pix, glist)) * 1e3
+            res["cuda_graph_captured"] = graphs.replays > 0
+            res["cuda_graph_vs_eager_rel_err"] = ((graphed - fast).norm() / fast.norm()).item()
+            visual = copy.deepcopy(ours.visual)  # + the MLP padded onto Hopper's kernels (eager: no gain, 43 -> 49 ms)
+            if visual.pad_mlp_hidden():
+                padded_graphs = VisionGraphs(visual)
+                [padded_graphs(pix, glist) for _ in range(2)]
+                res["ours_cuda_graph_padded_mlp"] = cuda_time(lambda: padded_graphs(pix, glist)) * 1e3
+            del visual
         if hf is not None:
             res["transformers"] = cuda_time(lambda: hf.model.get_image_features(pix, grid)) * 1e3
     RESULTS["vision_1280x720_ms"] = res

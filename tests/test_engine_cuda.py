@@ -76,6 +76,13 @@ def test_cuda_graph_decode_equals_eager(bf16_model):
     b = eager.generate(prompts, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert graphs.num_used_blocks == eager.num_used_blocks == 0
+    # new images of one size, one request after another: the ViT is captured on the size's second use and replayed
+    for i in range(3):
+        pix = torch.randn(16 * 16, 1176, generator=torch.Generator().manual_seed(100 + i))
+        p = {"prompt_token_ids": chat([VS] + [IMG] * 64 + [VE], [1000 + i]), "images": [(pix, torch.tensor((1, 16, 16)))]}
+        a, b = (llm.generate([p], SamplingParams(max_tokens=8, **GREEDY))[0] for llm in (graphs, eager))
+        assert a.token_ids == b.token_ids
+    assert graphs.stats()["vision_graph_replays"] >= 2 and eager.stats()["vision_graph_replays"] == 0
 
 
 def test_cuda_logprobs_close_to_reference_logits(bf16_model):

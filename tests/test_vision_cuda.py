@@ -43,3 +43,29 @@ def test_flash_varlen_equals_padded_sdpa_and_is_as_close_to_fp32():
             parts.append(vis(pix[off:off + n].cuda(), torch.tensor([[t, h, w]])))
             off += n
     assert rel(flash, torch.cat(parts)) < 1e-2
+
+
+def test_vision_graphs_replay_equals_eager():
+    """engine.vision_graphs: a grid list is captured on its second use and replayed with new pixels; with one graph
+    kept, alternating grid lists evict and recapture (shared pool); plans dropped by the ViT's own cache stay alive
+    for the graphs. Every output equals the eager ViT's."""
+    from qwenvl.engine.vision_graphs import VisionGraphs
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), torch.bfloat16, device="cuda", seed=0)
+    vis = model.visual
+    vis.PLAN_CACHE_ROWS = 1  # the ViT keeps only its newest plan
+    graphs = VisionGraphs(vis, max_graphs=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for grids in ([(1, 16, 24)], [(1, 8, 12), (2, 8, 12)]):
+            n = sum(t * h * w for t, h, w in grids)
+            pix = torch.randn(n, model.config.vision.patch_dim, generator=g).cuda()
+            with torch.no_grad():
+                ref = vis(pix, grids)
+            assert rel(graphs(pix, grids), ref) < 1e-3
+    assert graphs.enabled and graphs.replays == 6 and len(graphs.graphs) == 1
+    fp32 = VisionGraphs(Qwen25VL.random(qwenvl.preset("tiny"), torch.float32, device="cuda", seed=0).visual)
+    pix = torch.randn(16 * 24, model.config.vision.patch_dim, generator=g).cuda()
+    for _ in range(2):  # fp32 has no varlen kernel: never captured, eager
+        fp32(pix, [(1, 16, 24)])
+    assert not fp32.enabled and fp32.replays == 0

@@ -19,6 +19,7 @@ all three axes) are computed on the device; on CUDA it is captured as one CUDA g
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from .attention import (decode_attention_gather, decode_attention_triton, num_sp
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
+from .vision_graphs import VisionGraphs
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,9 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []  # sorted keys of graphs
         self.static: dict[str, torch.Tensor] = {}
+        # the ViT replayed from CUDA graphs per grid list (vision_graphs.py); QWENVL_VIT_GRAPHS=0 keeps it eager
+        self.vision_graphs = (VisionGraphs(model.visual) if enable_cuda_graphs and self.is_cuda
+                              and os.environ.get("QWENVL_VIT_GRAPHS", "1") != "0" else None)
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -404,7 +409,8 @@ class ModelRunner:
         todo = list(items.values())
         parts = [self._pixel_values(it) for it in todo]
         pix = parts[0] if len(parts) == 1 else torch.cat(parts)
-        feats = self.model.visual(pix, [it.grid_thw for it in todo])
+        grids = [it.grid_thw for it in todo]
+        feats = self.vision_graphs(pix, grids) if self.vision_graphs is not None else self.model.visual(pix, grids)
         self.num_encoder_runs += 1
         self.num_encoded_items += len(todo)
         expected = sum(it.num_tokens for it in todo)
