@@ -42,6 +42,8 @@ UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 STAGE_ARGS=""  # stage 1: ViT + merger, LLM frozen (TrainConfig.freeze_llm); stage 2: everything trains
 [ "$STAGE" = 1 ] && STAGE_ARGS="freeze_llm=true"
 [ -n "$MROPE" ] && STAGE_ARGS="$STAGE_ARGS mrope_temporal=$MROPE"  # unset: the init's (a preset: absolute)
+# the LLM's RoPE base, from random weights only (NANO.md §7: MRoPE gives the width axis the lowest frequencies)
+[ -n "${NANO_ROPE_THETA:-}" ] && STAGE_ARGS="$STAGE_ARGS rope_theta=$NANO_ROPE_THETA"
 if [ "$STAGE" = 1 ] && [ -z "${NANO_INIT:-}" ]; then
   echo "warning: NANO_STAGE=1 without NANO_INIT trains the ViT + merger against a frozen RANDOM LLM" >&2
 fi

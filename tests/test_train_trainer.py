@@ -183,7 +183,7 @@ def test_time_budget_stops_saves_and_exports_with_a_time_cosine(data, tmp_path):
     assert state["elapsed"] >= 4.0  # a resume continues the budget
     # rows came from the data workers, through shared memory or the pipe, and the log says which
     via = summary["data_transport"]["rows_via"]
-    assert set(via) <= {"shm", "pipe"} and sum(via.values()) == sum(sum(v.values()) for v in logged(cfg.output_dir, "rows_via"))
+    assert set(via) <= {"shm", "file", "pipe"} and sum(via.values()) == sum(sum(v.values()) for v in logged(cfg.output_dir, "rows_via"))
 
 
 def test_nano_preset_trains_with_its_pruned_tokenizer_and_exports_it(data, tmp_path):
@@ -192,10 +192,14 @@ def test_nano_preset_trains_with_its_pruned_tokenizer_and_exports_it(data, tmp_p
     NANO_DIR = pytest.importorskip("qwenvl.nano").NANO_DIR
 
     cfg = TrainConfig(model="nano", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
-                      lr=1e-3, max_steps=2, pack_length=512, save_every=0, resume=False)
+                      lr=1e-3, max_steps=2, pack_length=512, save_every=0, resume=False, rope_theta=100.0)
     summary = train(cfg)
     final = summary["final"]
     assert summary["step"] == 2 and summary["skipped"] == 0
+    assert json.load(open(os.path.join(final, "config.json")))["rope_theta"] == 100.0  # travels with the weights
+    with pytest.raises(ConfigError, match="rope_theta"):  # trained weights keep the theta they were trained with
+        train(TrainConfig(model=final, train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "again"),
+                          max_steps=1, pack_length=512, save_every=0, resume=False, rope_theta=1e6))
     assert json.load(open(os.path.join(final, "vocab_map.json"))) == json.load(open(os.path.join(NANO_DIR, "vocab_map.json")))
     proc = Processor.from_pretrained(final)
     assert proc.tokenizer.token_to_id("<|image_pad|>") == 8182

@@ -24,6 +24,8 @@ class TrainConfig:
     stage: str = "sft"  # sft | pretrain | dpo (pretrain = sft loss on every text token)
     mrope_temporal: str | None = None  # absolute | frame: sets the model config's video temporal ids (default: the
     #                                    checkpoint's / preset's, i.e. absolute); frame = the ablation of NANO.md §4
+    rope_theta: float | None = None  # the LLM's RoPE base for random weights of a preset (default: the preset's); the
+    #                                  nano probe of NANO.md §7: MRoPE gives the width axis its lowest frequencies
     output_dir: str = "runs/train"
     # ---- data
     train_files: list[str] = field(default_factory=list)
@@ -104,6 +106,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),
+            (self.rope_theta is None or self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}"),
             (self.mrope_temporal in (None, "absolute", "frame"),
              f"mrope_temporal must be absolute or frame, got {self.mrope_temporal!r}"),
         ]

@@ -130,7 +130,8 @@ def with_vision_dummies(batch: dict, config) -> dict:
 
 def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
     """fp32 master weights: a checkpoint dir, or random weights of a preset shape (seeded); cfg.mrope_temporal, when
-    set, replaces the config's video temporal-id mode (it travels in the exported config.json)."""
+    set, replaces the config's video temporal-id mode, cfg.rope_theta a preset's RoPE base (both travel in the
+    exported config.json)."""
     if os.path.isdir(cfg.model):
         model = Qwen25VL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
     elif cfg.model in PRESETS:
@@ -139,6 +140,11 @@ def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
         raise ConfigError(f"model {cfg.model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
     if cfg.mrope_temporal:
         model.config.mrope_temporal = cfg.mrope_temporal
+    if cfg.rope_theta is not None and float(cfg.rope_theta) != model.config.text.rope_theta:
+        if os.path.isdir(cfg.model):  # trained weights go with the positions they were trained with
+            raise ConfigError(f"rope_theta={cfg.rope_theta} differs from {cfg.model}'s {model.config.text.rope_theta}: "
+                              "it can only be chosen for random weights of a preset")
+        model.config.text.rope_theta = float(cfg.rope_theta)
     return model.train()
 
 

@@ -1,0 +1,111 @@
+"""Can the nano pipeline learn an answer that only the image holds? A CPU-sized probe of trainer + export + engine
+(docs/NANO.md §7, "What the CPU probes show").
+
+    python bench/nano_probe.py --task colour   --steps 150 --size 112              # colour of a plain image
+    python bench/nano_probe.py --task quadrant --steps 200 --size 112 --theta 1e6  # where a red square is
+
+Writes N training samples (one fixed prompt per task, so only the pixels tell the answers apart), trains the nano
+shape from random weights with the real trainer (packed rows, the recipe's AdamW settings), exports, and answers 40
+held-out images through the engine (greedy). Prints the loss curve (means of 10 steps) and held-out accuracy
+(chance: 1/8 colours, 1/4 quadrants); with --json, writes them. `--theta` overrides the LLM's rope_theta
+(MRoPE): the width axis gets the lowest frequencies of the (t, h, w) split, the question this probe was written for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
+           "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 180), "orange": (250, 140, 20)}
+QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
+PROMPTS = {"colour": "What colour is this image?", "quadrant": "Where is the red square?"}
+
+
+def make_sample(task: str, rng: random.Random, size: int) -> tuple[Image.Image, str]:
+    if task == "colour":
+        name = rng.choice(list(COLOURS))
+        w, h = rng.choice([size // 2, size * 3 // 4, size]), rng.choice([size // 2, size * 3 // 4, size])
+        noise = torch.randint(-12, 13, (h, w, 3), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+        arr = (torch.tensor(COLOURS[name])[None, None] + noise).clamp(0, 255).to(torch.uint8).numpy()
+        return Image.fromarray(arr), name
+    q, s = rng.randrange(4), rng.randrange(size // 8, size // 4)
+    x0 = rng.randrange(0, size // 2 - s) + (size // 2 if q % 2 else 0)
+    y0 = rng.randrange(0, size // 2 - s) + (size // 2 if q >= 2 else 0)
+    im = Image.new("RGB", (size, size), (128, 128, 128))
+    ImageDraw.Draw(im).rectangle([x0, y0, x0 + s, y0 + s], fill=(220, 30, 30))
+    return im, QUADRANTS[q]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=list(PROMPTS), default="colour")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--theta", type=float, default=None, help="LLM rope_theta (default: the nano preset's)")
+    ap.add_argument("--pack-length", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwenvl-nano-probe"))
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.train import TrainConfig, train
+
+    os.makedirs(os.path.join(a.out, "img"), exist_ok=True)
+    rng = random.Random(0)
+    prompt = PROMPTS[a.task]
+
+    def write(split, n):
+        rows = []
+        for i in range(n):
+            im, answer = make_sample(a.task, rng, a.size)
+            path = f"img/{split}{i}.png"
+            im.save(os.path.join(a.out, path))
+            rows.append(({"images": [path], "messages": [{"role": "user", "content": "<image>" + prompt},
+                                                         {"role": "assistant", "content": answer}]}, answer))
+        return rows
+
+    with open(os.path.join(a.out, "train.jsonl"), "w") as f:
+        for rec, _ in write("train", a.samples):
+            f.write(json.dumps(rec) + "\n")
+    held = write("test", 40)
+    cfg = TrainConfig(model="nano", train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
+                      lr=a.lr, warmup_steps=10, max_steps=a.steps, pack_length=a.pack_length, save_every=0,
+                      resume=False, max_pixels=a.size * a.size, chunk_size=512, weight_decay=0.05, adam_beta2=0.95,
+                      rope_theta=a.theta)
+    t0 = time.time()
+    summary = train(cfg)
+    seconds = time.time() - t0
+    with open(os.path.join(a.out, "run", "log.jsonl")) as f:
+        curve = [json.loads(line)["loss"] for line in f]
+    means = [round(sum(curve[i:i + 10]) / len(curve[i:i + 10]), 3) for i in range(0, len(curve), 10)]
+    llm = LLM(summary["final"])
+    convs = [[{"role": "user", "content": [{"type": "image", "image": os.path.join(a.out, rec["images"][0])},
+                                           {"type": "text", "text": prompt}]}] for rec, _ in held]
+    preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=4, temperature=0.0))]
+    acc = sum(p == ans for p, (_, ans) in zip(preds, held)) / len(held)
+    result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta, "train_s": round(seconds, 1),
+              "loss_means_per_10_steps": means, "held_out_accuracy": acc,
+              "chance": 1 / (len(COLOURS) if a.task == "colour" else len(QUADRANTS)),
+              "predictions": preds[:12], "answers": [ans for _, ans in held[:12]]}
+    print(json.dumps(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
