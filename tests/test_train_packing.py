@@ -175,10 +175,12 @@ def test_loader_workers_give_the_same_rows_skips_and_resume_state(tmp_path, monk
 
     monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
     assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"pipe"}
-    # the file transport (these rows' frames are small: every tensor goes to a file here), forced and as auto's
-    # second choice; a failing write falls back to the pipe; no file is left behind
+    # the file transport (these rows' frames are small: every tensor goes to a file here), forced (with shared
+    # memory working) and as auto's second choice; a failing write falls back to the pipe; no file is left behind
+    monkeypatch.undo()
     monkeypatch.setattr("qwenvl.train.packing.FILE_MIN_BYTES", 0)
     assert run(2, transport="file")[0] == plain and loaders[(2, "file", 7)].rows_via == {"file": n_rows}
+    monkeypatch.setattr("qwenvl.train.packing._shm_free", lambda: 64 * 1024)
     assert run(2, 3)[0] == plain[:3] and set(loaders[(2, "auto", 3)].rows_via) == {"file"}
     spool = loaders[(2, "auto", 3)].spool_used
     assert spool and not os.path.exists(spool)  # removed by close(), with the files of rows never taken

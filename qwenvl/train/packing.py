@@ -395,7 +395,7 @@ class PackedLoader:
         return out + [None] * (self.accum - len(out))
 
     def transport_summary(self) -> dict:
-        """How rows reached this process so far: rows by path (shm, pipe; main = built here without workers),
+        """How rows reached this process so far: rows by path (shm, file, pipe; main = built here without workers),
         mean vision MB per row, /dev/shm free when the pool started."""
         rows = sum(self.rows_via.values())
         return {"rows_via": dict(self.rows_via), "pixel_mb_per_row": self.pixel_bytes / max(rows, 1) / 2**20,
@@ -538,12 +538,12 @@ def _write_raw(a: np.ndarray, path: str) -> None:
 
 
 def _to_shm(batch: dict) -> bool:
-    """Move the row's tensors to shared memory when the transport allows it and /dev/shm has room (auto: free >=
-    shm_rows x the row's bytes); False: send it through the pipe. Should /dev/shm fill up anyway (other rows, other
-    processes), torch fails to reserve the pages of the row's shm file ("No space left on device", checked on torch
-    2.13 with a 4 MB tmpfs) and the row goes by the pipe; "shm" then raises."""
+    """Move the row's tensors to shared memory when the transport allows it (auto, shm) and /dev/shm has room (auto:
+    free >= shm_rows x the row's bytes); False: send it by file or pipe. Should /dev/shm fill up anyway (other rows,
+    other processes), torch fails to reserve the pages of the row's shm file ("No space left on device", checked on
+    torch 2.13 with a 4 MB tmpfs) and the row goes by file or pipe; "shm" then raises."""
     mode = _WORKER["transport"]
-    if mode == "pipe":
+    if mode not in ("auto", "shm"):
         return False
     tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)

@@ -580,7 +580,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
                      "grad_norm": grad_norm, "tokens": int(total_tokens), "targets": int(total_n),
                      "tokens_per_s": total_tokens / dt, "step_s": dt, "data_s": t_data, "memory_gb": _memory_gb(dev.device),
                      "epoch": loader.epoch, "skipped": stats.skipped, "elapsed_s": elapsed,
-                     # this rank's rows: how they reached the trainer (shm / pipe / main) and their uint8 frame bytes
+                     # this rank's rows: how they reached the trainer (shm / file / pipe / main) and their uint8 frame bytes
                      "rows_via": loader.last_step.get("via", {}),
                      "pixel_mb": loader.last_step.get("pixel_bytes", 0) / 2**20}
             entry.update({k: v / max(total_n, 1.0) for k, v in zip(metric_sums, sums[1:])})
