@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import MROPE_TEMPORAL
 from .errors import InputError
 
 
@@ -32,7 +33,7 @@ def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
 
 
 # ----------------------------------------------------------------------------------------- decoder positions
-TEMPORAL_MODES = ("absolute", "frame")
+TEMPORAL_MODES = MROPE_TEMPORAL  # ModelConfig.mrope_temporal's values
 
 
 def video_time_scale(second_per_grid: float, tokens_per_second: float, temporal: str = "absolute") -> float:

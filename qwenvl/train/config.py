@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import SCALARS, coerce_scalar
+from ..config import MROPE_TEMPORAL, SCALARS, coerce_scalar
 from ..errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -107,7 +107,7 @@ class TrainConfig:
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),
             (self.rope_theta is None or self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}"),
-            (self.mrope_temporal in (None, "absolute", "frame"),
+            (self.mrope_temporal in (None, *MROPE_TEMPORAL),
              f"mrope_temporal must be absolute or frame, got {self.mrope_temporal!r}"),
         ]
         for ok, msg in checks:
