@@ -20,7 +20,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("qwen2_5_vl",)
-MROPE_TEMPORAL = ("absolute", "frame")  # video temporal ids (rope.video_time_scale)
+MROPE_TEMPORAL = ("absolute", "frame")  # video temporal ids (rope.video_time_factors)
 
 
 @dataclass

@@ -36,13 +36,14 @@ def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
 TEMPORAL_MODES = MROPE_TEMPORAL  # ModelConfig.mrope_temporal's values
 
 
-def video_time_scale(second_per_grid: float, tokens_per_second: float, temporal: str = "absolute") -> float:
-    """Temporal id of a video's temporal patch k is floor(k * this): second_per_grid * tokens_per_second (absolute
-    time, the released models) or 1 (temporal="frame": the patch index, independent of fps)."""
+def video_time_factors(second_per_grid: float, tokens_per_second: float, temporal: str = "absolute") -> tuple[float, float]:
+    """(a, b) with temporal id floor(k * a * b) for a video's temporal patch k (multiplied in that order, as the
+    reference does): (second_per_grid, tokens_per_second) for absolute time (the released models), (1, 1) for
+    temporal="frame" (the patch index, independent of fps)."""
     if temporal == "absolute":
-        return second_per_grid * tokens_per_second
+        return second_per_grid, tokens_per_second
     if temporal == "frame":
-        return 1.0
+        return 1.0, 1.0
     raise InputError(f"MRoPE temporal mode must be one of {TEMPORAL_MODES}, got {temporal!r}")
 
 
@@ -75,9 +76,7 @@ def mrope_positions(
     Images and videos are consumed in global order across the batch, as the processor lays them out.
     temporal: "absolute" (video temporal ids follow second_per_grid_ts) or "frame" (the temporal patch index).
     """
-    video_time_scale(1.0, tokens_per_second, temporal)  # validates the mode
-    absolute = temporal == "absolute"
-    tps = tokens_per_second if absolute else 1.0
+    video_time_factors(1.0, tokens_per_second, temporal)  # validates the mode
     if input_ids.dim() != 2:
         raise InputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
@@ -113,25 +112,21 @@ def mrope_positions(
                 if img_i >= len(images):
                     raise InputError(f"row {b}: more image blocks in input_ids than image_grid_thw entries ({len(images)})")
                 t, h, w = images[img_i]
-                spg = 0.0
+                factors = (0.0, 0.0)
                 img_i += 1
             else:
                 if vid_i >= len(videos):
                     raise InputError(f"row {b}: more video blocks in input_ids than video_grid_thw entries ({len(videos)})")
                 t, h, w = videos[vid_i]
-                spg = spgs[vid_i] if absolute else 1.0  # frame: ids k * 1.0 * 1.0 = k
+                factors = video_time_factors(spgs[vid_i], tokens_per_second, temporal)
                 vid_i += 1
             lh, lw = h // m, w // m
             count = t * lh * lw
             if row[i:i + count] != [tok] * count:
                 raise InputError(f"row {b}: a vision block needs {count} consecutive pad tokens for grid {(t, h, w)}")
-            t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * spg * tps).long()
-            tt = t_ids.view(t, 1, 1).expand(t, lh, lw).flatten()
-            hh = torch.arange(lh).view(1, lh, 1).expand(t, lh, lw).flatten()
-            ww = torch.arange(lw).view(1, 1, lw).expand(t, lh, lw).flatten()
-            block = torch.stack([tt, hh, ww]) + nxt
-            chunks.append(block)
-            nxt = int(block.max()) + 1
+            block, top = _block_ids(t, lh, lw, *factors)
+            chunks.append(block + nxt)
+            nxt += top + 1
             i += count
         pos = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
         positions[:, b, mask[b]] = pos
@@ -140,10 +135,10 @@ def mrope_positions(
 
 
 @functools.lru_cache(maxsize=1024)
-def _block_ids(t: int, lh: int, lw: int, t_scale: float) -> tuple[torch.Tensor, int]:
+def _block_ids(t: int, lh: int, lw: int, spg: float, tps: float) -> tuple[torch.Tensor, int]:
     """(t, h, w) ids [3, t*lh*lw] of one vision block relative to its start, and its largest id (+1 is the advance
-    of the text after it): mrope_positions' block arithmetic, cached per shape and time scale."""
-    t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * t_scale).long()
+    of the text after it), cached per shape and time factors (video_time_factors; 0 for images)."""
+    t_ids = torch.floor(torch.arange(t, dtype=torch.float64) * spg * tps).long()
     block = torch.stack([t_ids.view(t, 1, 1).expand(t, lh, lw).flatten(),
                          torch.arange(lh).view(1, lh, 1).expand(t, lh, lw).flatten(),
                          torch.arange(lw).view(1, 1, lw).expand(t, lh, lw).flatten()])
@@ -164,7 +159,7 @@ def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], ima
     `count` pad tokens inside its sample, unused grids): mrope_positions then decides (and raises its errors).
     temporal: as in mrope_positions.
     """
-    video_time_scale(1.0, tokens_per_second, temporal)  # validates the mode
+    video_time_factors(1.0, tokens_per_second, temporal)  # validates the mode
     ids = input_ids.reshape(-1).cpu()
     T = ids.shape[0]
     lens = torch.as_tensor(list(seq_lens), dtype=torch.long)
@@ -191,13 +186,13 @@ def packed_mrope_positions(input_ids: torch.Tensor, seq_lens: Sequence[int], ima
     last_end = 0
     for s, is_image, smp in zip(block_at, kinds, sample_idx):
         if is_image:
-            (t, h, w), scale, tok = images[img_i], 0.0, image_token_id
+            (t, h, w), factors, tok = images[img_i], (0.0, 0.0), image_token_id
             img_i += 1
         else:
             (t, h, w), tok = videos[vid_i], video_token_id
-            scale = video_time_scale(spgs[vid_i], tokens_per_second, temporal)
+            factors = video_time_factors(spgs[vid_i], tokens_per_second, temporal)
             vid_i += 1
-        block, top = _block_ids(t, h // m, w // m, scale)
+        block, top = _block_ids(t, h // m, w // m, *factors)
         e = s + block.shape[1]
         if s < last_end or e > ends[smp]:
             return None

@@ -342,6 +342,15 @@ def test_packed_positions_vectorised_equal_the_per_sample_loop():
                                                   kw["second_per_grid_ts"])
         assert fast is not None and torch.equal(fast.unsqueeze(1), slow), trial
         assert torch.equal(model._packed_positions(row, lens, **kw), slow)
+    # a tokens_per_second that is not a power of two: k * spg * tps rounds differently from k * (spg * tps)
+    # (k = 10, spg = 0.7, tps = 3 floors to 20 one way, 21 the other); both paths multiply as the reference does
+    from qwenvl.rope import mrope_positions
+    row = torch.tensor([[5, VS] + [VID] * 31 + [6]])
+    kw = dict(video_grid_thw=torch.tensor([[31, 2, 2]]), second_per_grid_ts=torch.tensor([0.7], dtype=torch.float64),
+              image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, tokens_per_second=3)
+    slow, _ = mrope_positions(row, **kw)
+    assert slow[0, 0, 2 + 10].item() == 2 + int(10 * 0.7 * 3)
+    assert torch.equal(packed_mrope_positions(row, [row.shape[1]], **kw), slow[:, 0])
     # malformed (a block cut by the sample's end; a grid too many): no fast answer, the per-sample path raises
     row = torch.tensor([[1, VS, IMG, IMG, 2]])
     assert packed_mrope_positions(row, [3, 2], torch.tensor([[1, 2, 4]]), image_token_id=IMG, video_token_id=VID,
