@@ -14,11 +14,13 @@ import json
 import os
 import sys
 
+from ..synth import EVAL_TASKS
+
 SUITES = {"nano": dict(split="heldout", seed=0,
                        tasks=["grounding", "point", "count", "ocr", "spotting", "doc", "kie", "chart",
                               "video_grounding", "dense_caption", "gui"],
                        # opt-in (--add-tasks / --tasks): the video clips sampled at frame rates training never uses
-                       extra_tasks=["video_grounding_unseen_fps", "dense_caption_unseen_fps"])}
+                       extra_tasks=list(EVAL_TASKS))}
 
 
 def suite_data(name: str, n: int, root: str | None = None, extra_tasks=()) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..synth import VARIANTS as SYNTH_VARIANTS
 from ..tasks import grounding as G
 from ..tasks import metrics as M
 from ..tasks.document import parse_html, parse_kie, parse_text_spotting
@@ -40,16 +41,16 @@ TASK_METRICS = {
     "spotting": ("f1", "char_acc"), "doc": ("element_f1", "text_anls"), "kie": ("field_acc",),
     "chart": ("relaxed_acc",), "video_grounding": ("mIoU", "R@0.5"), "dense_caption": ("mIoU", "R@0.5"),
     "gui": ("action_em",), "general": ("anls", "exact"),
-    "video_grounding_unseen_fps": ("mIoU", "R@0.5"), "dense_caption_unseen_fps": ("mIoU", "R@0.5"),
 }
-# tasks scored exactly as another one (reported under their own name)
-SCORED_AS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption"}
+# tasks scored exactly as another one, reported under their own name: synth's eval-only variants
+SCORED_AS = dict(SYNTH_VARIANTS)
+TASK_METRICS.update({task: TASK_METRICS[base] for task, base in SCORED_AS.items()})
 # the synthetic caption task has no dedicated metric
 TASK_ALIASES = {"caption": "general"}
 # generation budget per task (tokens); the harness caps it with --max-tokens
 MAX_TOKENS = {"grounding": 96, "point": 96, "count": 512, "ocr": 256, "spotting": 768, "doc": 1024, "kie": 192,
-              "chart": 32, "video_grounding": 48, "dense_caption": 384, "gui": 96, "general": 256,
-              "video_grounding_unseen_fps": 48, "dense_caption_unseen_fps": 384}
+              "chart": 32, "video_grounding": 48, "dense_caption": 384, "gui": 96, "general": 256}
+MAX_TOKENS.update({task: MAX_TOKENS[base] for task, base in SCORED_AS.items()})
 
 
 def primary_metric(task: str) -> str:
