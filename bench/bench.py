@@ -428,6 +428,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
     RESULTS["engine"] = res
     log(res)
     on = [o.outputs[0].token_ids[:32] for o in outs]
+    W4_FIRST_TOKENS[:] = on
     del llm, outs
     release()
     res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
@@ -435,6 +436,51 @@ def engine(ours, hf, cfg, w1_tokens=256):
     release()
     res["w5"] = w5_memory(ours, prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
     log(res["w5"])
+
+
+W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per request, for engine_compiled_ops
+
+
+@section("engine_compiled_ops")
+def engine_compiled_ops(ours, hf, cfg, w1_tokens=256):
+    """W1, W2 and W4 again with QWENVL_COMPILE_OPS=1 (engine/fused.py: norms, rotary, SwiGLU and the split-K
+    merge compiled by inductor, inside the decode CUDA graphs too), in the same process as the engine section;
+    its init_s includes the compiles. W4's first 32 tokens are compared with the engine section's."""
+    from qwenvl.engine import LLM, SamplingParams
+
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    os.environ["QWENVL_COMPILE_OPS"] = "1"
+    try:
+        t0 = time.time()
+        llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9)
+        res = {"init_s": time.time() - t0, "compiled_ops": llm.stats()["compiled_ops"]}
+    finally:
+        del os.environ["QWENVL_COMPILE_OPS"]
+
+    def prompt(ids, image):
+        return {"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]}
+
+    ids, pix, _ = image_request(cfg, frames=True)
+    drive(llm, "warm", prompt(ids, pix), SamplingParams(max_tokens=32, **greedy))
+    ids, pix, _ = image_request(cfg, seed=9, frames=True)
+    ttft, dec, toks = drive(llm, "w1", prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+    res["w1_decode_tok_s"] = (len(toks) - 1) / dec
+    res["w2_ttft_new_image_ms"] = ttft * 1e3
+    reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate([prompt(*r[:2]) for r in reqs], [SamplingParams(max_tokens=r[3], **greedy) for r in reqs])
+    sync()
+    dt = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    res["w4_output_tok_s"] = n_out / dt
+    if W4_FIRST_TOKENS:
+        same = sum(o.outputs[0].token_ids[:32] == t for o, t in zip(outs, W4_FIRST_TOKENS))
+        res["w4_same_first_32_as_eager_ops"] = f"{same}/{len(outs)}"
+    RESULTS["engine_compiled_ops"] = res
+    log(res)
+    del llm, outs
+    release()
 
 
 GIB = 2 ** 30
@@ -514,7 +560,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--sections", default="parity,vision,prefill,decode,batch_hf,engine")
+    ap.add_argument("--sections", default="parity,vision,prefill,decode,batch_hf,engine,engine_compiled_ops")
     ap.add_argument("--ckpt", default="/tmp/qwenvl-bench-ckpt")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script with --shape tiny")
     ap.add_argument("--w4-requests", type=int, default=256)
@@ -552,7 +598,8 @@ def main():
             if DEV == "cuda":
                 torch.cuda.empty_cache()
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
-              "vision_profile": vision_profile, "engine": engine}.get(name)
+              "vision_profile": vision_profile, "engine": engine,
+              "engine_compiled_ops": engine_compiled_ops}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

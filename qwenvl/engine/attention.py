@@ -160,10 +160,18 @@ def num_splits_for(batch: int, kv_heads: int, device) -> int:
     return max(1, min(16, math.ceil(2 * sms / max(1, batch * kv_heads))))
 
 
+def merge_splits(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Flash-decoding's split-K merge: acc [B, H, S, D] (unnormalised), m / lse [B, H, S] (running max, sum of
+    exp). Empty splits have m = -inf and weigh 0."""
+    w = torch.exp(m - m.max(-1, keepdim=True).values)
+    return ((acc * w[..., None]).sum(2) / (lse * w).sum(-1)[..., None]).to(dtype)
+
+
 def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int = 0,
-                            block_n: int = 64) -> torch.Tensor:
-    """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B]."""
+                            block_n: int = 64, merge=merge_splits) -> torch.Tensor:
+    """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B].
+    merge: merge_splits, or a compiled copy of it (engine/fused.py)."""
     B, H, D = q.shape
     _, bs, kvh, _ = k_pool.shape
     group = H // kvh
@@ -180,9 +188,7 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         BLOCK_N=block_n, num_warps=4)
     if splits == 1:
         return (acc[:, :, 0] / lse).to(q.dtype)
-    w = torch.exp(m - m.max(-1, keepdim=True).values)  # empty splits have m = -inf: weight 0
-    out = (acc * w[..., None]).sum(2) / (lse * w).sum(-1)[..., None]
-    return out.to(q.dtype)
+    return merge(acc, m, lse, q.dtype)
 
 
 def triton_decode_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:

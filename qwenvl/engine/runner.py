@@ -31,6 +31,7 @@ from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
 from ..rope import _inv_freq, rotate_half
+from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
                         triton_decode_ok, write_kv)
 from .kv_cache import PagedKVCache
@@ -84,6 +85,10 @@ class ModelRunner:
         self.inv_freq = _inv_freq(t.head_dim, t.rope_theta).to(self.device)
         self.mrope_section = list(t.mrope_section)
         self.layers = self._fuse_weights(share=self.is_cuda)
+        # the elementwise work between the matmuls; compiled (fused) only on request (fused.py)
+        self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
+                              compiled=self.is_cuda and compile_ops_requested())
+        self.ops.check(self.device, self.dtype, t.hidden_size)
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
         self.encoder_cache_tokens = encoder_cache_tokens
         self.encoder_cache_rows = 0
@@ -160,26 +165,31 @@ class ModelRunner:
         emb = torch.cat([sel, sel], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _layer(self, i: int, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend) -> torch.Tensor:
-        L = self.layers[i]
+    def _layer(self, i: int, h: torch.Tensor, delta: torch.Tensor | None, cos, sin, slots: torch.Tensor, attend):
+        """One decoder layer on (h, delta): the residual stream is h + delta (delta: the previous layer's MLP
+        output, None before the first layer), so each residual add is done inside the next RMSNorm. Returns the
+        new (h, delta)."""
+        L, ops = self.layers[i], self.ops
         layer = L.module
         N = h.shape[0]
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
-        qkv = L.qkv(layer.input_layernorm(h))
-        qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
-        qk = qk * cos + rotate_half(qk) * sin  # q and k in one go, in the model dtype as the reference
-        q, k = qk.split([H, KV], dim=1)
-        v = qkv[:, (H + KV) * D:].view(N, KV, D)
+        h, x = ops.add_rms_norm(h, delta, layer.input_layernorm.weight)
+        q, k, v = ops.rope_qkv(L.qkv(x), cos, sin)
         write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
-        h = h + layer.self_attn.o_proj(attend(i, q, k, v).reshape(N, H * D))
-        gu = L.gu(layer.post_attention_layernorm(h))
-        g, u = gu.chunk(2, dim=-1)
-        return h + layer.mlp.down_proj(F.silu(g) * u)
+        a = layer.self_attn.o_proj(attend(i, q, k, v).reshape(N, self.heads * self.head_dim))
+        h, x = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight)
+        return h, layer.mlp.down_proj(ops.silu_mul(L.gu(x)))
+
+    def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend) -> torch.Tensor:
+        delta = None
+        for i in range(self.num_layers):
+            h, delta = self._layer(i, h, delta, cos, sin, slots, attend)
+        return h + delta
 
     def _decode_attention(self, i, q, block_tables, context_lens):
         if self.use_triton:
             return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
-                                           num_splits=num_splits_for(q.shape[0], self.kv_heads, self.device))
+                                           num_splits=num_splits_for(q.shape[0], self.kv_heads, self.device),
+                                           merge=self.ops.merge_splits)
         return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
 
     def _forward(self, s: StepInputs) -> torch.Tensor:
@@ -204,8 +214,7 @@ class ModelRunner:
                                                    self.kv.v[i], blocks, start)
             return out
 
-        for i in range(self.num_layers):
-            h = self._layer(i, h, cos, sin, s.slots, attend)
+        h = self._layers(h, cos, sin, s.slots, attend)
         return self.model.lm_head(self.model.model.norm(h[s.sample_rows]))
 
     def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
@@ -219,8 +228,7 @@ class ModelRunner:
         def attend(i, q, k, v):
             return self._decode_attention(i, q, block_tables, context_lens)
 
-        for i in range(self.num_layers):
-            h = self._layer(i, h, cos, sin, slots, attend)
+        h = self._layers(h, cos, sin, slots, attend)
         return self.model.lm_head(self.model.model.norm(h))
 
     # ------------------------------------------------------------------------------------------ a step

@@ -1,0 +1,112 @@
+"""The decoder's elementwise work between the matmuls, as a few functions that torch.compile can fuse.
+
+Eagerly, one 7B decode step launches ~1,200 kernels: per layer two RMSNorms of 8 kernels each (fp32 cast, pow,
+mean, add, rsqrt, mul, cast, scale), two residual adds, 5 for the rotary, 2 for SwiGLU's silu * up, 9 to merge
+the split-K partials of the paged decode attention, a copy of q. Under a CUDA graph there is no launch cost left,
+but every kernel still takes a few microseconds of the GPU, ~3 ms a step in all: the measured gap between W1 and
+the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is one or two kernels.
+
+`DecoderOps(..., compiled=False)` holds them as plain functions (the same arithmetic, op for op, as the modules
+they stand in for: `layers.RMSNorm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
+`compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
+and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation). The runner switches it on on CUDA only when `QWENVL_COMPILE_OPS=1` (not measured yet, so not
+the default) and only if the compiled functions agree with the eager ones on a self-test (`DecoderOps.check`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .attention import merge_splits
+
+log = logging.getLogger(__name__)
+
+
+def compile_ops_requested() -> bool:
+    return os.environ.get("QWENVL_COMPILE_OPS", "0").strip().lower() in ("1", "on", "true", "yes")
+
+
+class DecoderOps:
+    """add_rms_norm, rope_qkv, silu_mul, merge_splits for one decoder shape (heads, kv heads, head dim, eps)."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, eps: float, compiled: bool = False,
+                 backend: str = "inductor"):
+        H, KV, D = heads, kv_heads, head_dim
+
+        def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+            """(h + delta, RMSNorm(h + delta)) with the residual sum rounded to h's dtype first, as the
+            decoder layer adds it; delta None: (h, RMSNorm(h))."""
+            if delta is not None:
+                h = h + delta
+            xf = h.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            return h, weight * xf.to(h.dtype)
+
+        def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+            """qkv [N, (H + 2 KV) D] -> q [N, H, D] (contiguous, for the decode kernel), k, v [N, KV, D]; q and k
+            rotated in the model dtype (cos, sin [N, 1, D]) as the reference does."""
+            N = qkv.shape[0]
+            qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
+            x1, x2 = qk.chunk(2, dim=-1)
+            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            q, k = qk.split([H, KV], dim=1)
+            return q.contiguous(), k, qkv[:, (H + KV) * D:].view(N, KV, D)
+
+        def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+            g, u = gu.chunk(2, dim=-1)
+            return F.silu(g) * u
+
+        self.eager = {"add_rms_norm": add_rms_norm, "rope_qkv": rope_qkv, "silu_mul": silu_mul,
+                      "merge_splits": merge_splits}
+        self.shape = (H, KV, D)
+        self.compiled = compiled
+        for name, fn in self.eager.items():
+            setattr(self, name, torch.compile(fn, dynamic=True, fullgraph=True, backend=backend) if compiled else fn)
+
+    def check(self, device, dtype: torch.dtype, hidden: int, tol: float = 3e-2) -> bool:
+        """Compiled vs eager on random inputs at a few row counts (1 is specialised apart under dynamic shapes);
+        an exception or a relative error above tol switches the eager functions back in and returns False."""
+        if not self.compiled:
+            return True
+        H, KV, D = self.shape
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+
+            def rand(*shape):
+                return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+            for n in (1, 3, 37):
+                h, d, w = rand(n, hidden), rand(n, hidden), rand(hidden)
+                cos, sin = rand(n, 1, D), rand(n, 1, D)
+                acc = torch.randn(n, H, 3, D, generator=g, device=device)
+                m = torch.randn(n, H, 3, generator=g, device=device)
+                m[..., -1] = float("-inf")  # an empty split
+                lse = torch.rand(n, H, 3, generator=g, device=device) + 0.5
+                for name, args in (("add_rms_norm", (h, d, w)), ("add_rms_norm", (h, None, w)),
+                                   ("rope_qkv", (rand(n, (H + 2 * KV) * D), cos, sin)),
+                                   ("silu_mul", (rand(n, 2 * hidden),)), ("merge_splits", (acc, m, lse, dtype))):
+                    got, want = getattr(self, name)(*args), self.eager[name](*args)
+                    for a, b in zip(_tuple(got), _tuple(want)):
+                        if a.shape != b.shape or _rel_err(a, b) > tol:
+                            raise RuntimeError(f"compiled {name} differs from eager ({_rel_err(a, b):.3g}, "
+                                               f"shapes {tuple(a.shape)} / {tuple(b.shape)})")
+            return True
+        except Exception as e:  # compile failure or mismatch: eager from now on
+            log.warning("compiled decoder ops unusable (%s: %s); running them eagerly", type(e).__name__, e)
+            for name, fn in self.eager.items():
+                setattr(self, name, fn)
+            self.compiled = False
+            return False
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

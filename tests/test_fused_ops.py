@@ -1,0 +1,86 @@
+"""The engine's decoder elementwise functions (engine/fused.py): eagerly the same arithmetic as the modules they
+stand in for, bit for bit; traced by torch.compile as one graph each (fullgraph, dynamic shapes); a compiled
+function that disagrees is caught by the self-test and the eager ones come back; the engine's outputs are unchanged
+with them compiled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwenvl
+from qwenvl.engine import LLM, SamplingParams
+from qwenvl.engine.attention import merge_splits
+from qwenvl.engine.fused import DecoderOps
+from qwenvl.layers import RMSNorm
+from qwenvl.model import Qwen25VL
+from qwenvl.rope import rotate_half
+
+H, KV, D, HIDDEN = 4, 2, 16, 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_ops_equal_the_modules_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    ops = DecoderOps(H, KV, D, eps=1e-6)
+    norm = RMSNorm(HIDDEN, eps=1e-6)
+    norm.weight.data = torch.rand(HIDDEN, generator=g)
+    norm = norm.to(dtype)
+    h, d = torch.randn(5, HIDDEN, generator=g).to(dtype), torch.randn(5, HIDDEN, generator=g).to(dtype)
+    s, x = ops.add_rms_norm(h, d, norm.weight)
+    assert torch.equal(s, h + d) and torch.equal(x, norm(h + d))
+    s, x = ops.add_rms_norm(h, None, norm.weight)
+    assert s is h and torch.equal(x, norm(h))
+
+    qkv = torch.randn(5, (H + 2 * KV) * D, generator=g).to(dtype)
+    cos, sin = torch.randn(5, 1, D, generator=g).to(dtype), torch.randn(5, 1, D, generator=g).to(dtype)
+    q, k, v = ops.rope_qkv(qkv, cos, sin)
+    qk = qkv[:, :(H + KV) * D].view(5, H + KV, D)
+    qk = qk * cos + rotate_half(qk) * sin  # the runner's formula before fused.py
+    assert q.is_contiguous() and torch.equal(q, qk[:, :H]) and torch.equal(k, qk[:, H:])
+    assert torch.equal(v, qkv[:, (H + KV) * D:].view(5, KV, D))
+
+    gu = torch.randn(5, 2 * HIDDEN, generator=g).to(dtype)
+    assert torch.equal(ops.silu_mul(gu), F.silu(gu[:, :HIDDEN]) * gu[:, HIDDEN:])
+
+
+def test_merge_splits_is_softmax_over_all_splits():
+    # Three splits of one softmax: merging their partial (max, sum of exp, weighted sum) gives the whole.
+    g = torch.Generator().manual_seed(1)
+    scores, values = torch.randn(2, 3, 12, generator=g), torch.randn(2, 3, 12, 8, generator=g)
+    want = (scores.softmax(-1)[..., None] * values).sum(2)
+    parts = [(scores[..., i:i + 4], values[..., i:i + 4, :]) for i in (0, 4, 8)]
+    m = torch.stack([s.max(-1).values for s, _ in parts], -1)
+    lse = torch.stack([(s - s.max(-1, keepdim=True).values).exp().sum(-1) for s, _ in parts], -1)
+    acc = torch.stack([((s - s.max(-1, keepdim=True).values).exp()[..., None] * v).sum(2) for s, v in parts], 2)
+    torch.testing.assert_close(merge_splits(acc, m, lse, torch.float32), want)
+    # an empty split (m = -inf, nothing accumulated) changes nothing
+    acc4 = torch.cat([acc, torch.zeros(2, 3, 1, 8)], 2)
+    m4, lse4 = torch.cat([m, torch.full((2, 3, 1), float("-inf"))], -1), torch.cat([lse, torch.zeros(2, 3, 1)], -1)
+    torch.testing.assert_close(merge_splits(acc4, m4, lse4, torch.float32), want)
+
+
+def test_compiled_ops_trace_as_one_graph_and_pass_the_self_test():
+    ops = DecoderOps(H, KV, D, eps=1e-6, compiled=True, backend="aot_eager")
+    assert ops.check("cpu", torch.float32, HIDDEN) and ops.compiled
+    assert ops.add_rms_norm is not ops.eager["add_rms_norm"]
+
+
+def test_a_compiled_op_that_disagrees_is_replaced_by_the_eager_one():
+    ops = DecoderOps(H, KV, D, eps=1e-6, compiled=True, backend="aot_eager")
+    ops.silu_mul = lambda gu: gu[:, :HIDDEN]  # wrong
+    assert not ops.check("cpu", torch.float32, HIDDEN)
+    assert not ops.compiled and ops.silu_mul is ops.eager["silu_mul"]
+
+
+def test_engine_outputs_unchanged_with_compiled_ops():
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 140 + 3 * i))} for i in range(4)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eager = [o.token_ids for o in LLM(model, num_blocks=64, block_size=16).generate(prompts, params)]
+    llm = LLM(model, num_blocks=64, block_size=16)
+    t = model.config.text
+    llm.runner.ops = DecoderOps(t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps,
+                                compiled=True, backend="aot_eager")
+    assert [o.token_ids for o in llm.generate(prompts, params)] == eager
