@@ -3,12 +3,16 @@
 
     python bench/nano_probe.py --task colour   --steps 150 --size 112              # colour of a plain image
     python bench/nano_probe.py --task quadrant --steps 200 --size 112 --theta 1e6  # where a red square is
+    python bench/nano_probe.py --task flash    --steps 300 --size 112 --theta 1e6  # when a clip turns red
 
 Writes N training samples (one fixed prompt per task, so only the pixels tell the answers apart), trains the nano
 shape from random weights with the real trainer (packed rows, the recipe's AdamW settings), exports, and answers 40
 held-out images through the engine (greedy). Prints the loss curve (means of 10 steps) and held-out accuracy
 (chance: 1/8 colours, 1/4 quadrants); with --json, writes them. `--theta` overrides the LLM's rope_theta
 (MRoPE): the width axis gets the lowest frequencies of the (t, h, w) split, the question this probe was written for.
+`flash` is the other side of that trade-off: a 4-12 s grey clip at 2 fps is red from second a to b, and the answer
+"a - b" can only come from the temporal ids (the t axis gets the highest frequencies, so a low theta makes its
+wavelengths a few seconds long); it reports exact-match accuracy and the mean temporal IoU.
 """
 
 from __future__ import annotations
@@ -29,7 +33,30 @@ from PIL import Image, ImageDraw  # noqa: E402
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 180), "orange": (250, 140, 20)}
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
-PROMPTS = {"colour": "What colour is this image?", "quadrant": "Where is the red square?"}
+PROMPTS = {"colour": "What colour is this image?", "quadrant": "Where is the red square?",
+           "flash": "When is the screen red?"}
+FLASH_FPS, FLASH_SECONDS = 2, (4, 12)
+
+
+def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
+    """A grey clip at FLASH_FPS that is red for whole seconds [a, b): the answer "a - b"."""
+    seconds = rng.randint(*FLASH_SECONDS)
+    a = rng.randrange(seconds)
+    b = rng.randint(a + 1, seconds)
+    frames = [Image.new("RGB", (size, size), (220, 30, 30) if a <= i / FLASH_FPS < b else (128, 128, 128))
+              for i in range(seconds * FLASH_FPS)]
+    return frames, f"{a} - {b}"
+
+
+def span_iou(pred: str, answer: str) -> float:
+    try:
+        p0, p1 = (float(x) for x in pred.split("-"))
+    except ValueError:
+        return 0.0
+    a0, a1 = (float(x) for x in answer.split("-"))
+    inter = max(0.0, min(p1, a1) - max(p0, a0))
+    union = max(p1, a1) - min(p0, a0)
+    return inter / union if union > 0 else 0.0
 
 
 def make_sample(task: str, rng: random.Random, size: int) -> tuple[Image.Image, str]:
@@ -70,6 +97,17 @@ def main(argv=None) -> int:
     def write(split, n):
         rows = []
         for i in range(n):
+            if a.task == "flash":
+                frames, answer = make_clip(rng, a.size)
+                paths = []
+                for k, frame in enumerate(frames):
+                    paths.append(f"img/{split}{i}_{k:02d}.png")
+                    frame.save(os.path.join(a.out, paths[-1]))
+                video = {"type": "video", "video": paths, "sample_fps": FLASH_FPS, "min_pixels": 784,
+                         "max_pixels": a.size * a.size}
+                rows.append(({"messages": [{"role": "user", "content": [video, {"type": "text", "text": prompt}]},
+                                           {"role": "assistant", "content": answer}]}, answer))
+                continue
             im, answer = make_sample(a.task, rng, a.size)
             path = f"img/{split}{i}.png"
             im.save(os.path.join(a.out, path))
@@ -92,14 +130,22 @@ def main(argv=None) -> int:
         curve = [json.loads(line)["loss"] for line in f]
     means = [round(sum(curve[i:i + 10]) / len(curve[i:i + 10]), 3) for i in range(0, len(curve), 10)]
     llm = LLM(summary["final"])
-    convs = [[{"role": "user", "content": [{"type": "image", "image": os.path.join(a.out, rec["images"][0])},
-                                           {"type": "text", "text": prompt}]}] for rec, _ in held]
-    preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=4, temperature=0.0))]
+    if a.task == "flash":
+        convs = [[{"role": "user", "content": [
+            {**rec["messages"][0]["content"][0], "video": [os.path.join(a.out, p) for p in
+                                                         rec["messages"][0]["content"][0]["video"]]},
+            {"type": "text", "text": prompt}]}] for rec, _ in held]
+    else:
+        convs = [[{"role": "user", "content": [{"type": "image", "image": os.path.join(a.out, rec["images"][0])},
+                                               {"type": "text", "text": prompt}]}] for rec, _ in held]
+    preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=8, temperature=0.0))]
     acc = sum(p == ans for p, (_, ans) in zip(preds, held)) / len(held)
     result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta, "train_s": round(seconds, 1),
               "loss_means_per_10_steps": means, "held_out_accuracy": acc,
-              "chance": 1 / (len(COLOURS) if a.task == "colour" else len(QUADRANTS)),
+              "chance": {"colour": 1 / len(COLOURS), "quadrant": 1 / len(QUADRANTS)}.get(a.task),
               "predictions": preds[:12], "answers": [ans for _, ans in held[:12]]}
+    if a.task == "flash":
+        result["mean_iou"] = round(sum(span_iou(p, ans) for p, (_, ans) in zip(preds, held)) / len(held), 3)
     print(json.dumps(result))
     if a.json:
         with open(a.json, "w") as f:
