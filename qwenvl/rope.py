@@ -129,7 +129,8 @@ def mrope_positions(
             nxt += top + 1
             i += count
         pos = torch.cat(chunks, dim=1) if chunks else torch.zeros(3, 0, dtype=torch.long)
-        positions[:, b, mask[b]] = pos
+        # index_copy_, not positions[:, b, mask[b]] = pos: that boolean-mask assignment takes ~7 ms at 1.3k tokens
+        positions[:, b].index_copy_(1, mask[b].nonzero().squeeze(1), pos)
         deltas[b, 0] = (int(pos.max()) + 1 if pos.numel() else 0) - S
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 

@@ -180,13 +180,14 @@ class LLM:
             if ids.dim() == 2 and ids.shape[0] == 1:
                 ids = ids[0]
             ids = ids.tolist()
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        # set(map(type)) and min/max run in C: a per-id Python check was ~1.5 ms of a 1.3k-token image prompt
+        if not isinstance(ids, (list, tuple)) or (ids and set(map(type, ids)) != {int}):
             raise InputError(f"prompt must be messages, a string, token ids or a prompt dict; got {type(prompt).__name__}")
         ids = list(ids)
         vocab = self.config.text.vocab_size
         if not ids:
             raise InputError("the prompt is empty")
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise InputError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InputError(f"the prompt is {len(ids)} tokens long; max_model_len is {self.max_model_len}, "
