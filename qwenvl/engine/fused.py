@@ -7,7 +7,7 @@ but every kernel still takes a few microseconds of the GPU, ~3 ms a step in all:
 the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is one or two kernels.
 
 `DecoderOps(..., compiled=False)` holds them as plain functions (the same arithmetic, op for op, as the modules
-they stand in for: `layers.RMSNorm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
+they stand in for: `layers.rms_norm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
 `compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
 and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation). The runner switches it on on CUDA only when `QWENVL_COMPILE_OPS=1` (not measured yet, so not
 the default) and only if the compiled functions agree with the eager ones on a self-test (`DecoderOps.check`).
@@ -21,6 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..layers import rms_norm
+from ..rope import rotate_half
 from .attention import merge_splits
 
 log = logging.getLogger(__name__)
@@ -42,17 +44,14 @@ class DecoderOps:
             decoder layer adds it; delta None: (h, RMSNorm(h))."""
             if delta is not None:
                 h = h + delta
-            xf = h.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            return h, weight * xf.to(h.dtype)
+            return h, rms_norm(h, weight, eps)
 
         def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
             """qkv [N, (H + 2 KV) D] -> q [N, H, D] (contiguous, for the decode kernel), k, v [N, KV, D]; q and k
             rotated in the model dtype (cos, sin [N, 1, D]) as the reference does."""
             N = qkv.shape[0]
             qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
-            x1, x2 = qk.chunk(2, dim=-1)
-            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             q, k = qk.split([H, KV], dim=1)
             return q.contiguous(), k, qkv[:, (H + KV) * D:].view(N, KV, D)
 

@@ -24,13 +24,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
-from ..rope import _inv_freq, rotate_half
+from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
                         triton_decode_ok, write_kv)
