@@ -362,6 +362,21 @@ def drive(llm, rid, prompt, params):
     return first - t0, time.perf_counter() - first, toks
 
 
+def frames_prompt(ids, image) -> dict:
+    """The engine's prompt for image_request(..., frames=True): the uint8 image on the host, as the processor gives
+    it (a fresh VisionInput per call, so its content hash is computed in every encode_prompt, as for a new request)."""
+    return {"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]}
+
+
+def timed_generate(llm, prompts, params):
+    """(outputs, seconds, output tokens) of one llm.generate over all prompts at once, synchronised around it."""
+    sync()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync()
+    return outs, time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
 @section("engine")
 def engine(ours, hf, cfg, w1_tokens=256):
     from qwenvl.engine import LLM, SamplingParams
@@ -382,13 +397,9 @@ def engine(ours, hf, cfg, w1_tokens=256):
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 
-    def prompt(ids, image, grid):  # the uint8 image on the host, as the processor gives it (a fresh VisionInput per
-        # request, so its content hash is computed in every encode_prompt, as for a new request)
-        return {"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]}
-
     # Greedy check against the reference path (same request as the decode section), also the warm-up.
     ref = REF_TOKENS.get("w1")
-    _, _, toks = drive(llm, "check", prompt(ids, pix, grid), SamplingParams(max_tokens=len(ref or [0] * 128), **greedy))
+    _, _, toks = drive(llm, "check", frames_prompt(ids, pix), SamplingParams(max_tokens=len(ref or [0] * 128), **greedy))
     if ref:
         same = 0
         for a_, b_ in zip(toks, ref):
@@ -398,29 +409,24 @@ def engine(ours, hf, cfg, w1_tokens=256):
         res["greedy_same_prefix_vs_reference_path"] = f"{same}/{len(ref)}"
     # W1 + W2: a fresh image (new content hash: ViT runs, nothing cached), then the same request again.
     ids, pix, grid = image_request(cfg, seed=7, frames=True)
-    ttft, dec, toks = drive(llm, "w1", prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
+    ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
     res["w1_decode_tok_s"] = (len(toks) - 1) / dec
     res["w2_ttft_new_image_ms"] = ttft * 1e3
     t0 = time.perf_counter()
-    p = llm.encode_prompt(prompt(ids, pix, grid))
+    p = llm.encode_prompt(frames_prompt(ids, pix))
     res["w2_of_which_host_encode_prompt_ms"] = (time.perf_counter() - t0) * 1e3
-    ttft, _, _ = drive(llm, "w2", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
+    ttft, _, _ = drive(llm, "w2", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_cached_image_ms"] = ttft * 1e3
     ids, pix, grid = image_request(cfg, n_text=64, seed=8, frames=True)
-    ttft, _, _ = drive(llm, "w2b", prompt(ids, pix, grid), SamplingParams(max_tokens=1, **greedy))
+    ttft, _, _ = drive(llm, "w2b", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_new_image_2_ms"] = ttft * 1e3
     log(res)
     # W4: 256 requests at once.
     reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
-    prompts = [prompt(*r[:3]) for r in reqs]
+    prompts = [frames_prompt(*r[:2]) for r in reqs]
     params = [SamplingParams(max_tokens=r[3], **greedy) for r in reqs]
     prof = instrument(llm)
-    sync()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    sync()
-    dt = time.perf_counter() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    outs, dt, n_out = timed_generate(llm, prompts, params)
     res["w4_output_tok_s"] = n_out / dt
     res["w4"] = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt,
                  "prompt_tokens": sum(r[0].shape[1] for r in reqs), "time_split": prof,
@@ -434,7 +440,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
     res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
     log(res["fast_paths_check"])
     release()
-    res["w5"] = w5_memory(ours, prompt(ids, pix, grid), SamplingParams(max_tokens=w1_tokens, **greedy))
+    res["w5"] = w5_memory(ours, frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
     log(res["w5"])
 
 
@@ -457,22 +463,15 @@ def engine_compiled_ops(ours, hf, cfg, w1_tokens=256):
     finally:
         del os.environ["QWENVL_COMPILE_OPS"]
 
-    def prompt(ids, image):
-        return {"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]}
-
     ids, pix, _ = image_request(cfg, frames=True)
-    drive(llm, "warm", prompt(ids, pix), SamplingParams(max_tokens=32, **greedy))
+    drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=32, **greedy))
     ids, pix, _ = image_request(cfg, seed=9, frames=True)
-    ttft, dec, toks = drive(llm, "w1", prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+    ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
     res["w1_decode_tok_s"] = (len(toks) - 1) / dec
     res["w2_ttft_new_image_ms"] = ttft * 1e3
     reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
-    sync()
-    t0 = time.perf_counter()
-    outs = llm.generate([prompt(*r[:2]) for r in reqs], [SamplingParams(max_tokens=r[3], **greedy) for r in reqs])
-    sync()
-    dt = time.perf_counter() - t0
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    outs, dt, n_out = timed_generate(llm, [frames_prompt(*r[:2]) for r in reqs],
+                                     [SamplingParams(max_tokens=r[3], **greedy) for r in reqs])
     res["w4_output_tok_s"] = n_out / dt
     if W4_FIRST_TOKENS:
         same = sum(o.outputs[0].token_ids[:32] == t for o, t in zip(outs, W4_FIRST_TOKENS))

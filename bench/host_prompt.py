@@ -18,21 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qwenvl  # noqa: E402
 from qwenvl.engine import LLM  # noqa: E402
 from qwenvl.model import Qwen25VL  # noqa: E402
-from qwenvl.preprocess import VisionInput  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50)
     a = ap.parse_args(argv)
-    import bench  # bench/bench.py: W2's request builder
+    import bench  # bench/bench.py: W2's request and the engine's prompt for it
 
     cfg = qwenvl.preset("7b")  # ids and grid at the 7B shape; the engine below is tiny (encode_prompt runs no model)
     llm = LLM(Qwen25VL.random(qwenvl.preset("tiny"), seed=0), num_blocks=256, block_size=16, max_model_len=2048)
-    prompts = []
-    for seed in range(a.n + 1):
-        ids, image, _ = bench.image_request(cfg, seed=seed, frames=True)
-        prompts.append({"prompt_token_ids": ids[0].tolist(), "images": [VisionInput("image", image.frames)]})
+    prompts = [bench.frames_prompt(*bench.image_request(cfg, seed=seed, frames=True)[:2]) for seed in range(a.n + 1)]
     llm.encode_prompt(prompts[0])
     ms = []
     for p in prompts[1:]:  # a new VisionInput each: its hash is computed, as for a new request
