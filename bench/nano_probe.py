@@ -48,17 +48,6 @@ def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     return frames, f"{a} - {b}"
 
 
-def span_iou(pred: str, answer: str) -> float:
-    try:
-        p0, p1 = (float(x) for x in pred.split("-"))
-    except ValueError:
-        return 0.0
-    a0, a1 = (float(x) for x in answer.split("-"))
-    inter = max(0.0, min(p1, a1) - max(p0, a0))
-    union = max(p1, a1) - min(p0, a0)
-    return inter / union if union > 0 else 0.0
-
-
 def make_sample(task: str, rng: random.Random, size: int) -> tuple[Image.Image, str]:
     if task == "colour":
         name = rng.choice(list(COLOURS))
@@ -145,7 +134,11 @@ def main(argv=None) -> int:
               "chance": {"colour": 1 / len(COLOURS), "quadrant": 1 / len(QUADRANTS)}.get(a.task),
               "predictions": preds[:12], "answers": [ans for _, ans in held[:12]]}
     if a.task == "flash":
-        result["mean_iou"] = round(sum(span_iou(p, ans) for p, (_, ans) in zip(preds, held)) / len(held), 3)
+        from qwenvl.tasks.metrics import mean_iou
+        from qwenvl.tasks.video import parse_time_range
+
+        result["mean_iou"] = round(mean_iou([parse_time_range(p) for p in preds],
+                                            [parse_time_range(ans) for _, ans in held]), 3)
     print(json.dumps(result))
     if a.json:
         with open(a.json, "w") as f:
