@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("qwen2_5_vl",)
 MROPE_TEMPORAL = ("absolute", "frame")  # video temporal ids (rope.video_time_factors)
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment (QWENVL_VIT_GRAPHS, QWENVL_FP8_GEMV, QWENVL_COMPILE_OPS): 1/on/true/yes
+    or 0/off/false/no, any case; unset or empty is `default`; anything else is a ConfigError naming the variable."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _ON or value in _OFF:
+        return value in _ON
+    raise ConfigError(f"{name}={os.environ[name]!r}: expected one of {', '.join(_ON + _OFF)}")
 
 
 @dataclass

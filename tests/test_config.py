@@ -120,3 +120,17 @@ def test_nano_preset():
             cfg.vision_token_id, cfg.bos_token_id, cfg.eos_token_id) == (8182, 8183, 8179, 8180, 8181, 8170, 8172)
     assert "nano" in qwenvl.config.PRESETS
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_env_flag_switches(monkeypatch):
+    from qwenvl.config import env_flag
+
+    monkeypatch.delenv("QWENVL_TEST_FLAG", raising=False)
+    assert env_flag("QWENVL_TEST_FLAG", True) is True and env_flag("QWENVL_TEST_FLAG", False) is False
+    for word, on in [("1", True), ("On", True), (" yes ", True), ("TRUE", True), ("0", False), ("off", False),
+                     ("No", False), ("false", False), ("", True)]:
+        monkeypatch.setenv("QWENVL_TEST_FLAG", word)
+        assert env_flag("QWENVL_TEST_FLAG", True) is on, word
+    monkeypatch.setenv("QWENVL_TEST_FLAG", "maybe")
+    with pytest.raises(ConfigError, match="QWENVL_TEST_FLAG='maybe'"):
+        env_flag("QWENVL_TEST_FLAG", True)

@@ -16,11 +16,11 @@ the default) and only if the compiled functions agree with the eager ones on a s
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
+from ..config import env_flag
 from ..layers import rms_norm
 from ..rope import rotate_half
 from .attention import merge_splits
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def compile_ops_requested() -> bool:
-    return os.environ.get("QWENVL_COMPILE_OPS", "0").strip().lower() in ("1", "on", "true", "yes")
+    return env_flag("QWENVL_COMPILE_OPS", False)
 
 
 class DecoderOps:

@@ -19,12 +19,12 @@ all three axes) are computed on the device; on CUDA it is captured as one CUDA g
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from ..config import env_flag
 from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
@@ -102,7 +102,7 @@ class ModelRunner:
         self.static: dict[str, torch.Tensor] = {}
         # the ViT replayed from CUDA graphs per grid list (vision_graphs.py); QWENVL_VIT_GRAPHS=0 keeps it eager
         self.vision_graphs = (VisionGraphs(model.visual) if enable_cuda_graphs and self.is_cuda
-                              and os.environ.get("QWENVL_VIT_GRAPHS", "1") != "0" else None)
+                              and env_flag("QWENVL_VIT_GRAPHS", True) else None)
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()

@@ -40,6 +40,8 @@ import os
 
 import torch
 
+from ..config import env_flag
+
 log = logging.getLogger(__name__)
 
 try:
@@ -56,7 +58,7 @@ FP8 = torch.float8_e4m3fn
 
 # ---------------------------------------------------------------------------------------------- switch
 def _env_enabled() -> bool:
-    return os.environ.get("QWENVL_FP8_GEMV", "1").strip().lower() not in ("0", "off", "false", "no")
+    return env_flag("QWENVL_FP8_GEMV", True)
 
 
 def _env_max_m() -> int:
