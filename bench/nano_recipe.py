@@ -224,7 +224,8 @@ def _run_settings(run: str) -> dict:
 
 def cmd_package(a) -> int:
     os.makedirs(os.path.join(a.out, "model"), exist_ok=True)
-    summary: dict = {"stage": a.stage, "init": a.init or "random", **_run_settings(a.run),
+    summary: dict = {"stage": a.stage, "init": a.init or "random", **({"arm": a.arm.strip()} if a.arm else {}),
+                     **_run_settings(a.run),
                      "train": _train_summary(os.path.join(a.run, "log.jsonl"))}
     stats_path = os.path.join(a.data, "data_stats.json")
     if os.path.isfile(stats_path):
@@ -312,9 +313,12 @@ def cmd_compare(a) -> int:
     runs = [json.load(open(p)) for p in a.summaries]
     tables = [_eval_rows(r) for r in runs]
     keys = list(dict.fromkeys(k for t in tables for k in t))
-    head = [f"{r.get('stage', '?')}/{r.get('mrope_temporal', '?')} ({os.path.basename(os.path.dirname(os.path.abspath(p))) or p})"
+    head = [r.get("arm") or f"{r.get('stage', '?')}/{r.get('mrope_temporal', '?')} "
+            f"({os.path.basename(os.path.dirname(os.path.abspath(p))) or p})"
             for r, p in zip(runs, a.summaries)]
     lines = ["| task | metric | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(runs)]
+    for key in ("steps", "tokens", "median_tokens_per_s", "final_loss"):  # the training side, not in %
+        lines.append(f"| (training) | {key} | " + " | ".join(str(r.get("train", {}).get(key, "-")) for r in runs) + " |")
     for task, m in keys:
         cells = [f"{100 * t[(task, m)]:.1f}" if (task, m) in t else "-" for t in tables]
         lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
@@ -343,6 +347,7 @@ def main(argv=None) -> int:
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
     k.add_argument("--stage", type=int, default=2)
     k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
+    k.add_argument("--arm", default="", help="'NAME: extra train args' of a NANO_ARMS arm (recorded in the summary)")
     c = sub.add_parser("compare")
     c.add_argument("summaries", nargs="+")
     a = p.parse_args(argv)

@@ -63,13 +63,28 @@ step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, 
   if [ "$DRY" = 1 ]; then printf '%s (limit %s s):' "$name" "$limit"; printf ' %q' "$@"; echo; return 0; fi
   timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  TIMES="${TIMES:+$TIMES,}$name=$(( $(date +%s) - s ))"
+  echo "$name=$(( $(date +%s) - s ))" >> "$WORK/times.txt"
   { echo "== $name: rc=$rc in $(( $(date +%s) - s )) s (limit $limit s)"; tail -n 25 "$WORK/$name.log"; } >> "$LOG"
   echo "$name: rc=$rc, $(( $(date +%s) - s )) s (limit $limit s)"
   return $rc
 }
 [ "$DRY" = 1 ] || { date -u +%FT%TZ; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; nproc
   $PY -c "import torch, tokenizers, safetensors, yaml; print('torch', torch.__version__)"; } >> "$LOG" 2>&1
+
+# NANO_ARMS (see (b)), parsed before any work
+ARM_NAMES=(""); ARM_ARGS=("")
+if [ -n "${NANO_ARMS:-}" ]; then
+  ARM_NAMES=(); ARM_ARGS=()
+  IFS=';' read -ra SPECS <<< "$NANO_ARMS"
+  for spec in "${SPECS[@]}"; do
+    name=${spec%%:*}; args=""; [ "$name" != "$spec" ] && args=${spec#*:}
+    if ! [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]]; then echo "NANO_ARMS: bad arm name '$name' in '$spec' (letters, digits, _ -)" >&2; exit 2; fi
+    ARM_NAMES+=("$name"); ARM_ARGS+=("$args")
+  done
+fi
+N_ARMS=${#ARM_NAMES[@]}
+ARM_WORKERS=$(( DATA_WORKERS / N_ARMS > 1 ? DATA_WORKERS / N_ARMS : 1 ))
+ARM_KV=""; [ "$N_ARMS" -gt 1 ] && [ "$DEVICE" = cuda ] && ARM_KV="--kv-cache-mb 4096"
 
 # (a) data: generation ends at its own deadline (+ ~10 s to start and merge); `timeout` is the backstop
 step data $(( GEN + 30 )) \
@@ -78,24 +93,58 @@ step data $(( GEN + 30 )) \
   --stage "$STAGE" --seed "${NANO_DATA_SEED:-0}"
 
 # (b) train: at most NANO_TRAIN_SECONDS, less when (a) ran long: eval's limit + ~45 s (training start and export
-# ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop
+# ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop.
+# NANO_ARMS runs several trainings at once on the same data and GPU (the nano model keeps an H100/H200 ~1 % busy):
+# "NAME:key=value key=value;NAME2:..." (TrainConfig keys added to the arm's command); data workers are split
+# between the arms; each arm's eval gets its own small KV cache, and its files go to $OUT/NAME/.
 TRAIN_S=$(cap "$TRAIN" $(( EVAL_TIMEOUT + 45 )))
-step train $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_INIT:-nano}" stage=sft "output_dir=$WORK/run" \
-  "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR warmup_steps=$WARMUP \
-  min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 max_train_seconds=$TRAIN_S \
-  min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$DATA_WORKERS device=$DEVICE precision=bf16 \
-  save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false max_bad_fraction=0.05 seed=0 $STAGE_ARGS
+arm_dir() { echo "${1:+_$1}"; }  # "" for the one unnamed arm, _NAME otherwise
+train_arm() {  # NAME ARGS
+  local sfx; sfx=$(arm_dir "$1")
+  # shellcheck disable=SC2086  # ARGS and STAGE_ARGS are word lists
+  step "train$sfx" $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_INIT:-nano}" stage=sft \
+    "output_dir=$WORK/run$sfx" "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR \
+    warmup_steps=$WARMUP min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 \
+    max_train_seconds=$TRAIN_S min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$ARM_WORKERS \
+    device=$DEVICE precision=bf16 save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false \
+    max_bad_fraction=0.05 seed=0 $STAGE_ARGS $2
+}
+eval_arm() {  # NAME: (c) eval on the held-out suite made in (a)
+  local sfx; sfx=$(arm_dir "$1")
+  if [ "$DRY" = 1 ] || [ -f "$WORK/run$sfx/final/config.json" ]; then
+    step "eval$sfx" $(cap "$EVAL_TIMEOUT" 20) $PY -m qwenvl.evaluate.cli --model "$WORK/run$sfx/final" --suite nano \
+      --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval$sfx" --device "$DEVICE" $EVAL_ARGS $ARM_KV \
+      ${UNSEEN_TASKS:+--add-tasks $UNSEEN_TASKS}
+  fi
+}
+for_arms() {  # FUNCTION: runs it for every arm, at once when there are several
+  local i pids=()
+  for i in "${!ARM_NAMES[@]}"; do
+    if [ "$N_ARMS" -gt 1 ] && [ "$DRY" != 1 ]; then "$1" "${ARM_NAMES[$i]}" "${ARM_ARGS[$i]}" & pids+=($!)
+    else "$1" "${ARM_NAMES[$i]}" "${ARM_ARGS[$i]}"; fi
+  done
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+}
+for_arms train_arm
+for_arms eval_arm
 
-# (c) eval on the held-out suite made in (a)
-if [ "$DRY" = 1 ] || [ -f "$WORK/run/final/config.json" ]; then
-  step eval $(cap "$EVAL_TIMEOUT" 20) $PY -m qwenvl.evaluate.cli --model "$WORK/run/final" --suite nano \
-    --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval" --device "$DEVICE" $EVAL_ARGS \
-    ${UNSEEN_TASKS:+--add-tasks $UNSEEN_TASKS}
-fi
-
-# (d) package (from the newest checkpoint if the export is missing) + table
-step package $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run" --eval "$WORK/eval" \
-  --data "$WORK/data" --out "$OUT" --timings "${TIMES:-}" --stage "$STAGE" --init "${NANO_INIT:-}"
+# (d) package (from the newest checkpoint if the export is missing) + table; with arms, the eval side by side, then
+# each arm's files other than the weight shards are tarred ($OUT/NAME/NAME.tar): the call's 8 files that come back
+for i in "${!ARM_NAMES[@]}"; do
+  name=${ARM_NAMES[$i]}; sfx=$(arm_dir "$name")
+  times=$( [ "$DRY" = 1 ] || grep -E "^(data|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
+  step "package$sfx" $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run$sfx" \
+    --eval "$WORK/eval$sfx" --data "$WORK/data" --out "$OUT${name:+/$name}" --timings "$times" --stage "$STAGE" \
+    --init "${NANO_INIT:-}" ${name:+--arm "$name: ${ARM_ARGS[$i]}"}
+  [ "$DRY" = 1 ] || cat "$WORK/package$sfx.log"
+done
 [ "$DRY" = 1 ] && exit 0
-cat "$WORK/package.log"
-echo "total $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT" "$OUT/model"
+if [ -n "${ARM_NAMES[0]}" ]; then
+  $PY bench/nano_recipe.py compare $(for n in "${ARM_NAMES[@]}"; do echo "$OUT/$n/summary.json"; done)
+  for name in "${ARM_NAMES[@]}"; do
+    cp "$WORK/train_$name.log" "$OUT/$name/train.log" 2>/dev/null
+    (cd "$OUT/$name" && find . -type f ! -name '*.safetensors' ! -name "$name.tar" | sort | tar cf "$name.tar" -T - \
+      && find . -type f ! -name '*.safetensors' ! -name "$name.tar" -delete && find . -type d -empty -delete)
+  done
+fi
+echo "total $(( $(date +%s) - T0 )) s; files in $OUT:"; find "$OUT" -type f | sort | xargs ls -la

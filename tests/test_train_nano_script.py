@@ -81,7 +81,7 @@ def test_package_falls_back_to_the_newest_checkpoint(tmp_path):
     assert (tmp_path / "out" / "model" / "model_files.tar").exists()
 
 
-def _dry_run(**env):
+def _dry_run(names=("data", "train", "eval", "package"), **env):
     r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "NANO_DRY_RUN": "1", "OUT": "/nonexistent/out", **env})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -89,21 +89,23 @@ def _dry_run(**env):
     for line in r.stdout.splitlines():
         name, _, cmd = line.partition(" (limit ")
         steps[name] = cmd.split(": ", 1)[1].split()
-    assert list(steps) == ["data", "train", "eval", "package"] and not os.path.exists("/nonexistent/out")
+    assert list(steps) == list(names) and not os.path.exists("/nonexistent/out")
     return steps, r.stderr
+
+
+def _train_config(cmd):
+    import shlex
+
+    from qwenvl.train import TrainConfig
+
+    overrides = [shlex.split(a)[0] for a in cmd[cmd.index("qwenvl.train.cli") + 1:]]  # undo printf %q
+    return TrainConfig.load(None, overrides)
 
 
 def test_dry_run_stage_and_ablation_switches():
     """NANO_STAGE=1: the stage-1 mix, LLM frozen (TrainConfig.freeze_llm); NANO_MROPE_TEMPORAL=frame reaches the
     trainer; the unseen-fps tasks are generated with the suite and evaluated; the defaults pass neither."""
-    import shlex
-
-    from qwenvl.train import TrainConfig
-
-    def train_config(cmd):
-        overrides = [shlex.split(a)[0] for a in cmd[cmd.index("qwenvl.train.cli") + 1:]]  # undo printf %q
-        return TrainConfig.load(None, overrides)
-
+    train_config = _train_config
     steps, err = _dry_run(NANO_STAGE="1", NANO_MROPE_TEMPORAL="frame")
     assert "frozen RANDOM LLM" in err  # stage 1 without NANO_INIT
     cfg = train_config(steps["train"])
@@ -137,3 +139,50 @@ def test_stage_mixes_and_compare(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 2/absolute (abs) | 2/frame (frame) |" in out
     assert "| video_grounding_unseen_fps (1 fps) | mIoU | 50.0 | 25.0 |" in out
+
+
+def test_dry_run_arms():
+    """NANO_ARMS: one data step, then per arm a training with its own extra keys and output folder and half the data
+    workers, an eval with a small KV cache of its own (several evals share the GPU), a package into $OUT/NAME;
+    a bad arm name stops the script before any work."""
+    names = ["data", "train_base", "train_t100", "eval_base", "eval_t100", "package_base", "package_t100"]
+    steps, _ = _dry_run(names, NANO_ARMS="base:;t100:rope_theta=100 lr=5e-4", NANO_DATA_WORKERS="10")
+    base, t100 = _train_config(steps["train_base"]), _train_config(steps["train_t100"])
+    assert base.rope_theta is None and t100.rope_theta == 100 and t100.lr == 5e-4 and base.lr == 1e-3
+    assert base.data_workers == t100.data_workers == 5 and base.output_dir != t100.output_dir
+    assert t100.output_dir.endswith("run_t100")
+    for arm in ("base", "t100"):
+        ev = steps[f"eval_{arm}"]
+        assert ev[ev.index("--kv-cache-mb") + 1] == "4096" and ev[ev.index("--model") + 1].endswith(f"run_{arm}/final")
+        assert steps[f"package_{arm}"][steps[f"package_{arm}"].index("--out") + 1] == f"/nonexistent/out/{arm}"
+    one, _ = _dry_run()
+    assert "--kv-cache-mb" not in one["eval"]  # one training: the engine sizes its cache from free memory
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NANO_DRY_RUN": "1", "NANO_ARMS": "ok:;bad/name:x"})
+    assert r.returncode == 2 and "bad arm name 'bad/name'" in r.stderr and not r.stdout
+
+
+@pytest.mark.slow
+def test_train_nano_script_arms_smoke(tmp_path):
+    """Two arms trained at once on the CPU: each arm's model (its rope_theta in config.json) and a tar of its other
+    files come back within the device's 8 files; the stdout compares the arms' evals."""
+    pytest.importorskip("qwenvl.nano")
+    out = tmp_path / "out"
+    env = {**os.environ, "NANO_SMOKE": "1", "OUT": str(out), "NANO_WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable, "QWENVL_SYNTH_VIDEO": "frames", "NANO_ARMS": "a:;b:rope_theta=100"}
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("data", "train_a", "train_b", "eval_a", "eval_b", "package_a", "package_b"):
+        assert f"{name}: rc=0" in r.stdout, r.stdout + (out / "steps.log").read_text()
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    assert len(files) <= 8 and all(f.count(os.sep) <= 2 for f in files)
+    assert "| task | metric | a: | b: rope_theta=100 |" in r.stdout
+    for arm, theta in (("a", 1e6), ("b", 100.0)):
+        with tarfile.open(out / arm / f"{arm}.tar") as tar:
+            names = set(tar.getnames())
+            assert {"./summary.json", "./eval_report.json", "./train.log", "./model/model_files.tar"} <= names
+            summary = json.load(tar.extractfile("./summary.json"))
+            with tarfile.open(fileobj=tar.extractfile("./model/model_files.tar")) as inner:
+                config = json.load(inner.extractfile("config.json"))
+        assert summary["arm"] == f"{arm}:{' rope_theta=100' if arm == 'b' else ''}" and summary["train"]["steps"] >= 1
+        assert config["rope_theta"] == theta and len(list((out / arm / "model").glob("*.safetensors"))) == 2

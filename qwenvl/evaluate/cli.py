@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="cap on every task's generation budget")
     p.add_argument("--backend", default="auto", choices=["auto", "engine", "generate"])
+    p.add_argument("--kv-cache-mb", type=int, default=None, help="engine KV cache size (default: CPU 1 GiB, CUDA by "
+                   "free memory); set it when several evals share one GPU")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
     p.add_argument("--suite-root", default=None, help="where suite data is generated (default: the qwenvl cache)")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if added:
             tasks = list(dict.fromkeys((tasks or spec["tasks"]) + added))
     samples = load_samples(data, a.limit, tasks)
-    gen = ModelGenerator(a.model, a.backend, a.device, a.dtype, a.batch_size)
+    gen = ModelGenerator(a.model, a.backend, a.device, a.dtype, a.batch_size, kv_cache_mb=a.kv_cache_mb)
     print(f"qwenvl eval: {len(samples)} samples, backend {gen.backend}, model {gen.path}", file=sys.stderr)
     report, rows = evaluate(samples, gen, a.batch_size, a.max_tokens, progress=True)
     report.update(model=gen.path, data=data if len(data) > 1 else data[0], backend=gen.backend,

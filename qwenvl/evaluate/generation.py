@@ -13,13 +13,14 @@ import torch
 
 class ModelGenerator:
     def __init__(self, model: str | None = None, backend: str = "auto", device: str | None = None,
-                 dtype: str | None = None, batch_size: int = 8, quiet: bool = False):
+                 dtype: str | None = None, batch_size: int = 8, quiet: bool = False, kv_cache_mb: int | None = None):
         from ..hub import resolve_model
 
         if backend not in ("auto", "engine", "generate"):
             raise ValueError(f"backend must be auto, engine or generate, got {backend!r}")
         self.path = resolve_model(model, quiet=quiet)
         self.batch_size = batch_size
+        self.kv_cache_mb = kv_cache_mb  # engine KV cache size; None: the engine's default (CUDA: from free memory)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.backend, self.llm, self.model, self.proc = None, None, None, None
@@ -37,7 +38,8 @@ class ModelGenerator:
     def _load_engine(self) -> None:
         from ..engine import LLM, SamplingParams
 
-        llm = LLM(self.path, device=self.device, dtype=self.dtype)
+        llm = LLM(self.path, device=self.device, dtype=self.dtype,
+                  kv_cache_bytes=self.kv_cache_mb << 20 if self.kv_cache_mb else None)
         llm.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=1, temperature=0.0))  # it runs
         self.llm, self.backend = llm, "engine"
 
