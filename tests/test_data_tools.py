@@ -186,3 +186,58 @@ def test_cli_filter_tag_score_reject(good, tmp_path, capsys):
                       "--backend", "generate"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["records"] == 2 and rep["kept"] + rep["removed"] >= 2 and rep["backend"] == "generate"
+
+
+def test_preference_pairs_fail_the_metric_and_train(good, tmp_path, capsys):
+    """`qwenvl data pairs`: chosen = the record's answer, rejected = a corrupted copy that fails the task; checked here
+    with hand-computed quantities (box IoU, stated count, character differences), and the pairs encode for DPO."""
+    import random
+    import re
+
+    from qwenvl.data.preference import replace_chars, shift_numbers
+    from qwenvl.tasks import grounding as G
+    from qwenvl.train.data import ChatEncoder
+
+    rng = random.Random(0)
+    text = 'box [12, 0, 250, 3.5] at 00:07.25 and x1="9"'
+    moved = shift_numbers(text, rng)
+    nums = lambda s: re.findall(r"\d+(?:\.\d+)?", s)  # noqa: E731
+    assert len(nums(moved)) == len(nums(text)) and moved.count(".") == text.count(".")
+    assert all(a != b and float(b) >= 0 and abs(float(a) - float(b)) >= 2 for a, b in zip(nums(text), nums(moved))
+               if not (a == "1" and b == "1"))  # the 1 of x1 is part of a name: untouched
+    garbled = replace_chars("AB-12 c.", rng, 1.0)  # rate 1: every letter and digit replaced by one of its kind
+    assert 'x1="' in moved and len(garbled) == 8 and garbled[2] + garbled[5] + garbled[7] == "- ."
+    assert all(x != y and x.isupper() == y.isupper() and x.isdigit() == y.isdigit()
+               for x, y in zip("AB-12 c.", garbled) if x.isalnum())
+
+    out = tmp_path / "pairs" / "p.jsonl"
+    assert data_main(["pairs", good, "--out", str(out), "--removed", str(tmp_path / "skip.jsonl")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    sources = {r["id"]: r for r, _ in io.read(good)}
+    pairs = [json.loads(line) for line in open(out)]
+    assert rep["kept"] == len(pairs) >= 0.95 * rep["records"]
+    assert sum(t["pairs"] for t in rep["by_task"].values()) == len(pairs)
+    enc = ChatEncoder(max_pixels=64 * 28 * 28)
+    checked = set()
+    for p in pairs:
+        src = sources[p["id"]]
+        assert p["chosen"] == reference_text(src) != p["rejected"]
+        assert all(m["role"] != "assistant" for m in p["messages"]) and len(p["messages"]) == len(src["messages"]) - 1
+        if p["task"] == "grounding" and G.parse_boxes(p["chosen"]):
+            a, b = G.parse_boxes(p["chosen"])[0].xyxy, (G.parse_boxes(p["rejected"]) or [None])[0]
+            if b is not None:
+                b = b.xyxy
+                ix = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+                area = lambda x: max(0, x[2] - x[0]) * max(0, x[3] - x[1])  # noqa: E731
+                assert ix / (area(a) + area(b) - ix) < 0.5
+            checked.add("grounding")
+        if p["task"] == "count":
+            assert p["rejected"].split()[-4:] != p["chosen"].split()[-4:] or G.count(p["rejected"]) != G.count(p["chosen"])
+            checked.add("count")
+        if p["task"] == "ocr":
+            diff = sum(x != y for x, y in zip(p["chosen"], p["rejected"])) + abs(len(p["chosen"]) - len(p["rejected"]))
+            assert diff >= 0.5 * len(p["chosen"].strip())
+            checked.add("ocr")
+        chosen, rejected = enc.encode_pair(p, str(out.parent))  # media relocated next to the output
+        assert chosen.n_labels > 0 and rejected.n_labels > 0
+    assert checked == {"grounding", "count", "ocr"}

@@ -4,6 +4,7 @@
     qwenvl data tag    IN... --out OUT.jsonl                     # adds "domain" (e.g. grounding.box)
     qwenvl data score  IN... --out OUT.jsonl [--model DIR] [--min-logp X] [--drop-fraction F]
     qwenvl data reject IN... --out OUT.jsonl [--model DIR] [--k 4] [--temperature 0.8] [--keep first|all]
+    qwenvl data pairs  IN... --out OUT.jsonl [--seed 0] [--max-score 0.5]   # DPO pairs: answer vs a corrupted copy
 
 Each prints a JSON report (records in, kept, removed and why); --report FILE also writes it. Media paths in
 the output are rewritten relative to OUT's folder.
@@ -92,9 +93,15 @@ def cmd_reject(a, samples):
     return accepted, rejected, {"model": gen.path, "backend": gen.backend, **rep}
 
 
+def cmd_pairs(a, samples):
+    from .preference import preference_pairs
+
+    return preference_pairs(samples, a.seed, a.max_score)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwenvl data", description="Data curation: rule filters, domain tags, "
-                                "model-based scores, rejection sampling.")
+                                "model-based scores, rejection sampling, preference pairs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("filter", help="rule-based filters (repetition, truncated, malformed, boxes, empty)")
     _common(f)
@@ -124,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backend", default="auto", choices=["auto", "engine", "generate"])
     r.set_defaults(fn=cmd_reject)
+    q = sub.add_parser("pairs", help="DPO pairs: chosen = the answer, rejected = a corrupted copy failing the metric")
+    _common(q)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--max-score", type=float, default=0.5, help="the rejected answer's task metric is at most this")
+    q.set_defaults(fn=cmd_pairs)
     a = p.parse_args(argv)
 
     samples = io.read(a.inputs)
