@@ -60,6 +60,30 @@ def test_levenshtein():
     assert m.levenshtein("same", "same") == 0
 
 
+def test_levenshtein_matches_the_dp_table_on_random_sequences():
+    """The bit-parallel distance equals the textbook DP table, on strings of small and large alphabets (many
+    repeats / few), across the 64-bit word boundary, and on lists of words."""
+    import random
+
+    def table(a, b):
+        prev = list(range(len(b) + 1))
+        for i, ca in enumerate(a, 1):
+            cur = [i]
+            for j, cb in enumerate(b, 1):
+                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+            prev = cur
+        return prev[-1]
+
+    rng = random.Random(0)
+    for _ in range(600):
+        alphabet = rng.choice(["ab", "abc", "abcdefghij", ["the", "cat", "sat", "on"]])
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 150))]
+        if isinstance(alphabet, str):
+            a, b = "".join(a), "".join(b)
+        assert m.levenshtein(a, b) == m.levenshtein(b, a) == table(a, b), (a, b)
+
+
 @pytest.mark.parametrize("pred, answers, expected", [
     ("Hello", ["hello"], 1.0),  # lowercased
     ("  New   York ", "new york", 1.0),  # whitespace collapsed
