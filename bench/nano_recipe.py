@@ -224,12 +224,16 @@ def _run_settings(run: str) -> dict:
 
 def cmd_package(a) -> int:
     os.makedirs(os.path.join(a.out, "model"), exist_ok=True)
-    summary: dict = {"stage": a.stage, "init": a.init or "random", **({"arm": a.arm.strip()} if a.arm else {}),
+    stage = int(a.stage) if a.stage.isdigit() else a.stage
+    summary: dict = {"stage": stage, "init": a.init or "random", **({"arm": a.arm.strip()} if a.arm else {}),
                      **_run_settings(a.run),
                      "train": _train_summary(os.path.join(a.run, "log.jsonl"))}
     stats_path = os.path.join(a.data, "data_stats.json")
     if os.path.isfile(stats_path):
         summary["data"] = json.load(open(stats_path))
+    pairs_path = os.path.join(a.data, "pairs_report.json")  # NANO_STAGE=dpo: what `qwenvl data pairs` made
+    if os.path.isfile(pairs_path):
+        summary["pairs"] = {k: v for k, v in json.load(open(pairs_path)).items() if k not in ("out", "command")}
     src, origin = _final_or_checkpoint(a.run)
     summary["model_from"] = origin
     if src:
@@ -345,7 +349,7 @@ def main(argv=None) -> int:
     k.add_argument("--data", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
-    k.add_argument("--stage", type=int, default=2)
+    k.add_argument("--stage", default="2", help="1, 2 or dpo")
     k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
     k.add_argument("--arm", default="", help="'NAME: extra train args' of a NANO_ARMS arm (recorded in the summary)")
     c = sub.add_parser("compare")

@@ -15,6 +15,8 @@
 #   NANO_STAGE=1 NANO_INIT=DIR bash bench/train_nano.sh   # stage 1 of docs/NANO.md §4: ViT + merger trained, LLM frozen,
 #                                                         # the stage-1 mix (captions, OCR, spotting, grounding, charts)
 #   NANO_MROPE_TEMPORAL=frame bash bench/train_nano.sh    # the ablation: frame-index video temporal ids (NANO.md §4)
+#   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
+#   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
 # NANO_DATA_SEED picks other synthetic samples (the same seed regenerates the same ones: give each call its own).
@@ -26,7 +28,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DRY=${NANO_DRY_RUN:-0}
 STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
-case "$STAGE" in 1|2) ;; *) echo "NANO_STAGE must be 1 or 2, got $STAGE" >&2; exit 2;; esac
+case "$STAGE" in 1|2|dpo) ;; *) echo "NANO_STAGE must be 1, 2 or dpo, got $STAGE" >&2; exit 2;; esac
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
@@ -41,6 +43,16 @@ UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
 STAGE_ARGS=""  # stage 1: ViT + merger, LLM frozen (TrainConfig.freeze_llm); stage 2: everything trains
 [ "$STAGE" = 1 ] && STAGE_ARGS="freeze_llm=true"
+# dpo: the stage-2 mix made into preference pairs (qwenvl data pairs: the answer vs a corrupted copy that fails the
+# task's metric), DPO loss against a frozen copy of NANO_INIT, ViT frozen (NANO.md §4); lr 1e-5 unless NANO_LR
+LOSS=sft; TRAIN_FILE=train.jsonl; DATA_STAGE=$STAGE; D_LR=1e-3
+if [ "$STAGE" = dpo ]; then
+  [ -n "${NANO_INIT:-}" ] || { echo "NANO_STAGE=dpo needs NANO_INIT (the model to align)" >&2; exit 2; }
+  LOSS=dpo; TRAIN_FILE=pairs.jsonl; DATA_STAGE=2; D_LR=1e-5
+  [ "${NANO_SMOKE:-0}" = 1 ] || D_GEN=25  # ~20 k records -> pairs in ~25 s (§4 plans ~10 k pairs)
+  [ "${NANO_SMOKE:-0}" = 1 ] && D_PACK=4096  # a pair is packed whole: twice a sample's length
+  STAGE_ARGS="freeze_vit=true freeze_merger=true dpo_beta=${NANO_DPO_BETA:-0.1}"
+fi
 [ -n "$MROPE" ] && STAGE_ARGS="$STAGE_ARGS mrope_temporal=$MROPE"  # unset: the init's (a preset: absolute)
 # the LLM's RoPE base, from random weights only (NANO.md §7: MRoPE gives the width axis the lowest frequencies)
 [ -n "${NANO_ROPE_THETA:-}" ] && STAGE_ARGS="$STAGE_ARGS rope_theta=$NANO_ROPE_THETA"
@@ -51,7 +63,7 @@ TOTAL=${NANO_TOTAL_SECONDS:-$D_TOTAL}
 GEN=${NANO_GEN_SECONDS:-$D_GEN}; GEN_WORKERS=${NANO_GEN_WORKERS:-$D_GEN_WORKERS}; ROUND=${NANO_ROUND_TOKENS:-$D_ROUND}
 TRAIN=${NANO_TRAIN_SECONDS:-$D_TRAIN}; DATA_WORKERS=${NANO_DATA_WORKERS:-$D_DATA_WORKERS}
 PACK=${NANO_PACK_LENGTH:-$D_PACK}; ACCUM=${NANO_GRAD_ACCUM:-$D_ACCUM}; WARMUP=${NANO_WARMUP_STEPS:-$D_WARMUP}
-LR=${NANO_LR:-1e-3}; DEVICE=${NANO_DEVICE:-$D_DEVICE}
+LR=${NANO_LR:-$D_LR}; DEVICE=${NANO_DEVICE:-$D_DEVICE}
 EVAL_N=${NANO_EVAL_N:-$D_EVAL_N}; EVAL_TIMEOUT=${NANO_EVAL_TIMEOUT:-$D_EVAL_TIMEOUT}; EVAL_ARGS=${NANO_EVAL_ARGS-$D_EVAL_ARGS}
 if [ "$DRY" = 1 ]; then WORK=${NANO_WORK:-/tmp/qwenvl-nano.WORK}; else WORK=${NANO_WORK:-$(mktemp -d /tmp/qwenvl-nano.XXXXXX)}; fi
 LOG="$OUT/steps.log"
@@ -90,7 +102,9 @@ ARM_KV=""; [ "$N_ARMS" -gt 1 ] && [ "$DEVICE" = cuda ] && ARM_KV="--kv-cache-mb 
 step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
-  --stage "$STAGE" --seed "${NANO_DATA_SEED:-0}"
+  --stage "$DATA_STAGE" --seed "${NANO_DATA_SEED:-0}"
+[ "$STAGE" = dpo ] && step pairs 90 $PY -m qwenvl.data.cli pairs "$WORK/data/train.jsonl" --out "$WORK/data/pairs.jsonl" \
+  --report "$WORK/data/pairs_report.json" --seed "${NANO_DATA_SEED:-0}"
 
 # (b) train: at most NANO_TRAIN_SECONDS, less when (a) ran long: eval's limit + ~45 s (training start and export
 # ~25 s, packaging ~10 s) must stay; `timeout` gives training 50 s beyond its budget as a backstop.
@@ -102,8 +116,8 @@ arm_dir() { echo "${1:+_$1}"; }  # "" for the one unnamed arm, _NAME otherwise
 train_arm() {  # NAME ARGS
   local sfx; sfx=$(arm_dir "$1")
   # shellcheck disable=SC2086  # ARGS and STAGE_ARGS are word lists
-  step "train$sfx" $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_INIT:-nano}" stage=sft \
-    "output_dir=$WORK/run$sfx" "train_files=[$WORK/data/train.jsonl]" pack_length=$PACK grad_accum=$ACCUM lr=$LR \
+  step "train$sfx" $(cap $(( TRAIN_S + 50 )) 15) $PY -m qwenvl.train.cli "model=${NANO_INIT:-nano}" stage=$LOSS \
+    "output_dir=$WORK/run$sfx" "train_files=[$WORK/data/$TRAIN_FILE]" pack_length=$PACK grad_accum=$ACCUM lr=$LR \
     warmup_steps=$WARMUP min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 \
     max_train_seconds=$TRAIN_S min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$ARM_WORKERS \
     device=$DEVICE precision=bf16 save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false \
