@@ -186,3 +186,18 @@ def test_train_nano_script_arms_smoke(tmp_path):
                 config = json.load(inner.extractfile("config.json"))
         assert summary["arm"] == f"{arm}:{' rope_theta=100' if arm == 'b' else ''}" and summary["train"]["steps"] >= 1
         assert config["rope_theta"] == theta and len(list((out / arm / "model").glob("*.safetensors"))) == 2
+
+
+def test_dry_run_dpo_stage():
+    """NANO_STAGE=dpo: pairs made from the data step's train.jsonl, DPO loss from NANO_INIT with ViT and merger frozen,
+    lr 1e-5 unless NANO_LR; without NANO_INIT it stops before any work."""
+    steps, _ = _dry_run(["data", "pairs", "train", "eval", "package"], NANO_STAGE="dpo", NANO_INIT="/some/model")
+    cfg = _train_config(steps["train"])
+    assert cfg.stage == "dpo" and cfg.model == "/some/model" and cfg.freeze_vit and cfg.freeze_merger
+    assert not cfg.freeze_llm and cfg.lr == 1e-5 and cfg.dpo_beta == 0.1
+    assert cfg.train_files[0].endswith("pairs.jsonl") and steps["pairs"][steps["pairs"].index("--out") + 1] == cfg.train_files[0]
+    assert steps["data"][steps["data"].index("--stage") + 1] == "2"
+    assert steps["package"][steps["package"].index("--stage") + 1] == "dpo"
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NANO_DRY_RUN": "1", "NANO_STAGE": "dpo"})
+    assert r.returncode == 2 and "needs NANO_INIT" in r.stderr and not r.stdout
