@@ -32,16 +32,20 @@ MIX = {"grounding": 0.25 / 3, "point": 0.25 / 3, "count": 0.25 / 3,
        "chart": 0.10, "video_grounding": 0.075, "dense_caption": 0.075, "gui": 0.10, "caption": 0.15}
 # Stage-1 row (visual pretraining, LLM frozen): caption 40 %, ocr 30 %, spotting 10 %, grounding 10 %, chart 10 %.
 MIX_STAGE1 = {"caption": 0.40, "ocr": 0.30, "spotting": 0.10, "grounding": 0.10, "chart": 0.10}
-MIXES = {1: MIX_STAGE1, 2: MIX}
-# Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task).
+# Stage-3 row (long context): §4 plans long clips 40 %, multi-page documents 30 %, multi-step GUI 15 %, stage-2 mix
+# 15 %; no multi-page or multi-step generator exists yet, so their 45 % go to the stage-2 mix (60 % in all).
+MIX_STAGE3 = {"video_grounding_long": 0.20, "dense_caption_long": 0.20, **{t: 0.60 * v for t, v in MIX.items()}}
+MIXES = {1: MIX_STAGE1, 2: MIX, 3: MIX_STAGE3}
+# Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
-          "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077}
+          "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
+          "video_grounding_long": 2500, "dense_caption_long": 3300}
 # matplotlib charts cost ~250 ms each (the other tasks 8-35 ms): fewer unique charts, each written this many times.
 CHART_REPEAT = 4
 
 
 def round_counts(round_tokens: int, stage: int = 2) -> dict[str, int]:
-    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1 or 2."""
+    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1, 2 or 3."""
     mix = MIXES[stage]
     rep = {t: CHART_REPEAT if t == "chart" else 1 for t in mix}
     return {t: max(1, round(mix[t] * round_tokens / TOKENS[t] / rep[t])) for t in mix}

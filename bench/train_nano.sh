@@ -15,6 +15,7 @@
 #   NANO_STAGE=1 NANO_INIT=DIR bash bench/train_nano.sh   # stage 1 of docs/NANO.md §4: ViT + merger trained, LLM frozen,
 #                                                         # the stage-1 mix (captions, OCR, spotting, grounding, charts)
 #   NANO_MROPE_TEMPORAL=frame bash bench/train_nano.sh    # the ablation: frame-index video temporal ids (NANO.md §4)
+#   NANO_STAGE=3 NANO_INIT=DIR bash bench/train_nano.sh   # long context: 30-120 s clips + the stage-2 mix
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
@@ -28,7 +29,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DRY=${NANO_DRY_RUN:-0}
 STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
-case "$STAGE" in 1|2|dpo) ;; *) echo "NANO_STAGE must be 1, 2 or dpo, got $STAGE" >&2; exit 2;; esac
+case "$STAGE" in 1|2|3|dpo) ;; *) echo "NANO_STAGE must be 1, 2, 3 or dpo, got $STAGE" >&2; exit 2;; esac
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
@@ -41,6 +42,12 @@ else
 fi
 UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
+# stage 3 (long context: 30-120 s clips, the stage-3 mix of nano_recipe.py) also evaluates held-out long clips
+if [ "$STAGE" = 3 ]; then
+  UNSEEN_TASKS="${UNSEEN_TASKS:+$UNSEEN_TASKS,}video_grounding_long,dense_caption_long"
+  D_PACK=$(( D_PACK > 8192 ? D_PACK : 8192 ))  # a long clip is up to ~4.6 k tokens (§4: 8192 rows in stage 3)
+  D_EVAL_TIMEOUT=$(( D_EVAL_TIMEOUT + 20 ))  # 100 more clips of ~3 k prompt tokens (an estimate, not measured)
+fi
 STAGE_ARGS=""  # stage 1: ViT + merger, LLM frozen (TrainConfig.freeze_llm); stage 2: everything trains
 [ "$STAGE" = 1 ] && STAGE_ARGS="freeze_llm=true"
 # dpo: the stage-2 mix made into preference pairs (qwenvl data pairs: the answer vs a corrupted copy that fails the
@@ -58,6 +65,9 @@ fi
 [ -n "${NANO_ROPE_THETA:-}" ] && STAGE_ARGS="$STAGE_ARGS rope_theta=$NANO_ROPE_THETA"
 if [ "$STAGE" = 1 ] && [ -z "${NANO_INIT:-}" ]; then
   echo "warning: NANO_STAGE=1 without NANO_INIT trains the ViT + merger against a frozen RANDOM LLM" >&2
+fi
+if [ "$STAGE" = 3 ] && [ -z "${NANO_INIT:-}" ]; then
+  echo "warning: NANO_STAGE=3 without NANO_INIT starts long-context training from RANDOM weights" >&2
 fi
 TOTAL=${NANO_TOTAL_SECONDS:-$D_TOTAL}
 GEN=${NANO_GEN_SECONDS:-$D_GEN}; GEN_WORKERS=${NANO_GEN_WORKERS:-$D_GEN_WORKERS}; ROUND=${NANO_ROUND_TOKENS:-$D_ROUND}

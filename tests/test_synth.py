@@ -344,8 +344,9 @@ def test_unseen_fps_variants(tmp_path, monkeypatch):
     for fmt in fmts:
         monkeypatch.setenv("QWENVL_SYNTH_VIDEO", fmt)
         out = str(tmp_path / fmt)
-        synth.generate(out, ["video_grounding", "dense_caption"] + list(synth.EVAL_TASKS), 2, "heldout", 0)
-        for task in synth.EVAL_TASKS:
+        synth.generate(out, ["video_grounding", "dense_caption", "video_grounding_unseen_fps", "dense_caption_unseen_fps"],
+                       2, "heldout", 0)
+        for task in [t for t in synth.EVAL_TASKS if t.endswith("_unseen_fps")]:
             base = read(out, synth.VARIANTS[task])
             for i, rec in enumerate(read(out, task)):
                 fps, meta, item = UNSEEN_FPS[i % 2], rec["meta"], rec["messages"][0]["content"][0]
@@ -367,3 +368,37 @@ def test_unseen_fps_variants(tmp_path, monkeypatch):
                 spg = enc.encode(rec, out).second_per_grid_ts
                 assert spg == [2 / fps] or (fmt == "mp4" and fps == 1 and spg[0] > 2)  # mp4: an even frame count
             assert enc.encode(base[0], out).second_per_grid_ts == [1.0]
+
+
+def test_long_video_variants(tmp_path, monkeypatch):
+    """Stage 3's long clips: 30-120 s, 1-8 non-overlapping events of >= 1.5 s inside the clip, answers at the events'
+    seconds, the moving shape visible in the frames inside each event and absent outside; scored as the base task."""
+    from qwenvl.evaluate.scoring import SCORED_AS
+    from qwenvl.synth.video import LONG_MAX_EVENTS, LONG_SECONDS
+
+    monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "frames")
+    out = str(tmp_path)
+    tasks = ["video_grounding_long", "dense_caption_long"]
+    assert not set(tasks) & set(synth.TASKS) and set(tasks) <= set(synth.EVAL_TASKS)
+    synth.generate(out, tasks, 3, "train", 0)
+    for task in tasks:
+        assert SCORED_AS[task] == task.removesuffix("_long")
+        for rec in read(out, task):
+            meta, ev = rec["meta"], rec["meta"]["events"]
+            assert LONG_SECONDS[0] <= meta["duration"] <= LONG_SECONDS[1] and 1 <= len(ev) <= LONG_MAX_EVENTS
+            assert len(media_of(rec)) == meta["duration"] * 2 == meta["n_frames"]
+            spans = sorted((e["start"], e["end"]) for e in ev)
+            assert all(b - a >= 1.5 for a, b in spans) and all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+            assert spans[-1][1] <= meta["duration"]
+            if task == "video_grounding_long":
+                assert parse_time_range(answer(rec)) == tuple(meta["span"]) and list(meta["span"]) in [list(x) for x in spans]
+            else:
+                assert [(e.start, e.end) for e in parse_events(answer(rec))] == [(e["start"], e["end"]) for e in ev]
+            for e in [e for e in ev if e["color"] != meta["distractor"][0]]:  # the static distractor may share it
+                rgb = np.array(COLORS[e["color"]])
+                for t, visible in (((e["start"] + e["end"]) / 2, True), (e["start"] - 0.5, False), (e["end"], False)):
+                    j = int(t * 2)
+                    if not 0 <= j < meta["n_frames"] or any(o is not e and o["start"] - 0.5 <= t < o["end"] + 0.5 for o in ev):
+                        continue
+                    a = np.asarray(Image.open(os.path.join(out, media_of(rec)[j]))).astype(int)
+                    assert ((np.abs(a - rgb).max(-1) < 45).sum() > 20) == visible, (e, t)

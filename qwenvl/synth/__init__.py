@@ -36,9 +36,14 @@ _TASKS = {
 TASKS = tuple(_TASKS)  # the training tasks ("all"; also the vocabulary's corpus: do not add eval-only ones here)
 # Eval-only variants: the same clip as the base task's sample i (drawn from the base task's RNG), sampled at a frame
 # rate training never uses (synth.video.UNSEEN_FPS), for the absolute-time vs frame-index MRoPE ablation.
-VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption"}
+# Long-context variants (stage 3 of docs/NANO.md §4, and a long-video eval): 30-120 s clips with up to 8 events,
+# scored as their base task; opt-in like the unseen-fps ones (not in "all").
+VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption",
+            "video_grounding_long": "video_grounding", "dense_caption_long": "dense_caption"}
 _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unseen_fps"),
-               "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps")})
+               "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps"),
+               "video_grounding_long": ("video", "gen_video_grounding_long"),
+               "dense_caption_long": ("video", "gen_dense_caption_long")})
 EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
 VERSION = 1  # bump whenever a generator's output changes (cached eval suites are keyed by it)

@@ -38,6 +38,7 @@ FPS_CHOICES = [4, 5, 8, 10, 12, 15, 24]
 COMBO_TASK = "video"
 FRAMES_FPS = 2
 UNSEEN_FPS = (1, 4)  # sampling rates of the eval-only variants; training samples every clip at FRAMES_FPS (2)
+LONG_SECONDS, LONG_MAX_EVENTS = (30, 120), 8  # the long-context variants (stage 3 of docs/NANO.md §4)
 
 
 def video_format() -> str:
@@ -58,9 +59,9 @@ def _combos(heldout: bool) -> list[tuple]:
     return [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS if allowed(COMBO_TASK, heldout, c, s, m)]
 
 
-def _events(rng: random.Random, duration: float, heldout: bool) -> list[dict]:
-    """1-3 non-overlapping events on a 0.5 s grid; in a held-out clip the first event's combo is unseen."""
-    n = rng.randint(1, min(3, int(duration // 3)))
+def _events(rng: random.Random, duration: float, heldout: bool, max_events: int = 3) -> list[dict]:
+    """1..max_events non-overlapping events on a 0.5 s grid; in a held-out clip the first event's combo is unseen."""
+    n = rng.randint(1, min(max_events, int(duration // 3)))
     while True:
         cuts = sorted(rng.sample(range(1, int(duration * 2)), 2 * n))  # half-seconds
         if all(cuts[2 * i + 1] - cuts[2 * i] >= 3 for i in range(n)):  # every event lasts >= 1.5 s
@@ -92,15 +93,15 @@ def write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
             container.mux(packet)
 
 
-def make_clip(ctx: Ctx, sample_fps: float | None = None) -> tuple[str | list[str], dict]:
+def make_clip(ctx: Ctx, sample_fps: float | None = None, long: bool = False) -> tuple[str | list[str], dict]:
     """(the mp4's path, or the frame files' paths, relative to out_dir; meta). sample_fps: the rate the processor
     is to sample the clip at (default: FRAMES_FPS, the processor's default for an mp4); it draws nothing from
-    ctx.rng, so the clip's content does not depend on it."""
+    ctx.rng, so the clip's content does not depend on it. long: 30-120 s with up to 8 events (4-16 s, 3 events)."""
     rng = ctx.rng
     h, w = rng.choice(FRAME_SIZES)
     fps = rng.choice(FPS_CHOICES)
-    duration = float(rng.randint(4, 16))
-    events = _events(rng, duration, ctx.heldout)
+    duration = float(rng.randint(*LONG_SECONDS) if long else rng.randint(4, 16))
+    events = _events(rng, duration, ctx.heldout, LONG_MAX_EVENTS if long else 3)
     bg = light_background(rng)
     base = Image.new("RGB", (w, h), bg)
     dc, ds = rng.choice([c for c in _combos(False) if c[:2] not in {(e["color"], e["shape"]) for e in events}])[:2]
@@ -155,8 +156,8 @@ def _record(rel: str | list[str], meta: dict, prompt: str, answer: str) -> dict:
                          {"role": "assistant", "content": answer}], "meta": meta}
 
 
-def gen_video_grounding(ctx: Ctx, sample_fps: float | None = None) -> dict:
-    rel, meta = make_clip(ctx, sample_fps)
+def gen_video_grounding(ctx: Ctx, sample_fps: float | None = None, long: bool = False) -> dict:
+    rel, meta = make_clip(ctx, sample_fps, long)
     e = meta["events"][0] if ctx.heldout else ctx.rng.choice(meta["events"])
     query = e["description"][0].lower() + e["description"][1:].rstrip(".")
     meta.update(query=query, span=[e["start"], e["end"]], combo=[e["color"], e["shape"], e["motion"]])
@@ -164,8 +165,8 @@ def gen_video_grounding(ctx: Ctx, sample_fps: float | None = None) -> dict:
     return _record(rel, meta, grounding_prompt(query), answer)
 
 
-def gen_dense_caption(ctx: Ctx, sample_fps: float | None = None) -> dict:
-    rel, meta = make_clip(ctx, sample_fps)
+def gen_dense_caption(ctx: Ctx, sample_fps: float | None = None, long: bool = False) -> dict:
+    rel, meta = make_clip(ctx, sample_fps, long)
     e0 = meta["events"][0]
     meta["combo"] = [e0["color"], e0["shape"], e0["motion"]]
     events = [{"start_time": format_time(e["start"], "mm:ss.ff"), "end_time": format_time(e["end"], "mm:ss.ff"),
@@ -185,3 +186,11 @@ def gen_video_grounding_unseen_fps(ctx: Ctx) -> dict:
 
 def gen_dense_caption_unseen_fps(ctx: Ctx) -> dict:
     return gen_dense_caption(ctx, unseen_fps(ctx))
+
+
+def gen_video_grounding_long(ctx: Ctx) -> dict:
+    return gen_video_grounding(ctx, long=True)
+
+
+def gen_dense_caption_long(ctx: Ctx) -> dict:
+    return gen_dense_caption(ctx, long=True)
