@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     k.add_argument("--data", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
-    k.add_argument("--stage", default="2", help="1, 2 or dpo")
+    k.add_argument("--stage", default="2", help="1, 2, 3 or dpo")
     k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
     k.add_argument("--arm", default="", help="'NAME: extra train args' of a NANO_ARMS arm (recorded in the summary)")
     c = sub.add_parser("compare")

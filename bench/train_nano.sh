@@ -84,10 +84,10 @@ step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, 
   local name=$1 limit=$2 s=$(date +%s); shift 2
   if [ "$DRY" = 1 ]; then printf '%s (limit %s s):' "$name" "$limit"; printf ' %q' "$@"; echo; return 0; fi
   timeout -k 5 "$limit" "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  echo "$name=$(( $(date +%s) - s ))" >> "$WORK/times.txt"
-  { echo "== $name: rc=$rc in $(( $(date +%s) - s )) s (limit $limit s)"; tail -n 25 "$WORK/$name.log"; } >> "$LOG"
-  echo "$name: rc=$rc, $(( $(date +%s) - s )) s (limit $limit s)"
+  local rc=$? dt=$(( $(date +%s) - s ))
+  echo "$name=$dt" >> "$WORK/times.txt"
+  { echo "== $name: rc=$rc in $dt s (limit $limit s)"; tail -n 25 "$WORK/$name.log"; } >> "$LOG"
+  echo "$name: rc=$rc, $dt s (limit $limit s)"
   return $rc
 }
 [ "$DRY" = 1 ] || { date -u +%FT%TZ; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null; nproc

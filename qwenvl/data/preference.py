@@ -61,31 +61,31 @@ def preference_pairs(samples: list[tuple[dict, str]], seed: int = 0, max_score: 
     """(pairs, skipped, report) for (record, folder) samples; each pair record is the prompt + "chosen" + "rejected"
     (strings, the form qwenvl train's DPO reads) + "corruption" (which kind made the rejected answer)."""
     rng = random.Random(seed)
+    items = [(rec, base, task_of(rec), reference_text(rec)) for rec, base in samples]
     by_task: dict[str, list] = {}
-    for rec, base in samples:
-        by_task.setdefault(task_of(rec), []).append(reference_text(rec))
+    for _, _, task, ref in items:
+        by_task.setdefault(task, []).append(ref)
     pairs, skipped = [], []
     report: dict[str, dict[str, int]] = {}
-    for rec, base in samples:
-        task, ref = task_of(rec), reference_text(rec)
+    for rec, base, task, ref in items:
         metric = primary_metric(task)
         counts = report.setdefault(task, {"records": 0, "pairs": 0, "numbers": 0, "chars": 0, "other": 0})
         counts["records"] += 1
 
-        def fails(cand: str) -> bool:
-            return cand.strip() != ref.strip() and score(task, cand, rec, ref)[metric] <= max_score
+        def candidates():  # lazily: the list of other answers is built only when numbers and characters both pass
+            if _NUMBER.search(ref):
+                for s in (1.0, 1.5, 2.5):
+                    yield "numbers", shift_numbers(ref, rng, s)
+            for r in (0.3, 0.6, 0.9):
+                yield "chars", replace_chars(ref, rng, r)
+            others = [o for o in by_task[task] if o.strip() != ref.strip()]
+            for _ in range(3 if others else 0):
+                yield "other", rng.choice(others)
 
         rejected = kind = None
         if ref.strip() and score(task, ref, rec, ref)[metric] >= 1.0:
-            candidates = []
-            if _NUMBER.search(ref):
-                candidates += [("numbers", lambda s=s: shift_numbers(ref, rng, s)) for s in (1.0, 1.5, 2.5)]
-            candidates += [("chars", lambda r=r: replace_chars(ref, rng, r)) for r in (0.3, 0.6, 0.9)]
-            others = [o for o in by_task[task] if o.strip() != ref.strip()]
-            candidates += [("other", lambda: rng.choice(others))] * (3 if others else 0)
-            for name, make in candidates:
-                cand = make()
-                if fails(cand):
+            for name, cand in candidates():
+                if cand.strip() != ref.strip() and score(task, cand, rec, ref)[metric] <= max_score:
                     rejected, kind = cand, name
                     break
         if rejected is None:

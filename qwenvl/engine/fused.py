@@ -9,8 +9,8 @@ the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is 
 `DecoderOps(..., compiled=False)` holds them as plain functions (the same arithmetic, op for op, as the modules
 they stand in for: `layers.rms_norm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
 `compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
-and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation). The runner switches it on on CUDA only when `QWENVL_COMPILE_OPS=1` (not measured yet, so not
-the default) and only if the compiled functions agree with the eager ones on a self-test (`DecoderOps.check`).
+and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation). The runner switches it on on CUDA only when `QWENVL_COMPILE_OPS=1` (not the default:
+faster on an H200, W1 +24 % / W4 +33 % in docs/BENCHMARKS.md 2026-12-05, but the GPU logprob test has not run yet) and only if the compiled functions agree with the eager ones on a self-test (`DecoderOps.check`).
 """
 
 from __future__ import annotations
