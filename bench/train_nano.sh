@@ -156,7 +156,7 @@ for_arms eval_arm
 # each arm's files other than the weight shards are tarred ($OUT/NAME/NAME.tar): the call's 8 files that come back
 for i in "${!ARM_NAMES[@]}"; do
   name=${ARM_NAMES[$i]}; sfx=$(arm_dir "$name")
-  times=$( [ "$DRY" = 1 ] || grep -E "^(data|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
+  times=$( [ "$DRY" = 1 ] || grep -E "^(data|pairs|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
   step "package$sfx" $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run$sfx" \
     --eval "$WORK/eval$sfx" --data "$WORK/data" --out "$OUT${name:+/$name}" --timings "$times" --stage "$STAGE" \
     --init "${NANO_INIT:-}" ${name:+--arm "$name: ${ARM_ARGS[$i]}"}
