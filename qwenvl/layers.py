@@ -141,6 +141,8 @@ def flash_varlen_usable(q: torch.Tensor) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
+# Eager inside compiled blocks: traced, the segment list is guarded on its length, one recompile per sample count.
+@torch.compiler.disable
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments,
                      causal: bool = False) -> torch.Tensor:
     """Attention inside each segment [cu[i], cu[i+1]) of a packed sequence; q: [N, H, D], k, v: [N, Hkv, D]
@@ -153,7 +155,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
     segment, and there is no Python loop over (possibly thousands of) windows.
     """
     global _flash_varlen
-    gqa = bool(k.shape[1] != q.shape[1])  # a plain bool under torch.compile too (SDPA's enable_gqa takes no SymBool)
+    gqa = bool(k.shape[1] != q.shape[1])
     if torch.is_autocast_enabled(q.device.type):  # autocast does not reach the varlen op: cast as SDPA would
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
