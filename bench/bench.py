@@ -10,6 +10,7 @@ Hub layout), so this also proves that transformers reads what we write.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -392,8 +393,11 @@ def engine(ours, hf, cfg, w1_tokens=256):
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
     res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
     ids, pix, grid = image_request(cfg, frames=True)
-    with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image
-        res["w3_vision_ms"] = cuda_time(lambda: ours.visual(pix.pixel_values.to(DEV), grid)) * 1e3
+    with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image (a graph replay once the size repeats)
+        pv, glist = pix.pixel_values.to(DEV), [tuple(g) for g in grid.tolist()]
+        vg = llm.runner.vision_graphs
+        res["w3_vision_ms"] = cuda_time(lambda: vg(pv, glist) if vg is not None else ours.visual(pv, grid)) * 1e3
+        res["w3_vision_eager_module_ms"] = cuda_time(lambda: ours.visual(pv, grid)) * 1e3
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 
@@ -444,24 +448,35 @@ def engine(ours, hf, cfg, w1_tokens=256):
     log(res["w5"])
 
 
-W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per request, for engine_compiled_ops
+W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per request, for engine_eager_ops
 
 
-@section("engine_compiled_ops")
-def engine_compiled_ops(ours, hf, cfg, w1_tokens=256):
-    """W1, W2 and W4 again with QWENVL_COMPILE_OPS=1 (engine/fused.py: norms, rotary, SwiGLU and the split-K
-    merge compiled by inductor, inside the decode CUDA graphs too), in the same process as the engine section;
-    its init_s includes the compiles. W4's first 32 tokens are compared with the engine section's."""
+@contextlib.contextmanager
+def compile_ops_env(value: str):
+    """QWENVL_COMPILE_OPS set to `value` while engines are built inside, then restored."""
+    saved = os.environ.get("QWENVL_COMPILE_OPS")
+    os.environ["QWENVL_COMPILE_OPS"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["QWENVL_COMPILE_OPS"]
+        else:
+            os.environ["QWENVL_COMPILE_OPS"] = saved
+
+
+@section("engine_eager_ops")
+def engine_eager_ops(ours, hf, cfg, w1_tokens=256):
+    """W1, W2 and W4 again with QWENVL_COMPILE_OPS=0: the decoder's norms, rotary, SwiGLU and split-K merge as
+    eager kernels instead of the default inductor-compiled ones (engine/fused.py), in the same process as the
+    engine section. W4's first 32 tokens are compared with the engine section's (compiled) ones."""
     from qwenvl.engine import LLM, SamplingParams
 
     greedy = dict(temperature=0.0, ignore_eos=True)
-    os.environ["QWENVL_COMPILE_OPS"] = "1"
-    try:
+    with compile_ops_env("0"):
         t0 = time.time()
         llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9)
         res = {"init_s": time.time() - t0, "compiled_ops": llm.stats()["compiled_ops"]}
-    finally:
-        del os.environ["QWENVL_COMPILE_OPS"]
 
     ids, pix, _ = image_request(cfg, frames=True)
     drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=32, **greedy))
@@ -475,8 +490,8 @@ def engine_compiled_ops(ours, hf, cfg, w1_tokens=256):
     res["w4_output_tok_s"] = n_out / dt
     if W4_FIRST_TOKENS:
         same = sum(o.outputs[0].token_ids[:32] == t for o, t in zip(outs, W4_FIRST_TOKENS))
-        res["w4_same_first_32_as_eager_ops"] = f"{same}/{len(outs)}"
-    RESULTS["engine_compiled_ops"] = res
+        res["w4_same_first_32_as_compiled_ops"] = f"{same}/{len(outs)}"
+    RESULTS["engine_eager_ops"] = res
     log(res)
     del llm, outs
     release()
@@ -497,7 +512,8 @@ def release():
 
 def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
     """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
-    (no CUDA graphs, no Triton paged decode, padded SDPA instead of FlashAttention varlen in the ViT) vs on.
+    (no CUDA graphs, no Triton paged decode, no compiled decoder ops, padded SDPA instead of FlashAttention
+    varlen in the ViT) vs on.
     `on`: the first tokens of the W4 run itself; the slow run is a fresh engine over the same weights and
     requests. Near-ties in bf16 make a few differ."""
     import qwenvl.layers as layers
@@ -507,7 +523,9 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
     saved = layers._flash_varlen
     try:
         layers._flash_varlen = None
-        llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, enable_cuda_graphs=False)
+        with compile_ops_env("0"):
+            llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9,
+                      enable_cuda_graphs=False)
         llm.runner.use_triton = False
         outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, **greedy) for _ in prompts])
         off = [o.outputs[0].token_ids[:n_first] for o in outs]
@@ -559,7 +577,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="7b")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--sections", default="parity,vision,prefill,decode,batch_hf,engine,engine_compiled_ops")
+    ap.add_argument("--sections", default="parity,vision,prefill,decode,batch_hf,engine,engine_eager_ops")
     ap.add_argument("--ckpt", default="/tmp/qwenvl-bench-ckpt")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script with --shape tiny")
     ap.add_argument("--w4-requests", type=int, default=256)
@@ -598,7 +616,7 @@ def main():
                 torch.cuda.empty_cache()
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
               "vision_profile": vision_profile, "engine": engine,
-              "engine_compiled_ops": engine_compiled_ops}.get(name)
+              "engine_eager_ops": engine_eager_ops}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

@@ -9,8 +9,11 @@ the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is 
 `DecoderOps(..., compiled=False)` holds them as plain functions (the same arithmetic, op for op, as the modules
 they stand in for: `layers.rms_norm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
 `compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
-and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation). The runner switches it on on CUDA only when `QWENVL_COMPILE_OPS=1` (not the default:
-faster on an H200, W1 +24 % / W4 +33 % in docs/BENCHMARKS.md 2026-12-05, but the GPU logprob test has not run yet) and only if the compiled functions agree with the eager ones on a self-test (`DecoderOps.check`).
+and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation).
+The runner switches it on on CUDA by default (`QWENVL_COMPILE_OPS=0` turns it off): W1 +24 % / W4 +33 % on an H200 (docs/BENCHMARKS.md 2026-12-05) and the GPU logprob test
+(tests/test_engine_cuda.py::test_compiled_decoder_ops_close_to_reference_logits) passed on an H100 the same day;
+it costs compile time at engine start, and falls back to eager if the compiled functions disagree with the
+eager ones on a self-test (`DecoderOps.check`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def compile_ops_requested() -> bool:
-    return env_flag("QWENVL_COMPILE_OPS", False)
+    return env_flag("QWENVL_COMPILE_OPS", True)
 
 
 class DecoderOps:
