@@ -300,9 +300,13 @@ def test_gpu_fp8linear_dispatch(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_engine_fp8_greedy_with_kernel_equals_without(monkeypatch):
+def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkeypatch):
     """Same FP8 weights, same weight-only maths (bf16 activations, fp8 weights): the kernel (one rounding of
-    an fp32 result) vs the dequant path (bf16 matmul, then the scale). Large-M steps use dequant in both."""
+    an fp32 result) vs the dequant path (bf16 matmul, then the scale). Large-M steps use dequant in both.
+    The two round differently (an ulp of bf16 per linear), so at random weights greedy tokens may part where the
+    top two logits nearly tie (H100 2026-12-05: one request of 8 at its 7th token). Checked: every token before a
+    parting has the same logprob within 0.1 on both paths, and at a parting the kernel's token is the dequant
+    path's runner-up within 0.1 of its top choice."""
     _needs_fp8_gpu()
     import random
 
@@ -316,7 +320,7 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without(monkeypatch):
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
                for _ in range(8)]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     calls = []
     real = G.fp8_gemv
     monkeypatch.setattr(G, "fp8_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -327,12 +331,21 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without(monkeypatch):
             n0 = len(calls)  # counted while the engine warms up and captures its decode graphs, and eagerly
             llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
             assert llm.stats()["cuda_graph_batch_sizes"]
-            outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+            outs[on] = [o.outputs[0] for o in llm.generate(prompts, params)]
             assert (len(calls) > n0) == on
             llm.shutdown()
         finally:
             G.set_enabled(**old)
-    assert outs[True] == outs[False]
+    tol = 0.1
+    for kernel, dequant in zip(outs[True], outs[False]):
+        assert len(kernel.token_ids) == len(dequant.token_ids) == 8
+        for i, (a, b) in enumerate(zip(kernel.token_ids, dequant.token_ids)):
+            lp_k, lp_d = kernel.logprobs[i], dequant.logprobs[i]
+            if a == b:
+                assert abs(lp_k[a] - lp_d[b]) < tol, (i, lp_k, lp_d)
+                continue
+            assert a in lp_d and lp_d[b] - lp_d[a] < tol, f"token {i}: kernel chose {a}, dequant {lp_d}"
+            break
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
