@@ -69,3 +69,29 @@ def test_vision_graphs_replay_equals_eager():
     for _ in range(2):  # fp32 has no varlen kernel: never captured, eager
         fp32(pix, [(1, 16, 24)])
     assert not fp32.enabled and fp32.replays == 0
+
+
+def test_engine_pads_the_vit_mlp_under_graphs_with_the_same_features():
+    """The engine zero-pads a ViT MLP whose width is not a multiple of 16 (the 7B/72B ViT's 3420) when it replays
+    the ViT from graphs: the features it computes (eager first use, then the padded graph) stay within bf16 noise of
+    the unpadded ViT's."""
+    import copy
+    import dataclasses
+
+    from qwenvl.engine import LLM
+
+    cfg = qwenvl.preset("tiny")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, intermediate_size=50))
+    model = Qwen25VL.random(cfg, torch.bfloat16, device="cuda", seed=0)
+    plain = copy.deepcopy(model.visual)
+    llm = LLM(model, num_blocks=256, block_size=16)
+    assert all(b.mlp._padded is not None and b.mlp._padded[3] == 64 for b in model.visual.blocks)
+    grids = [(1, 16, 24)]
+    pix = torch.randn(16 * 24, cfg.vision.patch_dim, generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ref = plain(pix, grids)
+        outs = [llm.runner.vision_graphs(pix, grids) for _ in range(3)]
+    assert llm.runner.vision_graphs.replays >= 1
+    for out in outs:
+        assert rel(out, ref) < 1e-2
+    llm.shutdown()

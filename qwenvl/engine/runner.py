@@ -103,6 +103,11 @@ class ModelRunner:
         # the ViT replayed from CUDA graphs per grid list (vision_graphs.py); QWENVL_VIT_GRAPHS=0 keeps it eager
         self.vision_graphs = (VisionGraphs(model.visual) if enable_cuda_graphs and self.is_cuda
                               and env_flag("QWENVL_VIT_GRAPHS", True) else None)
+        if self.vision_graphs is not None and model.visual.dtype in (torch.bfloat16, torch.float16):
+            # Replayed from graphs the ViT is no longer launch-bound, and the 7B/72B ViT's 3420-wide MLP (not a
+            # multiple of 8) falls off cuBLAS' Hopper kernels: zero-padded, graph 38.3 -> 28.1 ms for a 1280x720
+            # image (H200, docs/BENCHMARKS.md 2026-12-05). Same outputs; a no-op where the width is a multiple of 16.
+            model.visual.pad_mlp_hidden()
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
