@@ -36,6 +36,11 @@ MIX_STAGE1 = {"caption": 0.40, "ocr": 0.30, "spotting": 0.10, "grounding": 0.10,
 # 15 %; no multi-page or multi-step generator exists yet, so their 45 % go to the stage-2 mix (60 % in all).
 MIX_STAGE3 = {"video_grounding_long": 0.20, "dense_caption_long": 0.20, **{t: 0.60 * v for t, v in MIX.items()}}
 MIXES = {1: MIX_STAGE1, 2: MIX, 3: MIX_STAGE3}
+# `--mix video` (NANO_MIX=video): clips only, for the temporal-id ablation (§4): the two rules differ only on video,
+# and in the stage-2 mix video is 15 % of the tokens, too few for a model from random weights to read clips within
+# one call (§7, runs 5A/5F).
+MIX_VIDEO = {"video_grounding": 0.5, "dense_caption": 0.5}
+NAMED_MIXES = {"video": MIX_VIDEO}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
           "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
@@ -44,9 +49,10 @@ TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 1
 CHART_REPEAT = 4
 
 
-def round_counts(round_tokens: int, stage: int = 2) -> dict[str, int]:
-    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1, 2 or 3."""
-    mix = MIXES[stage]
+def round_counts(round_tokens: int, stage: int = 2, mix_name: str = "") -> dict[str, int]:
+    """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1, 2 or 3,
+    or the named mix (`NAMED_MIXES`) instead of the stage's when given."""
+    mix = NAMED_MIXES[mix_name] if mix_name else MIXES[stage]
     rep = {t: CHART_REPEAT if t == "chart" else 1 for t in mix}
     return {t: max(1, round(mix[t] * round_tokens / TOKENS[t] / rep[t])) for t in mix}
 
@@ -144,7 +150,7 @@ def cmd_data(a) -> int:
         import matplotlib.figure  # noqa: F401
     t0 = time.time()
     deadline = t0 + a.seconds
-    counts = round_counts(a.round_tokens, a.stage)
+    counts = round_counts(a.round_tokens, a.stage, a.mix)
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_gen_worker, args=(w, a.workers, a.out, deadline, a.seed, counts))
              for w in range(a.workers)]
@@ -163,7 +169,7 @@ def cmd_data(a) -> int:
             acc = per_task.setdefault(task, [0, 0.0])
             acc[0] += n
             acc[1] += s
-    stats.update(stage=a.stage, seed=a.seed, workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
+    stats.update(stage=a.stage, mix=a.mix or f"stage {a.stage}", seed=a.seed, workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
                  round_counts=counts, samples_per_s_per_process={t: round(n / s, 1) for t, (n, s) in per_task.items() if s})
     with open(os.path.join(a.out, "data_stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -347,6 +353,7 @@ def main(argv=None) -> int:
     d.add_argument("--suite-root", default=None)
     d.add_argument("--suite-extra", default="", help="opt-in suite tasks to generate too (comma-separated)")
     d.add_argument("--stage", type=int, default=2, choices=sorted(MIXES), help="whose data mix (docs/NANO.md §4)")
+    d.add_argument("--mix", default="", choices=["", *NAMED_MIXES], help="a named mix instead of the stage's")
     k = sub.add_parser("package")
     k.add_argument("--run", required=True)
     k.add_argument("--eval", required=True)

@@ -18,6 +18,7 @@
 #   NANO_STAGE=3 NANO_INIT=DIR bash bench/train_nano.sh   # long context: 30-120 s clips + the stage-2 mix
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
+#   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
 # NANO_DATA_SEED picks other synthetic samples (the same seed regenerates the same ones: give each call its own).
@@ -31,6 +32,9 @@ DRY=${NANO_DRY_RUN:-0}
 STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
 case "$STAGE" in 1|2|3|dpo) ;; *) echo "NANO_STAGE must be 1, 2, 3 or dpo, got $STAGE" >&2; exit 2;; esac
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
+MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only
+case "$MIX" in ""|video) ;; *) echo "NANO_MIX must be empty or video, got $MIX" >&2; exit 2;; esac
+if [ -n "$MIX" ] && [ "$STAGE" != 2 ]; then echo "NANO_MIX=$MIX replaces stage 2's mix; NANO_STAGE=$STAGE has its own" >&2; exit 2; fi
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
   D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=3 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
@@ -42,6 +46,7 @@ else
 fi
 UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
+[ "$MIX" = video ] && D_EVAL_ARGS="$D_EVAL_ARGS --tasks video_grounding,dense_caption"  # + the unseen-fps ones
 # stage 3 (long context: 30-120 s clips, the stage-3 mix of nano_recipe.py) also evaluates held-out long clips
 if [ "$STAGE" = 3 ]; then
   UNSEEN_TASKS="${UNSEEN_TASKS:+$UNSEEN_TASKS,}video_grounding_long,dense_caption_long"
@@ -112,7 +117,7 @@ ARM_KV=""; [ "$N_ARMS" -gt 1 ] && [ "$DEVICE" = cuda ] && ARM_KV="--kv-cache-mb 
 step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
-  --stage "$DATA_STAGE" --seed "${NANO_DATA_SEED:-0}"
+  --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --seed "${NANO_DATA_SEED:-0}"
 [ "$STAGE" = dpo ] && step pairs 90 $PY -m qwenvl.data.cli pairs "$WORK/data/train.jsonl" --out "$WORK/data/pairs.jsonl" \
   --report "$WORK/data/pairs_report.json" --seed "${NANO_DATA_SEED:-0}"
 
@@ -156,10 +161,11 @@ for_arms eval_arm
 # each arm's files other than the weight shards are tarred ($OUT/NAME/NAME.tar): the call's 8 files that come back
 for i in "${!ARM_NAMES[@]}"; do
   name=${ARM_NAMES[$i]}; sfx=$(arm_dir "$name")
+  init=${NANO_INIT:-}; for w in ${ARM_ARGS[$i]}; do [[ $w == model=* ]] && init=${w#model=}; done  # an arm's own init
   times=$( [ "$DRY" = 1 ] || grep -E "^(data|pairs|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
   step "package$sfx" $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run$sfx" \
     --eval "$WORK/eval$sfx" --data "$WORK/data" --out "$OUT${name:+/$name}" --timings "$times" --stage "$STAGE" \
-    --init "${NANO_INIT:-}" ${name:+--arm "$name: ${ARM_ARGS[$i]}"}
+    --init "$init" ${name:+--arm "$name: ${ARM_ARGS[$i]}"}
   [ "$DRY" = 1 ] || cat "$WORK/package$sfx.log"
 done
 [ "$DRY" = 1 ] && exit 0

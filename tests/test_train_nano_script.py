@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -94,8 +95,6 @@ def _dry_run(names=("data", "train", "eval", "package"), **env):
 
 
 def _train_config(cmd):
-    import shlex
-
     from qwenvl.train import TrainConfig
 
     overrides = [shlex.split(a)[0] for a in cmd[cmd.index("qwenvl.train.cli") + 1:]]  # undo printf %q
@@ -121,12 +120,33 @@ def test_dry_run_stage_and_ablation_switches():
     assert r.returncode == 2 and "NANO_MROPE_TEMPORAL" in r.stderr
 
 
+def test_dry_run_video_mix_for_the_ablation():
+    """NANO_MIX=video: clips only in the data step, the eval narrowed to the video tasks and their unseen-fps
+    variants, per-arm inits through NANO_ARMS (an arm's model= comes after the common one, and the last wins)."""
+    names = ["data", "train_A", "train_F", "eval_A", "eval_F", "package_A", "package_F"]
+    steps, err = _dry_run(names, NANO_MIX="video", NANO_INIT="/init", NANO_ARMS="A:model=/a;F:model=/f")
+    assert steps["data"][steps["data"].index("--mix") + 1] == "video"
+    ev = [shlex.split(w)[0] for w in steps["eval_A"]]  # undo printf %q
+    assert ev[ev.index("--tasks") + 1] == "video_grounding,dense_caption"
+    assert ev[ev.index("--add-tasks") + 1] == "video_grounding_unseen_fps,dense_caption_unseen_fps"
+    assert _train_config(steps["train_A"]).model == "/a" and _train_config(steps["train_F"]).model == "/f"
+    assert steps["package_F"][steps["package_F"].index("--init") + 1] == "/f"  # the summary names the arm's init
+    assert "--mix" not in _dry_run()[0]["data"]
+    for bad in ({"NANO_MIX": "clips"}, {"NANO_MIX": "video", "NANO_STAGE": "1"}):
+        r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "NANO_DRY_RUN": "1", **bad})
+        assert r.returncode == 2 and "NANO_MIX" in r.stderr, r.stderr
+
+
 def test_stage_mixes_and_compare(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import nano_recipe
 
     assert set(nano_recipe.round_counts(100_000, 1)) == {"caption", "ocr", "spotting", "grounding", "chart"}
     assert nano_recipe.round_counts(100_000) == nano_recipe.round_counts(100_000, 2)
+    video = nano_recipe.round_counts(100_000, 2, "video")  # ~50 k tokens of each clip task per round
+    assert set(video) == {"video_grounding", "dense_caption"}
+    assert all(abs(n * nano_recipe.TOKENS[t] - 50_000) < nano_recipe.TOKENS[t] for t, n in video.items())
     assert abs(sum(nano_recipe.MIX_STAGE1.values()) - 1) < 1e-9 and abs(sum(nano_recipe.MIX.values()) - 1) < 1e-9
     paths = []
     for name, mode, v in (("abs", "absolute", 0.5), ("frame", "frame", 0.25)):
