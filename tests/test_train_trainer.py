@@ -260,3 +260,30 @@ def test_compiled_blocks_do_not_recompile_per_packed_row():
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             layer(x, cos, sin, seg, None, 0).sum().backward()
             block(v, seg, rot.cos(), rot.sin()).sum().backward()
+
+
+def test_checkpoint_layers_recompute_some_layers_with_the_same_gradients():
+    """checkpoint_layers=N: N decoder layers, spread evenly, recompute in backward (all ViT blocks do); the loss and
+    gradients are those of the model without checkpointing."""
+    import functools as ft
+
+    from qwenvl.train.trainer import checkpointed_layer_indexes, enable_activation_checkpointing
+
+    assert checkpointed_layer_indexes(36, 24) == [i * 3 // 2 for i in range(24)]
+    assert checkpointed_layer_indexes(36, None) == list(range(36)) == checkpointed_layer_indexes(36, 99)
+    assert checkpointed_layer_indexes(36, 0) == [] and checkpointed_layer_indexes(36, 4) == [0, 9, 18, 27]
+    cfg = qwenvl.preset("tiny")
+    plain, ckpt = (Qwen25VL.random(cfg, dtype=torch.float32, seed=0) for _ in range(2))
+    enable_activation_checkpointing(ckpt, layers=1)
+    wrapped = [isinstance(layer.forward, ft.partial) for layer in ckpt.model.layers]
+    assert wrapped == [i == 0 for i in range(len(wrapped))] and len(wrapped) > 1
+    assert all(isinstance(b.forward, ft.partial) for b in ckpt.visual.blocks)
+    ids = torch.randint(0, cfg.text.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (plain, ckpt):
+        m(ids).float().logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-6
+    with pytest.raises(ConfigError, match="checkpoint_layers"):
+        TrainConfig(model="tiny", checkpoint_layers=-1).validate()

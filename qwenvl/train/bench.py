@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lora-r", type=int, default=0)
     p.add_argument("--images", action="store_true")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-layers", type=int, default=None,
+                   help="recompute only this many decoder layers, spread evenly (default: all)")
     p.add_argument("--freeze-vit", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile decoder layers and ViT blocks")
     p.add_argument("--grad-accum", type=int, default=1, help="packed rows per rank per step (1 GPU x 2 == 2 GPUs x 1)")
@@ -138,7 +140,8 @@ def main(argv=None) -> dict:
         cfg = TrainConfig(model=a.preset, train_files=[data], output_dir=os.path.join(tmp, "run"),
                           max_steps=a.steps, pack_length=a.pack_length, save_every=0, export=False,
                           resume=False, lora_r=a.lora_r, lr=a.lr, grad_accum=a.grad_accum, freeze_vit=a.freeze_vit,
-                          activation_checkpointing=not a.no_checkpointing, compile=a.compile, chunk_size=a.samples,
+                          activation_checkpointing=not a.no_checkpointing, checkpoint_layers=a.checkpoint_layers,
+                          compile=a.compile, chunk_size=a.samples,
                           max_bad_fraction=1.0)
         train(cfg)
         if int(os.environ.get("RANK", "0")) != 0:

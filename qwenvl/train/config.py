@@ -66,6 +66,8 @@ class TrainConfig:
     # ---- execution
     precision: str = "bf16"  # bf16 (autocast / FSDP mixed precision, fp32 master weights) | fp32; CPU runs fp32
     activation_checkpointing: bool = False
+    checkpoint_layers: int | None = None  # with activation_checkpointing: recompute only this many decoder layers,
+    #                                       spread evenly (None: all); the ViT blocks are always recomputed
     compile: bool = False  # torch.compile each decoder layer and ViT block (fuses norms, rotary, SwiGLU elementwise work)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -106,6 +108,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),
+            (self.checkpoint_layers is None or self.checkpoint_layers >= 0,
+             f"checkpoint_layers must be >= 0 (or unset: every layer), got {self.checkpoint_layers!r}"),
             (self.rope_theta is None or self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}"),
             (self.mrope_temporal in (None, *MROPE_TEMPORAL),
              f"mrope_temporal must be absolute or frame, got {self.mrope_temporal!r}"),
