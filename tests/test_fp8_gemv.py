@@ -63,7 +63,12 @@ def test_pick_config_on_real_shapes(M):
             programs = -(-N // c.block_n) * split * (-(-M // 16) if c.use_dot else M)
             cap, _ = G.normalize_split(k_blocks, G.max_split(M, K))
             assert split <= 16 and 8 * split * M * N <= max(N * K / 10, 8 * M * N), (name, N, K, c)
-            assert programs >= 8 * 132 or split == cap, (name, N, K, c, programs)
+            if M == 1:  # split until a program reads ~64 KiB of weights, not more
+                per_program = c.block_n * per * c.block_k
+                assert per_program <= G.WEIGHT_BYTES_PER_PROGRAM or split == cap, (name, N, K, c)
+                assert split == 1 or c.block_n * (per + 1) * c.block_k > G.WEIGHT_BYTES_PER_PROGRAM // 2
+            else:
+                assert programs >= 8 * 132 or split == cap, (name, N, K, c, programs)
 
 
 def test_tuned_table_overrides_heuristic():

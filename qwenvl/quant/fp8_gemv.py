@@ -135,17 +135,27 @@ def auto_split(M: int, N: int, K: int, block_n: int, block_k: int, use_dot: bool
     return normalize_split(k_blocks, split)[0]
 
 
+WEIGHT_BYTES_PER_PROGRAM = 64 * 1024  # M == 1: K is split until a program reads about this much of its weight rows
+
+
 def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
-    """Heuristic: FMA tile [16, 256] (4 KiB of fp8 per iteration, 4 warps) for M == 1, a [32, 128] weight
-    tile with tl.dot for M > 1, split-K by auto_split. set_tuned entries win."""
+    """Heuristic, from the winners of bench/bench_fp8_gemv.py's sweep on an H100 (7B shapes, M = 1, 4, 16;
+    docs/BENCHMARKS.md 2026-12-05). M == 1: FMA tile [16, 512] with 8 warps, K split only until a program reads
+    ~64 KiB of weights (qkv and o_proj unsplit, down_proj in 5: fewer, longer programs beat ~8 per SM there).
+    M > 1: a [64, 128] weight tile with tl.dot and 3 pipeline stages, split-K by auto_split (the [32, 128]
+    single-stage tile before was 15-45 % slower). set_tuned entries win."""
     if (M, N, K) in _TUNED:
         return _TUNED[(M, N, K)]
     if M == 1:
-        bn, bk, warps, dot = 16, 256, 4, False
+        bn, bk, warps, stages, dot = 16, 512, 8, 1, False
+        bk = min(bk, max(16, triton_next_pow2(K)))
+        split = min(-(-bn * K // WEIGHT_BYTES_PER_PROGRAM), max_split(M, K))
+        split = normalize_split(-(-K // bk), split)[0]
     else:
-        bn, bk, warps, dot = 32, 128, 4, True
-    bk = min(bk, max(16, triton_next_pow2(K)))
-    return GemvConfig(bn, bk, auto_split(M, N, K, bn, bk, dot, num_sms), warps, 1, dot)
+        bn, bk, warps, stages, dot = 64, 128, 4, 3, True
+        bk = min(bk, max(16, triton_next_pow2(K)))
+        split = auto_split(M, N, K, bn, bk, dot, num_sms)
+    return GemvConfig(bn, bk, split, warps, stages, dot)
 
 
 def triton_next_pow2(n: int) -> int:
