@@ -346,6 +346,13 @@ def vision_profile(ours, hf, cfg):
         res["compile_s"] = time.time() - t0
         res["compiled_blocks_ms"] = cuda_time(lambda: visual(pix, grid)) * 1e3
         res["compiled_vs_eager_rel_err"] = ((compiled - eager).norm() / eager.norm()).item()
+        if DEV == "cuda":  # compiled + padded blocks replayed from a CUDA graph: fused elementwise work, no launches
+            from qwenvl.engine.vision_graphs import VisionGraphs
+            glist = [tuple(g) for g in grid.tolist()]
+            graphs = VisionGraphs(visual)
+            [graphs(pix, glist) for _ in range(2)]  # eager, then captured
+            res["compiled_blocks_cuda_graph_ms"] = cuda_time(lambda: graphs(pix, glist)) * 1e3
+            res["compiled_blocks_cuda_graph_captured"] = graphs.replays > 0
         del visual
     log(res)
 
