@@ -109,6 +109,40 @@ def test_batch_of_64_equals_reference(model, workload, cfg):
         assert llm.stats()["num_preemptions"] > 0
 
 
+def test_varlen_prefill_plan_equals_reference(model, workload, monkeypatch):
+    """The one-call prefill of mixed steps (engine.attention.varlen_prefill_attention; on CUDA FlashAttention's
+    varlen kernel, checked against the per-chunk path at start) gets its query rows, key slots and boundaries
+    right: with a reference varlen function standing in for the kernel on the CPU, 64 mixed requests in chunked
+    steps (chunks with a cached prefix next to fresh ones and decode rows) give the reference tokens."""
+    import torch.nn.functional as F
+
+    from qwenvl import layers
+    from qwenvl.engine import runner
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):  # causal aligned to each chunk's last key
+        assert is_causal and q.shape[1] == k.shape[1]
+        out = torch.empty_like(q)
+        for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+            n, L = b - a, d - c
+            calls.append((n, L))
+            mask = torch.ones(n, L, dtype=torch.bool).tril(diagonal=L - n)
+            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                      v[c:d].transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        assert max(n for n, _ in calls[-len(cu_q) + 1:]) == max_q and max(L for _, L in calls[-len(cu_q) + 1:]) == max_k
+        return out
+
+    monkeypatch.setattr(layers, "_flash_varlen", varlen)
+    monkeypatch.setattr(runner, "varlen_prefill_ok", lambda *a: True)
+    llm = LLM(model, num_blocks=1024, block_size=4, max_num_batched_tokens=48, enable_prefix_caching=False)
+    assert llm.runner.varlen_prefill
+    outs = llm.generate([p for p, _, _ in workload], [SamplingParams(max_tokens=n, **GREEDY) for _, n, _ in workload])
+    for out, (_, n, ref) in zip(outs, workload):
+        assert out.token_ids == ref
+    assert any(L > n for n, L in calls) and any(L == n for n, L in calls)  # chunks with and without a prefix
+
+
 def test_chunked_prefill_runs_vit_once_per_image(model):
     # A 64-token image prefilled in 8-token chunks: features are computed once and sliced per chunk.
     grid = (1, 16, 16)

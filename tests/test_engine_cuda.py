@@ -159,3 +159,15 @@ def test_processor_frames_normalised_on_the_device_equal_the_host_path():
     ref = model.generate(torch.tensor([enc["input_ids"]], device="cuda"), pixel_values=pix.cuda(),
                          image_grid_thw=grid[None].cuda(), max_new_tokens=6, eos_token_id=[])
     assert out[0].token_ids == ref[0].tolist()
+
+
+def test_varlen_prefill_agrees_with_the_per_chunk_path_and_is_used(bf16_model):
+    """All prefill chunks of a mixed step in one FlashAttention varlen call: its causal mask must align each
+    chunk's queries with the end of its keys (cached prefix + chunk); the start-up check compares it with the
+    per-chunk SDPA path at the 7B's heads (28 / 4 kv, dim 128) and the tiny model's, and the engine then uses it
+    (the logprob tests above run through it)."""
+    from qwenvl.engine.attention import varlen_prefill_ok
+
+    assert varlen_prefill_ok(torch.bfloat16, "cuda", 16, 4, 28, 128)
+    llm = LLM(bf16_model, num_blocks=256, block_size=16)
+    assert llm.runner.varlen_prefill

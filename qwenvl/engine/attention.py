@@ -4,6 +4,9 @@
 - prefill_attention: one sequence's chunk of queries against its cached prefix + the chunk (causal relative
   to the prefix). Plain SDPA; on CUDA with heads expanded and a bottom-right causal bias, so the flash /
   memory-efficient kernels run instead of the N^2 math fallback.
+- varlen_prefill_attention: every prefill chunk of a mixed step in one FlashAttention varlen call per layer
+  (CUDA, bf16/fp16), keys gathered from the pools by slot; checked against prefill_attention once at start
+  (`varlen_prefill_ok`), else the per-chunk loop runs.
 - decode_attention_gather: a batch of single-token queries; one gather of the block tables into a padded
   [B, kv_heads, max_len, D] + SDPA with a key-padding mask. Works everywhere (the CPU path).
 - decode_attention_triton: a paged flash-decoding kernel (CUDA, bf16/fp16): reads K/V straight from the
@@ -56,6 +59,66 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool:
     mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=start)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=kh.shape[1] != H)
     return out[0].transpose(0, 1)
+
+
+def varlen_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, k_slots: torch.Tensor,
+                             cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int) -> torch.Tensor:
+    """Several sequences' prefill chunks at once. q [Nq, H, D]: the chunks' queries back to back; chunk i's keys
+    and values are its whole sequence so far (cached prefix + the chunk, already in the pools), read at the flat
+    slots k_slots[cu_k[i]:cu_k[i + 1]]; causal from the end: query j of a chunk of n against L keys sees keys
+    0 .. L - n + j. One kernel launch per layer instead of a gather, a head expansion and an SDPA per chunk
+    (a W4 step holds ~11 chunks: 300+ attention calls per step)."""
+    from .. import layers
+
+    kvh, d = k_pool.shape[-2:]
+    k, v = k_pool.view(-1, kvh, d)[k_slots], v_pool.view(-1, kvh, d)[k_slots]
+    rep = q.shape[1] // kvh
+    if rep > 1:  # not every torch release takes grouped-query heads here
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return layers._flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **layers._causal_kwargs())
+
+
+def varlen_prefill_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int,
+                      head_dim: int) -> bool:
+    """Whether varlen_prefill_attention is usable here and agrees with prefill_attention (chunks with and without
+    a cached prefix) on random data: the varlen kernel's causal mask must align each chunk's queries with the
+    end of its keys."""
+    from .. import layers
+
+    dev = torch.device(device)
+    probe = torch.empty(1, 1, head_dim, device=dev, dtype=dtype)
+    if not layers.flash_varlen_usable(probe) or heads % kv_heads:
+        return False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        nb = 16
+        kp = torch.randn(nb, block_size, kv_heads, head_dim, generator=g, device=dev).to(dtype)
+        vp = torch.randn(nb, block_size, kv_heads, head_dim, generator=g, device=dev).to(dtype)
+        chunks = [(0, 23, [3, 7]), (2 * block_size + 5, 19, [0, 9, 4, 12]), (block_size, 1 + block_size, [5, 1, 8])]
+        q = torch.randn(sum(n for _, n, _ in chunks), heads, head_dim, generator=g, device=dev).to(dtype)
+        k_slots, ref, cu_q, cu_k, r0 = [], [], [0], [0], 0
+        for start, n, table in chunks:
+            blocks = torch.tensor(table, device=dev)
+            pos = torch.arange(start + n, device=dev)
+            slots = blocks[pos // block_size] * block_size + pos % block_size
+            k_slots.append(slots)
+            kc, vc = (p.view(-1, kv_heads, head_dim)[slots[start:]] for p in (kp, vp))
+            ref.append(prefill_attention(q[r0:r0 + n], kc, vc, kp, vp, blocks if start else None, start))
+            r0 += n
+            cu_q.append(r0)
+            cu_k.append(cu_k[-1] + start + n)
+        cu = [torch.tensor(c, dtype=torch.int32, device=dev) for c in (cu_q, cu_k)]
+        out = varlen_prefill_attention(q, kp, vp, torch.cat(k_slots), cu[0], cu[1],
+                                       max(n for _, n, _ in chunks), max(s + n for s, n, _ in chunks))
+        err = (out.float() - torch.cat(ref).float()).abs().max().item()
+        torch.cuda.synchronize(dev)
+        if not err < 2e-2:
+            log.warning("varlen prefill disagrees with the per-chunk path (max err %.3g); not using it", err)
+            return False
+        return True
+    except Exception as e:  # a build without the kernel, or another signature
+        log.warning("varlen prefill unavailable (%s: %s); prefill chunks attend one by one", type(e).__name__, e)
+        return False
 
 
 # Not cuDNN: SDPA prefers it on Hopper, and it builds (~2 ms of CPU) a new graph for every new sequence length,

@@ -18,6 +18,7 @@ all three axes) are computed on the device; on CUDA it is captured as one CUDA g
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from ..quant.fp8 import fuse_linears
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
-                        triton_decode_ok, write_kv)
+                        triton_decode_ok, varlen_prefill_attention, varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
@@ -59,6 +60,9 @@ class StepInputs:
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
     decode_context_lens: torch.Tensor | None = None  # [Bd] int32
     prefills: list[tuple[int, int, int, torch.Tensor | None]] = field(default_factory=list)  # row0, n, start, blocks
+    # all prefill chunks in one varlen call (attention.varlen_prefill_attention): query rows, key slots, cu_q, cu_k,
+    # max_q, max_k; None: the chunks attend one by one
+    prefill_plan: tuple | None = None
     vision_rows: torch.Tensor | None = None
     vision_feats: torch.Tensor | None = None
 
@@ -93,6 +97,8 @@ class ModelRunner:
         self.encoder_cache_rows = 0
         self.num_encoder_runs = 0  # statistics
         self.num_encoded_items = 0
+        self.varlen_prefill = varlen_prefill_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
+                                                self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
         self.kv: PagedKVCache | None = None
@@ -213,6 +219,11 @@ class ModelRunner:
             if s.decode_rows is not None:
                 out[s.decode_rows] = self._decode_attention(i, q[s.decode_rows], s.decode_block_tables,
                                                             s.decode_context_lens)
+            if s.prefill_plan is not None:
+                rows, k_slots, cu_q, cu_k, max_q, max_k = s.prefill_plan
+                out[rows] = varlen_prefill_attention(q[rows], self.kv.k[i], self.kv.v[i], k_slots, cu_q, cu_k,
+                                                     max_q, max_k)
+                return out
             for r0, n, start, blocks in s.prefills:
                 out[r0:r0 + n] = prefill_attention(q[r0:r0 + n], k[r0:r0 + n], v[r0:r0 + n], self.kv.k[i],
                                                    self.kv.v[i], blocks, start)
@@ -272,6 +283,7 @@ class ModelRunner:
         dev = self.device
         ids, positions, slots, sample_rows = [], [], [], []
         decode_rows, decode_seqs, prefills = [], [], []
+        plan_rows, plan_slots = [], []
         vision_rows, vision_feats = [], []
         self._encode_vision(chunks)
         row = 0
@@ -289,6 +301,9 @@ class ModelRunner:
                     nb = -(-c.end // self.block_size)
                     blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
                 prefills.append((row, c.num_tokens, c.start, blocks))
+                if self.varlen_prefill:
+                    plan_rows.append(torch.arange(row, row + c.num_tokens))
+                    plan_slots.append(self._slots(seq, 0, c.end))  # the cached prefix and the chunk
             for idx, item in enumerate(seq.prompt.items):
                 a, b = max(c.start, item.offset), min(c.end, item.end)
                 if a < b:
@@ -308,6 +323,13 @@ class ModelRunner:
         if vision_rows:
             s.vision_rows = torch.cat(vision_rows).to(dev)
             s.vision_feats = torch.cat(vision_feats)
+        if plan_rows and (len(prefills) > 1 or decode_rows):  # one prefill alone keeps its single SDPA call
+            n_q = [len(r) for r in plan_rows]
+            n_k = [len(k) for k in plan_slots]
+            cu = torch.tensor([[0, *itertools.accumulate(n_q)], [0, *itertools.accumulate(n_k)]], dtype=torch.int32)
+            cu = cu.to(dev, non_blocking=True)
+            s.prefill_plan = (torch.cat(plan_rows).to(dev, non_blocking=True),
+                              torch.cat(plan_slots).to(dev, non_blocking=True), cu[0], cu[1], max(n_q), max(n_k))
         return s
 
     def _execute_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
