@@ -4,6 +4,7 @@
     python bench/nano_probe.py --task colour   --steps 150 --size 112              # colour of a plain image
     python bench/nano_probe.py --task quadrant --steps 200 --size 112 --theta 1e6  # where a red square is
     python bench/nano_probe.py --task flash    --steps 300 --size 112 --theta 1e6  # when a clip turns red
+    python bench/nano_probe.py --task box      --steps 400 --size 224 --theta 100  # the red square's box, in pixels
 
 Writes N training samples (one fixed prompt per task, so only the pixels tell the answers apart), trains the nano
 shape from random weights with the real trainer (packed rows, the recipe's AdamW settings), exports, and answers 40
@@ -13,6 +14,9 @@ held-out images through the engine (greedy). Prints the loss curve (means of 10 
 `flash` is the other side of that trade-off: a 4-12 s grey clip at 2 fps is red from second a to b, and the answer
 "a - b" can only come from the temporal ids (the t axis gets the highest frequencies, so a low theta makes its
 wavelengths a few seconds long); it reports exact-match accuracy and the mean temporal IoU.
+`box` is grounding reduced to its core: one red square (side 1/8 to 3/8 of the canvas) anywhere on grey, answered
+as "[x1, y1, x2, y2]" in pixels like the synth grounding task's bbox_2d; it reports Acc@0.5, the mean IoU, and the
+mean IoU of the best pixel-blind answer (the training set's mean box), the floor a model that ignores the image gets.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), 
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 180), "orange": (250, 140, 20)}
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
 PROMPTS = {"colour": "What colour is this image?", "quadrant": "Where is the red square?",
-           "flash": "When is the screen red?"}
+           "flash": "When is the screen red?", "box": "Outline the red square with a bounding box."}
 FLASH_FPS, FLASH_SECONDS = 2, (4, 12)
 
 
@@ -55,6 +59,12 @@ def make_sample(task: str, rng: random.Random, size: int) -> tuple[Image.Image, 
         noise = torch.randint(-12, 13, (h, w, 3), generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
         arr = (torch.tensor(COLOURS[name])[None, None] + noise).clamp(0, 255).to(torch.uint8).numpy()
         return Image.fromarray(arr), name
+    if task == "box":
+        s = rng.randrange(size // 8, size * 3 // 8 + 1)
+        x0, y0 = rng.randrange(0, size - s), rng.randrange(0, size - s)
+        im = Image.new("RGB", (size, size), (128, 128, 128))
+        ImageDraw.Draw(im).rectangle([x0, y0, x0 + s - 1, y0 + s - 1], fill=(220, 30, 30))
+        return im, json.dumps([x0, y0, x0 + s, y0 + s])
     q, s = rng.randrange(4), rng.randrange(size // 8, size // 4)
     x0 = rng.randrange(0, size // 2 - s) + (size // 2 if q % 2 else 0)
     y0 = rng.randrange(0, size // 2 - s) + (size // 2 if q >= 2 else 0)
@@ -104,8 +114,9 @@ def main(argv=None) -> int:
                                                          {"role": "assistant", "content": answer}]}, answer))
         return rows
 
+    train_rows = [rec for rec, _ in write("train", a.samples)]
     with open(os.path.join(a.out, "train.jsonl"), "w") as f:
-        for rec, _ in write("train", a.samples):
+        for rec in train_rows:
             f.write(json.dumps(rec) + "\n")
     held = write("test", 40)
     cfg = TrainConfig(model="nano", train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
@@ -127,12 +138,30 @@ def main(argv=None) -> int:
     else:
         convs = [[{"role": "user", "content": [{"type": "image", "image": os.path.join(a.out, rec["images"][0])},
                                                {"type": "text", "text": prompt}]}] for rec, _ in held]
-    preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=8, temperature=0.0))]
+    preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=24 if a.task == "box" else 8,
+                                                                      temperature=0.0))]
     acc = sum(p == ans for p, (_, ans) in zip(preds, held)) / len(held)
     result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta, "train_s": round(seconds, 1),
               "loss_means_per_10_steps": means, "held_out_accuracy": acc,
               "chance": {"colour": 1 / len(COLOURS), "quadrant": 1 / len(QUADRANTS)}.get(a.task),
               "predictions": preds[:12], "answers": [ans for _, ans in held[:12]]}
+    if a.task == "box":
+        from qwenvl.tasks.metrics import iou as box_iou
+
+        def parse(text):
+            try:
+                box = json.loads(text)
+                return [float(v) for v in box] if isinstance(box, list) and len(box) == 4 else None
+            except (ValueError, TypeError):
+                return None
+
+        truth = [json.loads(ans) for _, ans in held]
+        ious = [box_iou(b, t) if b else 0.0 for b, t in zip(map(parse, preds), truth)]
+        mean_box = [sum(json.loads(r["messages"][1]["content"])[i] for r in train_rows) / len(train_rows)
+                    for i in range(4)]
+        result.update(held_out_accuracy=sum(v >= 0.5 for v in ious) / len(ious), mean_iou=round(sum(ious) / len(ious), 3),
+                      pixel_blind_mean_iou=round(sum(box_iou(mean_box, t) for t in truth) / len(truth), 3),
+                      parsed=sum(parse(p) is not None for p in preds))
     if a.task == "flash":
         from qwenvl.tasks.metrics import mean_iou
         from qwenvl.tasks.video import parse_time_range
