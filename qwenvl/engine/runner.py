@@ -283,6 +283,9 @@ class ModelRunner:
         dev = self.device
         ids, positions, slots, sample_rows = [], [], [], []
         decode_rows, decode_seqs, prefills = [], [], []
+        # several prefill chunks, or one beside decode rows: one varlen call (one prefill alone keeps its SDPA call)
+        n_prefill = sum(c.num_tokens > 1 for c in chunks)
+        use_plan = self.varlen_prefill and 0 < n_prefill and (n_prefill > 1 or n_prefill < len(chunks))
         plan_rows, plan_slots = [], []
         vision_rows, vision_feats = [], []
         self._encode_vision(chunks)
@@ -295,15 +298,16 @@ class ModelRunner:
             if c.num_tokens == 1:
                 decode_rows.append(row)
                 decode_seqs.append(c)
+            elif use_plan:  # the plan reads keys by slot: no per-chunk block table
+                prefills.append((row, c.num_tokens, c.start, None))
+                plan_rows.append(torch.arange(row, row + c.num_tokens))
+                plan_slots.append(self._slots(seq, 0, c.end))  # the cached prefix and the chunk
             else:
                 blocks = None
                 if c.start > 0:
                     nb = -(-c.end // self.block_size)
                     blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
                 prefills.append((row, c.num_tokens, c.start, blocks))
-                if self.varlen_prefill:
-                    plan_rows.append(torch.arange(row, row + c.num_tokens))
-                    plan_slots.append(self._slots(seq, 0, c.end))  # the cached prefix and the chunk
             for idx, item in enumerate(seq.prompt.items):
                 a, b = max(c.start, item.offset), min(c.end, item.end)
                 if a < b:
@@ -323,7 +327,7 @@ class ModelRunner:
         if vision_rows:
             s.vision_rows = torch.cat(vision_rows).to(dev)
             s.vision_feats = torch.cat(vision_feats)
-        if plan_rows and (len(prefills) > 1 or decode_rows):  # one prefill alone keeps its single SDPA call
+        if use_plan:
             n_q = [len(r) for r in plan_rows]
             n_k = [len(k) for k in plan_slots]
             cu = torch.tensor([[0, *itertools.accumulate(n_q)], [0, *itertools.accumulate(n_k)]], dtype=torch.int32)
