@@ -10,7 +10,8 @@ the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is 
 they stand in for: `layers.rms_norm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
 `compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
 and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation).
-The runner switches it on on CUDA by default (`QWENVL_COMPILE_OPS=0` turns it off): W1 +24 % / W4 +33 % on an H200 (docs/BENCHMARKS.md 2026-12-05) and the GPU logprob test
+The runner switches it on on CUDA by default (`QWENVL_COMPILE_OPS=0` turns it off): W1 +24 % / W4 +33 % on an
+H200 (docs/BENCHMARKS.md 2026-12-05) and the GPU logprob test
 (tests/test_engine_cuda.py::test_compiled_decoder_ops_close_to_reference_logits) passed on an H100 the same day;
 it costs compile time at engine start, and falls back to eager if the compiled functions disagree with the
 eager ones on a self-test (`DecoderOps.check`).

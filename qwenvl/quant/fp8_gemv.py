@@ -146,14 +146,11 @@ def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
     single-stage tile before was 15-45 % slower). set_tuned entries win."""
     if (M, N, K) in _TUNED:
         return _TUNED[(M, N, K)]
+    bn, bk, warps, stages, dot = (16, 512, 8, 1, False) if M == 1 else (64, 128, 4, 3, True)
+    bk = min(bk, max(16, triton_next_pow2(K)))
     if M == 1:
-        bn, bk, warps, stages, dot = 16, 512, 8, 1, False
-        bk = min(bk, max(16, triton_next_pow2(K)))
-        split = min(-(-bn * K // WEIGHT_BYTES_PER_PROGRAM), max_split(M, K))
-        split = normalize_split(-(-K // bk), split)[0]
+        split = normalize_split(-(-K // bk), min(-(-bn * K // WEIGHT_BYTES_PER_PROGRAM), max_split(M, K)))[0]
     else:
-        bn, bk, warps, stages, dot = 64, 128, 4, 3, True
-        bk = min(bk, max(16, triton_next_pow2(K)))
         split = auto_split(M, N, K, bn, bk, dot, num_sms)
     return GemvConfig(bn, bk, split, warps, stages, dot)
 
