@@ -53,10 +53,11 @@ def model_flops(config, log_entries, lengths_sq_sum: float) -> float:
 
 
 def transformers_baseline(data: str, preset_cfg, pack_length: int, steps: int, checkpointing: bool,
-                          lr: float = 1e-5, device: str = "cuda") -> list[dict]:
+                          lr: float = 1e-5, device: str = "cuda", freeze_vit: bool = False) -> list[dict]:
     """The peer: transformers' Qwen2.5-VL model (same shape, random weights) in a plain training loop over the same
     pre-tokenized samples, in file order: right-padded batches of at most `pack_length` padded tokens, bf16
-    autocast over fp32 weights, fused AdamW, gradient checkpointing when ours uses activation checkpointing.
+    autocast over fp32 weights, fused AdamW, gradient checkpointing when ours uses activation checkpointing, the ViT
+    frozen when ours freezes it (the report's SFT/DPO setting).
     Returns the step log in the trainer's format (tokens = real tokens, padding excluded)."""
     import time
 
@@ -74,6 +75,8 @@ def transformers_baseline(data: str, preset_cfg, pack_length: int, steps: int, c
         model = Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, dtype=torch.float32,
                                                                 attn_implementation="sdpa")
     model.train()
+    if freeze_vit:
+        model.model.visual.requires_grad_(False)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -151,7 +154,8 @@ def main(argv=None) -> dict:
         if a.baseline and torch.cuda.is_available() and not a.images:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            peer = transformers_baseline(data, cfg_model, a.pack_length, a.steps, not a.no_checkpointing)
+            peer = transformers_baseline(data, cfg_model, a.pack_length, a.steps, not a.no_checkpointing,
+                                         freeze_vit=a.freeze_vit)
     timed = log[2:] if len(log) > 3 else log
     secs = sum(e["step_s"] for e in timed)
     # sum(len^2) is not logged per step: use the synthetic length distribution's ratio to tokens
