@@ -19,6 +19,7 @@
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
 #   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
+#   QWENVL_PROFILE_STEP=20 bash bench/train_nano.sh     # + torch.profiler tables of training step 20 in steps.log
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
 # NANO_DATA_SEED picks other synthetic samples (the same seed regenerates the same ones: give each call its own).
@@ -156,6 +157,12 @@ for_arms() {  # FUNCTION: runs it for every arm, at once when there are several
   [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 }
 for_arms train_arm
+# QWENVL_PROFILE_STEP=N (the trainer's torch.profiler over step N): each arm's tables go into steps.log
+for i in "${!ARM_NAMES[@]}"; do
+  for f in "$WORK/run$(arm_dir "${ARM_NAMES[$i]}")"/profile_step*.txt; do
+    [ -f "$f" ] && { echo "== profile ${ARM_NAMES[$i]:-run}: $(basename "$f")"; head -c 20000 "$f"; echo; } >> "$LOG"
+  done
+done
 for_arms eval_arm
 
 # (d) package (from the newest checkpoint if the export is missing) + table; with arms, the eval side by side, then

@@ -287,3 +287,14 @@ def test_checkpoint_layers_recompute_some_layers_with_the_same_gradients():
     assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-6
     with pytest.raises(ConfigError, match="checkpoint_layers"):
         TrainConfig(model="tiny", checkpoint_layers=-1).validate()
+
+
+def test_profile_step_writes_the_ops_of_that_step(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWENVL_PROFILE_STEP", "2")
+    cfg = TrainConfig(model="tiny", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      max_steps=3, pack_length=96, chunk_size=4, save_every=0, export=False, resume=False)
+    train(cfg)
+    assert sorted(f for f in os.listdir(tmp_path / "run") if f.startswith("profile")) == ["profile_step2.txt"]
+    text = open(tmp_path / "run" / "profile_step2.txt").read()
+    assert text.startswith("profiled step:") and "aten::mm" in text  # forward/backward matmuls of that step
+    assert "Optimizer.step" in text or "adamw" in text.lower()  # the optimizer is inside the profiled window

@@ -539,8 +539,10 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     pixel_dtype = torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     loss_value, steps_run, out_of_time = float("nan"), 0, False
+    profile_step = int(os.environ.get("QWENVL_PROFILE_STEP", "0") or 0)  # where a step's time goes (see _profiler)
     clock.start = time.perf_counter() - elapsed  # the budget counts training, not model loading
     while step < cfg.max_steps and not out_of_time and (stop_after is None or steps_run < stop_after):
+        prof = _profiler(dev.device) if dev.main and step + 1 == profile_step else None
         t0 = time.perf_counter()
         micro = loader.next_step()
         t_data = time.perf_counter() - t0
@@ -582,6 +584,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         if dev.device.type == "cuda":
             torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
         dt = time.perf_counter() - t0
+        if prof is not None:
+            _write_profile(prof, os.path.join(out_dir, f"profile_step{step}.txt"), dt)
         elapsed = clock()
         if cfg.max_train_seconds:  # every rank stops at the same step: when any rank's budget is spent
             out_of_time = dev.all_sum([float(elapsed >= cfg.max_train_seconds)])[0] > 0
@@ -609,6 +613,33 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     if dev.enabled:
         dist.destroy_process_group()
     return summary
+
+
+def _profiler(device):
+    """QWENVL_PROFILE_STEP=N: torch.profiler over step N (data, forward, backward, optimizer), started here."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def _write_profile(prof, path: str, step_s: float) -> None:
+    """The profiled step's ops by self device time and by self host time (a launch-bound step shows host time far
+    above device time), to `path` and the first rows to stdout."""
+    prof.__exit__(None, None, None)
+    ka = prof.key_averages()
+    cuda = any(getattr(e, "self_device_time_total", 0) for e in ka)
+    dev_total = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3
+    cpu_total = sum(e.self_cpu_time_total for e in ka) / 1e3
+    head = (f"profiled step: {step_s * 1e3:.1f} ms wall, {cpu_total:.1f} ms host op time, "
+            f"{dev_total:.1f} ms device op time, {sum(e.count for e in ka)} op calls\n")
+    tables = [ka.table(sort_by="self_cuda_time_total", row_limit=40)] if cuda else []
+    tables.append(ka.table(sort_by="self_cpu_time_total", row_limit=40))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + "\n\n".join(tables))
+    print(head + tables[0][:6000], flush=True)
 
 
 def _clip(params, max_norm: float) -> float:
