@@ -405,6 +405,18 @@ def engine(ours, hf, cfg, w1_tokens=256):
         vg = llm.runner.vision_graphs
         res["w3_vision_ms"] = cuda_time(lambda: vg(pv, glist) if vg is not None else ours.visual(pv, grid)) * 1e3
         res["w3_vision_eager_module_ms"] = cuda_time(lambda: ours.visual(pv, grid)) * 1e3
+        if vg is not None and not os.environ.get("QWENVL_COMPILE_VIT"):  # the same graphs over compiled blocks
+            from qwenvl.engine.vision_graphs import VisionGraphs, compile_vision_blocks
+            visual = copy.deepcopy(ours.visual)  # padded like the engine's; compiled here only
+            t0 = time.time()
+            res["w3_compiled_blocks_ok"] = compile_vision_blocks(visual, pv.device)
+            res["w3_compile_s"] = time.time() - t0
+            cg = VisionGraphs(visual)
+            want = vg(pv, glist).float()
+            got = [cg(pv, glist) for _ in range(2)][-1].float()  # eager, then captured
+            res["w3_vision_compiled_blocks_ms"] = cuda_time(lambda: cg(pv, glist)) * 1e3
+            res["w3_compiled_vs_engine_rel_err"] = ((got - want).norm() / want.norm()).item()
+            del visual, cg
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 

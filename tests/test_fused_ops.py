@@ -84,3 +84,30 @@ def test_engine_outputs_unchanged_with_compiled_ops():
     llm.runner.ops = DecoderOps(t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.rms_norm_eps,
                                 compiled=True, backend="aot_eager")
     assert [o.token_ids for o in llm.generate(prompts, params)] == eager
+
+
+def test_compiled_vision_blocks_give_the_eager_features_on_new_sizes():
+    from qwenvl.engine.vision_graphs import compile_vision_blocks
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+    visual, c = model.visual, model.config.vision
+    grids = [(1, 6, 10), (2, 4, 4)]  # not the sizes it compiled on: the dynamic graph serves them
+    x = torch.randn(sum(t * h * w for t, h, w in grids), c.patch_dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = visual(x, grids)
+    assert compile_vision_blocks(visual, "cpu", backend="aot_eager")
+    assert all(b._compiled_call_impl is not None for b in visual.blocks)
+    with torch.inference_mode():
+        torch.testing.assert_close(visual(x, grids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_vision_blocks_that_fail_are_put_back_eager():
+    from qwenvl.engine.vision_graphs import compile_vision_blocks
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+
+    def broken_backend(gm, example_inputs):
+        return lambda *args: [torch.zeros_like(a) if isinstance(a, torch.Tensor) else a for a in gm(*args)]  # wrong
+
+    assert not compile_vision_blocks(model.visual, "cpu", backend=broken_backend)
+    assert all(b._compiled_call_impl is None for b in model.visual.blocks)

@@ -37,7 +37,7 @@ from .attention import (decode_attention_gather, decode_attention_triton, num_sp
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
-from .vision_graphs import VisionGraphs
+from .vision_graphs import VisionGraphs, compile_vision_blocks
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class ModelRunner:
             # multiple of 8) falls off cuBLAS' Hopper kernels: zero-padded, graph 38.3 -> 28.1 ms for a 1280x720
             # image (H200, docs/BENCHMARKS.md 2026-12-05). Same outputs; a no-op where the width is a multiple of 16.
             model.visual.pad_mlp_hidden()
+            if env_flag("QWENVL_COMPILE_VIT", False):  # fused elementwise work inside the graphs (off until measured)
+                compile_vision_blocks(model.visual, self.device)
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()

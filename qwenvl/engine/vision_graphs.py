@@ -23,6 +23,34 @@ from ..layers import flash_varlen_usable
 log = logging.getLogger(__name__)
 
 
+def compile_vision_blocks(visual, device, backend: str = "inductor", tol: float = 5e-2) -> bool:
+    """torch.compile each ViT block (dynamic shapes: one compile serves every patch count) so that its elementwise
+    work (RMSNorms, the fp32 rotary, SiLU * up, residual adds) runs as a few fused kernels; the varlen attention stays
+    eager (layers.varlen_attention). Compiled here, at engine start, on two small grids, and checked against the
+    eager blocks: a compile failure or an error above `tol` puts the eager blocks back and returns False. Replayed
+    from the engine's ViT graphs, the compiled kernels launch at once like the eager ones (QWENVL_COMPILE_VIT)."""
+    c = visual.config
+    g = torch.Generator(device=device).manual_seed(0)
+    grids = ([(1, 8, 8)], [(1, 12, 16), (1, 8, 8)])  # two patch counts: the second call runs the dynamic graph
+    inputs = [torch.randn(sum(t * h * w for t, h, w in gl), c.patch_dim, generator=g, device=device).to(visual.dtype)
+              for gl in grids]
+    with torch.inference_mode():
+        want = [visual(x, gl).float() for x, gl in zip(inputs, grids)]
+        for blk in visual.blocks:
+            blk.compile(dynamic=True, backend=backend)
+        try:
+            for x, gl, w in zip(inputs, grids, want):
+                err = ((visual(x, gl).float() - w).norm() / w.norm().clamp_min(1e-12)).item()
+                if not err <= tol:
+                    raise RuntimeError(f"compiled ViT blocks differ from eager ({err:.3g})")
+        except Exception as e:
+            log.warning("compiled ViT blocks unusable (%s: %s); the blocks run eagerly", type(e).__name__, e)
+            for blk in visual.blocks:
+                blk._compiled_call_impl = None  # what nn.Module.compile set
+            return False
+    return True
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
