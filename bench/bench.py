@@ -430,6 +430,11 @@ def engine(ours, hf, cfg, w1_tokens=256):
                 break
             same += 1
         res["greedy_same_prefix_vs_reference_path"] = f"{same}/{len(ref)}"
+    # One more warm-up request with a new image of this size: on the H200 (2026-12-05) the first new image after the
+    # check took 141.5 ms to its first token and the next one 80.7 ms; kept to see whether that was a one-off.
+    wids, wpix, _ = image_request(cfg, seed=6, frames=True)
+    ttft, _, _ = drive(llm, "warm", frames_prompt(wids, wpix), SamplingParams(max_tokens=1, **greedy))
+    res["w2_ttft_warmup_new_image_ms"] = ttft * 1e3
     # W1 + W2: a fresh image (new content hash: ViT runs, nothing cached), then the same request again.
     ids, pix, grid = image_request(cfg, seed=7, frames=True)
     ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
