@@ -396,27 +396,27 @@ def engine(ours, hf, cfg, w1_tokens=256):
         from qwenvl.tokenizer import Tokenizer
 
         processor = types.SimpleNamespace(tokenizer=Tokenizer.from_pretrained(TOKENIZER_DIR))
+    # the ViT as it is before the engine compiles its blocks (QWENVL_COMPILE_VIT), for W3's comparison
+    eager_visual = copy.deepcopy(ours.visual) if DEV == "cuda" else None
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
-    res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats()}
+    res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats(),
+           "vit_blocks_compiled": bool(getattr(ours.visual, "_engine_compiled", False))}
     ids, pix, grid = image_request(cfg, frames=True)
     with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image (a graph replay once the size repeats)
         pv, glist = pix.pixel_values.to(DEV), [tuple(g) for g in grid.tolist()]
         vg = llm.runner.vision_graphs
         res["w3_vision_ms"] = cuda_time(lambda: vg(pv, glist) if vg is not None else ours.visual(pv, grid)) * 1e3
         res["w3_vision_eager_module_ms"] = cuda_time(lambda: ours.visual(pv, grid)) * 1e3
-        if vg is not None and not os.environ.get("QWENVL_COMPILE_VIT"):  # the same graphs over compiled blocks
-            from qwenvl.engine.vision_graphs import VisionGraphs, compile_vision_blocks
-            visual = copy.deepcopy(ours.visual)  # padded like the engine's; compiled here only
-            t0 = time.time()
-            res["w3_compiled_blocks_ok"] = compile_vision_blocks(visual, pv.device)
-            res["w3_compile_s"] = time.time() - t0
-            cg = VisionGraphs(visual)
+        if vg is not None and eager_visual is not None:  # the same graphs over eager blocks, for comparison
+            from qwenvl.engine.vision_graphs import VisionGraphs
+            eager_visual.pad_mlp_hidden()  # as the engine pads its model
+            eg = VisionGraphs(eager_visual)
             want = vg(pv, glist).float()
-            got = [cg(pv, glist) for _ in range(2)][-1].float()  # eager, then captured
-            res["w3_vision_compiled_blocks_ms"] = cuda_time(lambda: cg(pv, glist)) * 1e3
-            res["w3_compiled_vs_engine_rel_err"] = ((got - want).norm() / want.norm()).item()
-            del visual, cg
+            got = [eg(pv, glist) for _ in range(2)][-1].float()  # eager, then captured
+            res["w3_vision_graph_eager_blocks_ms"] = cuda_time(lambda: eg(pv, glist)) * 1e3
+            res["w3_eager_vs_compiled_blocks_rel_err"] = ((got - want).norm() / want.norm()).item()
+        del eager_visual
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 
@@ -477,22 +477,26 @@ W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per reques
 
 @contextlib.contextmanager
 def compile_ops_env(value: str):
-    """QWENVL_COMPILE_OPS set to `value` while engines are built inside, then restored."""
-    saved = os.environ.get("QWENVL_COMPILE_OPS")
-    os.environ["QWENVL_COMPILE_OPS"] = value
+    """QWENVL_COMPILE_OPS and QWENVL_COMPILE_VIT (the engine's compiled decoder ops and ViT blocks) set to `value`
+    while engines are built inside, then restored."""
+    names = ("QWENVL_COMPILE_OPS", "QWENVL_COMPILE_VIT")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: value for k in names})
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ["QWENVL_COMPILE_OPS"]
-        else:
-            os.environ["QWENVL_COMPILE_OPS"] = saved
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 @section("engine_eager_ops")
 def engine_eager_ops(ours, hf, cfg, w1_tokens=256):
-    """W1, W2 and W4 again with QWENVL_COMPILE_OPS=0: the decoder's norms, rotary, SwiGLU and split-K merge as
-    eager kernels instead of the default inductor-compiled ones (engine/fused.py), in the same process as the
+    """W1, W2 and W4 again with QWENVL_COMPILE_OPS=0 and QWENVL_COMPILE_VIT=0: the decoder's norms, rotary, SwiGLU
+    and split-K merge, and the ViT blocks' elementwise work, as eager kernels instead of the default
+    inductor-compiled ones (engine/fused.py, engine/vision_graphs.py), in the same process as the
     engine section. W4's first 32 tokens are compared with the engine section's (compiled) ones."""
     from qwenvl.engine import LLM, SamplingParams
 

@@ -142,8 +142,8 @@ train_arm() {  # NAME ARGS
 eval_arm() {  # NAME: (c) eval on the held-out suite made in (a)
   local sfx; sfx=$(arm_dir "$1")
   if [ "$DRY" = 1 ] || [ -f "$WORK/run$sfx/final/config.json" ]; then
-    # the engine's compiled decoder ops (default on CUDA) would compile for longer than this tiny model's eval runs
-    step "eval$sfx" $(cap "$EVAL_TIMEOUT" 20) env "QWENVL_COMPILE_OPS=${NANO_COMPILE_OPS:-0}" $PY -m qwenvl.evaluate.cli --model "$WORK/run$sfx/final" --suite nano \
+    # the engine's compiled decoder ops and ViT blocks (default on CUDA) would compile for longer than this tiny model's eval runs
+    step "eval$sfx" $(cap "$EVAL_TIMEOUT" 20) env "QWENVL_COMPILE_OPS=${NANO_COMPILE_OPS:-0}" "QWENVL_COMPILE_VIT=${NANO_COMPILE_OPS:-0}" $PY -m qwenvl.evaluate.cli --model "$WORK/run$sfx/final" --suite nano \
       --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval$sfx" --device "$DEVICE" $EVAL_ARGS $ARM_KV \
       ${UNSEEN_TASKS:+--add-tasks $UNSEEN_TASKS}
   fi

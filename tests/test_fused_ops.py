@@ -111,3 +111,17 @@ def test_compiled_vision_blocks_that_fail_are_put_back_eager():
 
     assert not compile_vision_blocks(model.visual, "cpu", backend=broken_backend)
     assert all(b._compiled_call_impl is None for b in model.visual.blocks)
+
+
+def test_an_engine_without_vit_compile_undoes_an_earlier_engines_compile(monkeypatch):
+    from qwenvl.engine.vision_graphs import compile_vision_blocks
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), seed=0)
+    assert compile_vision_blocks(model.visual, "cpu", backend="aot_eager") and model.visual._engine_compiled
+    assert compile_vision_blocks(model.visual, "cpu", backend="aot_eager")  # already done: nothing compiles again
+    monkeypatch.setenv("QWENVL_COMPILE_VIT", "0")
+    LLM(model, num_blocks=16, block_size=16)
+    assert not model.visual._engine_compiled and all(b._compiled_call_impl is None for b in model.visual.blocks)
+    model.visual.blocks[0].compile(backend="aot_eager")  # a user's own compile: engines leave it alone
+    LLM(model, num_blocks=16, block_size=16)
+    assert model.visual.blocks[0]._compiled_call_impl is not None

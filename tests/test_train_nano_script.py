@@ -127,7 +127,7 @@ def test_dry_run_video_mix_for_the_ablation():
     steps, err = _dry_run(names, NANO_MIX="video", NANO_INIT="/init", NANO_ARMS="A:model=/a;F:model=/f")
     assert steps["data"][steps["data"].index("--mix") + 1] == "video"
     ev = [shlex.split(w)[0] for w in steps["eval_A"]]  # undo printf %q
-    assert ev[:2] == ["env", "QWENVL_COMPILE_OPS=0"]  # no inductor compile for the tiny model's short eval
+    assert ev[:3] == ["env", "QWENVL_COMPILE_OPS=0", "QWENVL_COMPILE_VIT=0"]  # no inductor compile for a short eval
     assert ev[ev.index("--tasks") + 1] == "video_grounding,dense_caption"
     assert ev[ev.index("--add-tasks") + 1] == "video_grounding_unseen_fps,dense_caption_unseen_fps"
     assert _train_config(steps["train_A"]).model == "/a" and _train_config(steps["train_F"]).model == "/f"

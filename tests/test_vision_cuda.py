@@ -73,8 +73,8 @@ def test_vision_graphs_replay_equals_eager():
 
 def test_engine_pads_the_vit_mlp_under_graphs_with_the_same_features():
     """The engine zero-pads a ViT MLP whose width is not a multiple of 16 (the 7B/72B ViT's 3420) when it replays
-    the ViT from graphs: the features it computes (eager first use, then the padded graph) stay within bf16 noise of
-    the unpadded ViT's."""
+    the ViT from graphs, and compiles its blocks (QWENVL_COMPILE_VIT, default on CUDA): the features it computes
+    (first use without a graph, then the graph) stay within bf16 noise of the unpadded eager ViT's."""
     import copy
     import dataclasses
 
@@ -86,6 +86,7 @@ def test_engine_pads_the_vit_mlp_under_graphs_with_the_same_features():
     plain = copy.deepcopy(model.visual)
     llm = LLM(model, num_blocks=256, block_size=16)
     assert all(b.mlp._padded is not None and b.mlp._padded[3] == 64 for b in model.visual.blocks)
+    assert model.visual._engine_compiled and all(b._compiled_call_impl is not None for b in model.visual.blocks)
     grids = [(1, 16, 24)]
     pix = torch.randn(16 * 24, cfg.vision.patch_dim, generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():

@@ -37,7 +37,7 @@ from .attention import (decode_attention_gather, decode_attention_triton, num_sp
 from .kv_cache import PagedKVCache
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
-from .vision_graphs import VisionGraphs, compile_vision_blocks
+from .vision_graphs import VisionGraphs, compile_vision_blocks, uncompile_vision_blocks
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,13 @@ class ModelRunner:
             # multiple of 8) falls off cuBLAS' Hopper kernels: zero-padded, graph 38.3 -> 28.1 ms for a 1280x720
             # image (H200, docs/BENCHMARKS.md 2026-12-05). Same outputs; a no-op where the width is a multiple of 16.
             model.visual.pad_mlp_hidden()
-            if env_flag("QWENVL_COMPILE_VIT", False):  # fused elementwise work inside the graphs (off until measured)
-                compile_vision_blocks(model.visual, self.device)
+        # the ViT blocks' elementwise work fused by torch.compile (vision_graphs.compile_vision_blocks); CUDA only,
+        # QWENVL_COMPILE_VIT=0 turns it off (and undoes an earlier engine's compile of the same model)
+        if (self.is_cuda and model.visual.dtype in (torch.bfloat16, torch.float16)
+                and env_flag("QWENVL_COMPILE_VIT", True)):
+            compile_vision_blocks(model.visual, self.device)
+        else:
+            uncompile_vision_blocks(model.visual)
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
