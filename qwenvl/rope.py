@@ -258,12 +258,21 @@ def _vision_pos_ids(t: int, h: int, w: int, m: int) -> torch.Tensor:
     return torch.stack([order(hpos), order(wpos)], dim=-1).repeat(t, 1)
 
 
+def vision_pos_ids(grid_thw, spatial_merge_size: int = 2) -> torch.Tensor:
+    """(row, col) ids [N, 2] of every patch of every item, in the processor's row order."""
+    return torch.cat([_vision_pos_ids(t, h, w, spatial_merge_size) for t, h, w in _grid_list(grid_thw)])
+
+
+def vision_rotary_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary angles [N, head_dim/2] of (row, col) ids [N, 2]: head_dim/4 row frequencies then head_dim/4 column
+    ones; computed where `pos` is (the ViT plan sends the small id table to the GPU, not the angle tables)."""
+    inv = _inv_freq(head_dim // 2, theta).to(pos.device)
+    return (pos[..., None].float() * inv).flatten(1)
+
+
 def vision_rotary_freqs(grid_thw, head_dim: int, spatial_merge_size: int = 2, theta: float = 10000.0) -> torch.Tensor:
     """Per-patch rotary angles [N, head_dim/2]: head_dim/4 row frequencies then head_dim/4 column ones."""
-    grids = _grid_list(grid_thw)
-    pos = torch.cat([_vision_pos_ids(t, h, w, spatial_merge_size) for t, h, w in grids])
-    inv = _inv_freq(head_dim // 2, theta)
-    return (pos[..., None].float() * inv).flatten(1)
+    return vision_rotary_angles(vision_pos_ids(grid_thw, spatial_merge_size), head_dim, theta)
 
 
 @functools.lru_cache(maxsize=256)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import VisionConfig
 from .errors import InputError
 from .layers import RMSNorm, Segments, SwiGLU, segments, to_device, varlen_attention
-from .rope import check_grid, frame_cu_seqlens, rotate_half, vision_rotary_freqs, window_index
+from .rope import check_grid, frame_cu_seqlens, rotate_half, vision_pos_ids, vision_rotary_angles, window_index
 
 
 class PatchEmbedProj(nn.Module):
@@ -143,10 +143,11 @@ class VisionTransformer(nn.Module):
             return plan
         c = self.config
         n, unit = sum(t * h * w for t, h, w in grids), c.merge_unit
-        freqs = vision_rotary_freqs(grids, c.head_dim, c.spatial_merge_size)
         win_idx, cu_window = window_index(grids, c.window_size, c.patch_size, c.spatial_merge_size)
-        freqs = freqs.view(n // unit, unit, -1)[win_idx].reshape(n, -1)
-        emb = to_device(torch.cat([freqs, freqs], dim=-1), device)
+        # (row, col) ids in window order go to the device; the fp32 angle tables (2 x N x head_dim) are made there
+        pos = vision_pos_ids(grids, c.spatial_merge_size).view(n // unit, unit, 2)[win_idx].reshape(n, 2)
+        freqs = vision_rotary_angles(to_device(pos, device), c.head_dim)
+        emb = torch.cat([freqs, freqs], dim=-1)
         plan = VisionPlan(to_device(win_idx, device), to_device(torch.argsort(win_idx), device), emb.cos(), emb.sin(),
                           segments(cu_window, device), segments(frame_cu_seqlens(grids), device))
         self._plans[key] = plan
