@@ -13,9 +13,12 @@ linear and through the engine, in one device call.
     rotated over enough copies to overflow L2, calls are timed as CUDA-graph replays (launch gaps out).
     Every GEMV output is checked against a float64 reference (error bound of one bf16 rounding).
     Sums per decode step (the four linears x layers + lm_head) at M=1 estimate the linear time of a step.
+    For M <= 2 also the same kernel on the bf16 weights (GemvLinear, QWENVL_BF16_GEMV=1) against cuBLAS, swept
+    like the FP8 one: whether bf16 decode can beat cuBLAS's ~2.4 TB/s (PEERS.md: the W1 >= 190 ceiling).
 (2) engine: W1 (batch 1, one 1280x720 image (--image) + 64 text tokens, --w1-tokens greedy tokens; decode
     tok/s after the first token; as bench_tp_engine.py) for bf16, FP8 with the kernel off (scaled_mm), FP8 with the kernel (heuristic configs), and
-    FP8 with the kernel on the sweep's best configs (set_tuned) when those differ. Random weights.
+    FP8 with the kernel on the sweep's best configs (set_tuned) when those differ; bf16 with the decode linears and
+    lm_head through the kernel at batch 1 (bf16_gemv, and bf16_gemv_tuned on the sweep's winners). Random weights.
 Writes $OUT/fp8_gemv.json after every measurement; prints tables. Exit 1 when a correctness check fails; the
 issue's target (FP8 >= 1.7x bf16 W1 decode tok/s) is reported, not enforced.
 """
@@ -139,6 +142,47 @@ def n_copies(weight_bytes: int, device) -> int:
     return max(2, min(16, math.ceil(3 * l2 / weight_bytes)))
 
 
+def gemv_row(row: dict, prefix: str, timer, xs, weights, copies: int, weight_bytes: int, sweep: bool,
+             sms: int) -> dict:
+    """Time the GEMV kernel on weights [(w, scale or None)] (rotating copies) with the heuristic config, and with
+    every sweep config when `sweep`; each output checked against the float64 reference. Fills row[prefix + ...]
+    (gemv_us/GBs/config/correct, sweep, sweep_all_correct, best_us/GBs/config); returns {set_tuned key: best}."""
+    M, N, K = row["M"], row["N"], row["K"]
+    w0, s0 = weights[0]
+    ref = G.reference(xs[0], w0, s0)
+    bound = G.error_bound(xs[0], w0, s0, None, ref, xs[0].dtype)
+
+    def measure(c):
+        y = G.gemv(xs[0], w0, s0, config=c)
+        ok = bool(((y.double() - ref).abs() <= bound).all())
+        t, _ = timer(lambda i: G.gemv(xs[i], *weights[i], config=c), copies)
+        return {"config": c.as_dict(), "us": t * 1e6, "GBs": G.bytes_moved(M, N, K, weight_bytes) / t / 1e9,
+                "correct": ok}
+
+    heur = G.pick_config(M, N, K, sms, weight_bytes)
+    h = measure(heur)
+    row.update({prefix + "gemv_us": h["us"], prefix + "gemv_GBs": h["GBs"], prefix + "gemv_config": h["config"],
+                prefix + "gemv_correct": h["correct"]})
+    if not sweep:
+        return {}
+    results = [h]
+    for c in sweep_configs(M, N, K, sms):
+        if c == heur:
+            continue
+        try:
+            results.append(measure(c))
+        except Exception as e:  # a config that does not compile here: note it, go on
+            results.append({"config": c.as_dict(), "error": f"{type(e).__name__}: {e}"[:200]})
+    good = [r for r in results if r.get("correct")]
+    row[prefix + "sweep"] = results
+    row[prefix + "sweep_all_correct"] = all(r.get("correct") for r in results if "error" not in r)
+    if not good:
+        return {}
+    b = min(good, key=lambda r: r["us"])
+    row.update({prefix + "best_us": b["us"], prefix + "best_GBs": b["GBs"], prefix + "best_config": b["config"]})
+    return {(M, N, K) if weight_bytes == 1 else (M, N, K, weight_bytes): b["config"]}
+
+
 # ---------------------------------------------------------------------------------------------- micro
 def micro(a, R: dict, save) -> None:
     dev = torch.device(a.device)
@@ -146,7 +190,8 @@ def micro(a, R: dict, save) -> None:
     sms = G.num_sms(dev)
     timer = Timer(dev, a.reps, a.trials)
     kernel_ok = dev.type == "cuda" and G.gemv_ok(dev) or dev.type == "cpu" and G.interpreting()
-    R["gemv_available"] = kernel_ok
+    bf16_ok = dev.type == "cuda" and G.gemv_ok(dev, torch.bfloat16) or dev.type == "cpu" and G.interpreting()
+    R["gemv_available"], R["bf16_gemv_available"] = kernel_ok, bf16_ok
     if not kernel_ok:
         R["gemv_unavailable_reason"] = ("CPU without TRITON_INTERPRET=1" if dev.type == "cpu" else
                                         "triton missing, compute capability < 8.9 or the self-test failed")
@@ -170,6 +215,10 @@ def micro(a, R: dict, save) -> None:
             row = {"linear": name, "N": N, "K": K, "M": M}
             t, how = timer(lambda i: F.linear(xs[i], w16[i]), nc16)
             row["bf16_us"], row["bf16_GBs"], row["timing"] = t * 1e6, G.bytes_moved(M, N, K, 2) / t / 1e9, how
+            # the same kernel on the bf16 weights (GemvLinear); the 152k-row lm_head is too slow for triton's CPU
+            # interpreter
+            if bf16_ok and M <= 2 and (dev.type == "cuda" or name != "lm_head"):
+                best.update(gemv_row(row, "bf16_", timer, xs, [(w, None) for w in w16], nc16, 2, M in sweep_ms, sms))
             if fp8:
                 try:
                     t, _ = timer(lambda i: _mm_scaled(xs[i], qs[i][0], qs[i][1], act), nc8)
@@ -177,36 +226,7 @@ def micro(a, R: dict, save) -> None:
                 except Exception as e:  # e.g. CPU builds without _scaled_mm
                     row["scaled_mm_error"] = f"{type(e).__name__}: {e}"[:200]
             if fp8 and kernel_ok:
-                q0, s0 = qs[0]
-                ref = G.reference(xs[0], q0, s0)
-                bound = G.error_bound(xs[0], q0, s0, None, ref, act)
-
-                def measure(c):
-                    y = G.fp8_gemv(xs[0], q0, s0, config=c)
-                    ok = bool(((y.double() - ref).abs() <= bound).all())
-                    t, _ = timer(lambda i: G.fp8_gemv(xs[i], qs[i][0], qs[i][1], config=c), nc8)
-                    return {"config": c.as_dict(), "us": t * 1e6, "GBs": G.bytes_moved(M, N, K) / t / 1e9,
-                            "correct": ok}
-
-                heur = G.pick_config(M, N, K, sms)
-                h = measure(heur)
-                row.update(gemv_us=h["us"], gemv_GBs=h["GBs"], gemv_config=h["config"], gemv_correct=h["correct"])
-                if M in sweep_ms:
-                    results = [h]
-                    for c in sweep_configs(M, N, K, sms):
-                        if c == heur:
-                            continue
-                        try:
-                            results.append(measure(c))
-                        except Exception as e:  # a config that does not compile here: note it, go on
-                            results.append({"config": c.as_dict(), "error": f"{type(e).__name__}: {e}"[:200]})
-                    good = [r for r in results if r.get("correct")]
-                    row["sweep"] = results
-                    row["sweep_all_correct"] = all(r.get("correct") for r in results if "error" not in r)
-                    if good:
-                        b = min(good, key=lambda r: r["us"])
-                        row.update(best_us=b["us"], best_GBs=b["GBs"], best_config=b["config"])
-                        best[(M, N, K)] = b["config"]
+                best.update(gemv_row(row, "", timer, xs, qs, nc8, 1, M in sweep_ms, sms))
             rows.append(row)
             log(fmt_row(row))
             R["micro"] = rows
@@ -222,10 +242,11 @@ def micro(a, R: dict, save) -> None:
     if 1 in ms:
         head = by[("lm_head", 1)]["bf16_us"]
         step = {}
-        for key in ("bf16_us", "scaled_mm_us", "gemv_us", "best_us"):
+        for key in ("bf16_us", "scaled_mm_us", "gemv_us", "best_us", "bf16_gemv_us", "bf16_best_us"):
             vals = [by[(n, 1)].get(key) for n, _, _ in shapes]
+            own_head = by[("lm_head", 1)].get(key) if key.startswith("bf16_") else None
             if all(v is not None for v in vals):
-                step[key.replace("_us", "_ms")] = (L * sum(vals) + head) / 1e3
+                step[key.replace("_us", "_ms")] = (L * sum(vals) + (own_head or head)) / 1e3
         R["step_linear_ms_M1"] = step
     save()
 
@@ -234,7 +255,8 @@ def fmt_row(r: dict) -> str:
     def f(k):
         return f"{r[k + '_us']:8.1f} us {r[k + '_GBs']:6.0f} GB/s" if k + "_us" in r else " " * 23
     return (f"{r['linear']:9s} N={r['N']:6d} K={r['K']:6d} M={r['M']:2d} | bf16 {f('bf16')} | scaled_mm "
-            f"{f('scaled_mm')} | gemv {f('gemv')} | best {f('best')}")
+            f"{f('scaled_mm')} | gemv {f('gemv')} | best {f('best')} | bf16 gemv {f('bf16_gemv')} | "
+            f"best {f('bf16_best')}")
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -250,16 +272,26 @@ def engine(a, R: dict, save) -> None:
     model = RandomWeights(a.shape, dtype, seed=0)(0, 1, a.device)
     small = dict(max_num_seqs=16, gpu_memory_utilization=0.45)
     tuned = {tuple(k): v for k, v in R.get("tuned_table", [])}
-    variants = [("bf16", None, False, None), ("fp8_scaled_mm", "fp8", False, None), ("fp8_gemv", "fp8", True, None)]
-    heur = {k: G.pick_config(*k, G.num_sms(a.device)).as_dict() for k in tuned}
-    if tuned and any(tuned[k] != heur[k] for k in tuned):
-        variants.append(("fp8_gemv_tuned", "fp8", True, tuned))
+    # the engine-only call has no micro section to say whether the kernel runs here
+    R.setdefault("gemv_available", bool(torch.device(a.device).type == "cuda" and G.gemv_ok(torch.device(a.device))))
+    # the bf16 arms first: quantization="fp8" converts the shared model's linears in place
+    variants = [("bf16", None, False, None, False)]
+    heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
+    if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
+        variants.append(("bf16_gemv", None, False, None, True))
+        if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
+            variants.append(("bf16_gemv_tuned", None, False, tuned, True))
+    variants += [("fp8_scaled_mm", "fp8", False, None, False), ("fp8_gemv", "fp8", True, None, False)]
+    if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
+        variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False))
     E_args = argparse.Namespace(device=a.device)
     h, w = (int(v) for v in a.image.split("x")[::-1])
     greedy = dict(temperature=0.0, ignore_eos=True)
     tokens = {}
-    for name, quant, gemv, table in variants:
-        old = G.set_enabled(gemv)
+    if a.variants:
+        variants = [v for v in variants if v[0] in a.variants.split(",")]
+    for name, quant, gemv, table, bf16 in variants:
+        old = G.set_enabled(gemv, bf16_enabled=bf16, bf16_max_m=1)
         G.set_tuned(table)
         try:
             llm, t = E.make_llm(E_args, model, 1, quantization=quant, **small)
@@ -272,7 +304,8 @@ def engine(a, R: dict, save) -> None:
                                               SamplingParams(max_tokens=a.w1_tokens, **greedy))
                 r = {"decode_tok_s": (len(toks) - 1) / dec, "ttft_ms": ttft * 1e3, "tokens": len(toks),
                      "prompt_tokens": ids.shape[1], "init_s": t,
-                     "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"]}
+                     "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"],
+                     "bf16_gemv": llm.stats().get("bf16_gemv")}
                 ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
                 out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
                 tokens[name] = out[0].token_ids
@@ -291,7 +324,8 @@ def engine(a, R: dict, save) -> None:
     eng = R["engine"]
     base = eng["bf16"]["decode_tok_s"]
     R["w1_vs_bf16"] = {k: v["decode_tok_s"] / base for k, v in eng.items()}
-    R["first_divergence_vs_fp8_gemv"] = {k: first_divergence(tokens["fp8_gemv"], v) for k, v in tokens.items()}
+    ref = "fp8_gemv" if "fp8_gemv" in tokens else "bf16"
+    R[f"first_divergence_vs_{ref}"] = {k: first_divergence(tokens[ref], v) for k, v in tokens.items()}
     save()
 
 
@@ -304,21 +338,22 @@ def first_divergence(a, b):
 
 # ---------------------------------------------------------------------------------------------- main
 def summary(R: dict) -> str:
-    rows = ["| linear | N | K | M | bf16 us (GB/s) | scaled_mm us (GB/s) | GEMV us (GB/s) | best GEMV us (GB/s) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| linear | N | K | M | bf16 us (GB/s) | scaled_mm us (GB/s) | GEMV us (GB/s) | best GEMV us (GB/s) | "
+            "bf16 GEMV us (GB/s) | best bf16 GEMV us (GB/s) |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def c(r, k):
         return f"{r[k + '_us']:.1f} ({r[k + '_GBs']:.0f})" if k + "_us" in r else ""
     for r in R.get("micro", []):
         rows.append(f"| {r['linear']} | {r['N']} | {r['K']} | {r['M']} | {c(r, 'bf16')} | {c(r, 'scaled_mm')} | "
-                    f"{c(r, 'gemv')} | {c(r, 'best')} |")
+                    f"{c(r, 'gemv')} | {c(r, 'best')} | {c(r, 'bf16_gemv')} | {c(r, 'bf16_best')} |")
     if "step_linear_ms_M1" in R:
         rows.append(f"decode step, linears only, M=1 (ms): {json.dumps(R['step_linear_ms_M1'])}")
     for k, v in R.get("engine", {}).items():
         rows.append(f"W1 {k:15s} decode {v['decode_tok_s']:.1f} tok/s  TTFT {v['ttft_ms']:.0f} ms  "
                     f"({R.get('w1_vs_bf16', {}).get(k, float('nan')):.2f}x bf16)")
-    if "first_divergence_vs_fp8_gemv" in R:
-        rows.append(f"greedy tokens, first divergence vs fp8_gemv: {R['first_divergence_vs_fp8_gemv']}")
+    for ref in ("fp8_gemv", "bf16"):
+        if f"first_divergence_vs_{ref}" in R:
+            rows.append(f"greedy tokens, first divergence vs {ref}: {R[f'first_divergence_vs_{ref}']}")
     rows += [f"check {k}: {'PASS' if v else 'FAIL'}" for k, v in R.get("checks", {}).items()]
     return "\n".join(rows)
 
@@ -336,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--w1-tokens", type=int, default=256)
     ap.add_argument("--eq-tokens", type=int, default=32, help="greedy tokens compared across the variants")
     ap.add_argument("--image", default="1280x720", help="W1's image, WxH pixels")
+    ap.add_argument("--variants", default="", help="engine arms to run, e.g. bf16,bf16_gemv (default: all)")
     a = ap.parse_args(argv)
     if a.device == "cpu":
         a.reps, a.trials = 1, 1
@@ -360,12 +396,15 @@ def main(argv=None) -> int:
             code = 1
         log(f"--- {name} done in {time.time() - t0:.0f}s")
     micro_rows = R.get("micro", [])
-    R["checks"] = {"gemv_outputs_within_bf16_bound": all(r.get("gemv_correct", True) and
-                                                         r.get("sweep_all_correct", True) for r in micro_rows)}
+    R["checks"] = {"gemv_outputs_within_bf16_bound": all(r.get(k, True) for r in micro_rows for k in (
+        "gemv_correct", "sweep_all_correct", "bf16_gemv_correct", "bf16_sweep_all_correct"))}
     if a.device == "cuda":
         R["checks"]["gemv_in_use"] = bool(R.get("gemv_available"))
+        arms = [v for k, v in R.get("engine", {}).items() if k.startswith("bf16_gemv")]
+        if arms:  # the engine wrapped its decode linears (an arm on an FP8-converted model would not)
+            R["checks"]["bf16_gemv_in_use"] = all(v.get("bf16_gemv") for v in arms)
     ratio = R.get("w1_vs_bf16", {})
-    if ratio:
+    if any(k.startswith("fp8_gemv") for k in ratio):
         R["issue7_target"] = {"target": TARGET, "fp8_gemv": ratio.get("fp8_gemv"),
                               "best": max(v for k, v in ratio.items() if k.startswith("fp8_gemv")),
                               "met": max(v for k, v in ratio.items() if k.startswith("fp8_gemv")) >= TARGET}

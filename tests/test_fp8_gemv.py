@@ -81,6 +81,76 @@ def test_tuned_table_overrides_heuristic():
     assert G.pick_config(1, 3584, 18944) != cfg
 
 
+def test_pick_config_for_2_byte_weights():
+    """bf16/fp16 weights at M == 1: the sweep's [8, 512] tile, 4 warps, unsplit, where N gives >= 2 programs per
+    SM; below that the tile reads the same bytes per load as FP8's ([16, 256] vs [16, 512]) and K is split by
+    bytes (the same ~64 KiB of weights per program); tuned FP8 entries do not leak into them."""
+    assert G.pick_config(1, 37888, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 512, 1, 4, 1, False)
+    assert G.pick_config(1, 152064, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 512, 1, 4, 1, False)
+    for name, shapes in SHAPES.items():
+        for N, K in shapes + [(1024, 8192), (512, 29568)]:
+            c8, c16 = G.pick_config(1, N, K, 132), G.pick_config(1, N, K, 132, weight_bytes=2)
+            if -(-N // 8) >= 2 * 132:
+                assert c16 == G.GemvConfig(8, 512, 1, 4, 1, False), (name, N, K)
+                continue
+            assert not c16.use_dot and c16.block_n * c16.block_k * 2 == c8.block_n * c8.block_k, (name, N, K)
+            split, per = G.normalize_split(-(-K // c16.block_k), c16.split_k)
+            cap = G.normalize_split(-(-K // c16.block_k), G.max_split(1, K))[0]
+            assert c16.block_n * per * c16.block_k * 2 <= G.WEIGHT_BYTES_PER_PROGRAM or split == cap, (name, N, K)
+            assert G.pick_config(4, N, K, 132, weight_bytes=2).use_dot
+    cfg = G.GemvConfig(block_n=8, block_k=512, split_k=3, num_warps=8)
+    G.set_tuned({(1, 3584, 18944): cfg.as_dict()})
+    try:
+        assert G.pick_config(1, 3584, 18944, weight_bytes=2) != cfg
+        G.set_tuned({(1, 3584, 18944, 2): cfg.as_dict()})
+        assert G.pick_config(1, 3584, 18944, weight_bytes=2) == cfg and G.pick_config(1, 3584, 18944) != cfg
+    finally:
+        G.set_tuned(None)
+
+
+def test_gemv_linear_dispatch_on_cpu(monkeypatch):
+    """GemvLinear: CPU calls (and every call while the bf16 path is off) are the wrapped nn.Linear itself;
+    wrap_linear leaves CPU modules, FP8Linear and subclasses of nn.Linear (tensor-parallel ones) alone; the
+    switch comes from QWENVL_BF16_GEMV (on by default) and QWENVL_BF16_GEMV_MAX_M."""
+    monkeypatch.delenv("QWENVL_BF16_GEMV", raising=False)
+    monkeypatch.delenv("QWENVL_BF16_GEMV_MAX_M", raising=False)
+    assert G._env_bf16() == (True, 1)
+    monkeypatch.setenv("QWENVL_BF16_GEMV", "0")
+    assert G._env_bf16() == (False, 1)
+    monkeypatch.setenv("QWENVL_BF16_GEMV", "1")
+    monkeypatch.setenv("QWENVL_BF16_GEMV_MAX_M", "4")
+    assert G._env_bf16() == (True, 4)
+    lin = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    old = G.set_enabled(bf16_enabled=True)
+    try:
+        assert G.wrap_linear(lin) is lin  # CPU weights
+        assert G.wrap_linear(FP8Linear.from_linear(lin)).__class__ is FP8Linear
+
+        class Sub(torch.nn.Linear):
+            pass
+
+        with pytest.raises(TypeError, match="plain nn.Linear"):
+            G.GemvLinear(Sub(4, 4))
+        m = G.GemvLinear(lin)
+        x = torch.randn(1, 64, dtype=torch.bfloat16)
+        assert not G.use_bf16_gemv(x, lin.weight) and torch.equal(m(x), lin(x))
+        assert m.weight is lin.weight and m.bias is lin.bias and (m.in_features, m.out_features) == (64, 32)
+        # the rule itself, with the device checks stubbed: rows, dtype and the switch decide
+        calls = []
+        monkeypatch.setattr(G, "gemv_ok", lambda *a: True)
+        monkeypatch.setattr(G, "gemv", lambda *a, **k: calls.append(a[0].shape) or lin(a[0]))
+        cuda_like = type("T", (), {"is_cuda": True, "dtype": torch.bfloat16, "device": "cuda",
+                                   "numel": lambda self: self.n})
+        for rows, dtype, on, want in ((1, torch.bfloat16, True, True), (2, torch.bfloat16, True, False),
+                                      (1, torch.float32, True, False), (1, torch.bfloat16, False, False)):
+            G.set_enabled(bf16_enabled=on, bf16_max_m=1)
+            t = cuda_like()
+            t.n, t.dtype = rows * 64, dtype
+            assert G.use_bf16_gemv(t, lin.weight) == want, (rows, dtype, on)
+    finally:
+        G.set_enabled(**old)
+
+
 def test_dispatch_rules_on_cpu(monkeypatch):
     lin = torch.nn.Linear(64, 32)
     m = FP8Linear.from_linear(lin)
@@ -92,7 +162,8 @@ def test_dispatch_rules_on_cpu(monkeypatch):
     assert G._env_enabled()
     old = G.set_enabled(False, max_m=4)
     try:
-        assert G.settings() == {"enabled": False, "max_m": 4}
+        assert G.settings() == {"enabled": False, "max_m": 4, "bf16_enabled": old["bf16_enabled"],
+                                "bf16_max_m": old["bf16_max_m"]}
     finally:
         G.set_enabled(**old)
     for backend, allowed in (("auto", True), ("gemv", True), ("scaled_mm", False), ("dequant", False)):
@@ -163,6 +234,18 @@ def interpreter_cases() -> list[dict]:
     x2 = x.reshape(-1, 256)
     out.append(dict(case="view+bf16 scale+strided x", dtype_ok=y.shape == (2, 3, 48),
                     **check(y.reshape(-1, 48), x2, qv, sv.float(), None)))
+    # 2-byte weights (GemvLinear's path): no scale, every code path
+    for M, N, K, bias, dtype, cfg in ((1, 48, 512, True, torch.bfloat16, None), (1, 50, 300, False, torch.bfloat16, None),
+                                      (1, 24, 2048, False, torch.bfloat16, C(8, 256, 3)),
+                                      (5, 64, 640, True, torch.bfloat16, C(32, 128, 2, use_dot=True)),
+                                      (1, 40, 512, True, torch.float16, None), (3, 40, 272, False, torch.float16, None)):
+        w = (torch.randn(N, K, generator=g) * 0.02).to(dtype)
+        x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+        b = torch.randn(N, generator=g).to(dtype) if bias else None
+        y = G.gemv(x, w, None, b, config=cfg)
+        out.append(dict(case=["2-byte", M, N, K, bias, str(dtype)],
+                        config=(cfg or G.pick_config(M, N, K, 4, 2)).as_dict(),
+                        dtype_ok=y.dtype == dtype and y.shape == (M, N), **check(y, x, w, None, b)))
     # FP8Linear end to end (the dispatch, forced: CPU tensors never take it otherwise)
     lin = torch.nn.Linear(256, 48, bias=True)
     m = FP8Linear.from_linear(lin)
@@ -341,16 +424,83 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkey
             llm.shutdown()
         finally:
             G.set_enabled(**old)
-    tol = 0.1
-    for kernel, dequant in zip(outs[True], outs[False]):
-        assert len(kernel.token_ids) == len(dequant.token_ids) == 8
-        for i, (a, b) in enumerate(zip(kernel.token_ids, dequant.token_ids)):
-            lp_k, lp_d = kernel.logprobs[i], dequant.logprobs[i]
+    assert_equal_up_to_near_ties(outs[True], outs[False], 8)
+
+
+def assert_equal_up_to_near_ties(kernel_outs, other_outs, n_tokens: int, tol: float = 0.1) -> None:
+    """Greedy outputs of the kernel path vs another path of the same weights: equal tokens with logprobs within
+    tol up to a parting, and at a parting the kernel's token is the other path's runner-up within tol of its top
+    choice (a near-tie that two roundings may break differently)."""
+    for kernel, other in zip(kernel_outs, other_outs):
+        assert len(kernel.token_ids) == len(other.token_ids) == n_tokens
+        for i, (a, b) in enumerate(zip(kernel.token_ids, other.token_ids)):
+            lp_k, lp_o = kernel.logprobs[i], other.logprobs[i]
             if a == b:
-                assert abs(lp_k[a] - lp_d[b]) < tol, (i, lp_k, lp_d)
+                assert abs(lp_k[a] - lp_o[b]) < tol, (i, lp_k, lp_o)
                 continue
-            assert a in lp_d and lp_d[b] - lp_d[a] < tol, f"token {i}: kernel chose {a}, dequant {lp_d}"
+            assert a in lp_o and lp_o[b] - lp_o[a] < tol, f"token {i}: kernel chose {a}, the other path {lp_o}"
             break
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bf16_gemv_matches_reference_on_real_shapes():
+    """The 2-byte path (GemvLinear) on the 7B decoder linears and lm_head: within the bound of one rounding of
+    the float64 result, M = 1 and 2, with and without bias, and under a CUDA graph."""
+    assert G.gemv_ok("cuda", torch.bfloat16), "the bf16 GEMV self-test failed on this GPU"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for N, K in SHAPES["7b"] + [(152064, 3584)]:
+        w = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        bias = torch.randn(N, generator=g, device="cuda").to(torch.bfloat16)
+        for M in (1, 2):
+            x = (torch.randn(M, K, generator=g, device="cuda") * 2).to(torch.bfloat16)
+            for b in (None, bias):
+                r = check(G.gemv(x, w, None, b), x, w, None, b)
+                assert r["within_bound"] and r["exact_frac"] > 0.9, (N, K, M, r)
+    x = torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16)
+    G.gemv(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = G.gemv(x, w)
+    x.copy_(torch.randn(1, K, generator=g, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, G.gemv(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_bf16_gemv_greedy_equals_cublas_up_to_near_ties(monkeypatch):
+    """The engine with the bf16 GEMV on (the default; decode linears and lm_head through the kernel at batch 1) against
+    cuBLAS: same tokens and logprobs (within 0.1) up to a near-tie parting, as for FP8 above."""
+    import random
+
+    import qwenvl
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.model import Qwen25VL
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
+    rng = random.Random(1)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
+               for _ in range(4)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+    calls = []
+    real = G.gemv
+    monkeypatch.setattr(G, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for on in (True, False):
+        old = G.set_enabled(bf16_enabled=on, bf16_max_m=1)
+        try:
+            n0 = len(calls)  # counted while the engine captures its decode graphs (replays make no calls)
+            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
+            assert llm.stats()["bf16_gemv"] == on
+            outs[on] = [llm.generate([p], params)[0].outputs[0] for p in prompts]  # alone: batch-1 decode
+            assert (len(calls) > n0) == on
+            llm.shutdown()
+        finally:
+            G.set_enabled(**old)
+    assert_equal_up_to_near_ties(outs[True], outs[False], 8)
 
 
 if __name__ == "__main__" and "--interpret" in sys.argv:

@@ -142,7 +142,7 @@ class LLM:
                 "prefix_cache_hit_tokens": self.block_manager.prefix_hits,
                 "encoder_runs": self.runner.num_encoder_runs, "encoded_items": self.runner.num_encoded_items,
                 "cuda_graph_batch_sizes": sorted(self.runner.graphs), "triton_decode": self.runner.use_triton,
-                "compiled_ops": self.runner.ops.compiled,
+                "compiled_ops": self.runner.ops.compiled, "bf16_gemv": self.runner.bf16_gemv,
                 "vision_graph_replays": vg.replays if (vg := self.runner.vision_graphs) is not None else 0,
                 "max_model_len": self.max_model_len}
 

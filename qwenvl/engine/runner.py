@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
+from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
@@ -44,9 +45,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FusedLayer:
-    module: torch.nn.Module  # the DecoderLayer (norms, o_proj, down_proj used as they are)
+    module: torch.nn.Module  # the DecoderLayer (norms used as they are)
     qkv: torch.nn.Module  # q/k/v as one linear (nn.Linear, or FP8Linear for an FP8 model)
     gu: torch.nn.Module  # gate/up as one linear
+    o: torch.nn.Module  # o_proj (these four behind fp8_gemv.GemvLinear on CUDA unless QWENVL_BF16_GEMV=0)
+    down: torch.nn.Module  # down_proj
 
 
 @dataclass
@@ -88,6 +91,7 @@ class ModelRunner:
         self.inv_freq = _inv_freq(t.head_dim, t.rope_theta).to(self.device)
         self.mrope_section = list(t.mrope_section)
         self.layers = self._fuse_weights(share=self.is_cuda)
+        self.lm_head = wrap_linear(model.lm_head)  # model.lm_head itself unless the bf16 GEMV path is on
         # the elementwise work between the matmuls; compiled (fused) only on request (fused.py)
         self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
                               compiled=self.is_cuda and compile_ops_requested())
@@ -129,9 +133,15 @@ class ModelRunner:
         fused = []
         for layer in self.model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            fused.append(FusedLayer(layer, fuse_linears([a.q_proj, a.k_proj, a.v_proj], share=share),
-                                    fuse_linears([mlp.gate_proj, mlp.up_proj], share=share)))
+            qkv = fuse_linears([a.q_proj, a.k_proj, a.v_proj], share=share)
+            gu = fuse_linears([mlp.gate_proj, mlp.up_proj], share=share)
+            fused.append(FusedLayer(layer, *(wrap_linear(m) for m in (qkv, gu, a.o_proj, mlp.down_proj))))
         return fused
+
+    @property
+    def bf16_gemv(self) -> bool:
+        """Whether decode linears run through the GEMV kernel (fp8_gemv.GemvLinear) at small batch."""
+        return any(isinstance(m, GemvLinear) for L in self.layers for m in (L.qkv, L.gu, L.o, L.down))
 
     def kv_bytes_per_block(self) -> int:
         return PagedKVCache.bytes_per_block(self.num_layers, self.block_size, self.kv_heads, self.head_dim, self.dtype)
@@ -192,9 +202,9 @@ class ModelRunner:
         h, x = ops.add_rms_norm(h, delta, layer.input_layernorm.weight)
         q, k, v = ops.rope_qkv(L.qkv(x), cos, sin)
         write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
-        a = layer.self_attn.o_proj(attend(i, q, k, v).reshape(N, self.heads * self.head_dim))
+        a = L.o(attend(i, q, k, v).reshape(N, self.heads * self.head_dim))
         h, x = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight)
-        return h, layer.mlp.down_proj(ops.silu_mul(L.gu(x)))
+        return h, L.down(ops.silu_mul(L.gu(x)))
 
     def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend) -> torch.Tensor:
         delta = None
@@ -237,7 +247,7 @@ class ModelRunner:
             return out
 
         h = self._layers(h, cos, sin, s.slots, attend)
-        return self.model.lm_head(self.model.model.norm(h[s.sample_rows]))
+        return self.lm_head(self.model.model.norm(h[s.sample_rows]))
 
     def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
         """Logits [B, V] for one generated token per sequence. ids/slots/rope_deltas long [B], context_lens
@@ -251,7 +261,7 @@ class ModelRunner:
             return self._decode_attention(i, q, block_tables, context_lens)
 
         h = self._layers(h, cos, sin, slots, attend)
-        return self.model.lm_head(self.model.model.norm(h))
+        return self.lm_head(self.model.model.norm(h))
 
     # ------------------------------------------------------------------------------------------ a step
     @torch.inference_mode()

@@ -26,6 +26,14 @@ Dispatch (FP8Linear.forward): `use_gemv(x, ...)`: CUDA, triton importable, x bf1
 16), compute capability >= 8.9 (triton's e4m3 conversion), the kernel probed once per device against an fp32
 reference (`gemv_ok`). Switch: env QWENVL_FP8_GEMV=0 (off) / QWENVL_FP8_GEMV_MAX_M, or `set_enabled()`.
 
+bf16/fp16 weights (`gemv`, no scale): the same kernel reads 2-byte weights. Why: at batch 1 the bf16 decode step
+is bound by reading 14 GB of weights, and cuBLAS's GEMV reaches ~2.4 TB/s on the 7B shapes (PEERS.md: 5.87 ms per
+step in one CUDA graph, a ~170 tok/s ceiling, below the issue's 190). `GemvLinear` routes an nn.Linear's small-M
+calls through it; on CUDA the engine wraps its decoder linears and lm_head (QWENVL_BF16_GEMV=0 turns it off), for
+M <= QWENVL_BF16_GEMV_MAX_M (default 1: batch-1 decode and single-row logits). Measured on an H100, 7B, M = 1
+(docs/BENCHMARKS.md 2026-12-05): a step's linears 4.90 ms against cuBLAS's 5.26 (3.0-3.1 TB/s on gate_up, down
+and lm_head), engine W1 decode +5 % (heuristic configs) / +8 % (swept configs).
+
 CPU testing: in a process started with TRITON_INTERPRET=1 (set before triton is imported: triton's own library
 functions such as tl.sum must be interpreted too), fp8_gemv on CPU tensors runs these same kernel functions
 under Triton's interpreter; e4m3 loads and casts work there (checked with triton 3.9).
@@ -65,17 +73,25 @@ def _env_max_m() -> int:
     return int(os.environ.get("QWENVL_FP8_GEMV_MAX_M", "16"))
 
 
-_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m()}
+def _env_bf16() -> tuple[bool, int]:
+    return env_flag("QWENVL_BF16_GEMV", True), int(os.environ.get("QWENVL_BF16_GEMV_MAX_M", "1"))
 
 
-def set_enabled(enabled: bool | None = None, max_m: int | None = None) -> dict:
-    """Turn the GEMV path on/off and set the largest M it takes (None: leave as is). Returns the old settings.
-    Takes effect for eager calls at once; a captured CUDA graph keeps the kernels it recorded."""
+_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m(), "bf16_enabled": _env_bf16()[0],
+          "bf16_max_m": _env_bf16()[1]}
+
+
+def set_enabled(enabled: bool | None = None, max_m: int | None = None, bf16_enabled: bool | None = None,
+                bf16_max_m: int | None = None) -> dict:
+    """Turn the FP8 GEMV path (enabled, max_m) and the bf16/fp16 one of GemvLinear (bf16_enabled, bf16_max_m)
+    on/off and set the largest M each takes (None: leave as is). Returns the old settings (pass them back as
+    keywords to restore). Takes effect for eager calls at once; a captured CUDA graph keeps the kernels it
+    recorded."""
     old = dict(_STATE)
-    if enabled is not None:
-        _STATE["enabled"] = bool(enabled)
-    if max_m is not None:
-        _STATE["max_m"] = int(max_m)
+    for key, val in (("enabled", enabled), ("max_m", max_m), ("bf16_enabled", bf16_enabled),
+                     ("bf16_max_m", bf16_max_m)):
+        if val is not None:
+            _STATE[key] = type(_STATE[key])(val)
     return old
 
 
@@ -138,18 +154,28 @@ def auto_split(M: int, N: int, K: int, block_n: int, block_k: int, use_dot: bool
 WEIGHT_BYTES_PER_PROGRAM = 64 * 1024  # M == 1: K is split until a program reads about this much of its weight rows
 
 
-def pick_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
+def pick_config(M: int, N: int, K: int, num_sms: int = 132, weight_bytes: int = 1) -> GemvConfig:
     """Heuristic, from the winners of bench/bench_fp8_gemv.py's sweep on an H100 (7B shapes, M = 1, 4, 16;
     docs/BENCHMARKS.md 2026-12-05). M == 1: FMA tile [16, 512] with 8 warps, K split only until a program reads
     ~64 KiB of weights (qkv and o_proj unsplit, down_proj in 5: fewer, longer programs beat ~8 per SM there).
     M > 1: a [64, 128] weight tile with tl.dot and 3 pipeline stages, split-K by auto_split (the [32, 128]
-    single-stage tile before was 15-45 % slower). set_tuned entries win."""
-    if (M, N, K) in _TUNED:
-        return _TUNED[(M, N, K)]
-    bn, bk, warps, stages, dot = (16, 512, 8, 1, False) if M == 1 else (64, 128, 4, 3, True)
+    single-stage tile before was 15-45 % slower). weight_bytes 2 (bf16/fp16 weights), M == 1: the bf16 sweep's
+    winner, [8, 512] with 4 warps and no split, where N gives >= 2 programs per SM; else (small N, e.g. tensor-
+    parallel shards) FP8's rule at the same bytes per load and per program ([16, 256], split by bytes). set_tuned
+    entries win (keyed (M, N, K) for
+    FP8, (M, N, K, 2) for 2-byte weights)."""
+    key = (M, N, K) if weight_bytes == 1 else (M, N, K, weight_bytes)
+    if key in _TUNED:
+        return _TUNED[key]
+    if M == 1 and weight_bytes == 2 and -(-N // 8) >= 2 * num_sms:
+        # the bf16 sweep's rule (H100, 7B linears and lm_head, 2026-12-05): [8, 512] tiles, 4 warps, no split
+        # were the best or within 0.2 us of it on every shape (split-K only cost time there)
+        return GemvConfig(8, min(512, max(16, triton_next_pow2(K))), 1, 4, 1, False)
+    bn, bk, warps, stages, dot = (16, 512 // weight_bytes, 8, 1, False) if M == 1 else (64, 128, 4, 3, True)
     bk = min(bk, max(16, triton_next_pow2(K)))
     if M == 1:
-        split = normalize_split(-(-K // bk), min(-(-bn * K // WEIGHT_BYTES_PER_PROGRAM), max_split(M, K)))[0]
+        per_program = -(-bn * K * weight_bytes // WEIGHT_BYTES_PER_PROGRAM)
+        split = normalize_split(-(-K // bk), min(per_program, max_split(M, K)))[0]
     else:
         split = auto_split(M, N, K, bn, bk, dot, num_sms)
     return GemvConfig(bn, bk, split, warps, stages, dot)
@@ -172,7 +198,7 @@ if HAVE_TRITON:
     def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         USE_DOT: tl.constexpr):
+                         USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -222,10 +248,11 @@ if HAVE_TRITON:
             ws_offs = (pid_k * M + pid_m) * N + offs_n
             ok = n_ok
         if not SPLIT:
-            s = tl.load(S + rows).to(tl.float32)
-            if USE_DOT:
-                s = s[:, None]
-            y = y * s
+            if HAS_SCALE:
+                s = tl.load(S + rows).to(tl.float32)
+                if USE_DOT:
+                    s = s[:, None]
+                y = y * s
             if HAS_BIAS:
                 b = tl.load(Bias + rows).to(tl.float32)
                 if USE_DOT:
@@ -237,7 +264,7 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["M", "stride_ym", "split_k"])
     def _splitk_reduce_kernel(WS, S, Bias, Y, M, N, stride_ym, split_k, BLOCK: tl.constexpr,
-                              HAS_BIAS: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
         pid = tl.program_id(0)
         m = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -245,7 +272,9 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for s in range(split_k):  # fixed order: deterministic
             acc += tl.load(WS + (s * M + m) * N + offs, mask=ok, other=0.0)
-        y = acc * tl.load(S + offs, mask=ok, other=0.0).to(tl.float32)
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(S + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(Y + m * stride_ym + offs, y.to(Y.dtype.element_ty), mask=ok)
@@ -303,8 +332,22 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     """y = x @ (weight * scale)^T + bias in x's dtype. x [..., K] bf16/fp16 (last dim contiguous), weight
     float8_e4m3fn [N, K] (rows contiguous, any row stride), scale [N] or [N, 1] (any float dtype), bias [N].
     CUDA tensors, or CPU tensors in a TRITON_INTERPRET=1 process (see interpreting())."""
+    if weight.dtype != FP8:
+        raise TypeError(f"fp8_gemv: weight must be float8_e4m3fn, got {weight.dtype} (gemv takes bf16/fp16 weights)")
+    return gemv(x, weight, scale, bias, config)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
+    required) or weights of x's dtype (bf16/fp16; scale optional)."""
     if not HAVE_TRITON:
         raise RuntimeError("fp8_gemv needs triton")
+    if weight.dtype == FP8:
+        if scale is None:
+            raise ValueError("gemv: float8_e4m3fn weights need their per-channel scale")
+    elif weight.dtype != x.dtype:
+        raise TypeError(f"gemv: weight dtype {weight.dtype} is neither float8_e4m3fn nor x's dtype {x.dtype}")
     interpret = not x.is_cuda
     if interpret and not interpreting():
         raise RuntimeError("fp8_gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
@@ -317,10 +360,11 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     M = x2.shape[0]
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    s = scale.reshape(-1)
-    if s.stride(0) != 1:
+    has_scale = scale is not None
+    s = scale.reshape(-1) if has_scale else weight  # a valid pointer, never read
+    if has_scale and s.stride(0) != 1:
         s = s.contiguous()
-    cfg = config or pick_config(M, N, K, num_sms(x.device))
+    cfg = config or pick_config(M, N, K, num_sms(x.device), weight.element_size())
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)
@@ -337,21 +381,23 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                            k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1,
-                           EVEN_K=even_k, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, **kw)
+                           EVEN_K=even_k, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, **kw)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
         _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, M, N, y.stride(0), split, BLOCK=rb,
-                                                HAS_BIAS=has_bias, **kw)
+                                                HAS_BIAS=has_bias, HAS_SCALE=has_scale, **kw)
     return y.view(*lead, N)
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
     """x @ (weight * scale)^T + bias in float64 (the weights dequantised exactly; no TF32 whatever the
-    matmul settings), reshaped to [M, N]."""
+    matmul settings), reshaped to [M, N]; scale None: 1."""
     x = x.reshape(-1, x.shape[-1]).double()
-    y = (x @ weight.double().t()) * scale.reshape(1, -1).double()
+    y = x @ weight.double().t()
+    if scale is not None:
+        y = y * scale.reshape(1, -1).double()
     return y if bias is None else y + bias.double()
 
 
@@ -363,55 +409,63 @@ def error_bound(x, weight, scale, bias, ref, out_dtype) -> torch.Tensor:
     K = x.shape[-1]
     u = 2.0 ** -24
     gamma = K * u / (1 - K * u)
-    absdot = (x.reshape(-1, K).double().abs() @ weight.double().abs().t()) * scale.reshape(1, -1).double().abs()
+    absdot = x.reshape(-1, K).double().abs() @ weight.double().abs().t()
+    if scale is not None:
+        absdot = absdot * scale.reshape(1, -1).double().abs()
     if bias is not None:
         absdot = absdot + bias.double().abs()
     half_ulp = torch.finfo(out_dtype).eps / 2
     return half_ulp * ref.abs() * (1 + 4 * u) + (2 * gamma + 4 * u) * absdot * (1 + half_ulp) + 1e-30
 
 
-_OK: dict[str, bool] = {}
+_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def gemv_ok(device) -> bool:
-    """Whether the kernel can be used on `device`: CUDA, triton, compute capability >= 8.9, and one run per
-    code path (FMA, DOT, split-K, bias, ragged K) within error_bound of the fp32 reference. Probed once per
-    device (synchronises: call before capturing CUDA graphs; fp8_backend does)."""
+def gemv_ok(device, weight_dtype: torch.dtype = FP8) -> bool:
+    """Whether the kernel can be used on `device` for weights of `weight_dtype` (float8_e4m3fn, or bf16 for the
+    2-byte path): CUDA, triton, compute capability >= 8.9 for e4m3 (8.0 for bf16), and one run per code path
+    (FMA, DOT, split-K, bias, ragged K) within error_bound of the float64 reference. Probed once per device and
+    dtype (synchronises: call before capturing CUDA graphs; fp8_backend and GemvLinear.prepare do)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return False
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    key = str(dev)
+    key = (str(dev), weight_dtype)
     if key in _OK:
         return _OK[key]
     ok = False
-    if HAVE_TRITON and torch.cuda.get_device_capability(dev) >= (8, 9):
+    need = (8, 9) if weight_dtype == FP8 else (8, 0)
+    if HAVE_TRITON and torch.cuda.get_device_capability(dev) >= need:
         try:
-            ok = _self_test(dev)
+            ok = _self_test(dev, weight_dtype)
         except Exception as e:  # compile or launch failure
-            log.warning("fp8 GEMV kernel unavailable on %s (%s: %s); using the FP8 matmul path", dev,
-                        type(e).__name__, e)
+            log.warning("GEMV kernel for %s weights unavailable on %s (%s: %s); using the matmul path",
+                        weight_dtype, dev, type(e).__name__, e)
     _OK[key] = ok
     return ok
 
 
-def _self_test(dev) -> bool:
+def _self_test(dev, weight_dtype: torch.dtype = FP8) -> bool:
     g = torch.Generator(device=dev).manual_seed(0)
     for M, N, K, bias, split in ((1, 96, 512, True, None), (1, 80, 320, False, 3), (5, 64, 640, True, None),
                                  (3, 48, 272, False, 2)):
         w = torch.randn(N, K, generator=g, device=dev) * 0.02
-        scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
-        q = (w / scale).to(FP8)
-        x = torch.randn(M, K, generator=g, device=dev).to(torch.bfloat16)
-        b = torch.randn(N, generator=g, device=dev).to(torch.bfloat16) if bias else None
-        cfg = dataclasses.replace(pick_config(M, N, K, num_sms(dev)), split_k=split) if split else None
-        got = fp8_gemv(x, q, scale, b, config=cfg).double()
+        if weight_dtype == FP8:
+            scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
+            q = (w / scale).to(FP8)
+        else:
+            scale, q = None, w.to(weight_dtype)
+        x = torch.randn(M, K, generator=g, device=dev).to(torch.bfloat16 if weight_dtype == FP8 else weight_dtype)
+        b = torch.randn(N, generator=g, device=dev).to(x.dtype) if bias else None
+        cfg = pick_config(M, N, K, num_sms(dev), q.element_size())
+        cfg = dataclasses.replace(cfg, split_k=split) if split else None
+        got = gemv(x, q, scale, b, config=cfg).double()
         ref = reference(x, q, scale, b)
-        bound = error_bound(x, q, scale, b, ref, torch.bfloat16)
+        bound = error_bound(x, q, scale, b, ref, x.dtype)
         if not bool(((got - ref).abs() <= bound).all()):
-            log.warning("fp8 GEMV kernel disagrees with the fp32 reference (M=%d N=%d K=%d, max err %.3g); "
-                        "not using it", M, N, K, (got - ref).abs().max().item())
+            log.warning("GEMV kernel (%s weights) disagrees with the float64 reference (M=%d N=%d K=%d, max err "
+                        "%.3g); not using it", weight_dtype, M, N, K, (got - ref).abs().max().item())
             return False
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -428,10 +482,60 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, in_features: int, force: boo
     return gemv_ok(x.device)
 
 
+def use_bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """GemvLinear's dispatch rule: switched on (the default; QWENVL_BF16_GEMV=0 or set_enabled(bf16_enabled=False)
+    off), CUDA,
+    weight of x's dtype (bf16/fp16), at most bf16_max_m rows, the kernel's probe passed."""
+    if not _STATE["bf16_enabled"] or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if weight.dtype != x.dtype or x.numel() // max(1, weight.shape[1]) > _STATE["bf16_max_m"]:
+        return False
+    return gemv_ok(x.device, weight.dtype)
+
+
+class GemvLinear(torch.nn.Module):
+    """An nn.Linear (held, not copied: the model's own module keeps its weights) whose small-M calls run the
+    GEMV kernel (use_bf16_gemv), every other call the linear itself. For the engine's decode linears."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        if type(linear) is not torch.nn.Linear:
+            raise TypeError(f"GemvLinear wraps a plain nn.Linear, got {type(linear).__name__}")
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_bf16_gemv(x, self.linear.weight):
+            return gemv(x, self.linear.weight, None, self.linear.bias)
+        return self.linear(x)
+
+
+def wrap_linear(m: torch.nn.Module) -> torch.nn.Module:
+    """GemvLinear(m) for a plain nn.Linear with 2-byte weights on CUDA while the bf16 path is switched on (the
+    kernel's probe run now, before any CUDA graph capture), else m unchanged (FP8Linear, tensor-parallel linears and CPU modules keep their paths)."""
+    w = getattr(m, "weight", None)
+    if not _STATE["bf16_enabled"]:
+        return m
+    if type(m) is not torch.nn.Linear or w is None or not w.is_cuda or w.dtype not in (torch.bfloat16, torch.float16):
+        return m
+    if not gemv_ok(w.device, w.dtype):
+        return m
+    return GemvLinear(m)
+
+
 def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 2) -> int:
     """Bytes a perfect kernel reads/writes: the weights once, x once, y once, the scales."""
     return N * K * weight_bytes + M * K * act_bytes + M * N * act_bytes + N * 4
 
 
-__all__ = ["GemvConfig", "HAVE_TRITON", "auto_split", "bytes_moved", "error_bound", "fp8_gemv", "gemv_ok", "pick_config",
-           "reference", "set_enabled", "set_tuned", "settings", "use_gemv"]
+__all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bytes_moved", "error_bound", "fp8_gemv", "gemv",
+           "gemv_ok", "pick_config", "reference", "set_enabled", "set_tuned", "settings", "use_bf16_gemv", "use_gemv",
+           "wrap_linear"]
