@@ -180,7 +180,7 @@ def gemv_row(row: dict, prefix: str, timer, xs, weights, copies: int, weight_byt
         return {}
     b = min(good, key=lambda r: r["us"])
     row.update({prefix + "best_us": b["us"], prefix + "best_GBs": b["GBs"], prefix + "best_config": b["config"]})
-    return {(M, N, K) if weight_bytes == 1 else (M, N, K, weight_bytes): b["config"]}
+    return {G.tuned_key(M, N, K, weight_bytes): b["config"]}
 
 
 # ---------------------------------------------------------------------------------------------- micro

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -396,8 +397,6 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkey
     parting has the same logprob within 0.1 on both paths, and at a parting the kernel's token is the dequant
     path's runner-up within 0.1 of its top choice."""
     _needs_fp8_gpu()
-    import random
-
     import qwenvl
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.model import Qwen25VL
@@ -405,9 +404,7 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkey
 
     model = quantize_model_fp8(Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0))
     monkeypatch.setitem(fp8._BACKENDS, str(torch.device("cuda", torch.cuda.current_device())), "dequant")
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
-               for _ in range(8)]
+    prompts = random_token_prompts(8, seed=0)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     calls = []
     real = G.fp8_gemv
@@ -425,6 +422,13 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkey
         finally:
             G.set_enabled(**old)
     assert_equal_up_to_near_ties(outs[True], outs[False], 8)
+
+
+def random_token_prompts(n: int, seed: int) -> list[dict]:
+    """n prompts of 4-39 random token ids, the same for a seed (the engine tests' requests)."""
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
+            for _ in range(n)]
 
 
 def assert_equal_up_to_near_ties(kernel_outs, other_outs, n_tokens: int, tol: float = 0.1) -> None:
@@ -474,16 +478,12 @@ def test_gpu_bf16_gemv_matches_reference_on_real_shapes():
 def test_gpu_engine_bf16_gemv_greedy_equals_cublas_up_to_near_ties(monkeypatch):
     """The engine with the bf16 GEMV on (the default; decode linears and lm_head through the kernel at batch 1) against
     cuBLAS: same tokens and logprobs (within 0.1) up to a near-tie parting, as for FP8 above."""
-    import random
-
     import qwenvl
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.model import Qwen25VL
 
     model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
-    rng = random.Random(1)
-    prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(4, 40))]}
-               for _ in range(4)]
+    prompts = random_token_prompts(4, seed=1)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     calls = []
     real = G.gemv

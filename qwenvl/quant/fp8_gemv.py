@@ -77,8 +77,8 @@ def _env_bf16() -> tuple[bool, int]:
     return env_flag("QWENVL_BF16_GEMV", True), int(os.environ.get("QWENVL_BF16_GEMV_MAX_M", "1"))
 
 
-_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m(), "bf16_enabled": _env_bf16()[0],
-          "bf16_max_m": _env_bf16()[1]}
+_bf16_on, _bf16_max_m = _env_bf16()
+_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m(), "bf16_enabled": _bf16_on, "bf16_max_m": _bf16_max_m}
 
 
 def set_enabled(enabled: bool | None = None, max_m: int | None = None, bf16_enabled: bool | None = None,
@@ -151,6 +151,11 @@ def auto_split(M: int, N: int, K: int, block_n: int, block_k: int, use_dot: bool
     return normalize_split(k_blocks, split)[0]
 
 
+def tuned_key(M: int, N: int, K: int, weight_bytes: int = 1) -> tuple[int, ...]:
+    """set_tuned's key of a shape: (M, N, K) for FP8 weights, (M, N, K, weight_bytes) for 2-byte ones."""
+    return (M, N, K) if weight_bytes == 1 else (M, N, K, weight_bytes)
+
+
 WEIGHT_BYTES_PER_PROGRAM = 64 * 1024  # M == 1: K is split until a program reads about this much of its weight rows
 
 
@@ -162,9 +167,8 @@ def pick_config(M: int, N: int, K: int, num_sms: int = 132, weight_bytes: int = 
     single-stage tile before was 15-45 % slower). weight_bytes 2 (bf16/fp16 weights), M == 1: the bf16 sweep's
     winner, [8, 512] with 4 warps and no split, where N gives >= 2 programs per SM; else (small N, e.g. tensor-
     parallel shards) FP8's rule at the same bytes per load and per program ([16, 256], split by bytes). set_tuned
-    entries win (keyed (M, N, K) for
-    FP8, (M, N, K, 2) for 2-byte weights)."""
-    key = (M, N, K) if weight_bytes == 1 else (M, N, K, weight_bytes)
+    entries win (keyed by tuned_key)."""
+    key = tuned_key(M, N, K, weight_bytes)
     if key in _TUNED:
         return _TUNED[key]
     if M == 1 and weight_bytes == 2 and -(-N // 8) >= 2 * num_sms:
@@ -342,7 +346,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
     required) or weights of x's dtype (bf16/fp16; scale optional)."""
     if not HAVE_TRITON:
-        raise RuntimeError("fp8_gemv needs triton")
+        raise RuntimeError("gemv needs triton")
     if weight.dtype == FP8:
         if scale is None:
             raise ValueError("gemv: float8_e4m3fn weights need their per-channel scale")
@@ -350,7 +354,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         raise TypeError(f"gemv: weight dtype {weight.dtype} is neither float8_e4m3fn nor x's dtype {x.dtype}")
     interpret = not x.is_cuda
     if interpret and not interpreting():
-        raise RuntimeError("fp8_gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        raise RuntimeError("gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
     K = x.shape[-1]
     N = weight.shape[0]
     lead = x.shape[:-1]
@@ -425,7 +429,7 @@ def gemv_ok(device, weight_dtype: torch.dtype = FP8) -> bool:
     """Whether the kernel can be used on `device` for weights of `weight_dtype` (float8_e4m3fn, or bf16 for the
     2-byte path): CUDA, triton, compute capability >= 8.9 for e4m3 (8.0 for bf16), and one run per code path
     (FMA, DOT, split-K, bias, ragged K) within error_bound of the float64 reference. Probed once per device and
-    dtype (synchronises: call before capturing CUDA graphs; fp8_backend and GemvLinear.prepare do)."""
+    dtype (synchronises: call before capturing CUDA graphs; fp8_backend and wrap_linear do)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return False
@@ -483,9 +487,9 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, in_features: int, force: boo
 
 
 def use_bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """GemvLinear's dispatch rule: switched on (the default; QWENVL_BF16_GEMV=0 or set_enabled(bf16_enabled=False)
-    off), CUDA,
-    weight of x's dtype (bf16/fp16), at most bf16_max_m rows, the kernel's probe passed."""
+    """GemvLinear's dispatch rule: switched on (the default; off by QWENVL_BF16_GEMV=0 or
+    set_enabled(bf16_enabled=False)), CUDA, weight of x's dtype (bf16/fp16), at most bf16_max_m rows, the kernel's
+    probe passed."""
     if not _STATE["bf16_enabled"] or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if weight.dtype != x.dtype or x.numel() // max(1, weight.shape[1]) > _STATE["bf16_max_m"]:
@@ -520,10 +524,11 @@ class GemvLinear(torch.nn.Module):
 
 def wrap_linear(m: torch.nn.Module) -> torch.nn.Module:
     """GemvLinear(m) for a plain nn.Linear with 2-byte weights on CUDA while the bf16 path is switched on (the
-    kernel's probe run now, before any CUDA graph capture), else m unchanged (FP8Linear, tensor-parallel linears and CPU modules keep their paths)."""
-    w = getattr(m, "weight", None)
+    kernel's probe run now, before any CUDA graph capture), else m unchanged (FP8Linear, tensor-parallel linears
+    and CPU modules keep their paths)."""
     if not _STATE["bf16_enabled"]:
         return m
+    w = getattr(m, "weight", None)
     if type(m) is not torch.nn.Linear or w is None or not w.is_cuda or w.dtype not in (torch.bfloat16, torch.float16):
         return m
     if not gemv_ok(w.device, w.dtype):
@@ -537,5 +542,5 @@ def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 
 
 
 __all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bytes_moved", "error_bound", "fp8_gemv", "gemv",
-           "gemv_ok", "pick_config", "reference", "set_enabled", "set_tuned", "settings", "use_bf16_gemv", "use_gemv",
-           "wrap_linear"]
+           "gemv_ok", "pick_config", "reference", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv",
+           "use_gemv", "wrap_linear"]
