@@ -98,15 +98,44 @@ def test_greedy_equals_reference_alone(model, workload):
     dict(num_blocks=1024, block_size=4, max_num_batched_tokens=32),  # chunked prefill, images split over steps
     dict(num_blocks=100, block_size=4, max_num_batched_tokens=128),  # preemption by recompute
     dict(num_blocks=80, block_size=4, max_num_batched_tokens=32, enable_prefix_caching=False, max_num_seqs=16),
-], ids=["batch", "chunked", "preempt", "preempt-chunked-nocache"])
+    dict(num_blocks=100, block_size=4, max_num_batched_tokens=128, decode_ahead=True),
+], ids=["batch", "chunked", "preempt", "preempt-chunked-nocache", "preempt-decode-ahead"])
 def test_batch_of_64_equals_reference(model, workload, cfg):
+    cfg = dict(cfg)
+    ahead = cfg.pop("decode_ahead", False)
     llm = LLM(model, **cfg)
+    llm.decode_ahead = ahead  # on by default with CUDA graphs only; its eager form runs here
     outs = llm.generate([p for p, _, _ in workload], [SamplingParams(max_tokens=n, **GREEDY) for _, n, _ in workload])
     for out, (_, n, ref) in zip(outs, workload):
         assert out.token_ids == ref and out.finish_reason == "length"
     assert llm.num_used_blocks == 0
     if cfg["num_blocks"] < 1024:
         assert llm.stats()["num_preemptions"] > 0
+    assert (llm.stats()["decode_ahead_steps"] > 0) == ahead
+
+
+def test_decode_ahead_with_stop_tokens_and_seeded_sampling(model):
+    """Steps launched ahead (runner.decode_ahead) are dropped when a sequence stops on a token the host sees only
+    afterwards, or the batch changes: outputs equal those without, for greedy with stop tokens and for seeded
+    sampling with n > 1."""
+    rng = random.Random(3)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(3, 30))]}
+               for _ in range(12)]
+    base = LLM(model, num_blocks=256, block_size=4)
+    greedy = base.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))
+    # stop on each request's 4th greedy token: a sequence finishes while its next step is already queued
+    params = [SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[g.outputs[0].token_ids[3]])
+              for g in greedy]
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, n=2, seed=5)
+    outs = {}
+    for ahead in (False, True):
+        llm = LLM(model, num_blocks=256, block_size=4)
+        llm.decode_ahead = ahead
+        outs[ahead] = ([o.outputs[0].token_ids for o in llm.generate(prompts, params)],
+                       [[c.token_ids for c in o.outputs] for o in llm.generate(prompts[:4], sampled)])
+        assert (llm.stats()["decode_ahead_steps"] > 0) == ahead and llm.num_used_blocks == 0
+    assert outs[True] == outs[False]
+    assert all(len(t) <= 4 for t in outs[True][0])
 
 
 def test_varlen_prefill_plan_equals_reference(model, workload, monkeypatch):
@@ -154,13 +183,15 @@ def test_chunked_prefill_runs_vit_once_per_image(model):
     assert llm.stats()["encoded_items"] == 1
 
 
-def test_200_requests_with_random_cancellations(model):
+@pytest.mark.parametrize("ahead", [False, True], ids=["", "decode-ahead"])
+def test_200_requests_with_random_cancellations(model, ahead):
     rng = random.Random(1)
     reqs = {}
     for i in range(200):
         ids = [rng.randrange(100, 150000) for _ in range(rng.randrange(3, 40))]
         reqs[f"r{i}"] = ({"prompt_token_ids": ids, "images": [], "videos": []}, rng.randrange(1, 9))
     llm = LLM(model, num_blocks=48, block_size=4, max_num_batched_tokens=64, max_num_seqs=32)
+    llm.decode_ahead = ahead
     pending = list(reqs)
     finals, aborted = {}, set()
     while pending or llm.has_unfinished():
@@ -190,6 +221,7 @@ def test_200_requests_with_random_cancellations(model):
         assert out.finish_reason == "length"
     assert 10 < n_aborted < 150
     assert llm.stats()["num_preemptions"] > 0
+    assert (llm.stats()["decode_ahead_steps"] > 0) == ahead
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_output(model, workload):

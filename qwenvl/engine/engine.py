@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..config import env_flag
 from ..errors import InputError
 from ..preprocess import VisionInput
 from . import spmd
@@ -122,6 +123,10 @@ class LLM:
         self._arrival = itertools.count()
         self._request_counter = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
+        # decode steps launched one step ahead (runner.decode_ahead): CUDA graphs only; QWENVL_DECODE_AHEAD=0 off
+        self.decode_ahead = bool(self.runner.graphs) and env_flag("QWENVL_DECODE_AHEAD", True)
+        self._ahead = None
+        self.num_ahead_steps = 0
         if self._tp_workers is not None:
             spmd.register_shutdown(self)
 
@@ -143,6 +148,8 @@ class LLM:
                 "encoder_runs": self.runner.num_encoder_runs, "encoded_items": self.runner.num_encoded_items,
                 "cuda_graph_batch_sizes": sorted(self.runner.graphs), "triton_decode": self.runner.use_triton,
                 "compiled_ops": self.runner.ops.compiled, "bf16_gemv": self.runner.bf16_gemv,
+                "fused_gemv_layers": self.runner._gemv_plan(1) is not None, "fused_rope_kv": self.runner.fused_rope_kv,
+                "decode_ahead": self.decode_ahead, "decode_ahead_steps": self.num_ahead_steps,
                 "vision_graph_replays": vg.replays if (vg := self.runner.vision_graphs) is not None else 0,
                 "max_model_len": self.max_model_len}
 
@@ -275,9 +282,14 @@ class LLM:
             self._tp_send("step")
         outputs = self._process_aborts()
         chunks = self.scheduler.schedule()
+        ahead, self._ahead = self._ahead, None
         if not chunks:
             return outputs
-        logits = self.runner.execute(chunks)
+        logits = self.runner.take_ahead(ahead, chunks) if ahead is not None else None
+        if logits is None:
+            logits = self.runner.execute(chunks)
+        else:
+            self.num_ahead_steps += 1
         self.scheduler.after_step(chunks)
         sampling = [c.seq for c in chunks if c.samples]
         if any(s.params.logits_processors for s in sampling):
@@ -288,6 +300,12 @@ class LLM:
         rows = [SamplerRow(s.params, s.prompt.token_ids if s.params.repetition_penalty != 1 else [],
                            s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
         result = sample(logits, rows, self._generator)
+        if (self.decode_ahead and self._tp is None and all(c.is_decode and c.samples for c in chunks)
+                and not all(_last_by_length(c.seq) for c in chunks)
+                and all(c.end < self.max_model_len and self.block_manager.allocate(c.seq, c.end + 1) for c in chunks)):
+            # the next decode step goes to the GPU now, fed by this step's tokens on the device (its blocks
+            # allocated now rather than by the next schedule(); a sequence that stops frees them as usual)
+            self._ahead = self.runner.decode_ahead(chunks, result.token_ids)
         for seq, tok, lp in zip(sampling, result.token_ids.tolist(), result.logprobs):
             out = self._append_token(seq, tok, lp)
             outputs.append(out)
@@ -445,6 +463,11 @@ class LLM:
         if self._tp is not None and self._tp_workers is None:  # torchrun: the other ranks' calls return
             self._tp_send("return")
         return [results[r] for r in ids]
+
+
+def _last_by_length(seq: Sequence) -> bool:
+    """The token about to be appended is seq's last by max_tokens."""
+    return seq.params.max_tokens is not None and seq.num_output_tokens + 1 >= seq.params.max_tokens
 
 
 def _vision_entry(kind: str, x) -> tuple:

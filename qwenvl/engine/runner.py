@@ -30,12 +30,14 @@ from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
+from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, num_splits_for, prefill_attention,
                         triton_decode_ok, varlen_prefill_attention, varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
+from .rope_kv import rope_write_kv, rope_write_kv_ok
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
 from .vision_graphs import VisionGraphs, compile_vision_blocks, uncompile_vision_blocks
@@ -96,6 +98,12 @@ class ModelRunner:
         self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
                               compiled=self.is_cuda and compile_ops_requested())
         self.ops.check(self.device, self.dtype, t.hidden_size)
+        # decode rows that run every linear through the GEMV kernel take the fused layer (_layer_gemv): RMSNorm,
+        # silu * up and the residual adds inside the GEMVs. Off unless QWENVL_FUSED_GEMV=1: on an H200 it did not
+        # pay (docs/BENCHMARKS.md 2026-12-05, sixth session)
+        self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", False)
+        self.fused_gemv_silu = env_flag("QWENVL_FUSED_GEMV_SILU", True)  # silu * up inside down's GEMV too
+        self._gemv_plans: dict[tuple, list | None] = {}
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
         self.encoder_cache_tokens = encoder_cache_tokens
         self.encoder_cache_rows = 0
@@ -105,6 +113,10 @@ class ModelRunner:
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
+        # decode steps rotate q/k and store k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
+        self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
+                              and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
+                                                   block_size))
         self.kv: PagedKVCache | None = None
         self.tp = None  # engine.spmd.TPChannel under tensor parallelism (set by the engine)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -192,7 +204,19 @@ class ModelRunner:
         emb = torch.cat([sel, sel], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _layer(self, i: int, h: torch.Tensor, delta: torch.Tensor | None, cos, sin, slots: torch.Tensor, attend):
+    def _rope_write(self, i: int, qkv: torch.Tensor, cos, sin, slots: torch.Tensor, decode: bool):
+        """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots. Decode
+        steps (attention reads keys from the pools only) take the one-kernel rope_write_kv and get k = v = None."""
+        if decode and self.fused_rope_kv:
+            kv = self.kv
+            return rope_write_kv(qkv, cos, sin, slots, kv.k[i], kv.v[i], self.heads, self.kv_heads,
+                                 self.head_dim), None, None
+        q, k, v = self.ops.rope_qkv(qkv, cos, sin)
+        write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
+        return q, k, v
+
+    def _layer(self, i: int, h: torch.Tensor, delta: torch.Tensor | None, cos, sin, slots: torch.Tensor, attend,
+               decode: bool = False):
         """One decoder layer on (h, delta): the residual stream is h + delta (delta: the previous layer's MLP
         output, None before the first layer), so each residual add is done inside the next RMSNorm. Returns the
         new (h, delta)."""
@@ -200,17 +224,67 @@ class ModelRunner:
         layer = L.module
         N = h.shape[0]
         h, x = ops.add_rms_norm(h, delta, layer.input_layernorm.weight)
-        q, k, v = ops.rope_qkv(L.qkv(x), cos, sin)
-        write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
+        q, k, v = self._rope_write(i, L.qkv(x), cos, sin, slots, decode)
         a = L.o(attend(i, q, k, v).reshape(N, self.heads * self.head_dim))
         h, x = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight)
         return h, L.down(ops.silu_mul(L.gu(x)))
 
-    def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend, decode: bool = False) -> torch.Tensor:
+        """decode: every row is one decoded token (attention reads keys from the pools only)."""
+        plan = self._gemv_plan(h.shape[0])
+        if plan is not None:
+            for i in range(self.num_layers):
+                h = self._layer_gemv(i, h, plan[i], cos, sin, slots, attend, decode)
+            return h
         delta = None
         for i in range(self.num_layers):
-            h, delta = self._layer(i, h, delta, cos, sin, slots, attend)
+            h, delta = self._layer(i, h, delta, cos, sin, slots, attend, decode)
         return h + delta
+
+    def _layer_gemv(self, i: int, h: torch.Tensor, operands, cos, sin, slots: torch.Tensor, attend,
+                    decode: bool = False) -> torch.Tensor:
+        """_layer with each linear one fp8_gemv.gemv call that also does the elementwise work beside it: RMSNorm
+        before q/k/v and gate/up, silu * up before down, the residual adds after o and down. Same maths; the
+        normalised input is not rounded to the model dtype before the matmul (the rest is rounded as eagerly)."""
+        layer = self.layers[i].module
+        qkv_w, o_w, gu_w, down_w = operands
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        N = h.shape[0]
+        q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin, slots,
+                                   decode)
+        h = fp8_gemv.gemv(attend(i, q, k, v).reshape(N, self.heads * self.head_dim), *o_w, residual=h)
+        gu = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps)
+        if not self.fused_gemv_silu:
+            return fp8_gemv.gemv(self.ops.silu_mul(gu), *down_w, residual=h)
+        return fp8_gemv.gemv(gu, *down_w, silu_mul=True, residual=h)
+
+    def _gemv_plan(self, rows: int) -> list | None:
+        """Per layer the (weight, scale, bias) of qkv, o, gate/up and down when all of them run the GEMV kernel at
+        `rows` rows (fp8_gemv's switches and probes as they stand) and its fused prologues passed their probe;
+        else None. Cached per (rows, switches)."""
+        if not self.fused_gemv or rows != 1:  # the prologues run in the kernel on its M = 1 (FMA) path only
+            return None
+        key = (rows, tuple(sorted(fp8_gemv.settings().items())))
+        if key not in self._gemv_plans:
+            plan = []
+            for L in self.layers:
+                ops = [m.gemv_operands(rows, self.dtype, self.device) if hasattr(m, "gemv_operands") else None
+                       for m in (L.qkv, L.o, L.gu, L.down)]
+                if any(o is None or not fp8_gemv.fused_gemv_ok(self.device, o[0].dtype) for o in ops):
+                    plan = None
+                    break
+                plan.append(ops)
+            self._gemv_plans[key] = plan
+        return self._gemv_plans[key]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head(norm(h)); one GEMV with the norm as its prologue where the head runs the kernel at h's rows."""
+        norm = self.model.model.norm
+        ops = (self.lm_head.gemv_operands(1, self.dtype, self.device)
+               if self.fused_gemv and h.shape[0] == 1 and hasattr(self.lm_head, "gemv_operands") else None)
+        if ops is not None and fp8_gemv.fused_gemv_ok(self.device, ops[0].dtype):
+            return fp8_gemv.gemv(h, *ops, norm_weight=norm.weight, eps=norm.eps)
+        return self.lm_head(norm(h))
 
     def _decode_attention(self, i, q, block_tables, context_lens):
         if self.use_triton:
@@ -247,7 +321,7 @@ class ModelRunner:
             return out
 
         h = self._layers(h, cos, sin, s.slots, attend)
-        return self.lm_head(self.model.model.norm(h[s.sample_rows]))
+        return self._logits(h[s.sample_rows])
 
     def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
         """Logits [B, V] for one generated token per sequence. ids/slots/rope_deltas long [B], context_lens
@@ -260,8 +334,8 @@ class ModelRunner:
         def attend(i, q, k, v):
             return self._decode_attention(i, q, block_tables, context_lens)
 
-        h = self._layers(h, cos, sin, slots, attend)
-        return self.lm_head(self.model.model.norm(h))
+        h = self._layers(h, cos, sin, slots, attend, decode=True)
+        return self._logits(h)
 
     # ------------------------------------------------------------------------------------------ a step
     @torch.inference_mode()
@@ -354,16 +428,19 @@ class ModelRunner:
         return s
 
     def _execute_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Decode-only step: host metadata as plain ints (this runs every step), then one graph replay
-        (batch padded up to its bucket) or an eager _decode_core."""
-        B = len(chunks)
+        return self._replay_decode([c.seq for c in chunks], [c.start for c in chunks])
+
+    def _replay_decode(self, seqs: list[Sequence], positions: list[int], device_ids: torch.Tensor | None = None):
+        """Decode-only step, one token per sequence at `positions`: host metadata as plain ints (this runs every
+        step), then one graph replay (batch padded up to its bucket) or an eager _decode_core. device_ids: the
+        tokens as a device tensor (decode_ahead: the host has not seen them yet; graph buckets only)."""
+        B = len(seqs)
         bs, null = self.block_size, self.kv.null_block
         bucket = next((b for b in self.graph_sizes if b >= B), None)
         pad = (bucket or B) - B
         ids, ctx, deltas, slots, tables = [], [], [], [], []
-        for c in chunks:
-            seq, p = c.seq, c.start
-            ids.append(seq.token_ids[p])
+        for seq, p in zip(seqs, positions):
+            ids.append(seq.token_ids[p] if device_ids is None else 0)
             ctx.append(p + 1)
             deltas.append(seq.prompt.rope_delta)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
@@ -377,10 +454,14 @@ class ModelRunner:
         bt = torch.tensor([t + [null] * (width - len(t)) for t in tables] + [[null] * width] * pad, dtype=torch.int32)
         if bucket is None:
             rows = rows.to(self.device)
+            if device_ids is not None:
+                rows[0].copy_(device_ids)
             return self._decode_core(rows[0], rows[1].int(), rows[2], rows[3], bt.to(self.device))
         st = self.static
         n = bucket
         st["ids"][:n].copy_(rows[0], non_blocking=True)
+        if device_ids is not None:
+            st["ids"][:B].copy_(device_ids)
         st["context_lens"][:n].copy_(rows[1], non_blocking=True)
         st["rope_deltas"][:n].copy_(rows[2], non_blocking=True)
         st["slots"][:n].copy_(rows[3], non_blocking=True)
@@ -388,6 +469,42 @@ class ModelRunner:
         graph, out = self.graphs[bucket]
         graph.replay()
         return out[:B]
+
+    @torch.inference_mode()
+    def decode_ahead(self, chunks: list[ScheduledChunk], token_ids: torch.Tensor):
+        """Launch the decode step that follows the decode-only step `chunks` before the host has its tokens: each
+        sequence's next token is token_ids[i] (sampled on the device) at position c.end. The host then turns this
+        step's tokens into text while the GPU runs the next one. Returns a handle for take_ahead, or None where
+        a position needs a block not yet allocated (the engine allocates them first). Without a graph bucket the step
+        runs eagerly (the CPU: for tests).
+        If the scheduler then picks other work (a finished, aborted or preempted sequence, an admitted request),
+        the handle is dropped: the step wrote the right K/V (for the true tokens) at slots the sequences own or
+        no longer use, so nothing is wrong, only the work is lost."""
+        if any(c.end // self.block_size >= len(c.seq.block_table) for c in chunks):
+            return None
+        seqs, positions = [c.seq for c in chunks], [c.end for c in chunks]
+        logits = self._replay_decode(seqs, positions, device_ids=token_ids).float()
+        return list(zip(seqs, positions)), logits
+
+    @staticmethod
+    def take_ahead(handle, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """The float32 logits decode_ahead launched, for `chunks` if they are decode chunks of that step's
+        sequences, in its order, each at the predicted position: all of them, or some (the others finished,
+        were aborted or preempted; each row of a decode step depends on its own sequence only). Else None."""
+        key, logits = handle
+        rows, j = [], 0
+        for c in chunks:
+            if not c.is_decode:
+                return None
+            while j < len(key) and key[j][0] is not c.seq:
+                j += 1
+            if j == len(key) or key[j][1] != c.start:
+                return None
+            rows.append(j)
+            j += 1
+        if len(rows) == len(key):
+            return logits
+        return logits[torch.tensor(rows, device=logits.device)]
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()

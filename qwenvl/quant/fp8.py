@@ -214,6 +214,15 @@ class FP8Linear(nn.Module):
             return False
         return _gemv.use_gemv(x, self.weight, self.in_features, force=self.backend == "gemv")
 
+    def gemv_operands(self, rows: int, dtype: torch.dtype, device) -> tuple | None:
+        """(weight, scale, bias) for fp8_gemv.gemv when an input of `rows` rows would run the GEMV kernel (and the
+        output is not a partial sum to all-reduce), else None: the engine's fused decode layers."""
+        if self.backend not in ("auto", "gemv") or self.reduce_output:
+            return None
+        if _gemv.fp8_route(rows, dtype, device, self.weight, force=self.backend == "gemv"):
+            return self.weight, self.weight_scale, self.bias
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_gemv(x):
             # the bias after the all-reduce of a row-parallel layer (a partial sum), else fused

@@ -47,6 +47,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..config import env_flag
 
@@ -198,11 +199,15 @@ def num_sms(device) -> int:
 # ---------------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
 
-    @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym"])
-    def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, M, N, K, stride_xm, stride_wn, stride_ym, k_per_split,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    @triton.jit(do_not_specialize=["M", "stride_xm", "stride_ym", "stride_rm"])
+    def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, G, R, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, k_per_split,
+                         eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr):
+                         USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
+                         HAS_RES: tl.constexpr):
+        # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
+        # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
+        # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -217,8 +222,16 @@ if HAVE_TRITON:
             x_ptrs = X + xrows.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
-            x_ptrs = X + pid_m.to(tl.int64) * stride_xm + k_start + offs_k
+            x_row = X + pid_m.to(tl.int64) * stride_xm
+            x_ptrs = x_row + k_start + offs_k
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if PROLOGUE == 1:
+                g_ptrs = G + k_start + offs_k
+                if SPLIT:  # each split scales by the whole row's rstd: its sum of squares first
+                    for k0 in range(0, K, BLOCK_K):
+                        xs = tl.load(x_row + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+                        ss += xs * xs
         k_end = tl.minimum(k_start + k_per_split, K)  # the last split may have fewer blocks
         for k in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
@@ -227,6 +240,10 @@ if HAVE_TRITON:
                     x = tl.load(x_ptrs)
                 else:
                     x = tl.load(x_ptrs, eviction_policy="evict_last")
+                    if PROLOGUE == 1:
+                        g = tl.load(g_ptrs, eviction_policy="evict_last")
+                    if PROLOGUE == 2:
+                        u = tl.load(x_ptrs + K, eviction_policy="evict_last")
             else:
                 k_ok = (k + offs_k) < K
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
@@ -234,21 +251,40 @@ if HAVE_TRITON:
                     x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
                 else:
                     x = tl.load(x_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                    if PROLOGUE == 1:
+                        g = tl.load(g_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
+                    if PROLOGUE == 2:
+                        u = tl.load(x_ptrs + K, mask=k_ok, other=0.0, eviction_policy="evict_last")
             if USE_DOT:
                 acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)  # [BLOCK_N, BLOCK_M], fp32
             else:
-                acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                xf = x.to(tl.float32)
+                if PROLOGUE == 1:
+                    if not SPLIT:
+                        ss += xf * xf
+                    xf = xf * g.to(tl.float32)
+                    g_ptrs += BLOCK_K
+                if PROLOGUE == 2:  # F.silu(g) * u in x's dtype: silu in fp32, rounded; the product rounded.
+                    # exp2 and the approximate division: each x element is computed by every thread that holds
+                    # its column (the layout replicates x across the tile's rows), so its cost is multiplied
+                    act = tl.fdiv(xf, 1.0 + tl.exp2(xf * -1.4426950408889634)).to(x.dtype).to(tl.float32)
+                    xf = (act * u.to(tl.float32)).to(x.dtype).to(tl.float32)
+                acc2 += w.to(tl.float32) * xf[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         n_ok = offs_n < N
         if USE_DOT:
             y = acc
             out_offs = offs_m[None, :] * stride_ym + offs_n[:, None]
+            res_offs = offs_m[None, :] * stride_rm + offs_n[:, None]
             ws_offs = (pid_k * M + offs_m[None, :]) * N + offs_n[:, None]
             ok = n_ok[:, None] & (offs_m < M)[None, :]
         else:
             y = tl.sum(acc2, axis=1)
+            if PROLOGUE == 1:
+                y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             out_offs = pid_m * stride_ym + offs_n
+            res_offs = pid_m * stride_rm + offs_n
             ws_offs = (pid_k * M + pid_m) * N + offs_n
             ok = n_ok
         if not SPLIT:
@@ -262,13 +298,16 @@ if HAVE_TRITON:
                 if USE_DOT:
                     b = b[:, None]
                 y = y + b
-            tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=ok)
+            y = y.to(Y.dtype.element_ty)
+            if HAS_RES:
+                y = (y.to(tl.float32) + tl.load(R + res_offs, mask=ok, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+            tl.store(Y + out_offs, y, mask=ok)
         else:
             tl.store(WS + ws_offs, y, mask=ok)
 
-    @triton.jit(do_not_specialize=["M", "stride_ym", "split_k"])
-    def _splitk_reduce_kernel(WS, S, Bias, Y, M, N, stride_ym, split_k, BLOCK: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    @triton.jit(do_not_specialize=["M", "stride_ym", "stride_rm", "split_k"])
+    def _splitk_reduce_kernel(WS, S, Bias, Y, R, M, N, stride_ym, stride_rm, split_k, BLOCK: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr):
         pid = tl.program_id(0)
         m = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -281,7 +320,11 @@ if HAVE_TRITON:
             y = y * tl.load(S + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y = y + tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(Y + m * stride_ym + offs, y.to(Y.dtype.element_ty), mask=ok)
+        y = y.to(Y.dtype.element_ty)
+        if HAS_RES:
+            y = (y.to(tl.float32) + tl.load(R + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)).to(
+                Y.dtype.element_ty)
+        tl.store(Y + m * stride_ym + offs, y, mask=ok)
 
 
 def interpreting() -> bool:
@@ -342,9 +385,18 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+         silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
-    required) or weights of x's dtype (bf16/fp16; scale optional)."""
+    required) or weights of x's dtype (bf16/fp16; scale optional).
+
+    A decoder layer's elementwise work around its decode linears, fused (one kernel instead of three):
+      norm_weight [K]: the input is RMSNorm(x) * norm_weight (eps), normalised in fp32 without rounding it to x's
+                       dtype first (the row's rstd is taken from the same loads and applied once per output);
+      silu_mul:        x is [..., 2K], the input is silu(x[..., :K]) * x[..., K:] rounded as F.silu(g) * u rounds;
+      residual [..., N]: returns residual + y, y rounded first (the layer's residual add, rounded as eager).
+    The prologues run in the kernel on its FMA path (M = 1 by default); on the DOT path they run as torch ops
+    before it (same results as eager)."""
     if not HAVE_TRITON:
         raise RuntimeError("gemv needs triton")
     if weight.dtype == FP8:
@@ -352,13 +404,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
             raise ValueError("gemv: float8_e4m3fn weights need their per-channel scale")
     elif weight.dtype != x.dtype:
         raise TypeError(f"gemv: weight dtype {weight.dtype} is neither float8_e4m3fn nor x's dtype {x.dtype}")
+    if norm_weight is not None and silu_mul:
+        raise ValueError("gemv: norm_weight and silu_mul are two prologues; pass one")
     interpret = not x.is_cuda
     if interpret and not interpreting():
         raise RuntimeError("gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    K = x.shape[-1]
-    N = weight.shape[0]
+    N, K = weight.shape
+    if x.shape[-1] != (2 * K if silu_mul else K):
+        raise ValueError(f"gemv: x has {x.shape[-1]} features, the weight [{N}, {K}] takes "
+                         f"{'2 x ' if silu_mul else ''}{K}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -369,6 +425,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     if has_scale and s.stride(0) != 1:
         s = s.contiguous()
     cfg = config or pick_config(M, N, K, num_sms(x.device), weight.element_size())
+    prologue = 1 if norm_weight is not None else 2 if silu_mul else 0
+    if prologue and cfg.use_dot:  # the DOT path takes x as it is: the prologue as torch ops first
+        if prologue == 1:
+            from ..layers import rms_norm
+            x2 = rms_norm(x2, norm_weight, eps)
+        else:
+            x2 = F.silu(x2[:, :K]) * x2[:, K:]
+        prologue = 0
+    g = norm_weight if prologue == 1 else s  # a valid pointer, never read
+    if prologue == 1 and (g.shape != (K,) or g.stride(0) != 1):
+        if g.numel() != K:
+            raise ValueError(f"gemv: norm_weight has {g.numel()} values for {K} features")
+        g = g.reshape(K).contiguous()
+    has_res = residual is not None
+    r = s
+    if has_res:
+        if residual.shape[-1] != N or residual.numel() != M * N:
+            raise ValueError(f"gemv: residual {tuple(residual.shape)} does not match the output [{M}, {N}]")
+        r = residual.reshape(M, N)
+        if r.stride(-1) != 1:
+            r = r.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*lead, N)
@@ -383,14 +460,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     b = bias if has_bias else s  # a valid pointer, never read
     grid = (-(-N // cfg.block_n), split, -(-M // block_m))
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-                           k_per_split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1,
-                           EVEN_K=even_k, HAS_BIAS=has_bias, USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, **kw)
+    _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+                           r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
+                           BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
+                           USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
-        _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, M, N, y.stride(0), split, BLOCK=rb,
-                                                HAS_BIAS=has_bias, HAS_SCALE=has_scale, **kw)
+        _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, r, M, N, y.stride(0), r.stride(0) if has_res else 0,
+                                                split, BLOCK=rb, HAS_BIAS=has_bias, HAS_SCALE=has_scale,
+                                                HAS_RES=has_res, **kw)
     return y.view(*lead, N)
 
 
@@ -476,25 +555,99 @@ def _self_test(dev, weight_dtype: torch.dtype = FP8) -> bool:
     return True
 
 
+def prologue_reference(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       silu_mul: bool = False) -> torch.Tensor:
+    """The input gemv's prologue feeds the matmul, [M, K] in float64: RMSNorm(x) * norm_weight unrounded (as the
+    kernel), or silu(g) * u with the eager ops' roundings (x's dtype), or x."""
+    x = x.reshape(-1, x.shape[-1])
+    if norm_weight is not None:
+        xd = x.double()
+        return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double().reshape(1, -1)
+    if silu_mul:
+        K = x.shape[-1] // 2
+        return (F.silu(x[:, :K].float()).to(x.dtype) * x[:, K:]).double()
+    return x.double()
+
+
+_FUSED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_gemv_ok(device, weight_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether gemv's prologues and residual epilogue work on `device` (gemv_ok, then one run of each against the
+    float64 reference of the same maths, within 1 % of the output scale: a check of the kernel's indexing, not of
+    its rounding, which the tests bound). Probed once per device and dtype (synchronises)."""
+    if not gemv_ok(device, weight_dtype):
+        return False
+    dev = torch.device(device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (str(dev), weight_dtype)
+    if key not in _FUSED_OK:
+        try:
+            _FUSED_OK[key] = _fused_self_test(dev, weight_dtype)
+        except Exception as e:
+            log.warning("fused GEMV prologues unavailable on %s (%s: %s); decode layers run them apart", dev,
+                        type(e).__name__, e)
+            _FUSED_OK[key] = False
+    return _FUSED_OK[key]
+
+
+def _fused_self_test(dev, weight_dtype: torch.dtype) -> bool:
+    g = torch.Generator(device=dev).manual_seed(1)
+    act = torch.bfloat16 if weight_dtype == FP8 else weight_dtype
+    for M, N, K, kind, split in ((1, 96, 512, "norm", None), (1, 80, 640, "norm", 2), (1, 64, 320, "silu", 3),
+                                 (2, 48, 256, "silu", None)):
+        w = torch.randn(N, K, generator=g, device=dev) * 0.05
+        if weight_dtype == FP8:
+            scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
+            q = (w / scale).to(FP8)
+        else:
+            scale, q = None, w.to(weight_dtype)
+        x = torch.randn(M, 2 * K if kind == "silu" else K, generator=g, device=dev).to(act)
+        nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(act) if kind == "norm" else None
+        res = torch.randn(M, N, generator=g, device=dev).to(act)
+        cfg = pick_config(M, N, K, num_sms(dev), q.element_size())
+        cfg = dataclasses.replace(cfg, split_k=split, use_dot=False) if split else dataclasses.replace(cfg, use_dot=False)
+        got = gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=res).double()
+        ref = reference(prologue_reference(x, nw, 1e-6, kind == "silu"), q, scale) + res.double()
+        err = (got - ref).abs().max().item() / ref.abs().max().clamp_min(1e-30).item()
+        if not err < 1e-2:
+            log.warning("fused GEMV (%s, M=%d N=%d K=%d split %s) off the reference by %.3g; not using it", kind, M,
+                        N, K, split, err)
+            return False
+    torch.cuda.synchronize(dev)
+    return True
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, in_features: int, force: bool = False) -> bool:
     """The dispatch rule of FP8Linear.forward (cheap: no device work after the first probe). force: even when
     switched off (a module whose backend is 'gemv')."""
-    if not (_STATE["enabled"] or force) or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    return fp8_route(x.numel() // max(1, in_features), x.dtype, x.device, weight, force)
+
+
+def fp8_route(rows: int, dtype: torch.dtype, device, weight: torch.Tensor, force: bool = False) -> bool:
+    """use_gemv for an input of `rows` rows of `dtype` on `device`."""
+    if not (_STATE["enabled"] or force) or torch.device(device).type != "cuda":
         return False
-    if weight.dtype != FP8 or x.numel() // max(1, in_features) > _STATE["max_m"]:
+    if dtype not in (torch.bfloat16, torch.float16) or weight.dtype != FP8 or rows > _STATE["max_m"]:
         return False
-    return gemv_ok(x.device)
+    return gemv_ok(device)
 
 
 def use_bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """GemvLinear's dispatch rule: switched on (the default; off by QWENVL_BF16_GEMV=0 or
     set_enabled(bf16_enabled=False)), CUDA, weight of x's dtype (bf16/fp16), at most bf16_max_m rows, the kernel's
     probe passed."""
-    if not _STATE["bf16_enabled"] or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    return bf16_route(x.numel() // max(1, weight.shape[1]), x.dtype, x.device, weight)
+
+
+def bf16_route(rows: int, dtype: torch.dtype, device, weight: torch.Tensor) -> bool:
+    """use_bf16_gemv for an input of `rows` rows of `dtype` on `device`."""
+    if not _STATE["bf16_enabled"] or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
-    if weight.dtype != x.dtype or x.numel() // max(1, weight.shape[1]) > _STATE["bf16_max_m"]:
+    if weight.dtype != dtype or rows > _STATE["bf16_max_m"]:
         return False
-    return gemv_ok(x.device, weight.dtype)
+    return gemv_ok(device, weight.dtype)
 
 
 class GemvLinear(torch.nn.Module):
@@ -515,6 +668,13 @@ class GemvLinear(torch.nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
+
+    def gemv_operands(self, rows: int, dtype: torch.dtype, device) -> tuple | None:
+        """(weight, scale, bias) for gemv() when an input of `rows` rows would run the kernel, else None (the
+        engine's fused decode layers call gemv with these and their prologue/epilogue)."""
+        if bf16_route(rows, dtype, device, self.linear.weight):
+            return self.linear.weight, None, self.linear.bias
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_bf16_gemv(x, self.linear.weight):
@@ -541,6 +701,6 @@ def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 
     return N * K * weight_bytes + M * K * act_bytes + M * N * act_bytes + N * 4
 
 
-__all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bytes_moved", "error_bound", "fp8_gemv", "gemv",
-           "gemv_ok", "pick_config", "reference", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv",
-           "use_gemv", "wrap_linear"]
+__all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bf16_route", "bytes_moved", "error_bound",
+           "fp8_gemv", "fp8_route", "fused_gemv_ok", "gemv", "gemv_ok", "pick_config", "prologue_reference",
+           "reference", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv", "use_gemv", "wrap_linear"]

@@ -1,0 +1,132 @@
+"""Decode's rotary + KV-cache write as one Triton kernel: q/k rotated, q written contiguous, k and v stored at
+their slots in the paged pools.
+
+Why: in a batch-1 decode step every small kernel costs a few microseconds of GPU time whatever its size, and a
+layer ran three for this (the compiled rotary + split, two index_copy_ for K and V). One program per (row, head)
+does the same arithmetic with the same roundings as `DecoderOps.rope_qkv` + `attention.write_kv`:
+q*cos and rotate_half(q)*sin each rounded to the model dtype, then their sum rounded (the reference's bf16 ops).
+
+`rope_write_kv_ok` checks the kernel against those eager ops once per shape (CUDA, bf16/fp16, head_dim a power of
+two); the runner uses it for decode steps only where that passed (QWENVL_FUSED_ROPE_KV=0 turns it off).
+Runs under TRITON_INTERPRET=1 on CPU tensors for the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..rope import rotate_half
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # CPU builds of torch come without triton
+    triton = tl = None
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rope_write_kv_kernel(QKV, COS, SIN, SLOTS, Q, KP, VP, stride_qkv, stride_cs,
+                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+        n = tl.program_id(0)
+        j = tl.program_id(1)  # head: q heads, then k heads, then v heads
+        offs = tl.arange(0, D)
+        src = QKV + n.to(tl.int64) * stride_qkv + j * D
+        x = tl.load(src + offs)
+        slot = tl.load(SLOTS + n).to(tl.int64)
+        if j < H + KV:
+            rot = tl.load(src + (offs + D // 2) % D).to(tl.float32)
+            rot = tl.where(offs < D // 2, -rot, rot)  # rotate_half: [-x2, x1]
+            c = tl.load(COS + n.to(tl.int64) * stride_cs + offs).to(tl.float32)
+            s = tl.load(SIN + n.to(tl.int64) * stride_cs + offs).to(tl.float32)
+            dt = x.dtype
+            out = ((x.to(tl.float32) * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt)
+            if j < H:
+                tl.store(Q + (n.to(tl.int64) * H + j) * D + offs, out)
+            else:
+                tl.store(KP + (slot * KV + (j - H)) * D + offs, out)
+        else:
+            tl.store(VP + (slot * KV + (j - H - KV)) * D + offs, x)
+
+
+def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                  k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv [N, (H + 2 KV) D] (rows contiguous), cos/sin [N, D] or [N, 1, D] (model dtype), slots [N] (flat pool
+    slots) -> q [N, H, D] rotated; k rotated and v written to k_pool/v_pool [blocks, block_size, KV, D] at slots."""
+    N = qkv.shape[0]
+    H, KV, D = heads, kv_heads, head_dim
+    if qkv.shape[-1] != (H + 2 * KV) * D or qkv.stride(-1) != 1:
+        raise ValueError(f"rope_write_kv: qkv {tuple(qkv.shape)} is not [N, {(H + 2 * KV) * D}] with contiguous rows")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("rope_write_kv: the KV pools must be contiguous")
+    cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
+    if cos2.stride(-1) != 1 or sin2.stride(-1) != 1 or cos2.stride(0) != sin2.stride(0):
+        cos2, sin2 = cos2.contiguous(), sin2.contiguous()
+    q = torch.empty(N, H, D, dtype=qkv.dtype, device=qkv.device)
+    if N:
+        _rope_write_kv_kernel[(N, H + 2 * KV)](qkv, cos2, sin2, slots, q, k_pool, v_pool, qkv.stride(0),
+                                               cos2.stride(0), H=H, KV=KV, D=D)
+    return q
+
+
+def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_heads: int, head_dim: int):
+    """The same as the runner's unfused ops (DecoderOps.rope_qkv's arithmetic + attention.write_kv)."""
+    N, H, KV, D = qkv.shape[0], heads, kv_heads, head_dim
+    qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
+    cos, sin = cos.reshape(N, 1, D), sin.reshape(N, 1, D)
+    qk = qk * cos + rotate_half(qk) * sin
+    q, k = qk.split([H, KV], dim=1)
+    v = qkv[:, (H + KV) * D:].view(N, KV, D)
+    k_pool.view(-1, KV, D).index_copy_(0, slots, k.to(k_pool.dtype))
+    v_pool.view(-1, KV, D).index_copy_(0, slots, v.to(v_pool.dtype))
+    return q.contiguous()
+
+
+_OK: dict[tuple, bool] = {}
+
+
+def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                     block_size: int = 16) -> bool:
+    """Whether the kernel runs here and equals the eager ops bit for bit on random data (once per shape;
+    synchronises: call before capturing CUDA graphs)."""
+    dev = torch.device(device)
+    if not HAVE_TRITON or dtype not in (torch.bfloat16, torch.float16) or head_dim & (head_dim - 1):
+        return False
+    if dev.type != "cuda":
+        from ..quant.fp8_gemv import interpreting
+        if not interpreting():
+            return False
+    key = (str(dev), dtype, heads, kv_heads, head_dim, block_size)
+    if key in _OK:
+        return _OK[key]
+    ok = False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        N, blocks = 3, 4
+        qkv = torch.randn(N, (heads + 2 * kv_heads) * head_dim, generator=g, device=dev).to(dtype)
+        ang = torch.randn(N, head_dim, generator=g, device=dev) * 3
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        slots = torch.randperm(blocks * block_size, generator=g, device=dev)[:N]
+        pools = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=dev) for _ in range(4)]
+        q = rope_write_kv(qkv, cos, sin, slots, pools[0], pools[1], heads, kv_heads, head_dim)
+        want = rope_write_kv_eager(qkv, cos, sin, slots, pools[2], pools[3], heads, kv_heads, head_dim)
+        diffs = {name: int((a != b).sum()) for name, a, b in (("q", q, want), ("k", pools[0], pools[2]),
+                                                                 ("v", pools[1], pools[3]))}
+        ok = not any(diffs.values())
+        if not ok:
+            log.warning("fused rotary + KV write differs from the eager ops (elements differing: %s, max |q diff| "
+                        "%.3g); not using it", diffs, (q.float() - want.float()).abs().max().item())
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    except Exception as e:  # compile or launch failure
+        log.warning("fused rotary + KV write unavailable (%s: %s)", type(e).__name__, e)
+    _OK[key] = ok
+    return ok
