@@ -72,8 +72,10 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
         cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     q = torch.empty(N, H, D, dtype=qkv.dtype, device=qkv.device)
     if N:
+        # no FMA contraction: with it the backend may fold round(a*b) + round(c*d) into fma(a, b, round(c*d))
+        # (after narrowing the bf16 products, which is exact), one rounding fewer than the eager ops
         _rope_write_kv_kernel[(N, H + 2 * KV)](qkv, cos2, sin2, slots, q, k_pool, v_pool, qkv.stride(0),
-                                               cos2.stride(0), H=H, KV=KV, D=D)
+                                               cos2.stride(0), H=H, KV=KV, D=D, enable_fp_fusion=False)
     return q
 
 
