@@ -17,18 +17,10 @@ import logging
 
 import torch
 
+from ..quant.fp8_gemv import HAVE_TRITON, interpreting, tl, triton
 from ..rope import rotate_half
 
 log = logging.getLogger(__name__)
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # CPU builds of torch come without triton
-    triton = tl = None
-    HAVE_TRITON = False
 
 
 if HAVE_TRITON:
@@ -102,10 +94,8 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
     dev = torch.device(device)
     if not HAVE_TRITON or dtype not in (torch.bfloat16, torch.float16) or head_dim & (head_dim - 1):
         return False
-    if dev.type != "cuda":
-        from ..quant.fp8_gemv import interpreting
-        if not interpreting():
-            return False
+    if dev.type != "cuda" and not interpreting():
+        return False
     key = (str(dev), dtype, heads, kv_heads, head_dim, block_size)
     if key in _OK:
         return _OK[key]

@@ -529,16 +529,20 @@ def gemv_ok(device, weight_dtype: torch.dtype = FP8) -> bool:
     return ok
 
 
+def _probe_weight(N: int, K: int, g: torch.Generator, dev, weight_dtype: torch.dtype, std: float):
+    """(weight [N, K] of weight_dtype, its per-channel scale or None) from randn * std, for the probes."""
+    w = torch.randn(N, K, generator=g, device=dev) * std
+    if weight_dtype != FP8:
+        return w.to(weight_dtype), None
+    scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
+    return (w / scale).to(FP8), scale
+
+
 def _self_test(dev, weight_dtype: torch.dtype = FP8) -> bool:
     g = torch.Generator(device=dev).manual_seed(0)
     for M, N, K, bias, split in ((1, 96, 512, True, None), (1, 80, 320, False, 3), (5, 64, 640, True, None),
                                  (3, 48, 272, False, 2)):
-        w = torch.randn(N, K, generator=g, device=dev) * 0.02
-        if weight_dtype == FP8:
-            scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
-            q = (w / scale).to(FP8)
-        else:
-            scale, q = None, w.to(weight_dtype)
+        q, scale = _probe_weight(N, K, g, dev, weight_dtype, 0.02)
         x = torch.randn(M, K, generator=g, device=dev).to(torch.bfloat16 if weight_dtype == FP8 else weight_dtype)
         b = torch.randn(N, generator=g, device=dev).to(x.dtype) if bias else None
         cfg = pick_config(M, N, K, num_sms(dev), q.element_size())
@@ -597,12 +601,7 @@ def _fused_self_test(dev, weight_dtype: torch.dtype) -> bool:
     act = torch.bfloat16 if weight_dtype == FP8 else weight_dtype
     for M, N, K, kind, split in ((1, 96, 512, "norm", None), (1, 80, 640, "norm", 2), (1, 64, 320, "silu", 3),
                                  (2, 48, 256, "silu", None)):
-        w = torch.randn(N, K, generator=g, device=dev) * 0.05
-        if weight_dtype == FP8:
-            scale = (w.abs().amax(1, keepdim=True) / 448.0).clamp(min=1e-12)
-            q = (w / scale).to(FP8)
-        else:
-            scale, q = None, w.to(weight_dtype)
+        q, scale = _probe_weight(N, K, g, dev, weight_dtype, 0.05)
         x = torch.randn(M, 2 * K if kind == "silu" else K, generator=g, device=dev).to(act)
         nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(act) if kind == "norm" else None
         res = torch.randn(M, N, generator=g, device=dev).to(act)
