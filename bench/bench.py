@@ -401,6 +401,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, processor=processor)
     res = {"init_s": time.time() - t0, "detokenize": processor is not None, "stats": llm.stats(),
+           "compile_ops_dynamic": llm.runner.ops.dynamic,
            "vit_blocks_compiled": bool(getattr(ours.visual, "_engine_compiled", False))}
     ids, pix, grid = image_request(cfg, frames=True)
     with torch.no_grad():  # W3: the ViT as the engine runs it, one 1280x720 image (a graph replay once the size repeats)

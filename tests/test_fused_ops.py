@@ -125,3 +125,32 @@ def test_an_engine_without_vit_compile_undoes_an_earlier_engines_compile(monkeyp
     model.visual.blocks[0].compile(backend="aot_eager")  # a user's own compile: engines leave it alone
     LLM(model, num_blocks=16, block_size=16)
     assert model.visual.blocks[0]._compiled_call_impl is not None
+
+
+def test_compiled_ops_keep_feature_sizes_static_and_compile_twice():
+    """dynamic 'rows' (the default): one graph for 1 row and one for every other row count, each with fewer
+    runtime sizes than the all-dynamic compile of the same function (whose feature sizes stay symbolic: the
+    weights come in as arguments); same values as eager."""
+    symbols = {}
+    for mode in ("rows", "all"):
+        graphs = []
+
+        def backend(gm, example_inputs, graphs=graphs):
+            graphs.append(sum(isinstance(x, torch.SymInt) for x in example_inputs))
+            return gm.forward
+
+        torch._dynamo.reset()
+        ops = DecoderOps(H, KV, D, eps=1e-6, compiled=True, backend=backend, dynamic=mode)
+        g = torch.Generator().manual_seed(0)
+        for n in (1, 2, 3, 37):
+            args = (torch.randn(n, (H + 2 * KV) * D, generator=g), torch.randn(n, 1, D, generator=g),
+                    torch.randn(n, 1, D, generator=g))
+            for got, want in zip(ops.rope_qkv(*args), ops.eager["rope_qkv"](*args)):
+                torch.testing.assert_close(got, want)
+            h, w = torch.randn(n, HIDDEN, generator=g), torch.randn(HIDDEN, generator=g)
+            for got, want in zip(ops.add_rms_norm(h, h, w), ops.eager["add_rms_norm"](h, h, w)):
+                torch.testing.assert_close(got, want)
+        symbols[mode] = graphs
+    assert len(symbols["rows"]) == 4, symbols  # two functions x (1 row, the rest)
+    assert sum(symbols["rows"]) < sum(symbols["all"]), symbols
+    torch._dynamo.reset()

@@ -8,8 +8,9 @@ the copy-bandwidth floor (docs/BENCHMARKS.md). Compiled, each function below is 
 
 `DecoderOps(..., compiled=False)` holds them as plain functions (the same arithmetic, op for op, as the modules
 they stand in for: `layers.rms_norm`, `rope.rotate_half`, `F.silu(g) * u`), so eager results are unchanged;
-`compiled=True` wraps each in `torch.compile(dynamic=True, fullgraph=True)` (one compile serves every batch size
-and every prefill length; `backend` is for tests: "aot_eager" traces the same graphs without code generation).
+`compiled=True` wraps each in `torch.compile(fullgraph=True)` with the row count dynamic (one compile serves every
+batch size and prefill length beyond 1; `dynamic`/QWENVL_COMPILE_OPS_DYNAMIC: see `_compile`; `backend` is for
+tests: "aot_eager" traces the same graphs without code generation).
 The runner switches it on on CUDA by default (`QWENVL_COMPILE_OPS=0` turns it off): W1 +24 % / W4 +33 % on an
 H200 (docs/BENCHMARKS.md 2026-12-05) and the GPU logprob test
 (tests/test_engine_cuda.py::test_compiled_decoder_ops_close_to_reference_logits) passed on an H100 the same day;
@@ -20,6 +21,7 @@ eager ones on a self-test (`DecoderOps.check`).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ class DecoderOps:
     """add_rms_norm, rope_qkv, silu_mul, merge_splits for one decoder shape (heads, kv heads, head dim, eps)."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, eps: float, compiled: bool = False,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", dynamic: str | None = None):
         H, KV, D = heads, kv_heads, head_dim
 
         def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
@@ -67,8 +69,30 @@ class DecoderOps:
                       "merge_splits": merge_splits}
         self.shape = (H, KV, D)
         self.compiled = compiled
+        self.dynamic = dynamic if dynamic is not None else os.environ.get("QWENVL_COMPILE_OPS_DYNAMIC", "rows")
+        if self.dynamic not in ("rows", "all"):
+            raise ValueError(f"QWENVL_COMPILE_OPS_DYNAMIC={self.dynamic!r}: 'rows' or 'all'")
         for name, fn in self.eager.items():
-            setattr(self, name, torch.compile(fn, dynamic=True, fullgraph=True, backend=backend) if compiled else fn)
+            setattr(self, name, self._compile(fn, backend) if compiled else fn)
+
+    def _compile(self, fn, backend: str):
+        """dynamic 'rows': only the row count (dim 0 of each input of 2+ dims) is symbolic, the feature sizes are
+        compiled in as constants. 'all' (dynamic=True, as before 2026-12-05's sixth session) makes every size a
+        runtime value: the functions take their weights as arguments, so nothing specialises the hidden sizes,
+        and inductor's kernels then index with divisions by runtime values (W4's mixed-step profile on an H100:
+        silu * up at ~1.2 TB/s, the rotary at ~0.45, against ~3 for a plain copy). One compile for 1 row, one
+        for all other row counts (and, after one recompile, any other size that varies, e.g. the split count)."""
+        if self.dynamic == "all":
+            return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+        compiled = torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
+
+        def call(*args):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dim() >= 2:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            return compiled(*args)
+
+        return call
 
     def check(self, device, dtype: torch.dtype, hidden: int, tol: float = 3e-2) -> bool:
         """Compiled vs eager on random inputs at a few row counts (1 is specialised apart under dynamic shapes);
