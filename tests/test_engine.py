@@ -349,6 +349,11 @@ def test_too_long_prompt_and_bad_arguments_rejected(model):
         llm.generate({"prompt_token_ids": [1, VS, IMG, IMG, VE], "images": []})
     with pytest.raises(InputError, match="empty"):
         llm.generate({"prompt_token_ids": []})
+    # a batch is encoded on several threads: the first bad prompt's error, and nothing of the batch queued
+    good = {"prompt_token_ids": list(range(100, 110))}
+    with pytest.raises(InputError, match="empty"):
+        llm.generate([good, {"prompt_token_ids": []}, good, {"prompt_token_ids": [1, VS, IMG, IMG, VE]}])
+    assert not llm.has_unfinished() and llm.num_used_blocks == 0
     # generation stops at max_model_len
     out = llm.generate(list(range(100, 120)), SamplingParams(max_tokens=100, **GREEDY))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 12

@@ -6,6 +6,7 @@ append tokens, detokenize, check stops (outputs.py). The sampled ids are the onl
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -240,6 +241,17 @@ class LLM:
             [it.second_per_grid for it in items if it.kind == "video"] or None)
         return PromptData(ids, items, pos[:, 0].cpu(), int(delta.view(-1)[0]))
 
+    def _encode_all(self, prompts: list) -> list[PromptData]:
+        """encode_prompt of each prompt, in order, on up to ENCODE_THREADS threads: the content hash of each image
+        (SHA-256 of its frames), the processor's image work and the MRoPE positions run in parallel (W4's 256
+        image prompts: 1.75 -> 1.12 ms each with 2 threads on the 2-core dev box). The first failing prompt's
+        error is raised, as serially."""
+        workers = min(ENCODE_THREADS, os.cpu_count() or 1, len(prompts))
+        if workers < 2:
+            return [self.encode_prompt(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="qwenvl-encode") as pool:
+            return list(pool.map(self.encode_prompt, prompts))
+
     def _need_processor(self, what: str) -> None:
         if self.processor is None:
             raise InputError(f"{what} needs a processor/tokenizer; pass processor= to LLM")
@@ -449,7 +461,7 @@ class LLM:
                 raise InputError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         else:
             params = [params] * len(prompts)
-        encoded = [self.encode_prompt(p) for p in prompts]  # all validated before any is queued
+        encoded = self._encode_all(prompts)  # all validated before any is queued
         ids = [f"offline-{next(self._request_counter)}" for _ in prompts]
         for rid, enc, p in zip(ids, encoded, params):
             self._add_encoded(rid, enc, p)
@@ -463,6 +475,9 @@ class LLM:
         if self._tp is not None and self._tp_workers is None:  # torchrun: the other ranks' calls return
             self._tp_send("return")
         return [results[r] for r in ids]
+
+
+ENCODE_THREADS = 8  # encode_prompt's hashing, image work and torch ops release the GIL
 
 
 def _last_by_length(seq: Sequence) -> bool:
