@@ -278,7 +278,7 @@ def instrument(llm) -> dict:
     prof = {"encode_prompt_s": 0.0, "vision_s": 0.0, "decode_steps": 0, "decode_s": 0.0, "mixed_steps": 0,
             "mixed_s": 0.0}
     r = llm.runner
-    ev, ex, enc = r._encode_vision, r.execute, llm.encode_prompt
+    ev, ex, enc = r._encode_vision, r.execute, llm._encode_all  # the batch's prompts (on several threads): wall time
 
     def timed(key, fn):
         def run(*a):
@@ -305,7 +305,7 @@ def instrument(llm) -> dict:
             return out
         return timed(kind + "_s", ex)(chunks)
 
-    r._encode_vision, r.execute, llm.encode_prompt = timed("vision_s", ev), execute, timed("encode_prompt_s", enc)
+    r._encode_vision, r.execute, llm._encode_all = timed("vision_s", ev), execute, timed("encode_prompt_s", enc)
     return prof
 
 
