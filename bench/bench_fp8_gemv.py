@@ -284,6 +284,8 @@ def engine(a, R: dict, save) -> None:
     rope_kv = {"QWENVL_FUSED_GEMV": "0"}
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
+    pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
+    fused_pdl = {**fused, **pdl}
     variants = [("bf16", None, False, None, False, unfused)]
     heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
     if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
@@ -291,14 +293,18 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_ahead", None, False, None, True, ahead),
                      ("bf16_gemv_rope_kv", None, False, None, True, rope_kv),
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
-                     ("bf16_gemv", None, False, None, True, fused)]
+                     ("bf16_gemv", None, False, None, True, fused),
+                     ("bf16_gemv_pdl", None, False, None, True, pdl),
+                     ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
             variants.append(("bf16_gemv_tuned", None, False, tuned, True, fused))
     variants += [("fp8_scaled_mm", "fp8", False, None, False, unfused),
                  ("fp8_gemv_unfused", "fp8", True, None, False, unfused),
                  ("fp8_gemv_rope_kv", "fp8", True, None, False, rope_kv),
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
-                 ("fp8_gemv", "fp8", True, None, False, fused)]
+                 ("fp8_gemv", "fp8", True, None, False, fused),
+                 ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
+                 ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
         variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, fused))
     E_args = argparse.Namespace(device=a.device)
@@ -308,7 +314,7 @@ def engine(a, R: dict, save) -> None:
     if a.variants:
         variants = [v for v in variants if v[0] in a.variants.split(",")]
     for name, quant, gemv, table, bf16, env in variants:
-        old = G.set_enabled(gemv, bf16_enabled=bf16, bf16_max_m=1)
+        old = G.set_enabled(gemv, bf16_enabled=bf16, bf16_max_m=1, pdl=env.get("QWENVL_GEMV_PDL") == "1")
         G.set_tuned(table)
         old_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -326,7 +332,7 @@ def engine(a, R: dict, save) -> None:
                      "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"],
                      "bf16_gemv": llm.stats().get("bf16_gemv"), "fused_gemv_layers": llm.runner._gemv_plan(1) is not None,
                      "fused_rope_kv": llm.runner.fused_rope_kv,
-                     "decode_ahead_steps": llm.stats()["decode_ahead_steps"]}
+                     "decode_ahead_steps": llm.stats()["decode_ahead_steps"], "gemv_pdl": G.settings()["pdl"]}
                 graph = llm.runner.graphs.get(1)
                 if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work
                     r["graph_replay_ms"] = bench.cuda_time(graph[0].replay, warmup=3, iters=20) * 1e3

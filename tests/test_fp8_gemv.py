@@ -165,7 +165,7 @@ def test_dispatch_rules_on_cpu(monkeypatch):
     old = G.set_enabled(False, max_m=4)
     try:
         assert G.settings() == {"enabled": False, "max_m": 4, "bf16_enabled": old["bf16_enabled"],
-                                "bf16_max_m": old["bf16_max_m"]}
+                                "bf16_max_m": old["bf16_max_m"], "pdl": old["pdl"]}
     finally:
         G.set_enabled(**old)
     for backend, allowed in (("auto", True), ("gemv", True), ("scaled_mm", False), ("dequant", False)):
@@ -627,6 +627,47 @@ def test_gpu_fused_gemv_and_rope_kv_on_real_shapes():
             y = G.gemv(x, q, scale, None, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=r)
             c = check_fused(y, x, q, scale, None, nw, 1e-6, kind == "silu", r)
             assert c["within_bound"] and c["exact_frac"] > 0.9, (fp8, N, K, kind, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pdl_chain_equals_plain_launches():
+    """Programmatic dependent launch (set_enabled(pdl=True)): a chain of GEMVs, each reading the one before
+    (a residual, a split-K reduce, the fused prologues), eagerly and replayed from a CUDA graph, bit-equal to plain
+    launches: every kernel waits for the previous one's writes before touching memory."""
+    if not G.pdl_ok("cuda"):
+        pytest.skip("needs compute capability 9.0+ and triton's griddepcontrol")
+    g = torch.Generator(device="cuda").manual_seed(6)
+    D, I = 3584, 18944
+    w_qkv = (torch.randn(4608, D, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    w_gu = (torch.randn(2 * I, D, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    w_down = (torch.randn(D, I, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    q8, s8 = quantized(D, I, g, device="cuda")
+    nw = (torch.rand(D, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    x = torch.randn(1, D, generator=g, device="cuda").to(torch.bfloat16)
+
+    def chain(h):
+        for _ in range(3):
+            a = G.gemv(h, w_qkv, norm_weight=nw)[:, :D]  # o-sized slice of q/k/v, as a stand-in
+            h = G.gemv(G.gemv(h, w_gu, norm_weight=nw), w_down, silu_mul=True, residual=h + a)
+            h = G.fp8_gemv(G.gemv(h, w_gu)[:, :I], q8, s8) + h  # FP8 split-K
+        return h
+
+    outs = {}
+    for pdl in (False, True):
+        old = G.set_enabled(pdl=pdl)
+        try:
+            eager = chain(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            outs[pdl] = (eager, out.clone())
+        finally:
+            G.set_enabled(**old)
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+    assert torch.equal(outs[False][0], outs[False][1])
 
 
 @pytest.mark.gpu

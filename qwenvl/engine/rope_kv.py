@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from ..quant.fp8_gemv import HAVE_TRITON, interpreting, tl, triton
+from ..quant.fp8_gemv import HAVE_TRITON, interpreting, pdl_enabled, tl, triton
 from ..rope import rotate_half
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_write_kv_kernel(QKV, COS, SIN, SLOTS, Q, KP, VP, stride_qkv, stride_cs,
-                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:  # fp8_gemv's programmatic dependent launch switch: wait for the q/k/v GEMV's writes
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         n = tl.program_id(0)
         j = tl.program_id(1)  # head: q heads, then k heads, then v heads
         offs = tl.arange(0, D)
@@ -66,8 +69,9 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
     if N:
         # no FMA contraction: with it the backend may fold round(a*b) + round(c*d) into fma(a, b, round(c*d))
         # (after narrowing the bf16 products, which is exact), one rounding fewer than the eager ops
+        pdl = {"USE_PDL": True, "launch_pdl": True} if qkv.is_cuda and pdl_enabled(qkv.device) else {}
         _rope_write_kv_kernel[(N, H + 2 * KV)](qkv, cos2, sin2, slots, q, k_pool, v_pool, qkv.stride(0),
-                                               cos2.stride(0), H=H, KV=KV, D=D, enable_fp_fusion=False)
+                                               cos2.stride(0), H=H, KV=KV, D=D, enable_fp_fusion=False, **pdl)
     return q
 
 

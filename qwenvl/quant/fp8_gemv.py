@@ -79,18 +79,22 @@ def _env_bf16() -> tuple[bool, int]:
 
 
 _bf16_on, _bf16_max_m = _env_bf16()
-_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m(), "bf16_enabled": _bf16_on, "bf16_max_m": _bf16_max_m}
+# "pdl": programmatic dependent launch (Hopper+): each GEMV may be scheduled while the kernel before it finishes,
+# waits for its writes (griddepcontrol.wait) and lets the next kernel launch early. Off unless QWENVL_GEMV_PDL=1
+# until measured (docs/BENCHMARKS.md, sixth session).
+_STATE = {"enabled": _env_enabled(), "max_m": _env_max_m(), "bf16_enabled": _bf16_on, "bf16_max_m": _bf16_max_m,
+          "pdl": env_flag("QWENVL_GEMV_PDL", False)}
 
 
 def set_enabled(enabled: bool | None = None, max_m: int | None = None, bf16_enabled: bool | None = None,
-                bf16_max_m: int | None = None) -> dict:
+                bf16_max_m: int | None = None, pdl: bool | None = None) -> dict:
     """Turn the FP8 GEMV path (enabled, max_m) and the bf16/fp16 one of GemvLinear (bf16_enabled, bf16_max_m)
-    on/off and set the largest M each takes (None: leave as is). Returns the old settings (pass them back as
-    keywords to restore). Takes effect for eager calls at once; a captured CUDA graph keeps the kernels it
-    recorded."""
+    on/off and set the largest M each takes, and programmatic dependent launch of the kernels (pdl) (None: leave
+    as is). Returns the old settings (pass them back as keywords to restore). Takes effect for eager calls at
+    once; a captured CUDA graph keeps the kernels it recorded."""
     old = dict(_STATE)
     for key, val in (("enabled", enabled), ("max_m", max_m), ("bf16_enabled", bf16_enabled),
-                     ("bf16_max_m", bf16_max_m)):
+                     ("bf16_max_m", bf16_max_m), ("pdl", pdl)):
         if val is not None:
             _STATE[key] = type(_STATE[key])(val)
     return old
@@ -204,10 +208,13 @@ if HAVE_TRITON:
                          eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
-                         HAS_RES: tl.constexpr):
+                         HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False):
         # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
         # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
         # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
+        if USE_PDL:  # launched before the previous kernel ended: wait for its writes, let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -307,7 +314,11 @@ if HAVE_TRITON:
 
     @triton.jit(do_not_specialize=["M", "stride_ym", "stride_rm", "split_k"])
     def _splitk_reduce_kernel(WS, S, Bias, Y, R, M, N, stride_ym, stride_rm, split_k, BLOCK: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+                              USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         m = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -325,6 +336,24 @@ if HAVE_TRITON:
             y = (y.to(tl.float32) + tl.load(R + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)).to(
                 Y.dtype.element_ty)
         tl.store(Y + m * stride_ym + offs, y, mask=ok)
+
+
+@functools.lru_cache(maxsize=8)
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0+ and a triton with griddepcontrol (3.3+)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not HAVE_TRITON or torch.cuda.get_device_capability(dev) < (9, 0):
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pdl_enabled(device) -> bool:
+    """Programmatic dependent launch switched on (set_enabled(pdl=...), QWENVL_GEMV_PDL) and usable on device."""
+    return _STATE["pdl"] and pdl_ok(device)
 
 
 def interpreting() -> bool:
@@ -459,17 +488,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     has_bias = bias is not None
     b = bias if has_bias else s  # a valid pointer, never read
     grid = (-(-N // cfg.block_n), split, -(-M // block_m))
+    pdl = not interpret and pdl_enabled(x.device)
+    pdl_kw = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                            r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
-                           USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw)
+                           USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw,
+                           **pdl_kw)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
         _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, r, M, N, y.stride(0), r.stride(0) if has_res else 0,
                                                 split, BLOCK=rb, HAS_BIAS=has_bias, HAS_SCALE=has_scale,
-                                                HAS_RES=has_res, **kw)
+                                                HAS_RES=has_res, **kw, **pdl_kw)
     return y.view(*lead, N)
 
 
