@@ -208,13 +208,10 @@ if HAVE_TRITON:
                          eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
-                         HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False):
+                         HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False):
         # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
         # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
         # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
-        if USE_PDL:  # launched before the previous kernel ended: wait for its writes, let the next one launch
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -233,16 +230,29 @@ if HAVE_TRITON:
             x_ptrs = x_row + k_start + offs_k
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        k_end = tl.minimum(k_start + k_per_split, K)  # the last split may have fewer blocks
+        if PIPELINE:  # (FMA path) each weight tile is loaded one iteration ahead; the weights are read-only, so the
+            # first is requested before waiting for the previous kernel
+            w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0,
+                             eviction_policy="evict_first")
+        if USE_PDL:  # launched before the previous kernel ended: wait for its writes, let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if not USE_DOT:
             if PROLOGUE == 1:
                 g_ptrs = G + k_start + offs_k
                 if SPLIT:  # each split scales by the whole row's rstd: its sum of squares first
                     for k0 in range(0, K, BLOCK_K):
                         xs = tl.load(x_row + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
                         ss += xs * xs
-        k_end = tl.minimum(k_start + k_per_split, K)  # the last split may have fewer blocks
         for k in range(k_start, k_end, BLOCK_K):
+            if PIPELINE:
+                w = w_next
+                w_next = tl.load(w_ptrs + BLOCK_K, mask=((k + BLOCK_K + offs_k) < k_end)[None, :], other=0.0,
+                                 eviction_policy="evict_first")
             if EVEN_K:
-                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                if not PIPELINE:
+                    w = tl.load(w_ptrs, eviction_policy="evict_first")
                 if USE_DOT:
                     x = tl.load(x_ptrs)
                 else:
@@ -253,7 +263,8 @@ if HAVE_TRITON:
                         u = tl.load(x_ptrs + K, eviction_policy="evict_last")
             else:
                 k_ok = (k + offs_k) < K
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                if not PIPELINE:
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
                 if USE_DOT:
                     x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
                 else:
@@ -415,7 +426,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-         silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+         silu_mul: bool = False, residual: torch.Tensor | None = None, _pipeline: bool | None = None) -> torch.Tensor:
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
     required) or weights of x's dtype (bf16/fp16; scale optional).
 
@@ -425,7 +436,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
       silu_mul:        x is [..., 2K], the input is silu(x[..., :K]) * x[..., K:] rounded as F.silu(g) * u rounds;
       residual [..., N]: returns residual + y, y rounded first (the layer's residual add, rounded as eager).
     The prologues run in the kernel on its FMA path (M = 1 by default); on the DOT path they run as torch ops
-    before it (same results as eager)."""
+    before it (same results as eager). _pipeline (tests): the FMA loop that loads each weight tile one iteration
+    ahead, which programmatic dependent launch uses (None: with it)."""
     if not HAVE_TRITON:
         raise RuntimeError("gemv needs triton")
     if weight.dtype == FP8:
@@ -490,6 +502,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     grid = (-(-N // cfg.block_n), split, -(-M // block_m))
     pdl = not interpret and pdl_enabled(x.device)
     pdl_kw = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
+    if (pdl if _pipeline is None else _pipeline) and not cfg.use_dot:
+        pdl_kw["PIPELINE"] = True
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                            r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
