@@ -273,6 +273,19 @@ def check_fused(y, x, q, scale, bias, norm_weight, eps, silu_mul, residual) -> d
             "exact_frac": (y.reshape(ref.shape) == ref.to(y.dtype)).float().mean().item()}
 
 
+def fused_case(M, N, K, kind, res, fp8, g, device="cpu"):
+    """(weight, scale, x, norm weight, residual) of a gemv prologue/epilogue case: bf16 or FP8 weights [N, K], x
+    [M, 2K] for silu * up else [M, K], the norm weight for 'norm', the residual [M, N] if res."""
+    if fp8:
+        q, scale = quantized(N, K, g, device=device)
+    else:
+        q, scale = (torch.randn(N, K, generator=g, device=device) * 0.05).to(torch.bfloat16), None
+    x = (torch.randn(M, 2 * K if kind == "silu" else K, generator=g, device=device) * 2).to(torch.bfloat16)
+    nw = (torch.rand(K, generator=g, device=device) + 0.5).to(torch.bfloat16) if kind == "norm" else None
+    r = torch.randn(M, N, generator=g, device=device).to(torch.bfloat16) if res else None
+    return q, scale, x, nw, r
+
+
 def interpreter_fused_cases() -> list[dict]:
     """gemv's fused RMSNorm / silu*up prologues and residual epilogue (TRITON_INTERPRET=1 process): within
     check_fused's bound, silu * up bit-equal to the eager ops followed by the plain kernel (same roundings), the
@@ -292,13 +305,7 @@ def interpreter_fused_cases() -> list[dict]:
             (1, 40, 512, "norm", True, True, C(16, 128, 1)),  # FP8 weights, per-channel scale
             (1, 40, 640, "silu", True, True, None),  # FP8, the heuristic (split-K)
             (1, 40, 512, "none", True, True, C(16, 128, 2))):  # the residual alone, split
-        if fp8:
-            q, scale = quantized(N, K, g)
-        else:
-            q, scale = (torch.randn(N, K, generator=g) * 0.05).to(torch.bfloat16), None
-        x = (torch.randn(M, 2 * K if kind == "silu" else K, generator=g) * 2).to(torch.bfloat16)
-        nw = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16) if kind == "norm" else None
-        r = torch.randn(M, N, generator=g).to(torch.bfloat16) if res else None
+        q, scale, x, nw, r = fused_case(M, N, K, kind, res, fp8, g)
         y = G.gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=r)
         if kind == "norm" and cfg and cfg.use_dot:  # the torch prologue rounds RMSNorm(x) * w as eager does
             bounded = check_fused(y, rms_norm(x, nw, 1e-6), q, scale, None, None, 1e-6, False, r)
@@ -314,13 +321,7 @@ def interpreter_fused_cases() -> list[dict]:
     # gives the plain loop's bits: even and ragged K, split-K, FP8, the prologues and the residual
     for M, N, K, kind, fp8, cfg in ((1, 40, 512, "none", False, C(8, 128, 1)), (1, 40, 300, "norm", False, C(8, 128, 2)),
                                     (1, 24, 640, "silu", True, C(16, 128, 3)), (2, 24, 200, "none", True, None)):
-        if fp8:
-            q, scale = quantized(N, K, g)
-        else:
-            q, scale = (torch.randn(N, K, generator=g) * 0.05).to(torch.bfloat16), None
-        x = (torch.randn(M, 2 * K if kind == "silu" else K, generator=g) * 2).to(torch.bfloat16)
-        nw = (torch.rand(K, generator=g) + 0.5).to(torch.bfloat16) if kind == "norm" else None
-        r = torch.randn(M, N, generator=g).to(torch.bfloat16)
+        q, scale, x, nw, r = fused_case(M, N, K, kind, True, fp8, g)
         ys = [G.gemv(x, q, scale, None, cfg, norm_weight=nw, silu_mul=kind == "silu", residual=r, _pipeline=p)
               for p in (True, False)]
         out.append(dict(case=["pipelined", M, N, K, kind, fp8], dtype_ok=True, within_bound=True, exact_frac=1.0,
