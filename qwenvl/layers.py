@@ -37,12 +37,18 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self._padded
-        if p is not None and not torch.is_grad_enabled() and p[0].data_ptr() == self.gate_proj.weight.data_ptr() \
-                and p[0].dtype == x.dtype:
+        # (no data_ptr() check here: under torch.compile a data-pointer comparison breaks the graph, and the
+        # engine's compiled ViT blocks then ran this MLP eagerly; _apply drops the padded tensors instead)
+        if p is not None and not torch.is_grad_enabled() and p[0].dtype == x.dtype:
             gu = F.linear(x, p[0], p[1])
             g, u = gu[..., :p[3]], gu[..., p[3]:]
             return F.linear(F.silu(g) * u, p[2], self.down_proj.bias)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to() / .float() / .cuda() give the parameters new storage: the padded copies would be stale."""
+        self._padded = None
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def pad_hidden(self, multiple: int = 16) -> bool:

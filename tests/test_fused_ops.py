@@ -154,3 +154,37 @@ def test_compiled_ops_keep_feature_sizes_static_and_compile_twice():
     assert len(symbols["rows"]) == 4, symbols  # two functions x (1 row, the rest)
     assert sum(symbols["rows"]) < sum(symbols["all"]), symbols
     torch._dynamo.reset()
+
+
+def test_padded_vit_mlp_compiles_without_a_graph_break():
+    """The engine pads the 7B ViT's 3420-wide MLP and compiles its blocks: the padded MLP must stay inside the
+    compiled graph (a data-pointer check in SwiGLU.forward broke it there, so the MLP ran eagerly: silu and mul
+    as separate kernels in the H100's W4 profile). Breaks are only the eager varlen attention's; the outputs
+    equal the unpadded module's; .float() (new storage) drops the padded copies."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from qwenvl.vision import VisionTransformer
+
+    c = dataclasses.replace(qwenvl.preset("tiny").vision, intermediate_size=100)  # not a multiple of 16
+    torch.manual_seed(0)
+    visual = VisionTransformer(c)
+    x = torch.randn(64, c.patch_dim, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = visual(x, [(1, 8, 8)])
+    assert visual.pad_mlp_hidden(16)
+    torch._dynamo.reset()
+    counters.clear()
+    for blk in visual.blocks:
+        blk.compile(dynamic=True, backend="aot_eager")
+    with torch.inference_mode():
+        got = visual(x, [(1, 8, 8)])
+    breaks = dict(counters["graph_break"])
+    assert breaks and all("varlen_attention" in reason for reason in breaks), breaks
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    mlp = visual.blocks[0].mlp
+    assert mlp._padded is not None
+    mlp.float()
+    assert mlp._padded is None
+    torch._dynamo.reset()
