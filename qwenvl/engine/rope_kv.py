@@ -7,7 +7,8 @@ does the same arithmetic with the same roundings as `DecoderOps.rope_qkv` + `att
 q*cos and rotate_half(q)*sin each rounded to the model dtype, then their sum rounded (the reference's bf16 ops).
 
 `rope_write_kv_ok` checks the kernel against those eager ops once per shape (CUDA, bf16/fp16, head_dim a power of
-two); the runner uses it for decode steps only where that passed (QWENVL_FUSED_ROPE_KV=0 turns it off).
+two); the runner uses it, where that passed, for steps whose attention reads keys from the pools only: decode steps
+and mixed steps on the varlen plan (QWENVL_FUSED_ROPE_KV=0 turns it off).
 Runs under TRITON_INTERPRET=1 on CPU tensors for the tests.
 """
 

@@ -205,8 +205,8 @@ class ModelRunner:
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope_write(self, i: int, qkv: torch.Tensor, cos, sin, slots: torch.Tensor, decode: bool):
-        """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots. Decode
-        steps (attention reads keys from the pools only) take the one-kernel rope_write_kv and get k = v = None."""
+        """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots. Steps
+        whose attention reads keys from the pools only (decode) take the one-kernel rope_write_kv: k = v = None."""
         if decode and self.fused_rope_kv:
             kv = self.kv
             return rope_write_kv(qkv, cos, sin, slots, kv.k[i], kv.v[i], self.heads, self.kv_heads,
@@ -230,7 +230,8 @@ class ModelRunner:
         return h, L.down(ops.silu_mul(L.gu(x)))
 
     def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend, decode: bool = False) -> torch.Tensor:
-        """decode: every row is one decoded token (attention reads keys from the pools only)."""
+        """decode: attention reads every row's keys from the pools only (decode rows; prefill chunks of the varlen
+        plan), so the layers may rotate and store k/v in one kernel and hand attend k = v = None."""
         plan = self._gemv_plan(h.shape[0])
         if plan is not None:
             for i in range(self.num_layers):
@@ -320,7 +321,10 @@ class ModelRunner:
                                                    self.kv.v[i], blocks, start)
             return out
 
-        h = self._layers(h, cos, sin, s.slots, attend)
+        # every row's attention reads its keys from the pools (decode rows, the varlen plan's chunks): the chunk's
+        # own k/v are not needed apart, so the rotary and the K/V write can be one kernel (rope_kv.py)
+        keys_from_pools = s.prefill_plan is not None or not s.prefills
+        h = self._layers(h, cos, sin, s.slots, attend, decode=keys_from_pools)
         return self._logits(h[s.sample_rows])
 
     def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
