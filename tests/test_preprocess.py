@@ -262,6 +262,25 @@ def test_prepare_image_keeps_the_resized_image_and_a_content_key(tmp_path):
         preprocess.VisionInput("image", video.frames)
 
 
+
+def test_content_digest_is_sha256_of_the_pieces_digests():
+    """preprocess.content_digest (the engine's image cache keys): plain SHA-256 of header + bytes up to two pieces;
+    beyond, SHA-256 over the header, the piece count and each piece's SHA-256, computed here by hand; any changed
+    byte changes it."""
+    import hashlib
+
+    P = preprocess.HASH_PIECE_BYTES
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, 2 * P - 3, dtype=np.uint8)
+    assert preprocess.content_digest(b"h|", small) == hashlib.sha256(b"h|" + small.tobytes()).digest()
+    big = rng.integers(0, 256, 3 * P + 5, dtype=np.uint8)
+    pieces = [big[i * P:(i + 1) * P].tobytes() for i in range(4)]
+    want = hashlib.sha256(b"h|" + b"|4 pieces|" + b"".join(hashlib.sha256(p).digest() for p in pieces)).digest()
+    assert preprocess.content_digest(b"h|", big) == want
+    big[-1] ^= 1
+    assert preprocess.content_digest(b"h|", big) != want
+    assert preprocess.content_digest(b"g|", big) != preprocess.content_digest(b"h|", big)
+
 def describe(src):
     return media.describe_source(src)
 
