@@ -463,6 +463,9 @@ class ModelRunner:
             return self._decode_core(rows[0], rows[1].int(), rows[2], rows[3], bt.to(self.device))
         st = self.static
         n = bucket
+        # pinned staging: a copy from pageable memory first waits for the GPU to drain, which would keep a step
+        # launched ahead (decode_ahead) from queueing behind the running one
+        rows, bt = rows.pin_memory(), bt.pin_memory()
         st["ids"][:n].copy_(rows[0], non_blocking=True)
         if device_ids is not None:
             st["ids"][:B].copy_(device_ids)
@@ -508,7 +511,7 @@ class ModelRunner:
             j += 1
         if len(rows) == len(key):
             return logits
-        return logits[torch.tensor(rows, device=logits.device)]
+        return logits[to_device(torch.tensor(rows), logits.device)]
 
     # ------------------------------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
