@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
+from ..layers import to_device
 
 MAX_LOGPROBS = 20
 
@@ -140,13 +141,19 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_id
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
+def _on(vals: list, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list on the device through pinned memory (layers.to_device): a pageable copy would wait for the
+    GPU to drain, and the engine launches the next decode step before it reads this step's tokens."""
+    return to_device(torch.tensor(vals, dtype=dtype), device)
+
+
 def _pad(rows: list[list[int]], fill: int, device) -> torch.Tensor:
     L = max(1, max(len(r) for r in rows))
     out = torch.full((len(rows), L), fill, dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
             out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return to_device(out, device)
 
 
 def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
@@ -181,7 +188,7 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Genera
     raw = logits
 
     if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
-        f = lambda vals: torch.tensor(vals, dtype=logits.dtype, device=dev)  # noqa: E731
+        f = lambda vals: _on(vals, dev, logits.dtype)  # noqa: E731
         logits = apply_penalties(logits, [r.prompt_token_ids if r.params.repetition_penalty != 1 else []
                                           for r in rows],  # prompt tokens count for repetition only
                                  [r.output_token_ids for r in rows],
@@ -192,15 +199,14 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Genera
     if all(p.greedy for p in ps):
         token_ids = greedy_ids
     else:
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps], dtype=logits.dtype, device=dev)
+        temp = _on([p.temperature if p.temperature > 0 else 1.0 for p in ps], dev, logits.dtype)
         x = logits / temp[:, None]
         need_k = any(p.top_k > 0 for p in ps)
         need_p = any(p.top_p < 1 for p in ps)
         need_min_p = any(p.min_p > 0 for p in ps)
         if need_k or need_p or need_min_p:
-            x = _filter(x, torch.tensor([max(p.top_k, 0) for p in ps], device=dev),
-                        torch.tensor([p.top_p for p in ps], dtype=x.dtype, device=dev),
-                        torch.tensor([p.min_p for p in ps], dtype=x.dtype, device=dev), need_k, need_p, need_min_p)
+            x = _filter(x, _on([max(p.top_k, 0) for p in ps], dev), _on([p.top_p for p in ps], dev, x.dtype),
+                        _on([p.min_p for p in ps], dev, x.dtype), need_k, need_p, need_min_p)
         probs = x.softmax(-1)
         noise = torch.empty_like(probs).exponential_(generator=generator)
         for i, r in enumerate(rows):  # seeded rows draw from their own stream: batch-independent
@@ -208,13 +214,13 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Genera
                 noise[i].exponential_(generator=r.generator)
         noise.clamp_(min=1e-20)  # an exact 0 would give 0/0
         sampled = probs.div_(noise).argmax(-1)
-        is_greedy = torch.tensor([p.greedy for p in ps], device=dev)
+        is_greedy = _on([p.greedy for p in ps], dev)
         token_ids = torch.where(is_greedy, greedy_ids, sampled)
 
     logprobs: list[dict[int, float] | None] = [None] * B
     want = [i for i, p in enumerate(ps) if p.logprobs is not None]
     if want:
-        idx = torch.tensor(want, device=dev)
+        idx = _on(want, dev)
         lp = torch.log_softmax(raw[idx].float(), dim=-1)
         chosen = lp.gather(1, token_ids[idx][:, None])[:, 0]
         n_top = max(ps[i].logprobs for i in want)
