@@ -312,8 +312,10 @@ class LLM:
         rows = [SamplerRow(s.params, s.prompt.token_ids if s.params.repetition_penalty != 1 else [],
                            s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
         result = sample(logits, rows, self._generator)
+        sched = self.scheduler
         if (self.decode_ahead and self._tp is None and all(c.is_decode and c.samples for c in chunks)
                 and not all(_last_by_length(c.seq) for c in chunks)
+                and not (sched.waiting and len(sched.running) < sched.max_num_seqs)  # the next step admits one
                 and all(c.end < self.max_model_len and self.block_manager.allocate(c.seq, c.end + 1) for c in chunks)):
             # the next decode step goes to the GPU now, fed by this step's tokens on the device (its blocks
             # allocated now rather than by the next schedule(); a sequence that stops frees them as usual)
