@@ -401,7 +401,7 @@ class ModelRunner:
                 blocks = None
                 if c.start > 0:
                     nb = -(-c.end // self.block_size)
-                    blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
+                    blocks = to_device(torch.tensor(seq.block_table[:nb], dtype=torch.long), dev)
                 prefills.append((row, c.num_tokens, c.start, blocks))
             for idx, item in enumerate(seq.prompt.items):
                 a, b = max(c.start, item.offset), min(c.end, item.end)
@@ -411,24 +411,25 @@ class ModelRunner:
             row += c.num_tokens
             if c.samples:
                 sample_rows.append(row - 1)
-        s = StepInputs(ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-                       positions=torch.cat(positions, dim=1).to(dev, non_blocking=True),
-                       slots=torch.cat(slots).to(dev, non_blocking=True),
-                       sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(dev), prefills=prefills)
+        # every host tensor goes over through pinned memory (layers.to_device): a pageable copy would wait for the
+        # ViT just launched by _encode_vision to finish before the decoder's kernels could be queued behind it
+        s = StepInputs(ids=to_device(torch.tensor(ids, dtype=torch.long), dev),
+                       positions=to_device(torch.cat(positions, dim=1), dev), slots=to_device(torch.cat(slots), dev),
+                       sample_rows=to_device(torch.tensor(sample_rows, dtype=torch.long), dev), prefills=prefills)
         if decode_rows:
-            s.decode_rows = torch.tensor(decode_rows, dtype=torch.long, device=dev)
-            s.decode_block_tables = self._block_table_rows([c.seq for c in decode_seqs]).to(dev)
-            s.decode_context_lens = torch.tensor([c.end for c in decode_seqs], dtype=torch.int32, device=dev)
+            s.decode_rows = to_device(torch.tensor(decode_rows, dtype=torch.long), dev)
+            s.decode_block_tables = to_device(self._block_table_rows([c.seq for c in decode_seqs]), dev)
+            s.decode_context_lens = to_device(torch.tensor([c.end for c in decode_seqs], dtype=torch.int32), dev)
         if vision_rows:
-            s.vision_rows = torch.cat(vision_rows).to(dev)
+            s.vision_rows = to_device(torch.cat(vision_rows), dev)
             s.vision_feats = torch.cat(vision_feats)
         if use_plan:
             n_q = [len(r) for r in plan_rows]
             n_k = [len(k) for k in plan_slots]
             cu = torch.tensor([[0, *itertools.accumulate(n_q)], [0, *itertools.accumulate(n_k)]], dtype=torch.int32)
-            cu = cu.to(dev, non_blocking=True)
-            s.prefill_plan = (torch.cat(plan_rows).to(dev, non_blocking=True),
-                              torch.cat(plan_slots).to(dev, non_blocking=True), cu[0], cu[1], max(n_q), max(n_k))
+            cu = to_device(cu, dev)
+            s.prefill_plan = (to_device(torch.cat(plan_rows), dev), to_device(torch.cat(plan_slots), dev), cu[0], cu[1],
+                              max(n_q), max(n_k))
         return s
 
     def _execute_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -608,7 +609,7 @@ class ModelRunner:
         """The item's float32 pixel_values on the device. The processor's uint8 frames go over as they lie in host
         memory (pinned, not blocking: an eighth of the float bytes) and are normalised and patchified there."""
         if item.frames is None:
-            return item.pixel_values.to(self.device)
+            return to_device(item.pixel_values, self.device)
         frames, channels_last = dense_frames(item.frames)
         frames = to_device(frames, self.device)
         return pixel_values_from_frames(frames.permute(0, 3, 1, 2) if channels_last else frames)
