@@ -688,6 +688,37 @@ def test_gpu_pdl_chain_equals_plain_launches():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_with_pdl_equals_without(monkeypatch):
+    """The engine with programmatic dependent launch of its Triton kernels (GEMVs with the fused prologues, the
+    rotary + KV write, the paged decode attention) inside its decode CUDA graphs: the same tokens and logprobs as
+    without, bit for bit (the launches change, not the arithmetic), batch 1 and batched."""
+    if not G.pdl_ok("cuda"):
+        pytest.skip("needs compute capability 9.0+ and triton's griddepcontrol")
+    import qwenvl
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.model import Qwen25VL
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
+    prompts = random_token_prompts(6, seed=4)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
+    outs = {}
+    for pdl in (True, False):
+        old = G.set_enabled(bf16_enabled=True, bf16_max_m=1, pdl=pdl)
+        try:
+            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
+            assert llm.stats()["fused_gemv_layers"] and llm.stats()["cuda_graph_batch_sizes"]
+            alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+            batched = [o.outputs[0] for o in llm.generate(prompts, params)]
+            outs[pdl] = [(o.token_ids, o.logprobs) for o in alone + batched]
+            llm.shutdown()
+        finally:
+            G.set_enabled(**old)
+    assert outs[True] == outs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_engine_bf16_gemv_greedy_equals_cublas_up_to_near_ties(monkeypatch):
     """The engine with the bf16 GEMV on (the default; decode linears and lm_head through the kernel at batch 1) against
     cuBLAS: same tokens and logprobs (within 0.1) up to a near-tie parting, as for FP8 above."""

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from ..quant.fp8_gemv import pdl_enabled
+
 log = logging.getLogger(__name__)
 
 
@@ -166,8 +168,11 @@ try:
                              stride_q_b, stride_q_h, stride_k_blk, stride_k_tok, stride_k_head, stride_bt_b,
                              stride_acc_b, stride_acc_h, stride_acc_s, stride_m_b, stride_m_h, sm_scale, num_splits,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
         # One program: one sequence, one kv head (its GROUP query heads), one slice of the context.
+        if USE_PDL:  # fp8_gemv's programmatic dependent launch switch: wait for q and the K/V just written
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -248,7 +253,7 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), 1.0 / math.sqrt(D), splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=bs,
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=block_n, num_warps=4, **({"USE_PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}))
     if splits == 1:
         return (acc[:, :, 0] / lse).to(q.dtype)
     return merge(acc, m, lse, q.dtype)
