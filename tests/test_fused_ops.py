@@ -165,11 +165,9 @@ def test_padded_vit_mlp_compiles_without_a_graph_break():
 
     from torch._dynamo.utils import counters
 
-    from qwenvl.vision import VisionTransformer
-
-    c = dataclasses.replace(qwenvl.preset("tiny").vision, intermediate_size=100)  # not a multiple of 16
-    torch.manual_seed(0)
-    visual = VisionTransformer(c)
+    cfg = qwenvl.preset("tiny")
+    c = dataclasses.replace(cfg.vision, intermediate_size=100)  # not a multiple of 16
+    visual = Qwen25VL.random(dataclasses.replace(cfg, vision=c), seed=0).visual  # every parameter set
     x = torch.randn(64, c.patch_dim, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = visual(x, [(1, 8, 8)])
