@@ -551,8 +551,9 @@ def test_gpu_engine_fp8_greedy_with_kernel_equals_without_up_to_near_ties(monkey
     prompts = random_token_prompts(8, seed=0)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     calls = []
-    real = G.gemv  # fp8_gemv's, and the fused decode layers' direct calls
-    monkeypatch.setattr(G, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = G.gemv  # fp8_gemv's, and the fused decode layers' direct calls; FP8 weights only (the bf16 lm_head
+    # runs the same kernel through GemvLinear either way)
+    monkeypatch.setattr(G, "gemv", lambda x, w, *a, **k: (w.dtype == G.FP8 and calls.append(1)) or real(x, w, *a, **k))
     outs = {}
     for on in (True, False):
         old = G.set_enabled(on)
@@ -642,7 +643,12 @@ def test_gpu_fused_gemv_and_rope_kv_on_real_shapes():
             r = torch.randn(1, N, generator=g, device="cuda").to(torch.bfloat16) if res else None
             y = G.gemv(x, q, scale, None, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=r)
             c = check_fused(y, x, q, scale, None, nw, 1e-6, kind == "silu", r)
-            assert c["within_bound"] and c["exact_frac"] > 0.9, (fp8, N, K, kind, c)
+            # a residual adds a second rounding (y rounded, then y + r, as eager): not the one rounding of the exact
+            # sum that exact_frac counts, so there the bits must equal the kernel without it, then the eager add
+            assert c["within_bound"] and (res or c["exact_frac"] > 0.9), (fp8, N, K, kind, c)
+            if res:
+                plain = G.gemv(x, q, scale, None, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu")
+                assert torch.equal(y, plain + r), (fp8, N, K, kind)
 
 
 @pytest.mark.gpu

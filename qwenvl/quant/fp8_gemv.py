@@ -502,14 +502,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     grid = (-(-N // cfg.block_n), split, -(-M // block_m))
     pdl = not interpret and pdl_enabled(x.device)
     pdl_kw = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
-    if (pdl if _pipeline is None else _pipeline) and not cfg.use_dot:
-        pdl_kw["PIPELINE"] = True
+    pipe_kw = {"PIPELINE": True} if (pdl if _pipeline is None else _pipeline) and not cfg.use_dot else {}
     kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                            r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
                            USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw,
-                           **pdl_kw)
+                           **pdl_kw, **pipe_kw)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
