@@ -346,6 +346,11 @@ def vision_profile(ours, hf, cfg):
         res["compile_s"] = time.time() - t0
         res["compiled_blocks_ms"] = cuda_time(lambda: visual(pix, grid)) * 1e3
         res["compiled_vs_eager_rel_err"] = ((compiled - eager).norm() / eager.norm()).item()
+        with profile(activities=acts) as prof:  # the engine's ViT kernels (compiled, padded), launched eagerly
+            visual(pix, grid)
+            sync()
+        with open(os.path.join(OUT_DIR, "vision_profile_compiled.txt"), "w") as f:
+            f.write(profile_table(prof, rows=40))
         if DEV == "cuda":  # compiled + padded blocks replayed from a CUDA graph: fused elementwise work, no launches
             from qwenvl.engine.vision_graphs import VisionGraphs
             glist = [tuple(g) for g in grid.tolist()]
