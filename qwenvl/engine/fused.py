@@ -38,6 +38,18 @@ def compile_ops_requested() -> bool:
     return env_flag("QWENVL_COMPILE_OPS", True)
 
 
+def split_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                   head_dim: int):
+    """qkv [N, (H + 2 KV) D] -> q [N, H, D] (contiguous, for the decode kernel), k, v [N, KV, D]; q and k rotated in
+    the model dtype (cos, sin [N, 1, D]) as the reference does."""
+    H, KV, D = heads, kv_heads, head_dim
+    N = qkv.shape[0]
+    qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
+    qk = qk * cos + rotate_half(qk) * sin
+    q, k = qk.split([H, KV], dim=1)
+    return q.contiguous(), k, qkv[:, (H + KV) * D:].view(N, KV, D)
+
+
 class DecoderOps:
     """add_rms_norm, rope_qkv, silu_mul, merge_splits for one decoder shape (heads, kv heads, head dim, eps)."""
 
@@ -53,13 +65,7 @@ class DecoderOps:
             return h, rms_norm(h, weight, eps)
 
         def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-            """qkv [N, (H + 2 KV) D] -> q [N, H, D] (contiguous, for the decode kernel), k, v [N, KV, D]; q and k
-            rotated in the model dtype (cos, sin [N, 1, D]) as the reference does."""
-            N = qkv.shape[0]
-            qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
-            qk = qk * cos + rotate_half(qk) * sin
-            q, k = qk.split([H, KV], dim=1)
-            return q.contiguous(), k, qkv[:, (H + KV) * D:].view(N, KV, D)
+            return split_rope_qkv(qkv, cos, sin, H, KV, D)
 
         def silu_mul(gu: torch.Tensor) -> torch.Tensor:
             g, u = gu.chunk(2, dim=-1)

@@ -19,7 +19,8 @@ import logging
 import torch
 
 from ..quant.fp8_gemv import HAVE_TRITON, interpreting, pdl_enabled, tl, triton
-from ..rope import rotate_half
+from .attention import write_kv
+from .fused import split_rope_qkv
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +78,12 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
 
 
 def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_heads: int, head_dim: int):
-    """The same as the runner's unfused ops (DecoderOps.rope_qkv's arithmetic + attention.write_kv)."""
-    N, H, KV, D = qkv.shape[0], heads, kv_heads, head_dim
-    qk = qkv[:, :(H + KV) * D].view(N, H + KV, D)
-    cos, sin = cos.reshape(N, 1, D), sin.reshape(N, 1, D)
-    qk = qk * cos + rotate_half(qk) * sin
-    q, k = qk.split([H, KV], dim=1)
-    v = qkv[:, (H + KV) * D:].view(N, KV, D)
-    k_pool.view(-1, KV, D).index_copy_(0, slots, k.to(k_pool.dtype))
-    v_pool.view(-1, KV, D).index_copy_(0, slots, v.to(v_pool.dtype))
-    return q.contiguous()
+    """The runner's unfused ops themselves (fused.split_rope_qkv, DecoderOps.rope_qkv's arithmetic, then
+    attention.write_kv): what the kernel must equal."""
+    N = qkv.shape[0]
+    q, k, v = split_rope_qkv(qkv, cos.reshape(N, 1, head_dim), sin.reshape(N, 1, head_dim), heads, kv_heads, head_dim)
+    write_kv(k_pool, v_pool, slots, k, v)
+    return q
 
 
 _OK: dict[tuple, bool] = {}
