@@ -325,7 +325,9 @@ def content_digest(header: bytes, data) -> bytes:
     buf = memoryview(data).cast("B")
     n = -(-len(buf) // HASH_PIECE_BYTES)
     if n <= 2:
-        return hashlib.sha256(header + buf).digest() if len(buf) < 4096 else _sha256(header, buf)
+        h = hashlib.sha256(header)
+        h.update(buf)
+        return h.digest()
     if _hash_pool is None:
         import concurrent.futures
         import os
@@ -335,12 +337,6 @@ def content_digest(header: bytes, data) -> bytes:
     pieces = [buf[i * HASH_PIECE_BYTES:(i + 1) * HASH_PIECE_BYTES] for i in range(n)]
     digests = b"".join(_hash_pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
     return hashlib.sha256(header + f"|{n} pieces|".encode() + digests).digest()
-
-
-def _sha256(header: bytes, buf) -> bytes:
-    h = hashlib.sha256(header)
-    h.update(buf)
-    return h.digest()
 
 
 class VisionInput:
