@@ -651,7 +651,7 @@ def _fused_self_test(dev, weight_dtype: torch.dtype) -> bool:
         nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(act) if kind == "norm" else None
         res = torch.randn(M, N, generator=g, device=dev).to(act)
         cfg = pick_config(M, N, K, num_sms(dev), q.element_size())
-        cfg = dataclasses.replace(cfg, split_k=split, use_dot=False) if split else dataclasses.replace(cfg, use_dot=False)
+        cfg = dataclasses.replace(cfg, split_k=split or cfg.split_k, use_dot=False)
         got = gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=res).double()
         ref = reference(prologue_reference(x, nw, 1e-6, kind == "silu"), q, scale) + res.double()
         err = (got - ref).abs().max().item() / ref.abs().max().clamp_min(1e-30).item()
@@ -687,7 +687,9 @@ def use_bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def bf16_route(rows: int, dtype: torch.dtype, device, weight: torch.Tensor) -> bool:
     """use_bf16_gemv for an input of `rows` rows of `dtype` on `device`."""
-    if not _STATE["bf16_enabled"] or torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    if not _STATE["bf16_enabled"] or torch.device(device).type != "cuda":
+        return False
+    if dtype not in (torch.bfloat16, torch.float16):
         return False
     if weight.dtype != dtype or rows > _STATE["bf16_max_m"]:
         return False
