@@ -113,7 +113,8 @@ class ModelRunner:
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
-        # decode steps rotate q/k and store k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
+        # steps whose keys come from the pools rotate q/k and store k/v in one Triton kernel (rope_kv.py);
+        # QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
                                                    block_size))
@@ -204,10 +205,11 @@ class ModelRunner:
         emb = torch.cat([sel, sel], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def _rope_write(self, i: int, qkv: torch.Tensor, cos, sin, slots: torch.Tensor, decode: bool):
+    def _rope_write(self, i: int, qkv: torch.Tensor, cos, sin, slots: torch.Tensor, keys_from_pools: bool):
         """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots. Steps
-        whose attention reads keys from the pools only (decode) take the one-kernel rope_write_kv: k = v = None."""
-        if decode and self.fused_rope_kv:
+        whose attention reads keys from the pools only (decode, the varlen plan) take the one-kernel rope_write_kv:
+        k = v = None."""
+        if keys_from_pools and self.fused_rope_kv:
             kv = self.kv
             return rope_write_kv(qkv, cos, sin, slots, kv.k[i], kv.v[i], self.heads, self.kv_heads,
                                  self.head_dim), None, None
@@ -216,7 +218,7 @@ class ModelRunner:
         return q, k, v
 
     def _layer(self, i: int, h: torch.Tensor, delta: torch.Tensor | None, cos, sin, slots: torch.Tensor, attend,
-               decode: bool = False):
+               keys_from_pools: bool = False):
         """One decoder layer on (h, delta): the residual stream is h + delta (delta: the previous layer's MLP
         output, None before the first layer), so each residual add is done inside the next RMSNorm. Returns the
         new (h, delta)."""
@@ -224,26 +226,27 @@ class ModelRunner:
         layer = L.module
         N = h.shape[0]
         h, x = ops.add_rms_norm(h, delta, layer.input_layernorm.weight)
-        q, k, v = self._rope_write(i, L.qkv(x), cos, sin, slots, decode)
+        q, k, v = self._rope_write(i, L.qkv(x), cos, sin, slots, keys_from_pools)
         a = L.o(attend(i, q, k, v).reshape(N, self.heads * self.head_dim))
         h, x = ops.add_rms_norm(h, a, layer.post_attention_layernorm.weight)
         return h, L.down(ops.silu_mul(L.gu(x)))
 
-    def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend, decode: bool = False) -> torch.Tensor:
-        """decode: attention reads every row's keys from the pools only (decode rows; prefill chunks of the varlen
-        plan), so the layers may rotate and store k/v in one kernel and hand attend k = v = None."""
+    def _layers(self, h: torch.Tensor, cos, sin, slots: torch.Tensor, attend,
+                keys_from_pools: bool = False) -> torch.Tensor:
+        """keys_from_pools: attention reads every row's keys from the pools only (decode rows; prefill chunks of the
+        varlen plan), so the layers may rotate and store k/v in one kernel and hand attend k = v = None."""
         plan = self._gemv_plan(h.shape[0])
         if plan is not None:
             for i in range(self.num_layers):
-                h = self._layer_gemv(i, h, plan[i], cos, sin, slots, attend, decode)
+                h = self._layer_gemv(i, h, plan[i], cos, sin, slots, attend, keys_from_pools)
             return h
         delta = None
         for i in range(self.num_layers):
-            h, delta = self._layer(i, h, delta, cos, sin, slots, attend, decode)
+            h, delta = self._layer(i, h, delta, cos, sin, slots, attend, keys_from_pools)
         return h + delta
 
     def _layer_gemv(self, i: int, h: torch.Tensor, operands, cos, sin, slots: torch.Tensor, attend,
-                    decode: bool = False) -> torch.Tensor:
+                    keys_from_pools: bool = False) -> torch.Tensor:
         """_layer with each linear one fp8_gemv.gemv call that also does the elementwise work beside it: RMSNorm
         before q/k/v and gate/up, silu * up before down, the residual adds after o and down. Same maths; the
         normalised input is not rounded to the model dtype before the matmul (the rest is rounded as eagerly)."""
@@ -252,7 +255,7 @@ class ModelRunner:
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         N = h.shape[0]
         q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin, slots,
-                                   decode)
+                                   keys_from_pools)
         h = fp8_gemv.gemv(attend(i, q, k, v).reshape(N, self.heads * self.head_dim), *o_w, residual=h)
         gu = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps)
         if not self.fused_gemv_silu:
@@ -324,7 +327,7 @@ class ModelRunner:
         # every row's attention reads its keys from the pools (decode rows, the varlen plan's chunks): the chunk's
         # own k/v are not needed apart, so the rotary and the K/V write can be one kernel (rope_kv.py)
         keys_from_pools = s.prefill_plan is not None or not s.prefills
-        h = self._layers(h, cos, sin, s.slots, attend, decode=keys_from_pools)
+        h = self._layers(h, cos, sin, s.slots, attend, keys_from_pools=keys_from_pools)
         return self._logits(h[s.sample_rows])
 
     def _decode_core(self, ids, context_lens, rope_deltas, slots, block_tables) -> torch.Tensor:
@@ -338,7 +341,7 @@ class ModelRunner:
         def attend(i, q, k, v):
             return self._decode_attention(i, q, block_tables, context_lens)
 
-        h = self._layers(h, cos, sin, slots, attend, decode=True)
+        h = self._layers(h, cos, sin, slots, attend, keys_from_pools=True)
         return self._logits(h)
 
     # ------------------------------------------------------------------------------------------ a step
