@@ -273,13 +273,13 @@ def check_fused(y, x, q, scale, bias, norm_weight, eps, silu_mul, residual) -> d
             "exact_frac": (y.reshape(ref.shape) == ref.to(y.dtype)).float().mean().item()}
 
 
-def fused_case(M, N, K, kind, res, fp8, g, device="cpu"):
-    """(weight, scale, x, norm weight, residual) of a gemv prologue/epilogue case: bf16 or FP8 weights [N, K], x
-    [M, 2K] for silu * up else [M, K], the norm weight for 'norm', the residual [M, N] if res."""
+def fused_case(M, N, K, kind, res, fp8, g, device="cpu", bf16_std=0.05):
+    """(weight, scale, x, norm weight, residual) of a gemv prologue/epilogue case: bf16 (normal, bf16_std) or FP8
+    weights [N, K], x [M, 2K] for silu * up else [M, K], the norm weight for 'norm', the residual [M, N] if res."""
     if fp8:
         q, scale = quantized(N, K, g, device=device)
     else:
-        q, scale = (torch.randn(N, K, generator=g, device=device) * 0.05).to(torch.bfloat16), None
+        q, scale = (torch.randn(N, K, generator=g, device=device) * bf16_std).to(torch.bfloat16), None
     x = (torch.randn(M, 2 * K if kind == "silu" else K, generator=g, device=device) * 2).to(torch.bfloat16)
     nw = (torch.rand(K, generator=g, device=device) + 0.5).to(torch.bfloat16) if kind == "norm" else None
     r = torch.randn(M, N, generator=g, device=device).to(torch.bfloat16) if res else None
@@ -634,13 +634,7 @@ def test_gpu_fused_gemv_and_rope_kv_on_real_shapes():
         if fp8 and not G.fused_gemv_ok("cuda", G.FP8):
             pytest.fail("the FP8 fused GEMV probe failed on this GPU")
         for N, K, kind, res in cases:
-            if fp8:
-                q, scale = quantized(N, K, g, device="cuda")
-            else:
-                q, scale = (torch.randn(N, K, generator=g, device="cuda") * 0.02).to(torch.bfloat16), None
-            x = (torch.randn(1, 2 * K if kind == "silu" else K, generator=g, device="cuda") * 2).to(torch.bfloat16)
-            nw = (torch.rand(K, generator=g, device="cuda") + 0.5).to(torch.bfloat16) if kind == "norm" else None
-            r = torch.randn(1, N, generator=g, device="cuda").to(torch.bfloat16) if res else None
+            q, scale, x, nw, r = fused_case(1, N, K, kind, res, fp8, g, device="cuda", bf16_std=0.02)
             y = G.gemv(x, q, scale, None, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu", residual=r)
             c = check_fused(y, x, q, scale, None, nw, 1e-6, kind == "silu", r)
             # a residual adds a second rounding (y rounded, then y + r, as eager): not the one rounding of the exact
