@@ -23,6 +23,7 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -272,6 +273,46 @@ def profile_table(prof, rows: int = 25, device: bool = True) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def device_timeline(prof, top: int = 12) -> dict:
+    """From a profile of one request: the span from the first to the last device activity, the time the device
+    was busy (union of kernels and copies), and the largest idle gaps with the activity before and after each
+    (what the GPU waited for: the host, a copy, a sync)."""
+    from torch.autograd import DeviceType
+
+    ev = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start), key=lambda t: t[0])
+    if not ev:
+        return {}
+    busy, gaps, cur_s, cur_e, prev = 0.0, [], ev[0][0], ev[0][1], ev[0][2]
+    for s_, e_, name in ev[1:]:
+        if s_ > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s_ - cur_e, prev[:60], name[:60]))
+            cur_s = s_
+        if e_ >= cur_e:
+            cur_e, prev = e_, name
+    busy += cur_e - cur_s
+    gaps.sort(reverse=True)
+    return {"span_ms": (ev[-1][1] - ev[0][0]) / 1e3, "busy_ms": busy / 1e3, "activities": len(ev),
+            "idle_ms": sum(g[0] for g in gaps) / 1e3,
+            "largest_gaps": [{"us": round(g[0], 1), "after": g[1], "before": g[2]} for g in gaps[:top]]}
+
+
+def profile_request(llm, rid, prompt, params, name) -> dict:
+    """One request alone under the profiler: its kernel table (by device time) to OUT/{name}.txt, and the device
+    timeline summary (device_timeline) with the request's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        ttft, dec, toks = drive(llm, rid, prompt, params)
+        sync()
+    res = {"ttft_ms": ttft * 1e3, "decode_ms": dec * 1e3, "tokens": len(toks), **device_timeline(p)}
+    with open(os.path.join(OUT_DIR, name + ".txt"), "w") as f:
+        f.write(json.dumps(res, indent=1) + "\n" + profile_table(p, rows=40) + "\n" + profile_table(p, rows=25, device=False))
+    return res
+
+
 def instrument(llm) -> dict:
     """Split an engine run into host prompt encoding, ViT, prefill/mixed steps and decode-only steps (each step
     ends in a device->host copy of the sampled ids anyway, so the syncs here add little)."""
@@ -307,6 +348,28 @@ def instrument(llm) -> dict:
 
     r._encode_vision, r.execute, llm._encode_all = timed("vision_s", ev), execute, timed("encode_prompt_s", enc)
     return prof
+
+
+def sdpa_backends(n: int, vcfg) -> dict:
+    """Milliseconds of one ViT full-attention SDPA over n patches ([1, heads, n, head_dim], as
+    layers.varlen_attention calls it for one segment) under each SDPA backend; errors noted."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q, k, v = (torch.randn(n, vcfg.num_heads, vcfg.head_dim, generator=g, device=DEV, dtype=torch.bfloat16)
+               for _ in range(3))
+    args = [x.transpose(0, 1)[None] for x in (q, k, v)]
+    out, ref = {}, None
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name)]):
+                y = F.scaled_dot_product_attention(*args).float()
+                ref = y if ref is None else ref
+                out[name] = round(cuda_time(lambda: F.scaled_dot_product_attention(*args), warmup=3, iters=20) * 1e3, 4)
+                out[name + "_rel_err"] = ((y - ref).norm() / ref.norm()).item()
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
 
 
 @section("vision_profile")
@@ -351,6 +414,9 @@ def vision_profile(ours, hf, cfg):
             sync()
         with open(os.path.join(OUT_DIR, "vision_profile_compiled.txt"), "w") as f:
             f.write(profile_table(prof, rows=40))
+        if DEV == "cuda":  # the full-attention blocks' one-segment SDPA (4 of 32 blocks) under each backend
+            res["full_attention_backends_ms"] = sdpa_backends(pix.shape[0], ours.visual.config)
+            log(res["full_attention_backends_ms"])
         if DEV == "cuda":  # compiled + padded blocks replayed from a CUDA graph: fused elementwise work, no launches
             from qwenvl.engine.vision_graphs import VisionGraphs
             glist = [tuple(g) for g in grid.tolist()]
@@ -455,6 +521,13 @@ def engine(ours, hf, cfg, w1_tokens=256):
     ttft, _, _ = drive(llm, "w2b", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_new_image_2_ms"] = ttft * 1e3
     log(res)
+    # where W2's and W1's time goes: a new image to its first token; 32 decode steps
+    ids, pix, grid = image_request(cfg, n_text=64, seed=10, frames=True)
+    res["w2_profile"] = profile_request(llm, "w2p", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy),
+                                        "w2_profile")
+    res["w1_profile_32_tokens"] = profile_request(llm, "w1p", frames_prompt(ids, pix),
+                                                  SamplingParams(max_tokens=33, **greedy), "w1_profile")
+    log({k: res[k] for k in ("w2_profile", "w1_profile_32_tokens")})
     # W4: 256 requests at once.
     reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
     prompts = [frames_prompt(*r[:2]) for r in reqs]

@@ -60,21 +60,28 @@ def linear_shapes(cfg) -> list[tuple[str, int, int]]:
     return [("qkv", q + 2 * kv, H), ("o_proj", H, q), ("gate_up", 2 * I, H), ("down_proj", H, I)]
 
 
-def sweep_configs(M: int, N: int, K: int, num_sms: int) -> list[G.GemvConfig]:
-    """A small grid around the heuristic: FMA tiles (M == 1 only) and tl.dot tiles, each with its auto split
-    and without split."""
+def sweep_configs(M: int, N: int, K: int, num_sms: int, weight_bytes: int = 1) -> list[G.GemvConfig]:
+    """A small grid around the heuristic: M == 1, FMA tiles (plain, with per-thread partial sums of one 16-byte
+    load (vec), and with x loaded in the tile's layout too (x_tile)); M > 1, tl.dot tiles; each with its auto
+    split, without split and (FMA) with the split pick_config's M == 1 rule gives by bytes per program."""
     base = []
-    if M == 1:
-        base += [(bn, bk, w, st, False) for bn, bk, w, st in
-                 ((4, 1024, 4, 1), (8, 256, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (16, 256, 4, 3),
-                  (16, 512, 4, 1), (16, 512, 8, 1), (32, 256, 8, 1))]
-    base += [(bn, bk, w, st, True) for bn, bk, w, st in
-             ((16, 256, 4, 2), (32, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
+    vec = 16 // weight_bytes
+    if M == 1:  # the earlier sweeps' winners plain, then tiles of 8-16 KB with vec, with and without x_tile
+        base += [(bn, bk, w, 1, False, 1, False) for bn, bk, w in ((8, 512, 4), (16, 256, 4), (16, 512, 8))]
+        for bn, bk, w in ((8, 512, 4), (16, 512, 4), (16, 512, 8), (8, 1024, 4), (16, 1024, 8), (32, 512, 8)):
+            base += [(bn, bk, w, 1, False, vec, False), (bn, bk, w, 1, False, vec, True)]
+    else:  # tl.dot tiles: they never won at M == 1 (2026-12-05 sweeps)
+        base += [(bn, bk, w, st, True, 1, False) for bn, bk, w, st in
+                 ((16, 256, 4, 2), (32, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
     out = []
-    for bn, bk, w, st, dot in base:
+    for bn, bk, w, st, dot, v, xt in base:
         bk = min(bk, max(16, G.triton_next_pow2(K)))
-        for split in sorted({1, G.auto_split(M, N, K, bn, bk, dot, num_sms)}):
-            c = G.GemvConfig(bn, bk, split, w, st, dot)
+        splits = {1, G.auto_split(M, N, K, bn, bk, dot, num_sms)}
+        if M == 1 and not dot:
+            per_program = -(-bn * K * weight_bytes // G.WEIGHT_BYTES_PER_PROGRAM)
+            splits.add(G.normalize_split(-(-K // bk), min(per_program, G.max_split(M, K)))[0])
+        for split in sorted(splits):
+            c = G.GemvConfig(bn, bk, split, w, st, dot, min(v, bk), xt)
             if c not in out:
                 out.append(c)
     return out
@@ -166,7 +173,7 @@ def gemv_row(row: dict, prefix: str, timer, xs, weights, copies: int, weight_byt
     if not sweep:
         return {}
     results = [h]
-    for c in sweep_configs(M, N, K, sms):
+    for c in sweep_configs(M, N, K, sms, weight_bytes):
         if c == heur:
             continue
         try:
@@ -297,7 +304,7 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
                      ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
-            variants.append(("bf16_gemv_tuned", None, False, tuned, True, fused))
+            variants.append(("bf16_gemv_tuned", None, False, tuned, True, rope_kv))
     variants += [("fp8_scaled_mm", "fp8", False, None, False, unfused),
                  ("fp8_gemv_unfused", "fp8", True, None, False, unfused),
                  ("fp8_gemv_rope_kv", "fp8", True, None, False, rope_kv),
@@ -306,7 +313,7 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
-        variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, fused))
+        variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, rope_kv))
     E_args = argparse.Namespace(device=a.device)
     h, w = (int(v) for v in a.image.split("x")[::-1])
     greedy = dict(temperature=0.0, ignore_eos=True)

@@ -218,6 +218,11 @@ def interpreter_cases() -> list[dict]:
         (17, 33, 96, True, torch.bfloat16, None),  # two row blocks, K < BLOCK_K
         (4, 40, 512, True, torch.float16, None),  # fp16 activations (DOT)
         (1, 40, 512, True, torch.float16, C(16, 128, 2)),  # fp16 activations (FMA, split)
+        # per-thread partial sums (vec) and x loaded in the weight tile's layout (x_tile): even K, split, ragged K
+        (1, 40, 3584, True, torch.bfloat16, C(16, 512, 1, vec=16)),
+        (1, 24, 18944, False, torch.bfloat16, C(16, 512, 5, num_warps=8, vec=16, x_tile=True)),
+        (1, 50, 300, True, torch.bfloat16, C(16, 128, 1, vec=16, x_tile=True)),
+        (1, 40, 512, False, torch.float16, C(8, 256, 2, vec=8, x_tile=True)),
     ]
     out = []
     for M, N, K, bias, dtype, cfg in cases:
@@ -240,7 +245,9 @@ def interpreter_cases() -> list[dict]:
     for M, N, K, bias, dtype, cfg in ((1, 48, 512, True, torch.bfloat16, None), (1, 50, 300, False, torch.bfloat16, None),
                                       (1, 24, 2048, False, torch.bfloat16, C(8, 256, 3)),
                                       (5, 64, 640, True, torch.bfloat16, C(32, 128, 2, use_dot=True)),
-                                      (1, 40, 512, True, torch.float16, None), (3, 40, 272, False, torch.float16, None)):
+                                      (1, 40, 512, True, torch.float16, None), (3, 40, 272, False, torch.float16, None),
+                                      (1, 48, 2048, True, torch.bfloat16, C(8, 512, 1, vec=8, x_tile=True)),
+                                      (1, 50, 300, False, torch.bfloat16, C(8, 256, 2, vec=8))):
         w = (torch.randn(N, K, generator=g) * 0.02).to(dtype)
         x = (torch.randn(M, K, generator=g) * 3).to(dtype)
         b = torch.randn(N, generator=g).to(dtype) if bias else None
