@@ -560,11 +560,14 @@ def engine(ours, hf, cfg, w1_tokens=256):
     W4_FIRST_TOKENS[:] = on
     del llm, outs
     release()
-    res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
-    log(res["fast_paths_check"])
-    release()
-    res["w5"] = w5_memory(ours, frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
-    log(res["w5"])
+    skip = set(os.environ.get("BENCH_SKIP", "").split(","))  # e.g. BENCH_SKIP=fast_paths,w5 for a short call
+    if "fast_paths" not in skip:
+        res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
+        log(res["fast_paths_check"])
+        release()
+    if "w5" not in skip:
+        res["w5"] = w5_memory(ours, frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+        log(res["w5"])
 
 
 W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per request, for engine_eager_ops
