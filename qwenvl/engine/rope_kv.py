@@ -7,8 +7,9 @@ does the same arithmetic with the same roundings as `DecoderOps.rope_qkv` + `att
 q*cos and rotate_half(q)*sin each rounded to the model dtype, then their sum rounded (the reference's bf16 ops).
 
 `rope_write_kv_ok` checks the kernel against those eager ops once per shape (CUDA, bf16/fp16, head_dim a power of
-two); the runner uses it, where that passed, for steps whose attention reads keys from the pools only: decode steps
-and mixed steps on the varlen plan (QWENVL_FUSED_ROPE_KV=0 turns it off).
+two); the runner uses it, where that passed, for every step (QWENVL_FUSED_ROPE_KV=0 turns it off): decode steps and
+mixed steps on the varlen plan read their keys from the pools; a lone prefill chunk's attention reads the chunk's
+own k and v, which the kernel then also writes out contiguous (`kv_out`).
 Runs under TRITON_INTERPRET=1 on CPU tensors for the tests.
 """
 
@@ -27,37 +28,47 @@ log = logging.getLogger(__name__)
 
 if HAVE_TRITON:
 
-    @triton.jit
-    def _rope_write_kv_kernel(QKV, COS, SIN, SLOTS, Q, KP, VP, stride_qkv, stride_cs,
-                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr = False):
+    @triton.jit(do_not_specialize=["N"])
+    def _rope_write_kv_kernel(QKV, COS, SIN, SLOTS, Q, KP, VP, KO, VO, N, stride_qkv, stride_cs,
+                              H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                              KV_OUT: tl.constexpr = False, USE_PDL: tl.constexpr = False):
         if USE_PDL:  # fp8_gemv's programmatic dependent launch switch: wait for the q/k/v GEMV's writes
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        n = tl.program_id(0)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         j = tl.program_id(1)  # head: q heads, then k heads, then v heads
-        offs = tl.arange(0, D)
-        src = QKV + n.to(tl.int64) * stride_qkv + j * D
+        ok = (rows < N)[:, None]
+        rows = tl.minimum(rows, N - 1).to(tl.int64)  # clamped: loads need no mask, the stores have one
+        offs = tl.arange(0, D)[None, :]
+        src = QKV + rows[:, None] * stride_qkv + j * D
         x = tl.load(src + offs)
-        slot = tl.load(SLOTS + n).to(tl.int64)
+        slot = tl.load(SLOTS + rows).to(tl.int64)[:, None]
         if j < H + KV:
             rot = tl.load(src + (offs + D // 2) % D).to(tl.float32)
             rot = tl.where(offs < D // 2, -rot, rot)  # rotate_half: [-x2, x1]
-            c = tl.load(COS + n.to(tl.int64) * stride_cs + offs).to(tl.float32)
-            s = tl.load(SIN + n.to(tl.int64) * stride_cs + offs).to(tl.float32)
+            c = tl.load(COS + rows[:, None] * stride_cs + offs).to(tl.float32)
+            s = tl.load(SIN + rows[:, None] * stride_cs + offs).to(tl.float32)
             dt = x.dtype
             out = ((x.to(tl.float32) * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt)
             if j < H:
-                tl.store(Q + (n.to(tl.int64) * H + j) * D + offs, out)
+                tl.store(Q + (rows[:, None] * H + j) * D + offs, out, mask=ok)
             else:
-                tl.store(KP + (slot * KV + (j - H)) * D + offs, out)
+                tl.store(KP + (slot * KV + (j - H)) * D + offs, out, mask=ok)
+                if KV_OUT:
+                    tl.store(KO + (rows[:, None] * KV + (j - H)) * D + offs, out, mask=ok)
         else:
-            tl.store(VP + (slot * KV + (j - H - KV)) * D + offs, x)
+            tl.store(VP + (slot * KV + (j - H - KV)) * D + offs, x, mask=ok)
+            if KV_OUT:
+                tl.store(VO + (rows[:, None] * KV + (j - H - KV)) * D + offs, x, mask=ok)
 
 
 def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                  k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+                  k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                  kv_out: bool = False):
     """qkv [N, (H + 2 KV) D] (rows contiguous), cos/sin [N, D] or [N, 1, D] (model dtype), slots [N] (flat pool
-    slots) -> q [N, H, D] rotated; k rotated and v written to k_pool/v_pool [blocks, block_size, KV, D] at slots."""
+    slots) -> q [N, H, D] rotated; k rotated and v written to k_pool/v_pool [blocks, block_size, KV, D] at slots.
+    kv_out: returns (q, k, v) with k (rotated) and v also as contiguous [N, KV, D] tensors (a prefill whose
+    attention reads the chunk's own keys)."""
     N = qkv.shape[0]
     H, KV, D = heads, kv_heads, head_dim
     if qkv.shape[-1] != (H + 2 * KV) * D or qkv.stride(-1) != 1:
@@ -68,13 +79,21 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
     if cos2.stride(-1) != 1 or sin2.stride(-1) != 1 or cos2.stride(0) != sin2.stride(0):
         cos2, sin2 = cos2.contiguous(), sin2.contiguous()
     q = torch.empty(N, H, D, dtype=qkv.dtype, device=qkv.device)
+    k = v = None
+    if kv_out:
+        k, v = (torch.empty(N, KV, D, dtype=qkv.dtype, device=qkv.device) for _ in range(2))
     if N:
         # no FMA contraction: with it the backend may fold round(a*b) + round(c*d) into fma(a, b, round(c*d))
         # (after narrowing the bf16 products, which is exact), one rounding fewer than the eager ops
-        pdl = {"USE_PDL": True, "launch_pdl": True} if qkv.is_cuda and pdl_enabled(qkv.device) else {}
-        _rope_write_kv_kernel[(N, H + 2 * KV)](qkv, cos2, sin2, slots, q, k_pool, v_pool, qkv.stride(0),
-                                               cos2.stride(0), H=H, KV=KV, D=D, enable_fp_fusion=False, **pdl)
-    return q
+        cuda = qkv.is_cuda
+        pdl = {"USE_PDL": True, "launch_pdl": True} if cuda and pdl_enabled(qkv.device) else {}
+        # a block of rows per program: one (row, head) of 128 values each left ~0.9 TB/s on an H100 at 8192 rows
+        rows = 1 if N == 1 else 8
+        launch = {"num_warps": 4 if rows > 1 else 1} if cuda else {}
+        _rope_write_kv_kernel[(-(-N // rows), H + 2 * KV)](
+            qkv, cos2, sin2, slots, q, k_pool, v_pool, k if kv_out else q, v if kv_out else q, N, qkv.stride(0),
+            cos2.stride(0), H=H, KV=KV, D=D, ROWS=rows, KV_OUT=kv_out, enable_fp_fusion=False, **launch, **pdl)
+    return (q, k, v) if kv_out else q
 
 
 def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_heads: int, head_dim: int):
@@ -114,6 +133,19 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
         want = rope_write_kv_eager(qkv, cos, sin, slots, pools[2], pools[3], heads, kv_heads, head_dim)
         diffs = {name: int((a != b).sum()) for name, a, b in (("q", q, want), ("k", pools[0], pools[2]),
                                                                  ("v", pools[1], pools[3]))}
+        # the prefill form: 11 rows (a full block of 8 and a ragged one), k and v also returned
+        n2 = 11
+        qkv2 = torch.randn(n2, qkv.shape[1], generator=g, device=dev).to(dtype)
+        ang2 = torch.randn(n2, head_dim, generator=g, device=dev) * 3
+        cos2, sin2 = ang2.cos().to(dtype), ang2.sin().to(dtype)
+        slots2 = torch.randperm(blocks * block_size, generator=g, device=dev)[:n2]
+        got = rope_write_kv(qkv2, cos2, sin2, slots2, pools[0], pools[1], heads, kv_heads, head_dim, kv_out=True)
+        q2, k2, v2 = split_rope_qkv(qkv2, cos2.reshape(n2, 1, head_dim), sin2.reshape(n2, 1, head_dim), heads,
+                                    kv_heads, head_dim)
+        write_kv(pools[2], pools[3], slots2, k2, v2)
+        for name, a, b in (("q2", got[0], q2), ("k2", got[1], k2), ("v2", got[2], v2), ("k2 pool", pools[0], pools[2]),
+                           ("v2 pool", pools[1], pools[3])):
+            diffs[name] = int((a != b).sum()) if a.shape == b.shape else -1
         ok = not any(diffs.values())
         if not ok:
             log.warning("fused rotary + KV write differs from the eager ops (elements differing: %s, max |q diff| "

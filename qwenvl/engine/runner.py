@@ -113,8 +113,7 @@ class ModelRunner:
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
-        # steps whose keys come from the pools rotate q/k and store k/v in one Triton kernel (rope_kv.py);
-        # QWENVL_FUSED_ROPE_KV=0: apart
+        # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
                                                    block_size))
@@ -206,13 +205,14 @@ class ModelRunner:
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
     def _rope_write(self, i: int, qkv: torch.Tensor, cos, sin, slots: torch.Tensor, keys_from_pools: bool):
-        """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots. Steps
-        whose attention reads keys from the pools only (decode, the varlen plan) take the one-kernel rope_write_kv:
-        k = v = None."""
-        if keys_from_pools and self.fused_rope_kv:
+        """(q, k, v) of a layer's fused q/k/v output, q and k rotated; k and v stored in the pools at slots, in one
+        kernel (rope_write_kv) where it passed its probe. Steps whose attention reads keys from the pools only
+        (decode, the varlen plan) get k = v = None; a lone prefill chunk also gets its k and v."""
+        if self.fused_rope_kv:
             kv = self.kv
-            return rope_write_kv(qkv, cos, sin, slots, kv.k[i], kv.v[i], self.heads, self.kv_heads,
-                                 self.head_dim), None, None
+            out = rope_write_kv(qkv, cos, sin, slots, kv.k[i], kv.v[i], self.heads, self.kv_heads, self.head_dim,
+                                kv_out=not keys_from_pools)
+            return (out, None, None) if keys_from_pools else out
         q, k, v = self.ops.rope_qkv(qkv, cos, sin)
         write_kv(self.kv.k[i], self.kv.v[i], slots, k, v)
         return q, k, v
