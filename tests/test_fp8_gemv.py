@@ -337,6 +337,16 @@ def interpreter_fused_cases() -> list[dict]:
         out.append(dict(case=["rope_write_kv", heads, kv_heads, head_dim], dtype_ok=True, within_bound=True,
                         exact_frac=1.0, equal_to_eager=rope_write_kv_ok("cpu", torch.bfloat16, heads, kv_heads,
                                                                         head_dim)))
+    from qwenvl.engine.silu_mul import silu_mul, silu_mul_eager, silu_mul_ok
+    for dtype in (torch.bfloat16, torch.float16):  # the probe: one row and a ragged block, within one rounding
+        out.append(dict(case=["silu_mul probe", str(dtype)], dtype_ok=True, within_bound=True, exact_frac=1.0,
+                        equal_to_eager=silu_mul_ok("cpu", dtype)))
+    gu = (torch.randn(9, 2 * 1500, generator=g) * 3).to(torch.bfloat16)  # 3 row blocks, 2 column blocks
+    y, want = silu_mul(gu), silu_mul_eager(gu)
+    out.append(dict(case=["silu_mul", 9, 3000], dtype_ok=y.dtype == want.dtype and y.shape == want.shape,
+                    within_bound=bool(((y.float() - want.float()).abs()
+                                       <= torch.finfo(torch.bfloat16).eps * want.float().abs() + 1e-30).all()),
+                    exact_frac=(y == want).float().mean().item()))
     return out
 
 
@@ -346,6 +356,7 @@ def interpreter_fused_engine() -> dict:
     from qwenvl import preset
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.engine.rope_kv import rope_write_kv_ok
+    from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
     from qwenvl.model import Qwen25VL
 
     G.bf16_route = lambda rows, dtype, device, weight: rows <= 1 and weight.dtype == dtype  # CPU as if CUDA
@@ -370,10 +381,13 @@ def interpreter_fused_engine() -> dict:
             r.fused_gemv = True
             G.fused_gemv_ok = lambda device, weight_dtype=torch.bfloat16: True  # its probe needs CUDA
             r.fused_rope_kv = rope_write_kv_ok("cpu", torch.bfloat16, r.heads, r.kv_heads, r.head_dim, 16)
+            if silu_mul_ok("cpu", torch.bfloat16):  # the prefill steps' silu * up (the GEMV layers fuse decode's)
+                r.ops.silu_mul = silu_mul
         outs[fused] = [llm.generate([p], params)[0].outputs[0] for p in prompts]
         llm.shutdown()
         if fused:
             used = {"prologue_calls": calls["prologue"], "rope_kv": r.fused_rope_kv,
+                    "triton_silu": r.ops.silu_mul is silu_mul,
                     "plan_m1": r._gemv_plan(1) is not None, "plan_m2": r._gemv_plan(2) is not None}
     return {"used": used, "outs": {str(k): [[o.token_ids, [{str(t): lp for t, lp in d.items()} for d in o.logprobs]]
                                             for o in v] for k, v in outs.items()}}
@@ -392,7 +406,9 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     results = run_interpreter("--interpret-fused")
     bad = [r for r in results if not (r["within_bound"] and r["dtype_ok"] and r.get("equal_to_eager", True))]
     assert not bad, bad
-    assert sum("equal_to_eager" in r for r in results) >= 10
+    assert sum("equal_to_eager" in r for r in results) >= 12
+    # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
+    assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
 
 
 def test_engine_fused_decode_layers_under_triton_interpreter():
@@ -403,7 +419,7 @@ def test_engine_fused_decode_layers_under_triton_interpreter():
 
     res = run_interpreter("--interpret-engine")
     u = res["used"]
-    assert u["prologue_calls"] > 0 and u["rope_kv"] and u["plan_m1"] and not u["plan_m2"], u
+    assert u["prologue_calls"] > 0 and u["rope_kv"] and u["triton_silu"] and u["plan_m1"] and not u["plan_m2"], u
 
     def outs(key):
         return [types.SimpleNamespace(token_ids=t, logprobs=[{int(k): v for k, v in d.items()} for d in lps])

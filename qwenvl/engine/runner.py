@@ -38,6 +38,7 @@ from .attention import (decode_attention_gather, decode_attention_triton, num_sp
                         triton_decode_ok, varlen_prefill_attention, varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .rope_kv import rope_write_kv, rope_write_kv_ok
+from .silu_mul import silu_mul, silu_mul_ok
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
 from .vision_graphs import VisionGraphs, compile_vision_blocks, uncompile_vision_blocks
@@ -98,6 +99,12 @@ class ModelRunner:
         self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
                               compiled=self.is_cuda and compile_ops_requested())
         self.ops.check(self.device, self.dtype, t.hidden_size)
+        # silu * up as a Triton kernel, bit-equal to the eager ops (silu_mul.py): the compiled op ran at a third
+        # of copy speed in prefill; QWENVL_TRITON_SILU=0 keeps the compiled one
+        self.triton_silu = (self.is_cuda and env_flag("QWENVL_TRITON_SILU", True)
+                            and silu_mul_ok(self.device, self.dtype))
+        if self.triton_silu:
+            self.ops.silu_mul = silu_mul
         # decode rows that run every linear through the GEMV kernel take the fused layer (_layer_gemv): RMSNorm,
         # silu * up and the residual adds inside the GEMVs. Off unless QWENVL_FUSED_GEMV=1: on an H200 it did not
         # pay (docs/BENCHMARKS.md 2026-12-05, sixth session)
