@@ -643,6 +643,33 @@ def test_gpu_bf16_gemv_matches_reference_on_real_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
+    """The prefill kernels at W2's shape (1,281 rows, 7B): silu * up and the rotary + KV write with the chunk's k
+    and v returned, bit-equal to the eager ops (their probes pass on this GPU too)."""
+    from qwenvl.engine.attention import write_kv
+    from qwenvl.engine.fused import split_rope_qkv
+    from qwenvl.engine.rope_kv import rope_write_kv
+    from qwenvl.engine.silu_mul import silu_mul, silu_mul_eager, silu_mul_ok
+
+    assert silu_mul_ok("cuda", torch.bfloat16) and silu_mul_ok("cuda", torch.float16)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    gu = (torch.randn(1281, 2 * 18944, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    assert torch.equal(silu_mul(gu), silu_mul_eager(gu))
+    n, H, KV, D = 1281, 28, 4, 128
+    qkv = torch.randn(n, (H + 2 * KV) * D, generator=g, device="cuda").to(torch.bfloat16)
+    ang = torch.randn(n, D, generator=g, device="cuda") * 50
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    slots = torch.randperm(128 * 16, generator=g, device="cuda")[:n]
+    pools = [torch.zeros(128, 16, KV, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    got = rope_write_kv(qkv, cos, sin, slots, pools[0], pools[1], H, KV, D, kv_out=True)
+    want = split_rope_qkv(qkv, cos[:, None], sin[:, None], H, KV, D)
+    write_kv(pools[2], pools[3], slots, want[1], want[2])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_gemv_and_rope_kv_on_real_shapes():
     """The engine's fused decode layer pieces on the 7B shapes (bf16 and FP8 weights): RMSNorm prologue on q/k/v
     and gate/up, silu * up prologue + residual on down, residual on o, within check_fused's bound; their probes
