@@ -65,7 +65,9 @@ def test_pick_config_on_real_shapes(M):
             programs = -(-N // c.block_n) * split * (-(-M // 16) if c.use_dot else M)
             cap, _ = G.normalize_split(k_blocks, G.max_split(M, K))
             assert split <= 16 and 8 * split * M * N <= max(N * K / 10, 8 * M * N), (name, N, K, c)
-            if M == 1:  # split until a program reads ~64 KiB of weights, not more
+            if M == 1 and -(-N // 8) >= 2 * 132:  # enough rows: 8-row tiles, unsplit
+                assert c.block_n == 8 and split == 1 and c.vec == 16, (name, N, K, c)
+            elif M == 1:  # split until a program reads ~64 KiB of weights, not more
                 per_program = c.block_n * per * c.block_k
                 assert per_program <= G.WEIGHT_BYTES_PER_PROGRAM or split == cap, (name, N, K, c)
                 assert split == 1 or c.block_n * (per + 1) * c.block_k > G.WEIGHT_BYTES_PER_PROGRAM // 2
@@ -84,18 +86,23 @@ def test_tuned_table_overrides_heuristic():
 
 
 def test_pick_config_for_2_byte_weights():
-    """bf16/fp16 weights at M == 1: the sweep's [8, 512] tile, 4 warps, unsplit, where N gives >= 2 programs per
-    SM; below that the tile reads the same bytes per load as FP8's ([16, 256] vs [16, 512]) and K is split by
-    bytes (the same ~64 KiB of weights per program); tuned FP8 entries do not leak into them."""
-    assert G.pick_config(1, 37888, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 512, 1, 4, 1, False)
-    assert G.pick_config(1, 152064, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 512, 1, 4, 1, False)
+    """M == 1 where N gives >= 2 programs of 8 rows per SM: the sweep's [8, 1024] tile (FP8 [8, 512] where N gives
+    >= 16 per SM), 4 warps, per-thread sums of one 16-byte load (vec 8 bf16 / 16 e4m3), unsplit; below that the
+    tile reads the same bytes per load for both weight sizes ([16, 256] vs [16, 512]) and K is split by bytes (the
+    same ~64 KiB of weights per program); tuned FP8 entries do not leak into them."""
+    assert G.pick_config(1, 37888, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 1024, 1, 4, 1, False, 8)
+    assert G.pick_config(1, 152064, 3584, 132, weight_bytes=2) == G.GemvConfig(8, 1024, 1, 4, 1, False, 8)
+    assert G.pick_config(1, 37888, 3584, 132) == G.GemvConfig(8, 512, 1, 4, 1, False, 16)  # 7B gate/up, FP8
+    assert G.pick_config(1, 3584, 18944, 132) == G.GemvConfig(8, 1024, 1, 4, 1, False, 16)  # 7B down, FP8
     for name, shapes in SHAPES.items():
         for N, K in shapes + [(1024, 8192), (512, 29568)]:
             c8, c16 = G.pick_config(1, N, K, 132), G.pick_config(1, N, K, 132, weight_bytes=2)
             if -(-N // 8) >= 2 * 132:
-                assert c16 == G.GemvConfig(8, 512, 1, 4, 1, False), (name, N, K)
+                assert c16 == G.GemvConfig(8, min(1024, G.triton_next_pow2(K)), 1, 4, 1, False, 8), (name, N, K)
+                assert c8.block_n == 8 and c8.split_k == 1 and c8.vec == 16 and c8.num_warps == 4, (name, N, K)
                 continue
             assert not c16.use_dot and c16.block_n * c16.block_k * 2 == c8.block_n * c8.block_k, (name, N, K)
+            assert c16.vec == 8 and c8.vec == 16 and c8.block_k % c8.vec == 0, (name, N, K)
             split, per = G.normalize_split(-(-K // c16.block_k), c16.split_k)
             cap = G.normalize_split(-(-K // c16.block_k), G.max_split(1, K))[0]
             assert c16.block_n * per * c16.block_k * 2 <= G.WEIGHT_BYTES_PER_PROGRAM or split == cap, (name, N, K)

@@ -167,29 +167,31 @@ WEIGHT_BYTES_PER_PROGRAM = 64 * 1024  # M == 1: K is split until a program reads
 
 
 def pick_config(M: int, N: int, K: int, num_sms: int = 132, weight_bytes: int = 1) -> GemvConfig:
-    """Heuristic, from the winners of bench/bench_fp8_gemv.py's sweep on an H100 (7B shapes, M = 1, 4, 16;
-    docs/BENCHMARKS.md 2026-12-05). M == 1: FMA tile [16, 512] with 8 warps, K split only until a program reads
-    ~64 KiB of weights (qkv and o_proj unsplit, down_proj in 5: fewer, longer programs beat ~8 per SM there).
+    """Heuristic, from the winners of bench/bench_fp8_gemv.py's sweeps on an H100 (7B shapes; docs/BENCHMARKS.md
+    2026-12-05 and the seventh session's M = 1 sweep).
+    M == 1 (FMA path), where N gives >= 2 programs of 8 rows per SM: 8-row tiles, 4 warps, each thread summing its
+    own 16-byte load first (vec: 8 bf16 or 16 e4m3 products; a quarter of the fp32 accumulators, so more programs
+    fit an SM and more loads are in flight), no split-K; BLOCK_K 1024 (FP8: 512 when N gives >= 16 programs per SM,
+    e.g. gate/up). The sweep: FP8 qkv 8.4 -> 8.2, o_proj 7.5 -> 7.2, gate_up 50.1 -> 46.3, down_proj 29.8 -> 26.8 us;
+    bf16 down_proj 49.2 -> 47.1 us. Smaller N (tensor-parallel shards): [16, 512 / weight_bytes] tiles, 8 warps,
+    K split until a program reads ~64 KiB of weights.
     M > 1: a [64, 128] weight tile with tl.dot and 3 pipeline stages, split-K by auto_split (the [32, 128]
-    single-stage tile before was 15-45 % slower). weight_bytes 2 (bf16/fp16 weights), M == 1: the bf16 sweep's
-    winner, [8, 512] with 4 warps and no split, where N gives >= 2 programs per SM; else (small N, e.g. tensor-
-    parallel shards) FP8's rule at the same bytes per load and per program ([16, 256], split by bytes). set_tuned
-    entries win (keyed by tuned_key)."""
+    single-stage tile before was 15-45 % slower). set_tuned entries win (keyed by tuned_key)."""
     key = tuned_key(M, N, K, weight_bytes)
     if key in _TUNED:
         return _TUNED[key]
-    if M == 1 and weight_bytes == 2 and -(-N // 8) >= 2 * num_sms:
-        # the bf16 sweep's rule (H100, 7B linears and lm_head, 2026-12-05): [8, 512] tiles, 4 warps, no split
-        # were the best or within 0.2 us of it on every shape (split-K only cost time there)
-        return GemvConfig(8, min(512, max(16, triton_next_pow2(K))), 1, 4, 1, False)
+    vec = 16 // weight_bytes
+    if M == 1 and -(-N // 8) >= 2 * num_sms:
+        bk = 512 if weight_bytes == 1 and -(-N // 8) >= 16 * num_sms else 1024
+        bk = min(bk, max(16, triton_next_pow2(K)))
+        return GemvConfig(8, bk, 1, 4, 1, False, min(vec, bk))
     bn, bk, warps, stages, dot = (16, 512 // weight_bytes, 8, 1, False) if M == 1 else (64, 128, 4, 3, True)
     bk = min(bk, max(16, triton_next_pow2(K)))
     if M == 1:
         per_program = -(-bn * K * weight_bytes // WEIGHT_BYTES_PER_PROGRAM)
         split = normalize_split(-(-K // bk), min(per_program, max_split(M, K)))[0]
-    else:
-        split = auto_split(M, N, K, bn, bk, dot, num_sms)
-    return GemvConfig(bn, bk, split, warps, stages, dot)
+        return GemvConfig(bn, bk, split, warps, stages, dot, min(vec, bk))
+    return GemvConfig(bn, bk, auto_split(M, N, K, bn, bk, dot, num_sms), warps, stages, dot)
 
 
 def triton_next_pow2(n: int) -> int:
