@@ -313,6 +313,40 @@ def profile_request(llm, rid, prompt, params, name) -> dict:
     return res
 
 
+def decode_gaps(llm, rid, prompt, params) -> dict:
+    """One request alone with CUDA events around each decode graph replay (no profiler: its host overhead would
+    make the loop host-bound): per step the replay's device time and the device time from the end of one replay
+    to the start of the next (sampling, input copies, and any wait for the host), medians in ms."""
+    r = llm.runner
+    if not r.graphs:
+        return {}
+    marks = []
+    real = r._replay_decode
+
+    def replay(*a, **k):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        out = real(*a, **k)
+        e.record()
+        marks.append((s, e))
+        return out
+
+    r._replay_decode = replay
+    try:
+        t0 = time.perf_counter()
+        ttft, dec, toks = drive(llm, rid, prompt, params)
+        sync()
+    finally:
+        r._replay_decode = real
+    step = [s.elapsed_time(e) for s, e in marks]
+    between = [marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
+    med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
+    return {"steps": len(marks), "tok_s": (len(toks) - 1) / dec, "ms_per_token": 1e3 * dec / (len(toks) - 1),
+            "replay_ms_median": med(step), "between_ms_median": med(between),
+            "between_ms_p90": sorted(between)[int(0.9 * len(between))] if between else None}
+
+
 def instrument(llm) -> dict:
     """Split an engine run into host prompt encoding, ViT, prefill/mixed steps and decode-only steps (each step
     ends in a device->host copy of the sampled ids anyway, so the syncs here add little)."""
@@ -544,6 +578,11 @@ def engine(ours, hf, cfg, w1_tokens=256):
     res["w1_profile_32_tokens"] = profile_request(llm, "w1p", frames_prompt(ids, pix),
                                                   SamplingParams(max_tokens=33, **greedy), "w1_profile")
     log({k: res[k] for k in ("w2_profile", "w1_profile_32_tokens")})
+    if DEV == "cuda":
+        ids, pix, grid = image_request(cfg, n_text=64, seed=11, frames=True)
+        res["w1_decode_gaps"] = decode_gaps(llm, "w1g", frames_prompt(ids, pix),
+                                            SamplingParams(max_tokens=w1_tokens, **greedy))
+        log(res["w1_decode_gaps"])
     # W4: 256 requests at once.
     reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
     prompts = [frames_prompt(*r[:2]) for r in reqs]
