@@ -116,6 +116,24 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def host_copy_async(t: torch.Tensor):
+    """Start copying `t` to the host; returns a function that waits for the copy alone and gives the host tensor.
+    A plain `.tolist()` / `.cpu()` is ordered after everything queued on the stream until then: called after the
+    next decode step was launched, it would wait for that whole step too."""
+    if t.device.type != "cuda":
+        return lambda: t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> torch.Tensor:
+        done.synchronize()
+        return out
+
+    return wait
+
+
 def segments(cu_seqlens: torch.Tensor, device) -> Segments:
     cu = cu_seqlens.tolist()
     t = torch.tensor(cu, dtype=torch.int32)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import env_flag
 from ..errors import InputError
+from ..layers import host_copy_async
 from ..preprocess import VisionInput
 from . import spmd
 from .kv_cache import BlockManager
@@ -313,6 +314,7 @@ class LLM:
         rows = [SamplerRow(s.params, s.prompt.token_ids if s.params.repetition_penalty != 1 else [],
                            s.output_token_ids if _penalised(s.params) else [], s.generator) for s in sampling]
         result = sample(logits, rows, self._generator)
+        token_ids = host_copy_async(result.token_ids)  # before a step is launched ahead: not ordered after it
         sched = self.scheduler
         if (self.decode_ahead and self._tp is None and all(c.is_decode and c.samples for c in chunks)
                 and not all(_last_by_length(c.seq) for c in chunks)
@@ -321,7 +323,7 @@ class LLM:
             # the next decode step goes to the GPU now, fed by this step's tokens on the device (its blocks
             # allocated now rather than by the next schedule(); a sequence that stops frees them as usual)
             self._ahead = self.runner.decode_ahead(chunks, result.token_ids)
-        for seq, tok, lp in zip(sampling, result.token_ids.tolist(), result.logprobs):
+        for seq, tok, lp in zip(sampling, token_ids().tolist(), result.logprobs):
             out = self._append_token(seq, tok, lp)
             outputs.append(out)
             if self._tp is not None:
