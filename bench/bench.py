@@ -406,6 +406,52 @@ def sdpa_backends(n: int, vcfg) -> dict:
     return out
 
 
+def prefill_attention_options(n: int, tcfg) -> dict:
+    """Milliseconds of one decoder layer's causal prefill attention over n new tokens (W2: start 0) per way of
+    running it: heads expanded for GQA then SDPA under each backend, SDPA's enable_gqa, and FlashAttention varlen
+    with the grouped k/v as they are; each checked against the first."""
+    import qwenvl.layers as layers
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, KV, D = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim
+    g = torch.Generator(device=DEV).manual_seed(0)
+    q = torch.randn(n, H, D, generator=g, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(n, KV, D, generator=g, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
+    rep = H // KV
+
+    def expanded(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qh, kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1),
+                                                      is_causal=True)[0].transpose(0, 1)
+        return run
+
+    def gqa(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        return run
+
+    cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    options = {"expanded_flash": expanded(SDPBackend.FLASH_ATTENTION),
+               "expanded_cudnn": expanded(SDPBackend.CUDNN_ATTENTION),
+               "gqa_flash": gqa(SDPBackend.FLASH_ATTENTION), "gqa_cudnn": gqa(SDPBackend.CUDNN_ATTENTION),
+               "gqa_efficient": gqa(SDPBackend.EFFICIENT_ATTENTION),
+               "varlen_gqa": lambda: layers._flash_varlen(q, k, v, cu, cu, n, n, **layers._causal_kwargs())}
+    out, ref = {}, None
+    for name, fn in options.items():
+        try:
+            y = fn()
+            y = y[0] if isinstance(y, tuple) else y
+            ref = y.float() if ref is None else ref
+            out[name] = round(cuda_time(fn, warmup=3, iters=20) * 1e3, 4)
+            out[name + "_rel_err"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {str(e)[:100]}"
+    return out
+
+
 @section("vision_profile")
 def vision_profile(ours, hf, cfg):
     """Where the ViT's time goes (top kernels), and what torch.compile of the blocks would give."""
@@ -579,6 +625,8 @@ def engine(ours, hf, cfg, w1_tokens=256):
                                                   SamplingParams(max_tokens=33, **greedy), "w1_profile")
     log({k: res[k] for k in ("w2_profile", "w1_profile_32_tokens")})
     if DEV == "cuda":
+        res["prefill_attention_1281_ms"] = prefill_attention_options(1281, cfg.text)
+        log(res["prefill_attention_1281_ms"])
         ids, pix, grid = image_request(cfg, n_text=64, seed=11, frames=True)
         res["w1_decode_gaps"] = decode_gaps(llm, "w1g", frames_prompt(ids, pix),
                                             SamplingParams(max_tokens=w1_tokens, **greedy))
