@@ -191,3 +191,18 @@ def test_varlen_prefill_agrees_with_the_per_chunk_path_and_is_used(bf16_model):
     assert varlen_prefill_ok(torch.bfloat16, "cuda", 16, 4, 28, 128)
     llm = LLM(bf16_model, num_blocks=256, block_size=16)
     assert llm.runner.varlen_prefill
+
+
+def test_gqa_varlen_prefill_equals_expanded_heads_at_the_7b_shape():
+    """W2's prefill attention: FlashAttention varlen over the 4 grouped k/v heads as they are, against the heads
+    expanded to 28 for SDPA (1,281 causal tokens, head_dim 128); the runner's probe passes here."""
+    from qwenvl.engine.attention import gqa_prefill_ok, prefill_attention
+
+    assert gqa_prefill_ok(torch.bfloat16, "cuda", 4, 28, 128)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1281, 28, 128, generator=g, device="cuda").bfloat16()
+    k, v = (torch.randn(1281, 4, 128, generator=g, device="cuda").bfloat16() for _ in range(2))
+    pool = torch.zeros(1, 16, 4, 128, device="cuda", dtype=torch.bfloat16)
+    want = prefill_attention(q, k, v, pool, pool, None, 0).float()
+    got = prefill_attention(q, k, v, pool, pool, None, 0, gqa_varlen=True).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -44,10 +44,17 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torc
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                      v_pool: torch.Tensor, blocks: torch.Tensor | None, start: int) -> torch.Tensor:
+                      v_pool: torch.Tensor, blocks: torch.Tensor | None, start: int,
+                      gqa_varlen: bool = False) -> torch.Tensor:
     """q [n, H, D]; k, v [n, kv_heads, D] of the chunk (already written to the pools); the chunk's tokens are
-    start .. start+n-1 of the sequence. Returns [n, H, D]."""
+    start .. start+n-1 of the sequence. Returns [n, H, D]. gqa_varlen (where gqa_prefill_ok passed): a chunk with
+    no cached prefix goes to FlashAttention varlen with its grouped k/v as they are (no expanded copies)."""
     n, H, _ = q.shape
+    if gqa_varlen and start == 0:
+        from .. import layers
+
+        cu = _single_segment_cu(n, q.device)
+        return layers._flash_varlen(q, k, v, cu, cu, n, n, **layers._causal_kwargs())
     if start > 0:  # the prefix lives in the cache (it may come from another request: prefix caching)
         L = start + n
         k = gather_blocks(k_pool, blocks, L)
@@ -78,6 +85,41 @@ def varlen_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     if rep > 1:  # not every torch release takes grouped-query heads here
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return layers._flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **layers._causal_kwargs())
+
+
+@functools.lru_cache(maxsize=256)
+def _single_segment_cu(n: int, device) -> torch.Tensor:
+    from ..layers import to_device
+
+    return to_device(torch.tensor([0, n], dtype=torch.int32), device)
+
+
+def gqa_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_dim: int) -> bool:
+    """Whether FlashAttention varlen takes grouped k/v heads here and agrees with the expanded-heads SDPA path on
+    a causal chunk with no prefix (W2's prefill: the expansion copied 2 x 1,281 x 28 x 128 values per layer)."""
+    from .. import layers
+
+    dev = torch.device(device)
+    probe = torch.empty(1, 1, head_dim, device=dev, dtype=dtype)
+    if not layers.flash_varlen_usable(probe) or heads % kv_heads:
+        return False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        n = 77
+        q = torch.randn(n, heads, head_dim, generator=g, device=dev).to(dtype)
+        k, v = (torch.randn(n, kv_heads, head_dim, generator=g, device=dev).to(dtype) for _ in range(2))
+        pool = torch.zeros(1, 16, kv_heads, head_dim, device=dev, dtype=dtype)  # not read: no prefix
+        want = prefill_attention(q, k, v, pool, pool, None, 0)
+        got = prefill_attention(q, k, v, pool, pool, None, 0, gqa_varlen=True)
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        torch.cuda.synchronize(dev)
+        if not err < 1e-2:
+            log.warning("varlen attention with grouped heads disagrees (rel err %.3g); heads are expanded", err)
+            return False
+        return True
+    except Exception as e:
+        log.warning("varlen attention with grouped heads unavailable (%s: %s)", type(e).__name__, e)
+        return False
 
 
 def varlen_prefill_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int,
