@@ -2,16 +2,37 @@
 # The one device call: environment, then bench.py (parity, vision, prefill, decode, W4 transformers baseline,
 # engine W1/W2/W4), then the one-GPU FP8 section. Logs and JSON under $OUT; short tables on stdout.
 #   bash bench/run_all.sh [7b|3b]        (on the device: PYTHONPATH is set here)
+# QUICK=1: the engine only (W1-W4 without the fast-paths check and W5, ~90 s on an H100), then the W1 arms bf16
+# cuBLAS / bf16 GEMV / FP8 GEMV (~40 s), then every single-GPU test (~75 s): what one short call can settle when
+# machines are hard to get (the seventh session lost most of its device time to failed starts).
 set -u
 SHAPE=${1:-7b}
 OUT=${OUT:-bench-out}
-export PYTHONPATH=.
+export PYTHONPATH=${PYTHONPATH:-.}
 mkdir -p "$OUT"
-{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+{ date -u +%FT%TZ; git log -1 --format=%h 2>/dev/null || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } | tee "$OUT/env.txt"
 TOK=()
 [ -f .devcarry/tok/tokenizer.json ] && TOK=(--tokenizer .devcarry/tok)
+if [ "${QUICK:-0}" = 1 ]; then
+  BENCH_SKIP=fast_paths,w5 timeout "${BENCH_TIMEOUT:-200}" python bench/bench.py --shape "$SHAPE" --out "$OUT/$SHAPE" \
+    --sections engine "${TOK[@]}" > "$OUT/bench_$SHAPE.log" 2>&1
+  echo "bench.py rc=$?"
+  python - "$OUT/$SHAPE/results.json" <<'PY'
+import json, sys
+e = json.load(open(sys.argv[1])).get("engine", {})
+keys = ("w1_decode_tok_s", "w2_ttft_new_image_ms", "w2_ttft_new_image_2_ms", "w2_ttft_cached_image_ms", "w3_vision_ms",
+        "w4_output_tok_s", "w1_decode_gaps", "prefill_attention_1281_ms")
+print(json.dumps({k: e.get(k) for k in keys}, indent=1))
+PY
+  timeout "${FP8_TIMEOUT:-120}" python bench/bench_fp8_gemv.py --shape "$SHAPE" --out "$OUT" --sections engine \
+    --variants bf16,bf16_gemv_rope_kv,fp8_gemv_rope_kv --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
+  echo "bench_fp8_gemv.py rc=$?"; grep "^W1\|target" "$OUT/fp8_gemv.log"
+  GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-200} bash bench/gpu_tests.sh | tail -3
+  exit 0
+fi
 timeout "${BENCH_TIMEOUT:-420}" python bench/bench.py --shape "$SHAPE" --out "$OUT/$SHAPE" "${TOK[@]}" > "$OUT/bench_$SHAPE.log" 2>&1
 echo "bench.py rc=$?"; grep -A30 '^| metric' "$OUT/bench_$SHAPE.log" | cut -c1-1500
 grep -E "Error|error" "$OUT/bench_$SHAPE.log" | head -20
