@@ -53,8 +53,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool:
     if gqa_varlen and start == 0:
         from .. import layers
 
-        cu = _single_segment_cu(n, q.device)
-        return layers._flash_varlen(q, k, v, cu, cu, n, n, **layers._causal_kwargs())
+        cu = _single_segment_cu(n, q.device)  # k, v: views of the fused qkv when the rotary kernel is off
+        return layers._flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
+                                    **layers._causal_kwargs())
     if start > 0:  # the prefix lives in the cache (it may come from another request: prefix caching)
         L = start + n
         k = gather_blocks(k_pool, blocks, L)
