@@ -569,22 +569,6 @@ def engine(ours, hf, cfg, w1_tokens=256):
             res["w3_vision_graph_eager_blocks_ms"] = cuda_time(lambda: eg(pv, glist)) * 1e3
             res["w3_eager_vs_compiled_blocks_rel_err"] = ((got - want).norm() / want.norm()).item()
         del eager_visual
-        if vg is not None:  # the same, with cuDNN's attention first for the full-attention blocks
-            import qwenvl.layers as layers
-            from qwenvl.engine.vision_graphs import VisionGraphs
-            saved, layers.CUDNN_SINGLE_SEGMENT = layers.CUDNN_SINGLE_SEGMENT, True
-            try:
-                cg = VisionGraphs(ours.visual)
-                want = vg(pv, glist).float()
-                got = [cg(pv, glist) for _ in range(2)][-1].float()
-                res["w3_vision_cudnn_attention_ms"] = cuda_time(lambda: cg(pv, glist)) * 1e3
-                res["w3_cudnn_vs_default_rel_err"] = ((got - want).norm() / want.norm()).item()
-                res["w3_cudnn_graph_replays"] = cg.replays
-                del cg
-            except Exception as e:
-                res["w3_vision_cudnn_attention_ms"] = f"{type(e).__name__}: {str(e)[:200]}"
-            finally:
-                layers.CUDNN_SINGLE_SEGMENT = saved
     log(res)
     greedy = dict(temperature=0.0, ignore_eos=True)
 

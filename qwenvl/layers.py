@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import env_flag
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in fp32, cast back, then scale in the input dtype: the reference's order of rounding.
@@ -167,11 +165,6 @@ def flash_varlen_usable(q: torch.Tensor) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
-# Inference, one non-causal segment (the ViT's full-attention blocks on one image or frame): QWENVL_CUDNN_ATTENTION=1
-# puts cuDNN's attention first in SDPA's order (bench/bench.py times the backends and W3 with it).
-CUDNN_SINGLE_SEGMENT = env_flag("QWENVL_CUDNN_ATTENTION", False)
-
-
 # Eager inside compiled blocks: traced, the segment list is guarded on its length, one recompile per sample count.
 @torch.compiler.disable
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments,
@@ -192,15 +185,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Seg
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if len(seg.lengths) == 1:
         # 4D [1, H, N, D]: 3D inputs miss the fused (flash) kernels and fall back to the math path.
-        args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-        if CUDNN_SINGLE_SEGMENT and not causal and q.is_cuda and not torch.is_grad_enabled():
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                              SDPBackend.MATH], set_priority=True):
-                out = F.scaled_dot_product_attention(*args, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(*args, is_causal=causal, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             is_causal=causal, enable_gqa=gqa)
         return out[0].transpose(0, 1)
     if flash_varlen_usable(q):
         try:

@@ -45,32 +45,6 @@ def test_flash_varlen_equals_padded_sdpa_and_is_as_close_to_fp32():
     assert rel(flash, torch.cat(parts)) < 1e-2
 
 
-def test_cudnn_single_segment_attention_is_as_close_to_fp32_as_the_default():
-    """QWENVL_CUDNN_ATTENTION (layers.CUDNN_SINGLE_SEGMENT): the ViT's one-segment SDPA with cuDNN first, at the 7B
-    ViT's head_dim 80 and a 1280x720 image's 4784 patches, against float32; also under a CUDA graph."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(4784, 16, 80, generator=g, device="cuda") for _ in range(3))
-    seg = layers.segments(torch.tensor([0, 4784]), "cuda")
-    ref = layers.varlen_attention(q, k, v, seg)
-    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
-    saved = layers.CUDNN_SINGLE_SEGMENT
-    try:
-        with torch.no_grad():
-            layers.CUDNN_SINGLE_SEGMENT = False
-            default = layers.varlen_attention(qb, kb, vb, seg)
-            layers.CUDNN_SINGLE_SEGMENT = True
-            cudnn = layers.varlen_attention(qb, kb, vb, seg)
-            graph = torch.cuda.CUDAGraph()
-            layers.varlen_attention(qb, kb, vb, seg)  # warm-up before capture
-            with torch.cuda.graph(graph):
-                captured = layers.varlen_attention(qb, kb, vb, seg)
-            graph.replay()
-    finally:
-        layers.CUDNN_SINGLE_SEGMENT = saved
-    assert rel(cudnn, ref) < 1.5 * rel(default, ref) + 1e-3
-    assert torch.equal(captured, cudnn)
-
-
 def test_vision_graphs_replay_equals_eager():
     """engine.vision_graphs: a grid list is captured on its second use and replayed with new pixels; with one graph
     kept, alternating grid lists evict and recapture (shared pool); plans dropped by the ViT's own cache stay alive
