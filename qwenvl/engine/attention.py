@@ -95,14 +95,17 @@ def _single_segment_cu(n: int, device) -> torch.Tensor:
     return to_device(torch.tensor([0, n], dtype=torch.int32), device)
 
 
+def _varlen_usable(dtype: torch.dtype, dev: torch.device, kv_heads: int, heads: int, head_dim: int) -> bool:
+    from .. import layers
+
+    return layers.flash_varlen_usable(torch.empty(1, 1, head_dim, device=dev, dtype=dtype)) and not heads % kv_heads
+
+
 def gqa_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_dim: int) -> bool:
     """Whether FlashAttention varlen takes grouped k/v heads here and agrees with the expanded-heads SDPA path on
     a causal chunk with no prefix (W2's prefill: the expansion copied 2 x 1,281 x 28 x 128 values per layer)."""
-    from .. import layers
-
     dev = torch.device(device)
-    probe = torch.empty(1, 1, head_dim, device=dev, dtype=dtype)
-    if not layers.flash_varlen_usable(probe) or heads % kv_heads:
+    if not _varlen_usable(dtype, dev, kv_heads, heads, head_dim):
         return False
     try:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -128,11 +131,8 @@ def varlen_prefill_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int
     """Whether varlen_prefill_attention is usable here and agrees with prefill_attention (chunks with and without
     a cached prefix) on random data: the varlen kernel's causal mask must align each chunk's queries with the
     end of its keys."""
-    from .. import layers
-
     dev = torch.device(device)
-    probe = torch.empty(1, 1, head_dim, device=dev, dtype=dtype)
-    if not layers.flash_varlen_usable(probe) or heads % kv_heads:
+    if not _varlen_usable(dtype, dev, kv_heads, heads, head_dim):
         return False
     try:
         g = torch.Generator(device=dev).manual_seed(0)
