@@ -225,11 +225,11 @@ def interpreter_cases() -> list[dict]:
         (17, 33, 96, True, torch.bfloat16, None),  # two row blocks, K < BLOCK_K
         (4, 40, 512, True, torch.float16, None),  # fp16 activations (DOT)
         (1, 40, 512, True, torch.float16, C(16, 128, 2)),  # fp16 activations (FMA, split)
-        # per-thread partial sums (vec) and x loaded in the weight tile's layout (x_tile): even K, split, ragged K
+        # per-thread partial sums (vec): even K, split, ragged K
         (1, 40, 3584, True, torch.bfloat16, C(16, 512, 1, vec=16)),
-        (1, 24, 18944, False, torch.bfloat16, C(16, 512, 5, num_warps=8, vec=16, x_tile=True)),
-        (1, 50, 300, True, torch.bfloat16, C(16, 128, 1, vec=16, x_tile=True)),
-        (1, 40, 512, False, torch.float16, C(8, 256, 2, vec=8, x_tile=True)),
+        (1, 24, 18944, False, torch.bfloat16, C(16, 512, 5, num_warps=8, vec=16)),
+        (1, 50, 300, True, torch.bfloat16, C(16, 128, 1, vec=16)),
+        (1, 40, 512, False, torch.float16, C(8, 256, 2, vec=8)),
     ]
     out = []
     for M, N, K, bias, dtype, cfg in cases:
@@ -253,7 +253,7 @@ def interpreter_cases() -> list[dict]:
                                       (1, 24, 2048, False, torch.bfloat16, C(8, 256, 3)),
                                       (5, 64, 640, True, torch.bfloat16, C(32, 128, 2, use_dot=True)),
                                       (1, 40, 512, True, torch.float16, None), (3, 40, 272, False, torch.float16, None),
-                                      (1, 48, 2048, True, torch.bfloat16, C(8, 512, 1, vec=8, x_tile=True)),
+                                      (1, 48, 2048, True, torch.bfloat16, C(8, 512, 1, vec=8)),
                                       (1, 50, 300, False, torch.bfloat16, C(8, 256, 2, vec=8))):
         w = (torch.randn(N, K, generator=g) * 0.02).to(dtype)
         x = (torch.randn(M, K, generator=g) * 3).to(dtype)
@@ -344,7 +344,8 @@ def interpreter_fused_cases() -> list[dict]:
         out.append(dict(case=["rope_write_kv", heads, kv_heads, head_dim], dtype_ok=True, within_bound=True,
                         exact_frac=1.0, equal_to_eager=rope_write_kv_ok("cpu", torch.bfloat16, heads, kv_heads,
                                                                         head_dim)))
-    from qwenvl.engine.silu_mul import silu_mul, silu_mul_eager, silu_mul_ok
+    from qwenvl.engine.fused import silu_mul_eager
+    from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
     for dtype in (torch.bfloat16, torch.float16):  # the probe: one row and a ragged block, within one rounding
         out.append(dict(case=["silu_mul probe", str(dtype)], dtype_ok=True, within_bound=True, exact_frac=1.0,
                         equal_to_eager=silu_mul_ok("cpu", dtype)))
@@ -394,7 +395,7 @@ def interpreter_fused_engine() -> dict:
         llm.shutdown()
         if fused:
             used = {"prologue_calls": calls["prologue"], "rope_kv": r.fused_rope_kv,
-                    "triton_silu": r.ops.silu_mul is silu_mul,
+                    "triton_silu": r.triton_silu,
                     "plan_m1": r._gemv_plan(1) is not None, "plan_m2": r._gemv_plan(2) is not None}
     return {"used": used, "outs": {str(k): [[o.token_ids, [{str(t): lp for t, lp in d.items()} for d in o.logprobs]]
                                             for o in v] for k, v in outs.items()}}
@@ -653,10 +654,9 @@ def test_gpu_bf16_gemv_matches_reference_on_real_shapes():
 def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
     """The prefill kernels at W2's shape (1,281 rows, 7B): silu * up and the rotary + KV write with the chunk's k
     and v returned, bit-equal to the eager ops (their probes pass on this GPU too)."""
-    from qwenvl.engine.attention import write_kv
-    from qwenvl.engine.fused import split_rope_qkv
-    from qwenvl.engine.rope_kv import rope_write_kv
-    from qwenvl.engine.silu_mul import silu_mul, silu_mul_eager, silu_mul_ok
+    from qwenvl.engine.rope_kv import rope_write_kv, rope_write_kv_eager
+    from qwenvl.engine.fused import silu_mul_eager
+    from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
 
     assert silu_mul_ok("cuda", torch.bfloat16) and silu_mul_ok("cuda", torch.float16)
     g = torch.Generator(device="cuda").manual_seed(6)
@@ -669,8 +669,7 @@ def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
     slots = torch.randperm(128 * 16, generator=g, device="cuda")[:n]
     pools = [torch.zeros(128, 16, KV, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
     got = rope_write_kv(qkv, cos, sin, slots, pools[0], pools[1], H, KV, D, kv_out=True)
-    want = split_rope_qkv(qkv, cos[:, None], sin[:, None], H, KV, D)
-    write_kv(pools[2], pools[3], slots, want[1], want[2])
+    want = rope_write_kv_eager(qkv, cos, sin, slots, pools[2], pools[3], H, KV, D, kv_out=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
 

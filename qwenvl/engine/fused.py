@@ -50,11 +50,19 @@ def split_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head
     return q.contiguous(), k, qkv[:, (H + KV) * D:].view(N, KV, D)
 
 
+def silu_mul_eager(gu: torch.Tensor) -> torch.Tensor:
+    """gu [..., 2I] -> silu(gu[..., :I]) * gu[..., I:] (SwiGLU on the fused gate/up output), as the module does."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 class DecoderOps:
     """add_rms_norm, rope_qkv, silu_mul, merge_splits for one decoder shape (heads, kv heads, head dim, eps)."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, eps: float, compiled: bool = False,
-                 backend: str = "inductor", dynamic: str | None = None):
+                 backend: str = "inductor", dynamic: str | None = None, kernels: dict | None = None):
+        """kernels: functions that stand in for some of the ops as they are, not compiled (the runner's Triton
+        silu * up, which has its own probe); a failed `check` puts the eager ops back for these too."""
         H, KV, D = heads, kv_heads, head_dim
 
         def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
@@ -67,19 +75,16 @@ class DecoderOps:
         def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
             return split_rope_qkv(qkv, cos, sin, H, KV, D)
 
-        def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-            g, u = gu.chunk(2, dim=-1)
-            return F.silu(g) * u
-
-        self.eager = {"add_rms_norm": add_rms_norm, "rope_qkv": rope_qkv, "silu_mul": silu_mul,
+        self.eager = {"add_rms_norm": add_rms_norm, "rope_qkv": rope_qkv, "silu_mul": silu_mul_eager,
                       "merge_splits": merge_splits}
         self.shape = (H, KV, D)
         self.compiled = compiled
         self.dynamic = dynamic if dynamic is not None else os.environ.get("QWENVL_COMPILE_OPS_DYNAMIC", "rows")
         if self.dynamic not in ("rows", "all"):
             raise ValueError(f"QWENVL_COMPILE_OPS_DYNAMIC={self.dynamic!r}: 'rows' or 'all'")
+        kernels = kernels or {}
         for name, fn in self.eager.items():
-            setattr(self, name, self._compile(fn, backend) if compiled else fn)
+            setattr(self, name, kernels[name] if name in kernels else self._compile(fn, backend) if compiled else fn)
 
     def _compile(self, fn, backend: str):
         """dynamic 'rows': only the row count (dim 0 of each input of 2+ dims) is symbolic, the feature sizes are

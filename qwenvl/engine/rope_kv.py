@@ -96,13 +96,14 @@ def rope_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
     return (q, k, v) if kv_out else q
 
 
-def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_heads: int, head_dim: int):
+def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_heads: int, head_dim: int,
+                        kv_out: bool = False):
     """The runner's unfused ops themselves (fused.split_rope_qkv, DecoderOps.rope_qkv's arithmetic, then
-    attention.write_kv): what the kernel must equal."""
+    attention.write_kv): what the kernel must equal; q, or (q, k, v) with kv_out."""
     N = qkv.shape[0]
     q, k, v = split_rope_qkv(qkv, cos.reshape(N, 1, head_dim), sin.reshape(N, 1, head_dim), heads, kv_heads, head_dim)
     write_kv(k_pool, v_pool, slots, k, v)
-    return q
+    return (q, k, v) if kv_out else q
 
 
 _OK: dict[tuple, bool] = {}
@@ -140,9 +141,8 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
         cos2, sin2 = ang2.cos().to(dtype), ang2.sin().to(dtype)
         slots2 = torch.randperm(blocks * block_size, generator=g, device=dev)[:n2]
         got = rope_write_kv(qkv2, cos2, sin2, slots2, pools[0], pools[1], heads, kv_heads, head_dim, kv_out=True)
-        q2, k2, v2 = split_rope_qkv(qkv2, cos2.reshape(n2, 1, head_dim), sin2.reshape(n2, 1, head_dim), heads,
-                                    kv_heads, head_dim)
-        write_kv(pools[2], pools[3], slots2, k2, v2)
+        q2, k2, v2 = rope_write_kv_eager(qkv2, cos2, sin2, slots2, pools[2], pools[3], heads, kv_heads, head_dim,
+                                         kv_out=True)
         for name, a, b in (("q2", got[0], q2), ("k2", got[1], k2), ("v2", got[2], v2), ("k2 pool", pools[0], pools[2]),
                            ("v2 pool", pools[1], pools[3])):
             diffs[name] = int((a != b).sum()) if a.shape == b.shape else -1

@@ -96,15 +96,13 @@ class ModelRunner:
         self.layers = self._fuse_weights(share=self.is_cuda)
         self.lm_head = wrap_linear(model.lm_head)  # model.lm_head itself unless the bf16 GEMV path is on
         # the elementwise work between the matmuls; compiled (fused) only on request (fused.py)
-        self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
-                              compiled=self.is_cuda and compile_ops_requested())
-        self.ops.check(self.device, self.dtype, t.hidden_size)
         # silu * up as a Triton kernel, bit-equal to the eager ops (silu_mul.py): the compiled op ran at a third
         # of copy speed in prefill; QWENVL_TRITON_SILU=0 keeps the compiled one
-        self.triton_silu = (self.is_cuda and env_flag("QWENVL_TRITON_SILU", True)
-                            and silu_mul_ok(self.device, self.dtype))
-        if self.triton_silu:
-            self.ops.silu_mul = silu_mul
+        triton_silu = self.is_cuda and env_flag("QWENVL_TRITON_SILU", True) and silu_mul_ok(self.device, self.dtype)
+        self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
+                              compiled=self.is_cuda and compile_ops_requested(),
+                              kernels={"silu_mul": silu_mul} if triton_silu else None)
+        self.ops.check(self.device, self.dtype, t.hidden_size)
         # decode rows that run every linear through the GEMV kernel take the fused layer (_layer_gemv): RMSNorm,
         # silu * up and the residual adds inside the GEMVs. Off unless QWENVL_FUSED_GEMV=1: on an H200 it did not
         # pay (docs/BENCHMARKS.md 2026-12-05, sixth session)
@@ -159,6 +157,11 @@ class ModelRunner:
             gu = fuse_linears([mlp.gate_proj, mlp.up_proj], share=share)
             fused.append(FusedLayer(layer, *(wrap_linear(m) for m in (qkv, gu, a.o_proj, mlp.down_proj))))
         return fused
+
+    @property
+    def triton_silu(self) -> bool:
+        """Whether silu * up runs the Triton kernel (its probe passed and the ops' check kept it)."""
+        return self.ops.silu_mul is silu_mul
 
     @property
     def bf16_gemv(self) -> bool:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from ..quant.fp8_gemv import HAVE_TRITON, interpreting, tl, triton
+from .fused import silu_mul_eager
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(-(-N // rows), -(-I // block))](gu, y, N, I, gu.stride(0), y.stride(0), BLOCK=block,
                                                            ROWS=rows, LIBDEVICE=gu.is_cuda, **launch)
     return y
-
-
-def silu_mul_eager(gu: torch.Tensor) -> torch.Tensor:
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 _OK: dict[tuple, bool] = {}
