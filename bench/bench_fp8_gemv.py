@@ -61,27 +61,27 @@ def linear_shapes(cfg) -> list[tuple[str, int, int]]:
 
 
 def sweep_configs(M: int, N: int, K: int, num_sms: int, weight_bytes: int = 1) -> list[G.GemvConfig]:
-    """A small grid around the heuristic: M == 1, FMA tiles (plain, with per-thread partial sums of one 16-byte
-    load (vec), and with x loaded in the tile's layout too (x_tile)); M > 1, tl.dot tiles; each with its auto
-    split, without split and (FMA) with the split pick_config's M == 1 rule gives by bytes per program."""
+    """A small grid around the heuristic: M == 1, FMA tiles (plain, and with per-thread partial sums of one 16-byte
+    load: vec); M > 1, tl.dot tiles; each with its auto split, without split and (FMA) with the split pick_config's
+    M == 1 rule gives by bytes per program."""
     base = []
     vec = 16 // weight_bytes
-    if M == 1:  # the earlier sweeps' winners plain, then tiles of 8-16 KB with vec, with and without x_tile
-        base += [(bn, bk, w, 1, False, 1, False) for bn, bk, w in ((8, 512, 4), (16, 256, 4), (16, 512, 8))]
-        for bn, bk, w in ((8, 512, 4), (16, 512, 4), (16, 512, 8), (8, 1024, 4), (16, 1024, 8), (32, 512, 8)):
-            base += [(bn, bk, w, 1, False, vec, False), (bn, bk, w, 1, False, vec, True)]
+    if M == 1:  # the earlier sweeps' winners plain, then tiles of 8-16 KB with vec
+        base += [(bn, bk, w, 1, False, 1) for bn, bk, w in ((8, 512, 4), (16, 256, 4), (16, 512, 8))]
+        base += [(bn, bk, w, 1, False, vec) for bn, bk, w in
+                 ((8, 512, 4), (16, 512, 4), (16, 512, 8), (8, 1024, 4), (16, 1024, 8), (32, 512, 8))]
     else:  # tl.dot tiles: they never won at M == 1 (2026-12-05 sweeps)
-        base += [(bn, bk, w, st, True, 1, False) for bn, bk, w, st in
+        base += [(bn, bk, w, st, True, 1) for bn, bk, w, st in
                  ((16, 256, 4, 2), (32, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
     out = []
-    for bn, bk, w, st, dot, v, xt in base:
+    for bn, bk, w, st, dot, v in base:
         bk = min(bk, max(16, G.triton_next_pow2(K)))
         splits = {1, G.auto_split(M, N, K, bn, bk, dot, num_sms)}
         if M == 1 and not dot:
             per_program = -(-bn * K * weight_bytes // G.WEIGHT_BYTES_PER_PROGRAM)
             splits.add(G.normalize_split(-(-K // bk), min(per_program, G.max_split(M, K)))[0])
         for split in sorted(splits):
-            c = G.GemvConfig(bn, bk, split, w, st, dot, min(v, bk), xt)
+            c = G.GemvConfig(bn, bk, split, w, st, dot, min(v, bk))
             if c not in out:
                 out.append(c)
     return out

@@ -117,7 +117,6 @@ class GemvConfig:
     num_stages: int = 1
     use_dot: bool = False
     vec: int = 1  # FMA path: each thread first sums `vec` contiguous products (vec x fewer fp32 accumulators)
-    x_tile: bool = False  # FMA path, no prologue: x loaded in the weight tile's layout (no per-iteration barrier)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,7 +215,7 @@ if HAVE_TRITON:
                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
                          HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False,
-                         VEC: tl.constexpr = 1, X_TILE: tl.constexpr = False):
+                         VEC: tl.constexpr = 1):
         # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
         # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
         # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
@@ -295,16 +294,7 @@ if HAVE_TRITON:
                     # its column (the layout replicates x across the tile's rows), so its cost is multiplied
                     act = tl.fdiv(xf, 1.0 + tl.exp2(xf * -1.4426950408889634)).to(x.dtype).to(tl.float32)
                     xf = (act * u.to(tl.float32)).to(x.dtype).to(tl.float32)
-                if X_TILE:  # x loaded in the weight tile's own layout (every row's copy from L1): no shared-memory
-                    # broadcast and no barrier per iteration (PROLOGUE 0 only)
-                    xt_ptrs = x_ptrs[None, :] + (rows * 0)[:, None]
-                    if EVEN_K:
-                        xt = tl.load(xt_ptrs, eviction_policy="evict_last")
-                    else:
-                        xt = tl.load(xt_ptrs, mask=((k + offs_k) < K)[None, :], other=0.0, eviction_policy="evict_last")
-                    prod = w.to(tl.float32) * xt.to(tl.float32)
-                else:
-                    prod = w.to(tl.float32) * xf[None, :]
+                prod = w.to(tl.float32) * xf[None, :]
                 if VEC > 1:  # each thread sums its own VEC contiguous products first: VEC times fewer accumulators
                     prod = tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // VEC, VEC]), axis=2)
                 acc2 += prod
@@ -528,8 +518,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         if bk % cfg.vec:
             raise ValueError(f"gemv: vec {cfg.vec} does not divide block_k {bk}")
         kw["VEC"] = cfg.vec
-    if not cfg.use_dot and cfg.x_tile and prologue == 0:
-        kw["X_TILE"] = True
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                            r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
