@@ -334,7 +334,6 @@ def decode_gaps(llm, rid, prompt, params) -> dict:
 
     r._replay_decode = replay
     try:
-        t0 = time.perf_counter()
         ttft, dec, toks = drive(llm, rid, prompt, params)
         sync()
     finally:
@@ -384,26 +383,40 @@ def instrument(llm) -> dict:
     return prof
 
 
+def time_options(options: dict) -> dict:
+    """Milliseconds of each fn() in options, and its output's relative error against the first one that ran;
+    an option that fails is noted with its error."""
+    out, ref = {}, None
+    for name, fn in options.items():
+        try:
+            y = fn()
+            y = (y[0] if isinstance(y, tuple) else y).float()
+            ref = y if ref is None else ref
+            out[name] = round(cuda_time(fn, warmup=3, iters=20) * 1e3, 4)
+            out[name + "_rel_err"] = round(((y - ref).norm() / ref.norm()).item(), 5)
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {str(e)[:120]}"
+    return out
+
+
 def sdpa_backends(n: int, vcfg) -> dict:
     """Milliseconds of one ViT full-attention SDPA over n patches ([1, heads, n, head_dim], as
-    layers.varlen_attention calls it for one segment) under each SDPA backend; errors noted."""
+    layers.varlen_attention calls it for one segment) under each SDPA backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator(device=DEV).manual_seed(0)
     q, k, v = (torch.randn(n, vcfg.num_heads, vcfg.head_dim, generator=g, device=DEV, dtype=torch.bfloat16)
                for _ in range(3))
     args = [x.transpose(0, 1)[None] for x in (q, k, v)]
-    out, ref = {}, None
-    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-        try:
-            with sdpa_kernel([getattr(SDPBackend, name)]):
-                y = F.scaled_dot_product_attention(*args).float()
-                ref = y if ref is None else ref
-                out[name] = round(cuda_time(lambda: F.scaled_dot_product_attention(*args), warmup=3, iters=20) * 1e3, 4)
-                out[name + "_rel_err"] = ((y - ref).norm() / ref.norm()).item()
-        except Exception as e:
-            out[name] = f"{type(e).__name__}: {str(e)[:120]}"
-    return out
+
+    def run(backend):
+        def fn():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(*args)
+        return fn
+
+    return time_options({name: run(getattr(SDPBackend, name))
+                         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")})
 
 
 def prefill_attention_options(n: int, tcfg) -> dict:
@@ -439,17 +452,7 @@ def prefill_attention_options(n: int, tcfg) -> dict:
                "gqa_flash": gqa(SDPBackend.FLASH_ATTENTION), "gqa_cudnn": gqa(SDPBackend.CUDNN_ATTENTION),
                "gqa_efficient": gqa(SDPBackend.EFFICIENT_ATTENTION),
                "varlen_gqa": lambda: layers._flash_varlen(q, k, v, cu, cu, n, n, **layers._causal_kwargs())}
-    out, ref = {}, None
-    for name, fn in options.items():
-        try:
-            y = fn()
-            y = y[0] if isinstance(y, tuple) else y
-            ref = y.float() if ref is None else ref
-            out[name] = round(cuda_time(fn, warmup=3, iters=20) * 1e3, 4)
-            out[name + "_rel_err"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
-        except Exception as e:
-            out[name] = f"{type(e).__name__}: {str(e)[:100]}"
-    return out
+    return time_options(options)
 
 
 @section("vision_profile")
