@@ -455,6 +455,49 @@ def prefill_attention_options(n: int, tcfg) -> dict:
     return time_options(options)
 
 
+def decode_attention_options(batch: int, ctx: int, tcfg, block_size: int = 16) -> dict:
+    """Microseconds per layer of the paged decode attention (batch sequences of ctx tokens each), each option
+    28 calls in one CUDA graph as a decode step runs them (a lone launch would time Triton's host launch cost):
+    the kernel + the compiled merge of its splits, the in-kernel merge, and the in-kernel merge at other split
+    counts; each output checked against the first option."""
+    from qwenvl.engine import attention as A
+    from qwenvl.engine.fused import DecoderOps
+
+    H, KV, D = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.head_dim
+    g = torch.Generator(device=DEV).manual_seed(0)
+    nblk = -(-ctx // block_size)
+    kp, vp = (torch.randn(batch * nblk + 1, block_size, KV, D, generator=g, device=DEV, dtype=torch.bfloat16)
+              for _ in range(2))
+    q = torch.randn(batch, H, D, generator=g, device=DEV, dtype=torch.bfloat16)
+    bt = torch.randperm(batch * nblk, generator=g, device=DEV).view(batch, nblk).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    ops = DecoderOps(H, KV, D, 1e-6, compiled=True)
+    default = A.num_splits_for(batch, KV, DEV)
+
+    def graphed(**kw):
+        fn = lambda: A.decode_attention_triton(q, kp, vp, bt, lens, merge=ops.merge_splits, **kw)  # noqa: E731
+        for _ in range(3):
+            fn()
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [fn() for _ in range(28)]
+
+        def run():
+            graph.replay()
+            return outs[-1]
+        return run
+
+    options = {f"merge_apart_s{default}": graphed(num_splits=default),
+               f"merge_in_kernel_s{default}": graphed(num_splits=default, fused_merge=True)}
+    for s in sorted({8, 16, 24, 32, 48} - {default}):
+        options[f"merge_in_kernel_s{s}"] = graphed(num_splits=s, fused_merge=True)
+    options["merge_in_kernel_s32_n32"] = graphed(num_splits=32, fused_merge=True, block_n=32)
+    ms = time_options(options)
+    return {k: (round(v * 1e3 / 28, 2) if isinstance(v, float) and not k.endswith("_rel_err") else v)
+            for k, v in ms.items()}
+
+
 @section("vision_profile")
 def vision_profile(ours, hf, cfg):
     """Where the ViT's time goes (top kernels), and what torch.compile of the blocks would give."""
@@ -614,6 +657,12 @@ def engine(ours, hf, cfg, w1_tokens=256):
     if DEV == "cuda":
         res["prefill_attention_1281_ms"] = prefill_attention_options(1281, cfg.text)
         log(res["prefill_attention_1281_ms"])
+        for b, n in ((1, 1400), (64, 600)):
+            try:
+                res[f"decode_attention_b{b}_ctx{n}_us"] = decode_attention_options(b, n, cfg.text)
+            except Exception as e:  # an option that cannot be captured must not cost the rest of the section
+                res[f"decode_attention_b{b}_ctx{n}_us"] = f"{type(e).__name__}: {str(e)[:200]}"
+            log(res[f"decode_attention_b{b}_ctx{n}_us"])
         ids, pix, grid = image_request(cfg, n_text=64, seed=11, frames=True)
         res["w1_decode_gaps"] = decode_gaps(llm, "w1g", frames_prompt(ids, pix),
                                             SamplingParams(max_tokens=w1_tokens, **greedy))

@@ -289,6 +289,7 @@ def engine(a, R: dict, save) -> None:
     unfused = {"QWENVL_FUSED_GEMV": "0", "QWENVL_FUSED_ROPE_KV": "0", "QWENVL_DECODE_AHEAD": "0"}
     ahead = {"QWENVL_FUSED_GEMV": "0", "QWENVL_FUSED_ROPE_KV": "0"}
     rope_kv = {"QWENVL_FUSED_GEMV": "0"}
+    merge_apart = {**rope_kv, "QWENVL_DECODE_FUSED_MERGE": "0"}  # the decode attention's splits merged after it
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
@@ -298,6 +299,7 @@ def engine(a, R: dict, save) -> None:
     if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
         variants += [("bf16_gemv_unfused", None, False, None, True, unfused),
                      ("bf16_gemv_ahead", None, False, None, True, ahead),
+                     ("bf16_gemv_merge_apart", None, False, None, True, merge_apart),
                      ("bf16_gemv_rope_kv", None, False, None, True, rope_kv),
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
                      ("bf16_gemv", None, False, None, True, fused),
@@ -307,6 +309,7 @@ def engine(a, R: dict, save) -> None:
             variants.append(("bf16_gemv_tuned", None, False, tuned, True, rope_kv))
     variants += [("fp8_scaled_mm", "fp8", False, None, False, unfused),
                  ("fp8_gemv_unfused", "fp8", True, None, False, unfused),
+                 ("fp8_gemv_merge_apart", "fp8", True, None, False, merge_apart),
                  ("fp8_gemv_rope_kv", "fp8", True, None, False, rope_kv),
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
                  ("fp8_gemv", "fp8", True, None, False, fused),

@@ -55,9 +55,11 @@ def test_triton_paged_decode_matches_gather(heads, kv_heads, head_dim, block_siz
     ctx = torch.tensor([1, 2, block_size, block_size + 1, 100, 333, 1000, max_blocks * block_size - 1,
                         max_blocks * block_size], dtype=torch.int32, device=dev).clamp(max=max_blocks * block_size)
     ref = A.decode_attention_gather(q.float(), kp.float(), vp.float(), bt.long(), ctx)
-    for splits in (0, 1, 4, 16):
-        out = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits)
-        assert (out.float() - ref).abs().max().item() < 2e-2
+    for splits in (0, 1, 4, 16, 32):
+        for fused_merge in (False, True, True):  # twice: the in-kernel merge leaves its counters at zero
+            out = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, fused_merge=fused_merge)
+            assert (out.float() - ref).abs().max().item() < 2e-2, (splits, fused_merge)
+    assert A._COUNTERS[dev].abs().sum().item() == 0
 
 
 @pytest.fixture(scope="module")

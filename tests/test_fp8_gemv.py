@@ -344,6 +344,21 @@ def interpreter_fused_cases() -> list[dict]:
         out.append(dict(case=["rope_write_kv", heads, kv_heads, head_dim], dtype_ok=True, within_bound=True,
                         exact_frac=1.0, equal_to_eager=rope_write_kv_ok("cpu", torch.bfloat16, heads, kv_heads,
                                                                         head_dim)))
+    from qwenvl.engine import attention as A
+    for heads, kv_heads, head_dim, bs in ((4, 2, 16, 4), (14, 2, 32, 8)):  # GQA groups of 2 and 7 (7B's)
+        kp, vp = (torch.randn(41, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+        q = torch.randn(3, heads, head_dim, generator=g).to(torch.bfloat16)
+        bt = torch.randperm(40, generator=g)[:30].view(3, 10).int()
+        ctx = torch.tensor([1, bs + 1, 10 * bs], dtype=torch.int32)
+        ref = A.decode_attention_gather(q.float(), kp.float(), vp.float(), bt.long(), ctx)
+        for splits in (1, 3, 16):  # 16: splits with no tile of their own
+            apart = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, block_n=16)
+            fused = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, block_n=16, fused_merge=True)
+            err = (fused.float() - ref).abs().max().item()
+            out.append(dict(case=["paged decode, in-kernel merge", heads, kv_heads, head_dim, splits],
+                            dtype_ok=fused.dtype == q.dtype and fused.shape == q.shape, within_bound=err < 2e-2,
+                            exact_frac=1.0, equal_to_eager=bool((fused.float() - apart.float()).abs().max() <= 1e-2
+                                                                and A._COUNTERS[torch.device("cpu")].eq(0).all())))
     from qwenvl.engine.fused import silu_mul_eager
     from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
     for dtype in (torch.bfloat16, torch.float16):  # the probe: one row and a ragged block, within one rounding
@@ -415,6 +430,7 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     bad = [r for r in results if not (r["within_bound"] and r["dtype_ok"] and r.get("equal_to_eager", True))]
     assert not bad, bad
     assert sum("equal_to_eager" in r for r in results) >= 12
+    assert sum(r["case"][0] == "paged decode, in-kernel merge" for r in results) == 6
     # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
     assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
 
@@ -655,6 +671,21 @@ def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
     """The prefill kernels at W2's shape (1,281 rows, 7B): silu * up and the rotary + KV write with the chunk's k
     and v returned, bit-equal to the eager ops (their probes pass on this GPU too)."""
     from qwenvl.engine.rope_kv import rope_write_kv, rope_write_kv_eager
+    from qwenvl.engine import attention as A
+    for heads, kv_heads, head_dim, bs in ((4, 2, 16, 4), (14, 2, 32, 8)):  # GQA groups of 2 and 7 (7B's)
+        kp, vp = (torch.randn(41, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
+        q = torch.randn(3, heads, head_dim, generator=g).to(torch.bfloat16)
+        bt = torch.randperm(40, generator=g)[:30].view(3, 10).int()
+        ctx = torch.tensor([1, bs + 1, 10 * bs], dtype=torch.int32)
+        ref = A.decode_attention_gather(q.float(), kp.float(), vp.float(), bt.long(), ctx)
+        for splits in (1, 3, 16):  # 16: splits with no tile of their own
+            apart = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, block_n=16)
+            fused = A.decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, block_n=16, fused_merge=True)
+            err = (fused.float() - ref).abs().max().item()
+            out.append(dict(case=["paged decode, in-kernel merge", heads, kv_heads, head_dim, splits],
+                            dtype_ok=fused.dtype == q.dtype and fused.shape == q.shape, within_bound=err < 2e-2,
+                            exact_frac=1.0, equal_to_eager=bool((fused.float() - apart.float()).abs().max() <= 1e-2
+                                                                and A._COUNTERS[torch.device("cpu")].eq(0).all())))
     from qwenvl.engine.fused import silu_mul_eager
     from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from ..config import env_flag
 from ..quant.fp8_gemv import pdl_enabled
 
 log = logging.getLogger(__name__)
@@ -206,13 +207,18 @@ try:
 
     # Runtime ints that vary from step to step are not specialised on: one compiled kernel serves them all.
     @triton.jit(do_not_specialize=["stride_bt_b", "stride_acc_b", "stride_acc_h", "stride_m_b", "stride_m_h",
-                                    "num_splits"])
-    def _paged_decode_kernel(Q, KPool, VPool, BlockTables, ContextLens, Acc, M, L,
+                                    "num_splits", "stride_o_b", "stride_o_h"])
+    def _paged_decode_kernel(Q, KPool, VPool, BlockTables, ContextLens, Acc, M, L, Out, Counters,
                              stride_q_b, stride_q_h, stride_k_blk, stride_k_tok, stride_k_head, stride_bt_b,
-                             stride_acc_b, stride_acc_h, stride_acc_s, stride_m_b, stride_m_h, sm_scale, num_splits,
+                             stride_acc_b, stride_acc_h, stride_acc_s, stride_m_b, stride_m_h, stride_o_b, stride_o_h,
+                             sm_scale, num_splits,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+                             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr = False,
+                             MAX_SPLITS: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
         # One program: one sequence, one kv head (its GROUP query heads), one slice of the context.
+        # MERGE: the program that finishes last for its (sequence, kv head) also merges the splits' partials and
+        # writes Out (one kernel a layer instead of this one + the merge's two; Counters: one int32 per
+        # (sequence, kv head), zero between calls: the merging program puts it back to 0).
         if USE_PDL:  # fp8_gemv's programmatic dependent launch switch: wait for q and the K/V just written
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -253,6 +259,31 @@ try:
         tl.store(L + ml, l_i, mask=g_ok)
         tl.store(Acc + b * stride_acc_b + heads[:, None] * stride_acc_h + split * stride_acc_s + d[None, :], acc,
                  mask=g_ok[:, None])
+        if MERGE:
+            # every thread's partial stores are issued before the one atomic (release at GPU scope, cumulative
+            # over what the barrier made this thread observe); the last program reads the others' through L2 (.cg)
+            tl.debug_barrier()
+            counter = Counters + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                s = tl.arange(0, MAX_SPLITS)
+                ms_off = b * stride_m_b + heads[:, None] * stride_m_h + s[None, :]
+                ms_ok = g_ok[:, None] & (s[None, :] < num_splits)
+                m_all = tl.load(M + ms_off, mask=ms_ok, other=float("-inf"), cache_modifier=".cg")
+                l_all = tl.load(L + ms_off, mask=ms_ok, other=0.0, cache_modifier=".cg")
+                m_max = tl.max(m_all, 1)  # split 0 is never empty (ctx >= 1), so finite for real heads
+                m_max = tl.where(g_ok, m_max, 0.0)
+                denom = tl.sum(l_all * tl.exp(m_all - m_max[:, None]), 1)
+                out = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+                for j in range(num_splits):
+                    m_j = tl.load(M + b * stride_m_b + heads * stride_m_h + j, mask=g_ok, other=float("-inf"),
+                                  cache_modifier=".cg")
+                    a_j = tl.load(Acc + b * stride_acc_b + heads[:, None] * stride_acc_h + j * stride_acc_s
+                                  + d[None, :], mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                    out += a_j * tl.exp(m_j - m_max)[:, None]
+                denom = tl.where(g_ok, denom, 1.0)
+                tl.store(Out + b * stride_o_b + heads[:, None] * stride_o_h + d[None, :],
+                         (out / denom[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
 
     HAVE_TRITON = True
 except Exception:  # no triton (CPU builds of torch)
@@ -278,11 +309,32 @@ def merge_splits(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: t
     return ((acc * w[..., None]).sum(2) / (lse * w).sum(-1)[..., None]).to(dtype)
 
 
+_COUNTERS: dict = {}
+
+
+def _merge_counters(device, n: int) -> torch.Tensor | None:
+    """n zeroed int32 counters for the kernel's in-kernel merge, one buffer per device kept for the process (the
+    merging program zeroes its counter again, so graph replays and later calls share it). Allocated outside any
+    CUDA graph capture; None when a capture would need a bigger one (that call merges apart)."""
+    dev = torch.device(device)
+    buf = _COUNTERS.get(dev)
+    if buf is None or buf.numel() < n:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[dev] = torch.zeros(max(n, 8192), dtype=torch.int32, device=dev)
+    return buf
+
+
+def fused_merge_requested() -> bool:
+    return env_flag("QWENVL_DECODE_FUSED_MERGE", True)
+
+
 def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             block_tables: torch.Tensor, context_lens: torch.Tensor, num_splits: int = 0,
-                            block_n: int = 64, merge=merge_splits) -> torch.Tensor:
+                            block_n: int = 64, merge=merge_splits, fused_merge: bool = False) -> torch.Tensor:
     """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B].
-    merge: merge_splits, or a compiled copy of it (engine/fused.py)."""
+    merge: merge_splits, or a compiled copy of it (engine/fused.py). fused_merge: the kernel merges the splits
+    itself (the last program of each (sequence, kv head) to finish; `merge` unused)."""
     B, H, D = q.shape
     _, bs, kvh, _ = k_pool.shape
     group = H // kvh
@@ -291,23 +343,32 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     acc = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
     m = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    counters = _merge_counters(q.device, B * kvh) if fused_merge else None
+    out = torch.empty_like(q) if counters is not None else acc
     _paged_decode_kernel[(B, kvh, splits)](
-        q, k_pool, v_pool, block_tables, context_lens, acc, m, lse,
+        q, k_pool, v_pool, block_tables, context_lens, acc, m, lse, out, counters if counters is not None else m,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), 1.0 / math.sqrt(D), splits,
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+        1.0 / math.sqrt(D), splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_SIZE=bs,
-        BLOCK_N=block_n, num_warps=4, **({"USE_PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}))
+        BLOCK_N=block_n, MERGE=counters is not None, MAX_SPLITS=triton.next_power_of_2(splits), num_warps=4,
+        **({"USE_PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}))
+    if counters is not None:
+        return out
     if splits == 1:
         return (acc[:, :, 0] / lse).to(q.dtype)
     return merge(acc, m, lse, q.dtype)
 
 
-def triton_decode_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
-    """Whether the Triton kernel is usable here and agrees with the gather path on random data."""
+def triton_decode_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int, heads: int, head_dim: int,
+                     fused_merge: bool = False) -> bool:
+    """Whether the Triton kernel is usable here and agrees with the gather path on random data (fused_merge: the
+    variant that merges its splits in the kernel, called twice to check that it leaves its counters at zero)."""
     dev = torch.device(device)
     if not HAVE_TRITON or dev.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) \
             or head_dim & (head_dim - 1) or heads % kv_heads:
         return False
+    name = "Triton paged decode" + (" with the in-kernel merge" if fused_merge else "")
     try:
         g = torch.Generator(device=dev).manual_seed(0)
         nb, B = 64, 5
@@ -319,14 +380,15 @@ def triton_decode_ok(dtype: torch.dtype, device, block_size: int, kv_heads: int,
         ctx = torch.tensor([1, block_size, block_size + 3, 5 * block_size - 1, max_blocks * block_size],
                            dtype=torch.int32, device=dev)
         ref = decode_attention_gather(q, kp, vp, bt.long(), ctx)
-        for splits in (1, 3):
-            out = decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits)
+        for splits in ((1, 3, 3, 16) if fused_merge else (1, 3)):
+            out = decode_attention_triton(q, kp, vp, bt, ctx, num_splits=splits, fused_merge=fused_merge)
             err = (out.float() - ref.float()).abs().max().item()
             if not err < 2e-2:
-                log.warning("Triton paged decode disagrees with the gather path (max err %.3g); not using it", err)
+                log.warning("%s disagrees with the gather path (max err %.3g); not using it", name, err)
                 return False
         torch.cuda.synchronize(dev)
         return True
     except Exception as e:  # compile or launch failure
-        log.warning("Triton paged decode unavailable (%s: %s); using the gather path", type(e).__name__, e)
+        log.warning("%s unavailable (%s: %s); using %s", name, type(e).__name__, e,
+                    "the separate merge" if fused_merge else "the gather path")
         return False

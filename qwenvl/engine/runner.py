@@ -34,8 +34,9 @@ from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
-from .attention import (decode_attention_gather, decode_attention_triton, gqa_prefill_ok, num_splits_for,
-                        prefill_attention, triton_decode_ok, varlen_prefill_attention, varlen_prefill_ok, write_kv)
+from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_requested, gqa_prefill_ok,
+                        num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
+                        varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .rope_kv import rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
@@ -121,6 +122,10 @@ class ModelRunner:
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
+        # the decode kernel merges its splits itself (QWENVL_DECODE_FUSED_MERGE=0: a compiled merge after it)
+        self.decode_fused_merge = (self.use_triton and fused_merge_requested()
+                                   and triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads,
+                                                        self.heads, self.head_dim, fused_merge=True))
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
@@ -307,7 +312,7 @@ class ModelRunner:
         if self.use_triton:
             return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
                                            num_splits=num_splits_for(q.shape[0], self.kv_heads, self.device),
-                                           merge=self.ops.merge_splits)
+                                           merge=self.ops.merge_splits, fused_merge=self.decode_fused_merge)
         return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
 
     def _forward(self, s: StepInputs) -> torch.Tensor:
