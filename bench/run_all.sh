@@ -2,9 +2,10 @@
 # The one device call: environment, then bench.py (parity, vision, prefill, decode, W4 transformers baseline,
 # engine W1/W2/W4), then the one-GPU FP8 section. Logs and JSON under $OUT; short tables on stdout.
 #   bash bench/run_all.sh [7b|3b]        (on the device: PYTHONPATH is set here)
-# QUICK=1: the engine only (W1-W4 without the fast-paths check and W5, ~90 s on an H100), then the W1 arms bf16
-# cuBLAS / bf16 GEMV / FP8 GEMV (~40 s), then every single-GPU test (~75 s): what one short call can settle when
-# machines are hard to get (the seventh session lost most of its device time to failed starts).
+# QUICK=1: the engine only (W1-W4 without the fast-paths check and W5, ~90 s on an H100), then the W1 arms (W1_ARMS:
+# bf16 cuBLAS, then bf16 / FP8 GEMV with the decode attention's merge apart, the default, the GEMV prologues, PDL;
+# ~13 s each), then every single-GPU test (~75 s): what one short call can settle when machines are hard to get
+# (the seventh session lost most of its device time to failed starts).
 set -u
 SHAPE=${1:-7b}
 OUT=${OUT:-bench-out}
@@ -29,7 +30,7 @@ keys = ("w1_decode_tok_s", "w2_ttft_new_image_ms", "w2_ttft_new_image_2_ms", "w2
 print(json.dumps({k: e.get(k) for k in keys}, indent=1))
 PY
   timeout "${FP8_TIMEOUT:-170}" python bench/bench_fp8_gemv.py --shape "$SHAPE" --out "$OUT" --sections engine \
-    --variants ${W1_ARMS:-bf16,bf16_gemv_merge_apart,bf16_gemv_rope_kv,bf16_gemv,fp8_gemv_rope_kv,fp8_gemv} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
+    --variants ${W1_ARMS:-bf16,bf16_gemv_merge_apart,bf16_gemv_rope_kv,bf16_gemv,bf16_gemv_pdl,fp8_gemv_merge_apart,fp8_gemv_rope_kv,fp8_gemv,fp8_gemv_pdl} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
   echo "bench_fp8_gemv.py rc=$?"; grep "^W1\|target" "$OUT/fp8_gemv.log"
   GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-150} bash bench/gpu_tests.sh | tail -3
   exit 0
