@@ -44,15 +44,25 @@ NAMED_MIXES = {"video": MIX_VIDEO}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
           "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
-          "video_grounding_long": 2500, "dense_caption_long": 3300}
+          "video_grounding_long": 2500, "dense_caption_long": 3300,
+          # clips at 1, 2 or 4 fps in turn: the video part (~300 / ~330 tokens at 2 fps) x 7/6 on average (estimate)
+          "video_grounding_dynamic_fps": 430, "dense_caption_dynamic_fps": 525}
+# `--video-fps dynamic` (NANO_VIDEO_FPS=dynamic): the clips of any mix sampled at 1, 2 or 4 fps (the report's dynamic
+# FPS sampling, synth's *_dynamic_fps variants) instead of 2 fps throughout.
+DYNAMIC_FPS_TASKS = {"video_grounding": "video_grounding_dynamic_fps", "dense_caption": "dense_caption_dynamic_fps"}
 # matplotlib charts cost ~250 ms each (the other tasks 8-35 ms): fewer unique charts, each written this many times.
 CHART_REPEAT = 4
 
 
-def round_counts(round_tokens: int, stage: int = 2, mix_name: str = "") -> dict[str, int]:
+def round_counts(round_tokens: int, stage: int = 2, mix_name: str = "", video_fps: str = "2") -> dict[str, int]:
     """Samples per task in one generation round of ~round_tokens tokens (after chart repetition), stage 1, 2 or 3,
-    or the named mix (`NAMED_MIXES`) instead of the stage's when given."""
+    or the named mix (`NAMED_MIXES`) instead of the stage's when given; video_fps "dynamic": the 2 fps clip tasks
+    replaced by their dynamic-FPS variants (the same share of tokens)."""
     mix = NAMED_MIXES[mix_name] if mix_name else MIXES[stage]
+    if video_fps == "dynamic":
+        mix = {DYNAMIC_FPS_TASKS.get(t, t): v for t, v in mix.items()}
+    elif video_fps != "2":
+        raise ValueError(f"video_fps must be 2 or dynamic, got {video_fps!r}")
     rep = {t: CHART_REPEAT if t == "chart" else 1 for t in mix}
     return {t: max(1, round(mix[t] * round_tokens / TOKENS[t] / rep[t])) for t in mix}
 
@@ -150,7 +160,7 @@ def cmd_data(a) -> int:
         import matplotlib.figure  # noqa: F401
     t0 = time.time()
     deadline = t0 + a.seconds
-    counts = round_counts(a.round_tokens, a.stage, a.mix)
+    counts = round_counts(a.round_tokens, a.stage, a.mix, a.video_fps)
     ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_gen_worker, args=(w, a.workers, a.out, deadline, a.seed, counts))
              for w in range(a.workers)]
@@ -169,7 +179,7 @@ def cmd_data(a) -> int:
             acc = per_task.setdefault(task, [0, 0.0])
             acc[0] += n
             acc[1] += s
-    stats.update(stage=a.stage, mix=a.mix or f"stage {a.stage}", seed=a.seed, workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
+    stats.update(stage=a.stage, mix=a.mix or f"stage {a.stage}", video_fps=a.video_fps, seed=a.seed, workers=a.workers, generation_s=round(gen_s, 1), merge_s=round(time.time() - t0 - gen_s, 1),
                  round_counts=counts, samples_per_s_per_process={t: round(n / s, 1) for t, (n, s) in per_task.items() if s})
     with open(os.path.join(a.out, "data_stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -354,6 +364,8 @@ def main(argv=None) -> int:
     d.add_argument("--suite-extra", default="", help="opt-in suite tasks to generate too (comma-separated)")
     d.add_argument("--stage", type=int, default=2, choices=sorted(MIXES), help="whose data mix (docs/NANO.md §4)")
     d.add_argument("--mix", default="", choices=["", *NAMED_MIXES], help="a named mix instead of the stage's")
+    d.add_argument("--video-fps", default="2", choices=["2", "dynamic"],
+                   help="clips sampled at 2 fps, or at 1, 2 or 4 fps in turn (dynamic FPS, NANO.md §4)")
     k = sub.add_parser("package")
     k.add_argument("--run", required=True)
     k.add_argument("--eval", required=True)

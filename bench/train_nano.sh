@@ -15,6 +15,7 @@
 #   NANO_STAGE=1 NANO_INIT=DIR bash bench/train_nano.sh   # stage 1 of docs/NANO.md §4: ViT + merger trained, LLM frozen,
 #                                                         # the stage-1 mix (captions, OCR, spotting, grounding, charts)
 #   NANO_MROPE_TEMPORAL=frame bash bench/train_nano.sh    # the ablation: frame-index video temporal ids (NANO.md §4)
+#   NANO_VIDEO_FPS=dynamic bash bench/train_nano.sh       # clips sampled at 1, 2 or 4 fps (dynamic FPS; default 2)
 #   NANO_STAGE=3 NANO_INIT=DIR bash bench/train_nano.sh   # long context: 30-120 s clips + the stage-2 mix
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
@@ -36,6 +37,8 @@ case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be abso
 MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only
 case "$MIX" in ""|video) ;; *) echo "NANO_MIX must be empty or video, got $MIX" >&2; exit 2;; esac
 if [ -n "$MIX" ] && [ "$STAGE" != 2 ]; then echo "NANO_MIX=$MIX replaces stage 2's mix; NANO_STAGE=$STAGE has its own" >&2; exit 2; fi
+VIDEO_FPS=${NANO_VIDEO_FPS:-2}  # dynamic: training clips at 1, 2 or 4 fps (the report's dynamic FPS sampling)
+case "$VIDEO_FPS" in 2|dynamic) ;; *) echo "NANO_VIDEO_FPS must be 2 or dynamic, got $VIDEO_FPS" >&2; exit 2;; esac
 if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
   D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=3 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
@@ -118,7 +121,7 @@ ARM_KV=""; [ "$N_ARMS" -gt 1 ] && [ "$DEVICE" = cuda ] && ARM_KV="--kv-cache-mb 
 step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
-  --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --seed "${NANO_DATA_SEED:-0}"
+  --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --video-fps "$VIDEO_FPS" --seed "${NANO_DATA_SEED:-0}"
 [ "$STAGE" = dpo ] && step pairs 90 $PY -m qwenvl.data.cli pairs "$WORK/data/train.jsonl" --out "$WORK/data/pairs.jsonl" \
   --report "$WORK/data/pairs_report.json" --seed "${NANO_DATA_SEED:-0}"
 

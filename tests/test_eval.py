@@ -48,10 +48,10 @@ def test_perfect_answers_score_one(heldout):
         for m in TASK_METRICS[task]:
             assert res[m] == 1.0, (task, m)
     assert all(r["prediction"] == r["reference"] for r in rows)
-    # the unseen-fps variants are reported apart, with a mean per sampling rate (samples 0, 2: 1 fps; 1: 4 fps)
+    # the unseen-fps variants are reported apart, with a mean per sampling rate (samples 0, 2: 3 fps; 1: 6 fps)
     for task in [t for t in synth.EVAL_TASKS if t.endswith("_unseen_fps")]:
         groups = report["tasks"][task]["by_group"]
-        assert {g: r["n"] for g, r in groups.items()} == {"1 fps": 2, "4 fps": 1}
+        assert {g: r["n"] for g, r in groups.items()} == {"3 fps": 2, "6 fps": 1}
         assert all(r[m] == 1.0 for r in groups.values() for m in TASK_METRICS[task])
     assert "by_group" not in report["tasks"]["video_grounding"]
 
@@ -192,8 +192,8 @@ def test_suite_opt_in_unseen_fps_tasks(tmp_path, capsys):
     assert eval_main(common + ["--tasks", "video_grounding", "--add-tasks", "video_grounding_unseen_fps"]) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert set(report["tasks"]) == {"video_grounding", "video_grounding_unseen_fps"}
-    assert set(report["tasks"]["video_grounding_unseen_fps"]["by_group"]) == {"1 fps"}
-    assert "| video_grounding_unseen_fps (1 fps) | 1 | mIoU |" in capsys.readouterr().out
+    assert set(report["tasks"]["video_grounding_unseen_fps"]["by_group"]) == {"3 fps"}
+    assert "| video_grounding_unseen_fps (3 fps) | 1 | mIoU |" in capsys.readouterr().out
     (folder,) = root.iterdir()
     assert sorted(p.name for p in folder.glob(".complete*")) == [".complete", ".complete-video_grounding_unseen_fps"]
     with pytest.raises(SystemExit):

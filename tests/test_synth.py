@@ -326,13 +326,19 @@ def test_video_as_frames_without_pyav(tmp_path, monkeypatch):
             monkeypatch.setenv("QWENVL_SYNTH_VIDEO", "frames")
 
 
-def test_unseen_fps_variants(tmp_path, monkeypatch):
-    """The eval-only variants: the held-out base clip i (same events, answer) sampled at 1 or 4 fps (training: 2),
-    so the processor's second_per_grid (what the MRoPE temporal ids follow) is 2 or 0.5 instead of 1."""
-    from qwenvl.synth.video import FRAMES_FPS, UNSEEN_FPS
+@pytest.mark.parametrize("kind", ["unseen", "dynamic"])
+def test_fps_variants(tmp_path, monkeypatch, kind):
+    """unseen (eval-only): the held-out base clip i (same events, answer) sampled at 3 or 6 fps, rates no training
+    regime shows; dynamic (training, the report's dynamic FPS): the train clip i at 1, 2 or 4 fps. The processor's
+    second_per_grid (what the MRoPE temporal ids follow) is 2 / fps instead of 1."""
+    from qwenvl.synth.video import DYNAMIC_FPS, FRAMES_FPS, UNSEEN_FPS
     from qwenvl.train.data import ChatEncoder
 
     assert FRAMES_FPS not in UNSEEN_FPS and not set(synth.EVAL_TASKS) & set(synth.TASKS)
+    assert FRAMES_FPS in DYNAMIC_FPS and not set(DYNAMIC_FPS) & set(UNSEEN_FPS)
+    rates, split = (UNSEEN_FPS, "heldout") if kind == "unseen" else (DYNAMIC_FPS, "train")
+    variants = [t for t in synth.EVAL_TASKS if t.endswith(f"_{kind}_fps")]
+    assert len(variants) == 2
     assert synth.parse_tasks("all") == list(synth.TASKS)
     enc = ChatEncoder()
     fmts = ["frames"]
@@ -344,12 +350,11 @@ def test_unseen_fps_variants(tmp_path, monkeypatch):
     for fmt in fmts:
         monkeypatch.setenv("QWENVL_SYNTH_VIDEO", fmt)
         out = str(tmp_path / fmt)
-        synth.generate(out, ["video_grounding", "dense_caption", "video_grounding_unseen_fps", "dense_caption_unseen_fps"],
-                       2, "heldout", 0)
-        for task in [t for t in synth.EVAL_TASKS if t.endswith("_unseen_fps")]:
+        synth.generate(out, ["video_grounding", "dense_caption", *variants], len(rates), split, 0)
+        for task in variants:
             base = read(out, synth.VARIANTS[task])
             for i, rec in enumerate(read(out, task)):
-                fps, meta, item = UNSEEN_FPS[i % 2], rec["meta"], rec["messages"][0]["content"][0]
+                fps, meta, item = rates[i % len(rates)], rec["meta"], rec["messages"][0]["content"][0]
                 assert rec["task"] == task and meta["sample_fps"] == fps and meta["eval_group"] == f"{fps} fps"
                 assert meta["events"] == base[i]["meta"]["events"] and meta["duration"] == base[i]["meta"]["duration"]
                 assert answer(rec) == answer(base[i]) and meta.get("span") == base[i]["meta"].get("span")
@@ -366,7 +371,8 @@ def test_unseen_fps_variants(tmp_path, monkeypatch):
                 else:
                     assert item["fps"] == fps
                 spg = enc.encode(rec, out).second_per_grid_ts
-                assert spg == [2 / fps] or (fmt == "mp4" and fps == 1 and spg[0] > 2)  # mp4: an even frame count
+                # mp4: the processor rounds the frame count to an even number, so the rate is close to fps
+                assert spg == [2 / fps] or (fmt == "mp4" and abs(spg[0] * fps / 2 - 1) < 0.15), (fps, spg)
             assert enc.encode(base[0], out).second_per_grid_ts == [1.0]
 
 

@@ -38,8 +38,8 @@ def test_train_nano_script_smoke(tmp_path):
     assert summary["mrope_temporal"] == "frame"
     tasks = json.loads((out / "eval_report.json").read_text())["tasks"]
     assert {"grounding", "chart", "video_grounding_unseen_fps", "dense_caption_unseen_fps"} <= set(tasks)
-    assert set(tasks["video_grounding_unseen_fps"]["by_group"]) == {"1 fps"}
-    assert "| video_grounding_unseen_fps (1 fps) | mIoU |" in r.stdout
+    assert set(tasks["video_grounding_unseen_fps"]["by_group"]) == {"3 fps"}
+    assert "| video_grounding_unseen_fps (3 fps) | mIoU |" in r.stdout
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     for f in (out / "model").glob("*.safetensors"):
@@ -133,10 +133,13 @@ def test_dry_run_video_mix_for_the_ablation():
     assert _train_config(steps["train_A"]).model == "/a" and _train_config(steps["train_F"]).model == "/f"
     assert steps["package_F"][steps["package_F"].index("--init") + 1] == "/f"  # the summary names the arm's init
     assert "--mix" not in _dry_run()[0]["data"]
-    for bad in ({"NANO_MIX": "clips"}, {"NANO_MIX": "video", "NANO_STAGE": "1"}):
+    data = _dry_run(NANO_VIDEO_FPS="dynamic")[0]["data"]
+    assert data[data.index("--video-fps") + 1] == "dynamic"
+    assert _dry_run()[0]["data"][data.index("--video-fps") + 1] == "2"
+    for bad in ({"NANO_MIX": "clips"}, {"NANO_MIX": "video", "NANO_STAGE": "1"}, {"NANO_VIDEO_FPS": "4"}):
         r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "NANO_DRY_RUN": "1", **bad})
-        assert r.returncode == 2 and "NANO_MIX" in r.stderr, r.stderr
+        assert r.returncode == 2 and next(iter(bad)) in r.stderr, r.stderr
 
 
 def test_stage_mixes_and_compare(tmp_path, capsys):
@@ -149,6 +152,14 @@ def test_stage_mixes_and_compare(tmp_path, capsys):
     assert set(video) == {"video_grounding", "dense_caption"}
     assert all(abs(n * nano_recipe.TOKENS[t] - 50_000) < nano_recipe.TOKENS[t] for t, n in video.items())
     assert abs(sum(nano_recipe.MIX_STAGE1.values()) - 1) < 1e-9 and abs(sum(nano_recipe.MIX.values()) - 1) < 1e-9
+    # dynamic FPS: the clip tasks of any mix become their 1/2/4 fps variants, the rest of the mix unchanged
+    for stage, mix in ((2, ""), (2, "video"), (3, "")):
+        fixed, dyn = (nano_recipe.round_counts(100_000, stage, mix, fps) for fps in ("2", "dynamic"))
+        renamed = {nano_recipe.DYNAMIC_FPS_TASKS.get(t, t) for t in fixed}
+        assert set(dyn) == renamed and renamed != set(fixed) and set(dyn) <= set(nano_recipe.TOKENS)
+        assert all(dyn[t] == n for t, n in fixed.items() if t in dyn)
+    with pytest.raises(ValueError, match="video_fps"):
+        nano_recipe.round_counts(100_000, 2, "", "4")
     paths = []
     for name, mode, v in (("abs", "absolute", 0.5), ("frame", "frame", 0.25)):
         (tmp_path / name).mkdir()

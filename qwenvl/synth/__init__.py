@@ -15,7 +15,8 @@ Tasks: grounding (referring expressions incl. relations and absent objects -> bb
 (detect then count), caption, ocr (plain text), spotting (text-spotting JSON), doc (QwenVL HTML), kie
 (receipts/forms -> JSON), chart (values), video_grounding, dense_caption, gui (computer_use tool calls).
 Eval-only (not in "all"): video_grounding_unseen_fps, dense_caption_unseen_fps — the base task's clips sampled at
-1 or 4 fps (training: 2 fps), so their MRoPE temporal ids differ from anything training shows.
+3 or 6 fps (training: 2 fps, or 1, 2 and 4 with the *_dynamic_fps variants), so their MRoPE temporal ids differ
+from anything training shows.
 """
 from __future__ import annotations
 
@@ -38,15 +39,20 @@ TASKS = tuple(_TASKS)  # the training tasks ("all"; also the vocabulary's corpus
 # rate training never uses (synth.video.UNSEEN_FPS), for the absolute-time vs frame-index MRoPE ablation.
 # Long-context variants (stage 3 of docs/NANO.md §4, and a long-video eval): 30-120 s clips with up to 8 events,
 # scored as their base task; opt-in like the unseen-fps ones (not in "all").
+# Dynamic-FPS variants (training: clip i at 1, 2 or 4 fps, the report's dynamic FPS sampling; the recipe's
+# NANO_VIDEO_FPS=dynamic trains on them in place of the base video tasks).
 VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption",
-            "video_grounding_long": "video_grounding", "dense_caption_long": "dense_caption"}
+            "video_grounding_long": "video_grounding", "dense_caption_long": "dense_caption",
+            "video_grounding_dynamic_fps": "video_grounding", "dense_caption_dynamic_fps": "dense_caption"}
 _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unseen_fps"),
                "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps"),
+               "video_grounding_dynamic_fps": ("video", "gen_video_grounding_dynamic_fps"),
+               "dense_caption_dynamic_fps": ("video", "gen_dense_caption_dynamic_fps"),
                "video_grounding_long": ("video", "gen_video_grounding_long"),
                "dense_caption_long": ("video", "gen_dense_caption_long")})
 EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
-VERSION = 1  # bump whenever a generator's output changes (cached eval suites are keyed by it)
+VERSION = 2  # 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
 
 
 def generator(task: str):

@@ -11,12 +11,14 @@ gone at `end`; frame i (time i / fps) shows it iff start <= i / fps < end. Times
 Held out: (colour, shape, motion) combinations; training clips never show them.
 The video item carries min/max_pixels equal to the frame size so the frames stay at their native size.
 
-Unseen frame rates (the eval-only tasks video_grounding_unseen_fps / dense_caption_unseen_fps): what sets a video's
-MRoPE temporal ids is the rate the processor *samples* it at (second_per_grid = 2 / sample_fps), not the file's own
-fps — an mp4 at any source fps is sampled at the item's `fps` (default 2), a frame list is taken at its `sample_fps`.
-Every training clip is sampled at 2 fps (second_per_grid 1, absolute temporal ids 0, 2, 4, ...). A variant clip is
-the base task's clip i (same draws, events and answer) sampled at UNSEEN_FPS[i % 2] (1 or 4 fps: second_per_grid 2
-or 0.5): frames written at that rate (frames format) or the same mp4 with `"fps"` set on the item.
+Frame rates: what sets a video's MRoPE temporal ids is the rate the processor *samples* it at (second_per_grid =
+2 / sample_fps), not the file's own fps — an mp4 at any source fps is sampled at the item's `fps` (default 2), a frame
+list is taken at its `sample_fps`. The base tasks sample every clip at 2 fps (second_per_grid 1, absolute temporal
+ids 0, 2, 4, ...). The dynamic-FPS training variants (video_grounding_dynamic_fps / dense_caption_dynamic_fps, the
+report's dynamic FPS sampling) sample clip i at DYNAMIC_FPS[i % 3] (1, 2 or 4 fps), the eval-only variants
+(video_grounding_unseen_fps / dense_caption_unseen_fps) at UNSEEN_FPS[i % 2] (3 or 6 fps: rates neither training
+regime shows; second_per_grid 2/3 or 1/3). A variant clip is the base task's clip i (same draws, events and answer)
+at that rate: frames written at it (frames format) or the same mp4 with `"fps"` set on the item.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ FRAME_SIZES = [(112, 168), (140, 196), (168, 224), (112, 140)]  # (h, w)
 FPS_CHOICES = [4, 5, 8, 10, 12, 15, 24]
 COMBO_TASK = "video"
 FRAMES_FPS = 2
-UNSEEN_FPS = (1, 4)  # sampling rates of the eval-only variants; training samples every clip at FRAMES_FPS (2)
+# Dynamic FPS (the report's §2.1.3): the *_dynamic_fps training variants sample clip i at DYNAMIC_FPS[i % 3]; the base
+# tasks sample every clip at FRAMES_FPS (2). The eval-only variants use rates neither regime trains on.
+DYNAMIC_FPS = (1, 2, 4)
+UNSEEN_FPS = (3, 6)
 LONG_SECONDS, LONG_MAX_EVENTS = (30, 120), 8  # the long-context variants (stage 3 of docs/NANO.md §4)
 
 
@@ -178,6 +183,19 @@ def gen_dense_caption(ctx: Ctx, sample_fps: float | None = None, long: bool = Fa
 def unseen_fps(ctx: Ctx) -> int:
     """The sampling rate of an eval-only variant's clip: alternating over UNSEEN_FPS by sample index."""
     return UNSEEN_FPS[ctx.index % len(UNSEEN_FPS)]
+
+
+def dynamic_fps(ctx: Ctx) -> int:
+    """The sampling rate of a dynamic-FPS training clip: cycling over DYNAMIC_FPS by sample index."""
+    return DYNAMIC_FPS[ctx.index % len(DYNAMIC_FPS)]
+
+
+def gen_video_grounding_dynamic_fps(ctx: Ctx) -> dict:
+    return gen_video_grounding(ctx, dynamic_fps(ctx))
+
+
+def gen_dense_caption_dynamic_fps(ctx: Ctx) -> dict:
+    return gen_dense_caption(ctx, dynamic_fps(ctx))
 
 
 def gen_video_grounding_unseen_fps(ctx: Ctx) -> dict:
