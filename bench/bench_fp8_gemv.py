@@ -290,6 +290,7 @@ def engine(a, R: dict, save) -> None:
     ahead = {"QWENVL_FUSED_GEMV": "0", "QWENVL_FUSED_ROPE_KV": "0"}
     rope_kv = {"QWENVL_FUSED_GEMV": "0"}
     merge_apart = {**rope_kv, "QWENVL_DECODE_FUSED_MERGE": "0"}  # the decode attention's splits merged after it
+    splits32 = {**rope_kv, "QWENVL_DECODE_MAX_SPLITS": "32"}  # up to 32 splits (one 64-token tile each in W1)
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
@@ -301,6 +302,7 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_ahead", None, False, None, True, ahead),
                      ("bf16_gemv_merge_apart", None, False, None, True, merge_apart),
                      ("bf16_gemv_rope_kv", None, False, None, True, rope_kv),
+                     ("bf16_gemv_s32", None, False, None, True, splits32),
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
                      ("bf16_gemv", None, False, None, True, fused),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
@@ -311,6 +313,7 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_unfused", "fp8", True, None, False, unfused),
                  ("fp8_gemv_merge_apart", "fp8", True, None, False, merge_apart),
                  ("fp8_gemv_rope_kv", "fp8", True, None, False, rope_kv),
+                 ("fp8_gemv_s32", "fp8", True, None, False, splits32),
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
                  ("fp8_gemv", "fp8", True, None, False, fused),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -297,9 +298,12 @@ def _num_sms(device) -> int:
 
 
 def num_splits_for(batch: int, kv_heads: int, device) -> int:
-    """Enough programs to fill the GPU about twice when the batch alone would not."""
+    """Enough programs to fill the GPU about twice when the batch alone would not (at most 16, or
+    QWENVL_DECODE_MAX_SPLITS: with the in-kernel merge more splits cost little, and each then has fewer tiles to
+    walk one after the other)."""
     sms = _num_sms(device)
-    return max(1, min(16, math.ceil(2 * sms / max(1, batch * kv_heads))))
+    cap = int(os.environ.get("QWENVL_DECODE_MAX_SPLITS", "16"))
+    return max(1, min(cap, math.ceil(2 * sms / max(1, batch * kv_heads))))
 
 
 def merge_splits(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
