@@ -47,11 +47,15 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torc
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, blocks: torch.Tensor | None, start: int,
-                      gqa_varlen: bool = False) -> torch.Tensor:
+                      gqa_varlen: bool = False, cudnn_pad: int = 0) -> torch.Tensor:
     """q [n, H, D]; k, v [n, kv_heads, D] of the chunk (already written to the pools); the chunk's tokens are
     start .. start+n-1 of the sequence. Returns [n, H, D]. gqa_varlen (where gqa_prefill_ok passed): a chunk with
-    no cached prefix goes to FlashAttention varlen with its grouped k/v as they are (no expanded copies)."""
+    no cached prefix goes to FlashAttention varlen with its grouped k/v as they are (no expanded copies).
+    cudnn_pad (where cudnn_prefill_ok passed, it wins over gqa_varlen): such a chunk goes to cuDNN's attention,
+    zero-padded at the end to a multiple of cudnn_pad rows (see _prefill_cudnn_padded)."""
     n, H, _ = q.shape
+    if cudnn_pad and start == 0:
+        return _prefill_cudnn_padded(q, k, v, cudnn_pad)
     if gqa_varlen and start == 0:
         from .. import layers
 
@@ -88,6 +92,74 @@ def varlen_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     if rep > 1:  # not every torch release takes grouped-query heads here
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return layers._flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **layers._causal_kwargs())
+
+
+def _prefill_cudnn_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int) -> torch.Tensor:
+    """Causal attention of a chunk with no prefix through cuDNN, grouped k/v heads as they are. cuDNN builds (host
+    time) an execution plan per sequence length; padding the rows at the end with zeros to a multiple of `pad` makes
+    one plan serve every length of its bucket, and changes no real row: under the causal mask a real query sees
+    only real keys, and the padded queries' rows are dropped."""
+    n, H, D = q.shape
+    n_pad = -(-n // pad) * pad
+
+    def padded(x):  # [n, h, D] -> [1, h, n_pad, D] (a BSHD view, as cuDNN takes it)
+        out = x.new_zeros(n_pad, x.shape[1], D)
+        out[:n] = x
+        return out.transpose(0, 1)[None]
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
+                                             enable_gqa=k.shape[1] != H)
+    return out[0].transpose(0, 1)[:n]
+
+
+CUDNN_PREFILL_PAD = 256
+
+
+def cudnn_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_dim: int,
+                     pad: int = CUDNN_PREFILL_PAD, n_time: int = 1281) -> bool:
+    """Whether cuDNN's attention takes a padded causal chunk with grouped k/v heads here, agrees with the
+    expanded-heads SDPA path, and is faster than FlashAttention varlen at n_time rows (W2's prompt; each timed
+    after a warm-up call, which builds cuDNN's plan for the bucket). Synchronises."""
+    dev = torch.device(device)
+    if not _varlen_usable(dtype, dev, kv_heads, heads, head_dim):
+        return False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        pool = torch.zeros(1, 16, kv_heads, head_dim, device=dev, dtype=dtype)  # not read: no prefix
+
+        def rand(n):
+            return (torch.randn(n, heads, head_dim, generator=g, device=dev).to(dtype),
+                    *(torch.randn(n, kv_heads, head_dim, generator=g, device=dev).to(dtype) for _ in range(2)))
+        for n in (77, pad + 3):  # within one bucket, across two
+            q, k, v = rand(n)
+            want = prefill_attention(q, k, v, pool, pool, None, 0)
+            got = prefill_attention(q, k, v, pool, pool, None, 0, cudnn_pad=pad)
+            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            if not err < 1e-2:
+                log.warning("cuDNN prefill attention disagrees (rel err %.3g); not using it", err)
+                return False
+        q, k, v = rand(n_time)
+        ms = {}
+        for name, kw in (("cudnn", {"cudnn_pad": pad}), ("flash", {"gqa_varlen": True})):
+            run = functools.partial(prefill_attention, q, k, v, pool, pool, None, 0, **kw)
+            run()
+            torch.cuda.synchronize(dev)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(10):
+                run()
+            t1.record()
+            t1.synchronize()
+            ms[name] = t0.elapsed_time(t1) / 10
+        if not ms["cudnn"] < 0.9 * ms["flash"]:
+            log.info("cuDNN prefill attention not faster here (%.3f vs %.3f ms); not using it", ms["cudnn"],
+                     ms["flash"])
+            return False
+        return True
+    except Exception as e:
+        log.warning("cuDNN prefill attention unavailable (%s: %s)", type(e).__name__, e)
+        return False
 
 
 @functools.lru_cache(maxsize=256)

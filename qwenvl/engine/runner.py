@@ -34,9 +34,9 @@ from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
-from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_requested, gqa_prefill_ok,
-                        num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
-                        varlen_prefill_ok, write_kv)
+from .attention import (CUDNN_PREFILL_PAD, cudnn_prefill_ok, decode_attention_gather, decode_attention_triton,
+                        fused_merge_requested, gqa_prefill_ok, num_splits_for, prefill_attention, triton_decode_ok,
+                        varlen_prefill_attention, varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .rope_kv import rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
@@ -118,6 +118,11 @@ class ModelRunner:
         # a lone prefill chunk with no cached prefix: FlashAttention varlen over the grouped k/v heads as they are
         self.gqa_prefill = (env_flag("QWENVL_GQA_PREFILL", True)
                             and gqa_prefill_ok(self.dtype, self.device, self.kv_heads, self.heads, self.head_dim))
+        # ... or cuDNN's attention, rows padded to 256-row buckets (one execution plan per bucket), where a probe at
+        # engine start finds it agrees and is faster than that (QWENVL_CUDNN_PREFILL=0: never)
+        self.cudnn_prefill = (CUDNN_PREFILL_PAD if env_flag("QWENVL_CUDNN_PREFILL", True)
+                              and cudnn_prefill_ok(self.dtype, self.device, self.kv_heads, self.heads, self.head_dim)
+                              else 0)
         self.varlen_prefill = varlen_prefill_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
@@ -327,7 +332,8 @@ class ModelRunner:
         def attend(i, q, k, v):
             if single_prefill:
                 r0, n, start, blocks = s.prefills[0]
-                return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start, self.gqa_prefill)
+                return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start, self.gqa_prefill,
+                                         self.cudnn_prefill)
             out = torch.empty_like(q)
             if s.decode_rows is not None:
                 out[s.decode_rows] = self._decode_attention(i, q[s.decode_rows], s.decode_block_tables,
