@@ -208,3 +208,9 @@ def test_gqa_varlen_prefill_equals_expanded_heads_at_the_7b_shape():
     want = prefill_attention(q, k, v, pool, pool, None, 0).float()
     got = prefill_attention(q, k, v, pool, pool, None, 0, gqa_varlen=True).float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+    # cuDNN with the rows zero-padded to the bucket: the same causal attention for every real row, at lengths inside,
+    # at and across bucket edges
+    for n in (1281, 256, 257, 1):
+        want_n = prefill_attention(q[:n], k[:n], v[:n], pool, pool, None, 0).float()
+        got_n = prefill_attention(q[:n], k[:n], v[:n], pool, pool, None, 0, cudnn_pad=256).float()
+        assert got_n.shape == want_n.shape and ((got_n - want_n).norm() / want_n.norm()).item() < 1e-2, n
