@@ -373,7 +373,7 @@ def engine(a, R: dict, save) -> None:
     eng = R["engine"]
     base = (eng.get("bf16") or next(iter(eng.values())))["decode_tok_s"]  # the cuBLAS arm, else the first run
     R["w1_vs_bf16"] = {k: v["decode_tok_s"] / base for k, v in eng.items()}
-    ref = "fp8_gemv" if "fp8_gemv" in tokens else "bf16"
+    ref = next((r for r in ("fp8_gemv", "bf16") if r in tokens), next(iter(tokens)))  # an arm that ran
     R[f"first_divergence_vs_{ref}"] = {k: first_divergence(tokens[ref], v) for k, v in tokens.items()}
     save()
 

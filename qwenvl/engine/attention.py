@@ -47,21 +47,19 @@ def gather_blocks(pool: torch.Tensor, blocks: torch.Tensor, length: int) -> torc
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                       v_pool: torch.Tensor, blocks: torch.Tensor | None, start: int,
-                      gqa_varlen: bool = False, cudnn_pad: int = 0) -> torch.Tensor:
+                      gqa_flash: bool = False) -> torch.Tensor:
     """q [n, H, D]; k, v [n, kv_heads, D] of the chunk (already written to the pools); the chunk's tokens are
-    start .. start+n-1 of the sequence. Returns [n, H, D]. gqa_varlen (where gqa_prefill_ok passed): a chunk with
-    no cached prefix goes to FlashAttention varlen with its grouped k/v as they are (no expanded copies).
-    cudnn_pad (where cudnn_prefill_ok passed, it wins over gqa_varlen): such a chunk goes to cuDNN's attention,
-    zero-padded at the end to a multiple of cudnn_pad rows (see _prefill_cudnn_padded)."""
+    start .. start+n-1 of the sequence. Returns [n, H, D]. gqa_flash (where gqa_prefill_ok passed): a chunk with
+    no cached prefix goes to SDPA's FlashAttention with its grouped k/v heads as they are (enable_gqa: no expanded
+    copies). At W2's 1,281 rows on an H200 (per layer): 0.119 ms, against 0.158 for FlashAttention varlen over the
+    grouped heads and 0.168 for the heads expanded; cuDNN took 0.085 but builds an execution plan (~37 ms of host
+    time) for every new length, and padded to 256-row buckets it took 0.199 (docs/BENCHMARKS.md 2026-12-06)."""
     n, H, _ = q.shape
-    if cudnn_pad and start == 0:
-        return _prefill_cudnn_padded(q, k, v, cudnn_pad)
-    if gqa_varlen and start == 0:
-        from .. import layers
-
-        cu = _single_segment_cu(n, q.device)  # k, v: views of the fused qkv when the rotary kernel is off
-        return layers._flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, n, n,
-                                    **layers._causal_kwargs())
+    if gqa_flash and start == 0 and q.is_cuda:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                 v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)
     if start > 0:  # the prefix lives in the cache (it may come from another request: prefix caching)
         L = start + n
         k = gather_blocks(k_pool, blocks, L)
@@ -94,81 +92,6 @@ def varlen_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     return layers._flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **layers._causal_kwargs())
 
 
-def _prefill_cudnn_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: int) -> torch.Tensor:
-    """Causal attention of a chunk with no prefix through cuDNN, grouped k/v heads as they are. cuDNN builds (host
-    time) an execution plan per sequence length; padding the rows at the end with zeros to a multiple of `pad` makes
-    one plan serve every length of its bucket, and changes no real row: under the causal mask a real query sees
-    only real keys, and the padded queries' rows are dropped."""
-    n, H, D = q.shape
-    n_pad = -(-n // pad) * pad
-
-    def padded(x):  # [n, h, D] -> [1, h, n_pad, D] (a BSHD view, as cuDNN takes it)
-        out = x.new_zeros(n_pad, x.shape[1], D)
-        out[:n] = x
-        return out.transpose(0, 1)[None]
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True,
-                                             enable_gqa=k.shape[1] != H)
-    return out[0].transpose(0, 1)[:n]
-
-
-CUDNN_PREFILL_PAD = 256
-
-
-def cudnn_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_dim: int,
-                     pad: int = CUDNN_PREFILL_PAD, n_time: int = 1281) -> bool:
-    """Whether cuDNN's attention takes a padded causal chunk with grouped k/v heads here, agrees with the
-    expanded-heads SDPA path, and is faster than FlashAttention varlen at n_time rows (W2's prompt; each timed
-    after a warm-up call, which builds cuDNN's plan for the bucket). Synchronises."""
-    dev = torch.device(device)
-    if not _varlen_usable(dtype, dev, kv_heads, heads, head_dim):
-        return False
-    try:
-        g = torch.Generator(device=dev).manual_seed(0)
-        pool = torch.zeros(1, 16, kv_heads, head_dim, device=dev, dtype=dtype)  # not read: no prefix
-
-        def rand(n):
-            return (torch.randn(n, heads, head_dim, generator=g, device=dev).to(dtype),
-                    *(torch.randn(n, kv_heads, head_dim, generator=g, device=dev).to(dtype) for _ in range(2)))
-        for n in (77, pad + 3):  # within one bucket, across two
-            q, k, v = rand(n)
-            want = prefill_attention(q, k, v, pool, pool, None, 0)
-            got = prefill_attention(q, k, v, pool, pool, None, 0, cudnn_pad=pad)
-            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            if not err < 1e-2:
-                log.warning("cuDNN prefill attention disagrees (rel err %.3g); not using it", err)
-                return False
-        q, k, v = rand(n_time)
-        ms = {}
-        for name, kw in (("cudnn", {"cudnn_pad": pad}), ("flash", {"gqa_varlen": True})):
-            run = functools.partial(prefill_attention, q, k, v, pool, pool, None, 0, **kw)
-            run()
-            torch.cuda.synchronize(dev)
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            for _ in range(10):
-                run()
-            t1.record()
-            t1.synchronize()
-            ms[name] = t0.elapsed_time(t1) / 10
-        if not ms["cudnn"] < 0.9 * ms["flash"]:
-            log.info("cuDNN prefill attention not faster here (%.3f vs %.3f ms); not using it", ms["cudnn"],
-                     ms["flash"])
-            return False
-        return True
-    except Exception as e:
-        log.warning("cuDNN prefill attention unavailable (%s: %s)", type(e).__name__, e)
-        return False
-
-
-@functools.lru_cache(maxsize=256)
-def _single_segment_cu(n: int, device) -> torch.Tensor:
-    from ..layers import to_device
-
-    return to_device(torch.tensor([0, n], dtype=torch.int32), device)
-
-
 def _varlen_usable(dtype: torch.dtype, dev: torch.device, kv_heads: int, heads: int, head_dim: int) -> bool:
     from .. import layers
 
@@ -176,8 +99,9 @@ def _varlen_usable(dtype: torch.dtype, dev: torch.device, kv_heads: int, heads: 
 
 
 def gqa_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_dim: int) -> bool:
-    """Whether FlashAttention varlen takes grouped k/v heads here and agrees with the expanded-heads SDPA path on
-    a causal chunk with no prefix (W2's prefill: the expansion copied 2 x 1,281 x 28 x 128 values per layer)."""
+    """Whether SDPA's FlashAttention takes grouped k/v heads here (enable_gqa) and agrees with the expanded-heads
+    path on a causal chunk with no prefix (W2's prefill: the expansion copied 2 x 1,281 x 28 x 128 values per
+    layer)."""
     dev = torch.device(device)
     if not _varlen_usable(dtype, dev, kv_heads, heads, head_dim):
         return False
@@ -188,7 +112,7 @@ def gqa_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_d
         k, v = (torch.randn(n, kv_heads, head_dim, generator=g, device=dev).to(dtype) for _ in range(2))
         pool = torch.zeros(1, 16, kv_heads, head_dim, device=dev, dtype=dtype)  # not read: no prefix
         want = prefill_attention(q, k, v, pool, pool, None, 0)
-        got = prefill_attention(q, k, v, pool, pool, None, 0, gqa_varlen=True)
+        got = prefill_attention(q, k, v, pool, pool, None, 0, gqa_flash=True)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         torch.cuda.synchronize(dev)
         if not err < 1e-2:
@@ -401,6 +325,9 @@ def _merge_counters(device, n: int) -> torch.Tensor | None:
     return buf
 
 
+FUSED_MERGE_MAX_SPLITS = 2
+
+
 def fused_merge_requested() -> bool:
     return env_flag("QWENVL_DECODE_FUSED_MERGE", True)
 
@@ -410,7 +337,9 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             block_n: int = 64, merge=merge_splits, fused_merge: bool = False) -> torch.Tensor:
     """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B].
     merge: merge_splits, or a compiled copy of it (engine/fused.py). fused_merge: the kernel merges the splits
-    itself (the last program of each (sequence, kv head) to finish; `merge` unused)."""
+    itself (the last program of each (sequence, kv head) to finish; `merge` unused). It walks the splits one after
+    the other: at 16 splits (batch 1) that cost more than the two merge kernels it replaces, at 2 (batch >= 33)
+    less (H200, docs/BENCHMARKS.md 2026-12-06), so the runner asks for it up to FUSED_MERGE_MAX_SPLITS."""
     B, H, D = q.shape
     _, bs, kvh, _ = k_pool.shape
     group = H // kvh

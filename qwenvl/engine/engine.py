@@ -153,7 +153,6 @@ class LLM:
                 "compiled_ops": self.runner.ops.compiled, "bf16_gemv": self.runner.bf16_gemv,
                 "fused_gemv_layers": self.runner._gemv_plan(1) is not None, "fused_rope_kv": self.runner.fused_rope_kv,
                 "triton_silu": self.runner.triton_silu, "gqa_prefill": self.runner.gqa_prefill,
-                "cudnn_prefill": bool(self.runner.cudnn_prefill),
                 "decode_ahead": self.decode_ahead, "decode_ahead_steps": self.num_ahead_steps,
                 "vision_graph_replays": vg.replays if (vg := self.runner.vision_graphs) is not None else 0,
                 "max_model_len": self.max_model_len}

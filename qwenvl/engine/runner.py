@@ -34,7 +34,7 @@ from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
-from .attention import (CUDNN_PREFILL_PAD, cudnn_prefill_ok, decode_attention_gather, decode_attention_triton,
+from .attention import (FUSED_MERGE_MAX_SPLITS, decode_attention_gather, decode_attention_triton,
                         fused_merge_requested, gqa_prefill_ok, num_splits_for, prefill_attention, triton_decode_ok,
                         varlen_prefill_attention, varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
@@ -105,9 +105,10 @@ class ModelRunner:
                               kernels={"silu_mul": silu_mul} if triton_silu else None)
         self.ops.check(self.device, self.dtype, t.hidden_size)
         # decode rows that run every linear through the GEMV kernel take the fused layer (_layer_gemv): RMSNorm,
-        # silu * up and the residual adds inside the GEMVs. Off unless QWENVL_FUSED_GEMV=1: on an H200 it did not
-        # pay (docs/BENCHMARKS.md 2026-12-05, sixth session)
-        self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", False)
+        # silu * up and the residual adds inside the GEMVs (QWENVL_FUSED_GEMV=0: apart). Since the GEMV's per-thread
+        # partial sums it pays: W1 +1.6 % bf16, +0.8 % FP8 on an H200 (docs/BENCHMARKS.md 2026-12-06; before them it
+        # cost FP8 14 %)
+        self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", True)
         self.fused_gemv_silu = env_flag("QWENVL_FUSED_GEMV_SILU", True)  # silu * up inside down's GEMV too
         self._gemv_plans: dict[tuple, list | None] = {}
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
@@ -118,11 +119,6 @@ class ModelRunner:
         # a lone prefill chunk with no cached prefix: FlashAttention varlen over the grouped k/v heads as they are
         self.gqa_prefill = (env_flag("QWENVL_GQA_PREFILL", True)
                             and gqa_prefill_ok(self.dtype, self.device, self.kv_heads, self.heads, self.head_dim))
-        # ... or cuDNN's attention, rows padded to 256-row buckets (one execution plan per bucket), where a probe at
-        # engine start finds it agrees and is faster than that (QWENVL_CUDNN_PREFILL=0: never)
-        self.cudnn_prefill = (CUDNN_PREFILL_PAD if env_flag("QWENVL_CUDNN_PREFILL", True)
-                              and cudnn_prefill_ok(self.dtype, self.device, self.kv_heads, self.heads, self.head_dim)
-                              else 0)
         self.varlen_prefill = varlen_prefill_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
@@ -315,9 +311,10 @@ class ModelRunner:
 
     def _decode_attention(self, i, q, block_tables, context_lens):
         if self.use_triton:
+            splits = num_splits_for(q.shape[0], self.kv_heads, self.device)
             return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
-                                           num_splits=num_splits_for(q.shape[0], self.kv_heads, self.device),
-                                           merge=self.ops.merge_splits, fused_merge=self.decode_fused_merge)
+                                           num_splits=splits, merge=self.ops.merge_splits,
+                                           fused_merge=self.decode_fused_merge and splits <= FUSED_MERGE_MAX_SPLITS)
         return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
 
     def _forward(self, s: StepInputs) -> torch.Tensor:
@@ -332,8 +329,7 @@ class ModelRunner:
         def attend(i, q, k, v):
             if single_prefill:
                 r0, n, start, blocks = s.prefills[0]
-                return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start, self.gqa_prefill,
-                                         self.cudnn_prefill)
+                return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start, self.gqa_prefill)
             out = torch.empty_like(q)
             if s.decode_rows is not None:
                 out[s.decode_rows] = self._decode_attention(i, q[s.decode_rows], s.decode_block_tables,
