@@ -291,6 +291,7 @@ def engine(a, R: dict, save) -> None:
     rope_kv = {"QWENVL_FUSED_GEMV": "0"}
     merge_apart = {**rope_kv, "QWENVL_DECODE_FUSED_MERGE": "0"}  # the decode attention's splits merged after it
     splits32 = {**rope_kv, "QWENVL_DECODE_MAX_SPLITS": "32"}  # up to 32 splits (one 64-token tile each in W1)
+    merge16 = {"QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS": "16"}  # the defaults, the splits merged in the kernel at batch 1
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
@@ -305,6 +306,7 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_s32", None, False, None, True, splits32),
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
                      ("bf16_gemv", None, False, None, True, fused),
+                     ("bf16_gemv_merge16", None, False, None, True, merge16),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
                      ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
@@ -316,6 +318,7 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_s32", "fp8", True, None, False, splits32),
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
                  ("fp8_gemv", "fp8", True, None, False, fused),
+                 ("fp8_gemv_merge16", "fp8", True, None, False, merge16),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):

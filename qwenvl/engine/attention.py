@@ -262,24 +262,21 @@ try:
             tl.debug_barrier()
             counter = Counters + b * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                # one query head at a time, all its splits in one load each ([MAX_SPLITS] m and l, [MAX_SPLITS,
+                # HEAD_DIM] partial sums): the heads' loads are independent, so they overlap (the first version
+                # walked the splits one load after another: at 16 splits slower than the separate merge)
                 s = tl.arange(0, MAX_SPLITS)
-                ms_off = b * stride_m_b + heads[:, None] * stride_m_h + s[None, :]
-                ms_ok = g_ok[:, None] & (s[None, :] < num_splits)
-                m_all = tl.load(M + ms_off, mask=ms_ok, other=float("-inf"), cache_modifier=".cg")
-                l_all = tl.load(L + ms_off, mask=ms_ok, other=0.0, cache_modifier=".cg")
-                m_max = tl.max(m_all, 1)  # split 0 is never empty (ctx >= 1), so finite for real heads
-                m_max = tl.where(g_ok, m_max, 0.0)
-                denom = tl.sum(l_all * tl.exp(m_all - m_max[:, None]), 1)
-                out = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-                for j in range(num_splits):
-                    m_j = tl.load(M + b * stride_m_b + heads * stride_m_h + j, mask=g_ok, other=float("-inf"),
-                                  cache_modifier=".cg")
-                    a_j = tl.load(Acc + b * stride_acc_b + heads[:, None] * stride_acc_h + j * stride_acc_s
-                                  + d[None, :], mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
-                    out += a_j * tl.exp(m_j - m_max)[:, None]
-                denom = tl.where(g_ok, denom, 1.0)
-                tl.store(Out + b * stride_o_b + heads[:, None] * stride_o_h + d[None, :],
-                         (out / denom[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
+                s_ok = s < num_splits
+                for gi in tl.static_range(GROUP):
+                    head = kvh * GROUP + gi
+                    ml = b * stride_m_b + head * stride_m_h + s
+                    m_s = tl.load(M + ml, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(L + ml, mask=s_ok, other=0.0, cache_modifier=".cg")
+                    a_s = tl.load(Acc + b * stride_acc_b + head * stride_acc_h + s[:, None] * stride_acc_s
+                                  + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+                    w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
+                    o = tl.sum(a_s * w[:, None], 0) / tl.sum(l_s * w, 0)
+                    tl.store(Out + b * stride_o_b + head * stride_o_h + d, o.to(Out.dtype.element_ty))
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
 
     HAVE_TRITON = True
@@ -325,11 +322,13 @@ def _merge_counters(device, n: int) -> torch.Tensor | None:
     return buf
 
 
-FUSED_MERGE_MAX_SPLITS = 2
-
-
-def fused_merge_requested() -> bool:
-    return env_flag("QWENVL_DECODE_FUSED_MERGE", True)
+def fused_merge_max_splits() -> int:
+    """Up to how many splits the runner merges them in the kernel: 0 with QWENVL_DECODE_FUSED_MERGE=0, else
+    QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS, 2 by default (what the H200 measured with the first, split-by-split merge;
+    the per-head merge of now is not measured yet)."""
+    if not env_flag("QWENVL_DECODE_FUSED_MERGE", True):
+        return 0
+    return int(os.environ.get("QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
 
 
 def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -337,9 +336,10 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             block_n: int = 64, merge=merge_splits, fused_merge: bool = False) -> torch.Tensor:
     """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B].
     merge: merge_splits, or a compiled copy of it (engine/fused.py). fused_merge: the kernel merges the splits
-    itself (the last program of each (sequence, kv head) to finish; `merge` unused). It walks the splits one after
-    the other: at 16 splits (batch 1) that cost more than the two merge kernels it replaces, at 2 (batch >= 33)
-    less (H200, docs/BENCHMARKS.md 2026-12-06), so the runner asks for it up to FUSED_MERGE_MAX_SPLITS."""
+    itself (the last program of each (sequence, kv head) to finish; `merge` unused). Its first version walked the
+    splits one after the other: at 16 splits (batch 1) that cost more than the two merge kernels it replaces, at 2
+    (batch >= 33) less (H200, docs/BENCHMARKS.md 2026-12-06), so the runner asks for it up to
+    fused_merge_max_splits()."""
     B, H, D = q.shape
     _, bs, kvh, _ = k_pool.shape
     group = H // kvh

@@ -149,7 +149,7 @@ class LLM:
                 "prefix_cache_hit_tokens": self.block_manager.prefix_hits,
                 "encoder_runs": self.runner.num_encoder_runs, "encoded_items": self.runner.num_encoded_items,
                 "cuda_graph_batch_sizes": sorted(self.runner.graphs), "triton_decode": self.runner.use_triton,
-                "decode_fused_merge": self.runner.decode_fused_merge,
+                "decode_merge_max_splits": self.runner.decode_merge_max_splits,
                 "compiled_ops": self.runner.ops.compiled, "bf16_gemv": self.runner.bf16_gemv,
                 "fused_gemv_layers": self.runner._gemv_plan(1) is not None, "fused_rope_kv": self.runner.fused_rope_kv,
                 "triton_silu": self.runner.triton_silu, "gqa_prefill": self.runner.gqa_prefill,

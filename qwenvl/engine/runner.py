@@ -34,9 +34,9 @@ from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
-from .attention import (FUSED_MERGE_MAX_SPLITS, decode_attention_gather, decode_attention_triton,
-                        fused_merge_requested, gqa_prefill_ok, num_splits_for, prefill_attention, triton_decode_ok,
-                        varlen_prefill_attention, varlen_prefill_ok, write_kv)
+from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_max_splits, gqa_prefill_ok,
+                        num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
+                        varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
 from .rope_kv import rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
@@ -123,10 +123,12 @@ class ModelRunner:
                                                 self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
-        # the decode kernel merges its splits itself (QWENVL_DECODE_FUSED_MERGE=0: a compiled merge after it)
-        self.decode_fused_merge = (self.use_triton and fused_merge_requested()
-                                   and triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads,
-                                                        self.heads, self.head_dim, fused_merge=True))
+        # the decode kernel merges its splits itself up to a few splits (attention.fused_merge_max_splits), where its
+        # probe passes; else a compiled merge after it
+        self.decode_merge_max_splits = 0
+        if self.use_triton and fused_merge_max_splits() and triton_decode_ok(
+                self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True):
+            self.decode_merge_max_splits = fused_merge_max_splits()
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
@@ -314,7 +316,7 @@ class ModelRunner:
             splits = num_splits_for(q.shape[0], self.kv_heads, self.device)
             return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
                                            num_splits=splits, merge=self.ops.merge_splits,
-                                           fused_merge=self.decode_fused_merge and splits <= FUSED_MERGE_MAX_SPLITS)
+                                           fused_merge=splits <= self.decode_merge_max_splits)
         return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
 
     def _forward(self, s: StepInputs) -> torch.Tensor:
