@@ -317,16 +317,32 @@ HASH_THREADS = 8
 _hash_pool = None
 
 
-def content_digest(header: bytes, data) -> bytes:
+def content_digest(header: bytes, data, copy_to=None) -> bytes:
     """SHA-256 over a header and a buffer (anything memoryview takes), for the engine's cache keys. Past two
     pieces of HASH_PIECE_BYTES the pieces are hashed on up to HASH_THREADS threads (hashlib releases the GIL) and the
     digest is SHA-256(header | piece count | the pieces' digests): a tree hash, as collision-resistant as SHA-256
     itself. A 1288x728 image's 2.8 MB: 2.0 -> 1.0 ms with 2 threads on the 2-core dev box (11 pieces of 256 KiB:
-    the 16-core GPU hosts hash them 8 at a time, against 3 pieces of 1 MiB before)."""
+    the 16-core GPU hosts hash them 8 at a time, against 3 pieces of 1 MiB before).
+    copy_to: a writable buffer of the same size that each piece is first copied into (on the same threads; numpy's
+    copy releases the GIL too) and hashed from: the engine's pinned staging of an image, made in the same pass."""
     global _hash_pool
     buf = memoryview(data).cast("B")
+    dst = None if copy_to is None else np.frombuffer(memoryview(copy_to).cast("B"), dtype=np.uint8)
+    if dst is not None and dst.size != len(buf):
+        raise ValueError(f"copy_to holds {dst.size} bytes, the data {len(buf)}")
+    src = np.frombuffer(buf, dtype=np.uint8) if dst is not None else None
     n = -(-len(buf) // HASH_PIECE_BYTES)
+
+    def piece_digest(i: int) -> bytes:
+        a, b = i * HASH_PIECE_BYTES, (i + 1) * HASH_PIECE_BYTES
+        if dst is None:
+            return hashlib.sha256(buf[a:b]).digest()
+        np.copyto(dst[a:b], src[a:b])
+        return hashlib.sha256(dst[a:b]).digest()
+
     if n <= 2:
+        if dst is not None:
+            np.copyto(dst, src)
         h = hashlib.sha256(header)
         h.update(buf)
         return h.digest()
@@ -336,9 +352,17 @@ def content_digest(header: bytes, data) -> bytes:
 
         _hash_pool = concurrent.futures.ThreadPoolExecutor(min(HASH_THREADS, os.cpu_count() or 1),
                                                            thread_name_prefix="qwenvl-hash")
-    pieces = [buf[i * HASH_PIECE_BYTES:(i + 1) * HASH_PIECE_BYTES] for i in range(n)]
-    digests = b"".join(_hash_pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+    digests = b"".join(_hash_pool.map(piece_digest, range(n)))
     return hashlib.sha256(header + f"|{n} pieces|".encode() + digests).digest()
+
+
+STAGE_BUDGET_BYTES = 256 << 20  # pinned staging held by VisionInputs not yet sent to a device, at most
+_staged_bytes = 0
+
+
+def _release_staged(nbytes: int) -> None:
+    global _staged_bytes
+    _staged_bytes -= nbytes
 
 
 class VisionInput:
@@ -352,7 +376,7 @@ class VisionInput:
     pixel_values, so code that needs only the grid reads `.grid_thw`. The frames are read, never written.
     """
 
-    __slots__ = ("kind", "frames", "grid_thw", "second_per_grid", "_pixel_values", "_hash")
+    __slots__ = ("kind", "frames", "grid_thw", "second_per_grid", "_pixel_values", "_hash", "_staged")
 
     def __init__(self, kind: str, frames: torch.Tensor, second_per_grid: float = 0.0):
         if kind not in ("image", "video"):
@@ -369,6 +393,7 @@ class VisionInput:
         self.grid_thw = torch.tensor((-(-T // TEMPORAL_PATCH_SIZE), H // PATCH_SIZE, W // PATCH_SIZE), dtype=torch.long)
         self._pixel_values: torch.Tensor | None = None
         self._hash: bytes | None = None
+        self._staged: torch.Tensor | None = None
 
     @property
     def pixel_values(self) -> torch.Tensor:
@@ -376,18 +401,36 @@ class VisionInput:
             self._pixel_values = pixel_values_from_frames(self.frames)
         return self._pixel_values
 
-    def content_hash(self) -> bytes:
+    def take_staged(self) -> torch.Tensor | None:
+        """The pinned copy of the dense frames (`dense_frames` layout) that content_hash(stage=True) made, handed over
+        once: the engine sends it to the GPU instead of pinning the frames again when it encodes the item."""
+        staged, self._staged = self._staged, None
+        return staged
+
+    def content_hash(self, stage: bool = False) -> bytes:
         """SHA-256 of the uint8 frames, their shape and layout, the grid and the timing: equal exactly when the
         model's input is (for images in the same memory layout, as the processor always gives them). Not the hash
         of the float pixel_values that the engine computes for (pixel_values, grid) tuples: the same image given
         both ways is encoded twice, never confused. SHA-256 (SHA-NI) hashes the 2.8 MB of a 1288x728 image in ~2 ms
         on the 2-core dev box (1.1 ms on 2 threads: content_digest); blake2b takes 4.3 ms there, and the old float32
         pixel hash 15 ms."""
+        global _staged_bytes
         if self._hash is None:
             data, channels_last = dense_frames(self.frames)
             header = (f"uint8 frames|{self.kind}|{tuple(self.frames.shape)}|channels_last={channels_last}|"
                       f"{tuple(self.grid_thw.tolist())}|{self.second_per_grid!r}").encode()
-            self._hash = content_digest(header, data.numpy())  # the bytes themselves, no copy
+            staged = None
+            # stage: the engine's pinned copy for the host->GPU upload, made by the hashing threads in the same pass
+            # (a lone pin_memory() of a 1280x720 image is one more serial copy before its ViT can start); bounded by
+            # STAGE_BUDGET_BYTES over the inputs not yet uploaded, past which the engine pins when it uploads
+            if stage and torch.cuda.is_available() and _staged_bytes + data.numel() <= STAGE_BUDGET_BYTES:
+                import weakref
+
+                staged = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
+                _staged_bytes += data.numel()
+                weakref.finalize(staged, _release_staged, data.numel())
+            self._hash = content_digest(header, data.numpy(), None if staged is None else staged.numpy())
+            self._staged = staged
         return self._hash
 
     def _parts(self) -> tuple:

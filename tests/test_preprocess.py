@@ -280,6 +280,39 @@ def test_content_digest_is_sha256_of_the_pieces_digests():
     big[-1] ^= 1
     assert preprocess.content_digest(b"h|", big) != want
     assert preprocess.content_digest(b"g|", big) != preprocess.content_digest(b"h|", big)
+    # copy_to (the engine's pinned staging, made by the hashing threads): the same digest, the bytes copied
+    for data in (small, big):
+        dst = np.zeros_like(data)
+        assert preprocess.content_digest(b"h|", data, copy_to=dst) == preprocess.content_digest(b"h|", data)
+        assert np.array_equal(dst, data)
+    with pytest.raises(ValueError, match="bytes"):
+        preprocess.content_digest(b"h|", big, copy_to=np.zeros(big.size - 1, dtype=np.uint8))
+
+
+def test_content_hash_with_staging_is_the_same_key(monkeypatch):
+    """VisionInput.content_hash(stage=True) (the engine on CUDA): the same key as without; the staged copy holds the
+    dense frames' bytes, is handed over once, and counts against STAGE_BUDGET_BYTES until it is freed. Pinned
+    memory needs CUDA, so here torch.empty's pin_memory is let through as plain memory."""
+    import gc
+
+    real_empty = torch.empty
+    monkeypatch.setattr(preprocess.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(preprocess.torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    rng = np.random.default_rng(1)
+    hwc = torch.from_numpy(rng.integers(0, 256, (728, 1288, 3), dtype=np.uint8))
+    frames = hwc.permute(2, 0, 1)[None]  # channels-last, as from PIL
+    plain = preprocess.VisionInput("image", frames).content_hash()
+    vin = preprocess.VisionInput("image", frames)
+    before = preprocess._staged_bytes
+    assert vin.content_hash(stage=True) == plain and preprocess._staged_bytes == before + hwc.numel()
+    staged = vin.take_staged()
+    assert vin.take_staged() is None and torch.equal(staged, preprocess.dense_frames(frames)[0])
+    del staged
+    gc.collect()
+    assert preprocess._staged_bytes == before
+    monkeypatch.setattr(preprocess, "STAGE_BUDGET_BYTES", before + hwc.numel() - 1)  # over budget: no staging
+    vin = preprocess.VisionInput("image", frames)
+    assert vin.content_hash(stage=True) == plain and vin.take_staged() is None
 
 def describe(src):
     return media.describe_source(src)

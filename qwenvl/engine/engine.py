@@ -228,8 +228,9 @@ class LLM:
             if ids[i:i + n] != [tok] * n:
                 raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
                                  f"prompt position {i}")
-            key = vin.content_hash() if vin is not None else content_hash(pix, grid, spg)
-            items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None))
+            key = vin.content_hash(stage=self.runner.is_cuda) if vin is not None else content_hash(pix, grid, spg)
+            items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None,
+                                    vin.take_staged() if vin is not None else None))
             i += n
         for tok, q in queues.items():
             if used[tok] != len(q):

@@ -636,5 +636,9 @@ class ModelRunner:
         if item.frames is None:
             return to_device(item.pixel_values, self.device)
         frames, channels_last = dense_frames(item.frames)
-        frames = to_device(frames, self.device)
+        if item.staged is not None and item.staged.shape == frames.shape and self.device.type == "cuda":
+            # pinned when the prompt was encoded (VisionInput.content_hash(stage=True)); used once
+            frames, item.staged = item.staged.to(self.device, non_blocking=True), None
+        else:
+            frames = to_device(frames, self.device)
         return pixel_values_from_frames(frames.permute(0, 3, 1, 2) if channels_last else frames)

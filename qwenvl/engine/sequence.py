@@ -26,6 +26,7 @@ class VisionItem:
     num_tokens: int
     content_hash: bytes  # frames (or pixels) + grid (+ timing): equal only for the same image
     frames: torch.Tensor | None = None  # uint8 [T, 3, H, W]
+    staged: torch.Tensor | None = None  # a pinned copy of the frames' bytes (VisionInput.take_staged), used once
 
     @property
     def end(self) -> int:
