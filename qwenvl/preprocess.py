@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -358,11 +359,22 @@ def content_digest(header: bytes, data, copy_to=None) -> bytes:
 
 STAGE_BUDGET_BYTES = 256 << 20  # pinned staging held by VisionInputs not yet sent to a device, at most
 _staged_bytes = 0
+_staged_lock = threading.Lock()  # the engine encodes prompts on threads
+
+
+def _reserve_staged(nbytes: int) -> bool:
+    global _staged_bytes
+    with _staged_lock:
+        if _staged_bytes + nbytes > STAGE_BUDGET_BYTES:
+            return False
+        _staged_bytes += nbytes
+        return True
 
 
 def _release_staged(nbytes: int) -> None:
     global _staged_bytes
-    _staged_bytes -= nbytes
+    with _staged_lock:
+        _staged_bytes -= nbytes
 
 
 class VisionInput:
@@ -414,7 +426,6 @@ class VisionInput:
         both ways is encoded twice, never confused. SHA-256 (SHA-NI) hashes the 2.8 MB of a 1288x728 image in ~2 ms
         on the 2-core dev box (1.1 ms on 2 threads: content_digest); blake2b takes 4.3 ms there, and the old float32
         pixel hash 15 ms."""
-        global _staged_bytes
         if self._hash is None:
             data, channels_last = dense_frames(self.frames)
             header = (f"uint8 frames|{self.kind}|{tuple(self.frames.shape)}|channels_last={channels_last}|"
@@ -423,11 +434,14 @@ class VisionInput:
             # stage: the engine's pinned copy for the host->GPU upload, made by the hashing threads in the same pass
             # (a lone pin_memory() of a 1280x720 image is one more serial copy before its ViT can start); bounded by
             # STAGE_BUDGET_BYTES over the inputs not yet uploaded, past which the engine pins when it uploads
-            if stage and torch.cuda.is_available() and _staged_bytes + data.numel() <= STAGE_BUDGET_BYTES:
+            if stage and torch.cuda.is_available() and _reserve_staged(data.numel()):
                 import weakref
 
-                staged = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
-                _staged_bytes += data.numel()
+                try:
+                    staged = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
+                except Exception:
+                    _release_staged(data.numel())
+                    raise
                 weakref.finalize(staged, _release_staged, data.numel())
             self._hash = content_digest(header, data.numpy(), None if staged is None else staged.numpy())
             self._staged = staged
