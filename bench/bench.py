@@ -789,8 +789,10 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
             llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False)
         llm.runner.use_triton = False
-        outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, **greedy) for _ in prompts])
+        # top-2 logprobs of the slow run: where a request parts, how close its two best tokens were there
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, logprobs=2, **greedy) for _ in prompts])
         off = [o.outputs[0].token_ids[:n_first] for o in outs]
+        off_lps = [o.outputs[0].logprobs or [] for o in outs]
         stats_off = llm.stats()
         del llm, outs
     finally:
@@ -799,13 +801,33 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
     for i, (a, b) in enumerate(zip(on, off)):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if n is not None or len(a) != len(b):
-            diverge.append({"request": i, "first_diverging_token": n if n is not None else min(len(a), len(b)),
-                            "prompt_tokens": int(reqs[i][0].shape[1])})
+            d = {"request": i, "first_diverging_token": n if n is not None else min(len(a), len(b)),
+                 "prompt_tokens": int(reqs[i][0].shape[1])}
+            d.update(divergence_margin(a, b, off_lps[i], n))
+            diverge.append(d)
     same = len(on) - len(diverge)
+    margins = sorted(d["top2_margin"] for d in diverge if "top2_margin" in d)
     return {"requests": len(on), "same_first_32": same, "fraction": same / len(on), "target": 0.95,
+            # where they part: the slow run's logprob gap between its token and the fast run's (same prefix up to
+            # there); a near tie is a gap bf16 rounding can flip
+            "diverging_at_the_slow_runs_second_choice": sum(d.get("fast_token_is_second_choice", False)
+                                                            for d in diverge),
+            "divergence_top2_margin_quantiles": {q: margins[min(len(margins) - 1, int(q * len(margins)))]
+                                                 for q in (0.5, 0.9, 0.99)} if margins else None,
             "diverging": diverge[:20],
             "fast_off": {k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "triton_decode")},
             "seconds": time.perf_counter() - t0}
+
+
+def divergence_margin(fast: list[int], slow: list[int], slow_logprobs: list, n: int | None) -> dict:
+    """At the first position n where the fast run's token differs from the slow run's: the slow run's logprob gap
+    between its top two tokens there, and whether the fast run took the second."""
+    if n is None or n >= len(slow_logprobs) or not slow_logprobs[n]:
+        return {}
+    top = sorted(slow_logprobs[n].items(), key=lambda kv: -kv[1])
+    if len(top) < 2:
+        return {}
+    return {"top2_margin": round(top[0][1] - top[1][1], 5), "fast_token_is_second_choice": fast[n] == top[1][0]}
 
 
 def w5_memory(ours, prompt, params):

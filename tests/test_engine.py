@@ -385,3 +385,21 @@ def test_too_long_prompt_and_bad_arguments_rejected(model):
     # generation stops at max_model_len
     out = llm.generate(list(range(100, 120)), SamplingParams(max_tokens=100, **GREEDY))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 12
+
+
+def test_bench_divergence_margin_reads_the_slow_runs_top_two():
+    """bench.py's fast-paths check, where a W4 request's tokens part: the slow run's gap between its two best
+    logprobs at that position, and whether the fast run took the second (a near tie bf16 rounding can flip)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench
+
+    slow_lps = [{5: -0.1, 7: -2.5}, {9: -0.69, 4: -0.70, 1: -3.0}, {2: -0.2, 3: -1.9}]
+    got = bench.divergence_margin([5, 4, 2], [5, 9, 2], slow_lps, 1)
+    assert got == {"top2_margin": 0.01, "fast_token_is_second_choice": True}
+    got = bench.divergence_margin([5, 9, 8], [5, 9, 2], slow_lps, 2)
+    assert got == {"top2_margin": 1.7, "fast_token_is_second_choice": False}
+    assert bench.divergence_margin([5, 9, 2], [5, 9, 2], slow_lps, None) == {}  # no divergence
+    assert bench.divergence_margin([5], [5, 9], [{5: -0.1}], 0) == {}  # one logprob: no margin
