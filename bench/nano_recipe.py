@@ -251,9 +251,12 @@ def cmd_package(a) -> int:
     stats_path = os.path.join(a.data, "data_stats.json")
     if os.path.isfile(stats_path):
         summary["data"] = json.load(open(stats_path))
-    pairs_path = os.path.join(a.data, "pairs_report.json")  # NANO_STAGE=dpo: what `qwenvl data pairs` made
-    if os.path.isfile(pairs_path):
-        summary["pairs"] = {k: v for k, v in json.load(open(pairs_path)).items() if k not in ("out", "command")}
+    # NANO_STAGE=dpo: what `qwenvl data pairs` made; sft: what the curation removed
+    for key, name in (("pairs", "pairs_report.json"), ("filter", "filter_report.json"), ("tag", "tag_report.json"),
+                      ("score", "score_report.json")):
+        path = os.path.join(a.data, name)
+        if os.path.isfile(path):
+            summary[key] = {k: v for k, v in json.load(open(path)).items() if k not in ("out", "command")}
     src, origin = _final_or_checkpoint(a.run)
     summary["model_from"] = origin
     if src:
@@ -372,7 +375,7 @@ def main(argv=None) -> int:
     k.add_argument("--data", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
-    k.add_argument("--stage", default="2", help="1, 2, 3 or dpo")
+    k.add_argument("--stage", default="2", help="1, 2, 3, sft or dpo")
     k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
     k.add_argument("--arm", default="", help="'NAME: extra train args' of a NANO_ARMS arm (recorded in the summary)")
     c = sub.add_parser("compare")

@@ -17,6 +17,7 @@
 #   NANO_MROPE_TEMPORAL=frame bash bench/train_nano.sh    # the ablation: frame-index video temporal ids (NANO.md §4)
 #   NANO_VIDEO_FPS=dynamic bash bench/train_nano.sh       # clips sampled at 1, 2 or 4 fps (dynamic FPS; default 2)
 #   NANO_STAGE=3 NANO_INIT=DIR bash bench/train_nano.sh   # long context: 30-120 s clips + the stage-2 mix
+#   NANO_STAGE=sft NANO_INIT=DIR bash bench/train_nano.sh # SFT on the curated stage-2 mix (data filter + score), ViT frozen
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
 #   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
@@ -32,7 +33,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 DRY=${NANO_DRY_RUN:-0}
 STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
-case "$STAGE" in 1|2|3|dpo) ;; *) echo "NANO_STAGE must be 1, 2, 3 or dpo, got $STAGE" >&2; exit 2;; esac
+case "$STAGE" in 1|2|3|sft|dpo) ;; *) echo "NANO_STAGE must be 1, 2, 3, sft or dpo, got $STAGE" >&2; exit 2;; esac
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
 MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only
 case "$MIX" in ""|video) ;; *) echo "NANO_MIX must be empty or video, got $MIX" >&2; exit 2;; esac
@@ -43,10 +44,12 @@ if [ "${NANO_SMOKE:-0}" = 1 ]; then
   export QWENVL_SYNTH_VIDEO=${QWENVL_SYNTH_VIDEO:-frames}  # as on the device, which has no PyAV
   D_TOTAL=150 D_GEN=2 D_GEN_WORKERS=2 D_ROUND=1500 D_TRAIN=3 D_DATA_WORKERS=1 D_EVAL_N=1 D_DEVICE=cpu D_PACK=2048
   D_ACCUM=1 D_WARMUP=2 D_EVAL_TIMEOUT=60 D_EVAL_ARGS="--max-tokens 4 --backend generate --tasks grounding,chart"
+  D_SCORE_RECORDS=40
 else
   # eval: 95 s for the 11 suite tasks (n=50), +20 s for the 2 unseen-fps video tasks
   D_TOTAL=555 D_GEN=75 D_GEN_WORKERS=14 D_ROUND=100000 D_TRAIN=330 D_DATA_WORKERS=14 D_EVAL_N=50 D_DEVICE=cuda
   D_PACK=4096 D_ACCUM=4 D_WARMUP=30 D_EVAL_TIMEOUT=$(( UNSEEN == 1 ? 115 : 95 )) D_EVAL_ARGS="--batch-size 64 --max-tokens 448"
+  D_SCORE_RECORDS=4000
 fi
 UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
@@ -68,6 +71,14 @@ if [ "$STAGE" = dpo ]; then
   [ "${NANO_SMOKE:-0}" = 1 ] || D_GEN=25  # ~20 k records -> pairs in ~25 s (§4 plans ~10 k pairs)
   [ "${NANO_SMOKE:-0}" = 1 ] && D_PACK=4096  # a pair is packed whole: twice a sample's length
   STAGE_ARGS="freeze_vit=true freeze_merger=true dpo_beta=${NANO_DPO_BETA:-0.1}"
+fi
+# sft: the stage-2 mix curated with the report's tools (qwenvl data filter: rules; tag: domains; score: NANO_INIT's
+# log-likelihood, the least likely 5 % of each domain dropped), then LLM + merger trained with the ViT frozen
+# (NANO.md §4); lr 2e-4 unless NANO_LR
+if [ "$STAGE" = sft ]; then
+  [ -n "${NANO_INIT:-}" ] || { echo "NANO_STAGE=sft needs NANO_INIT (the pretrained model to fine-tune)" >&2; exit 2; }
+  TRAIN_FILE=sft.jsonl; DATA_STAGE=2; D_LR=2e-4; STAGE_ARGS="freeze_vit=true"
+  [ "${NANO_SMOKE:-0}" = 1 ] || D_GEN=60  # room for the curation steps (~40 s of filter + score, an estimate)
 fi
 [ -n "$MROPE" ] && STAGE_ARGS="$STAGE_ARGS mrope_temporal=$MROPE"  # unset: the init's (a preset: absolute)
 # the LLM's RoPE base, from random weights only (NANO.md §7: MRoPE gives the width axis the lowest frequencies)
@@ -122,6 +133,20 @@ step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
   --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --video-fps "$VIDEO_FPS" --seed "${NANO_DATA_SEED:-0}"
+if [ "$STAGE" = sft ]; then  # a failed or timed-out curation step passes its input on as it is
+  step filter 60 $PY -m qwenvl.data.cli filter "$WORK/data/train.jsonl" --out "$WORK/data/filtered.jsonl" \
+    --report "$WORK/data/filter_report.json" --max-pixels 200704 \
+    || { [ "$DRY" = 1 ] || cp "$WORK/data/train.jsonl" "$WORK/data/filtered.jsonl"; }
+  # scored: the first NANO_SCORE_RECORDS of the shuffled records (one process encodes ~5-10 ms a record; rows of
+  # 16 k tokens per forward pass), the rest kept unscored
+  step tag 30 $PY -m qwenvl.data.cli tag "$WORK/data/filtered.jsonl" --out "$WORK/data/tagged.jsonl" \
+    --report "$WORK/data/tag_report.json" \
+    || { [ "$DRY" = 1 ] || cp "$WORK/data/filtered.jsonl" "$WORK/data/tagged.jsonl"; }
+  step score "${NANO_SCORE_SECONDS:-75}" $PY -m qwenvl.data.cli score "$WORK/data/tagged.jsonl" \
+    --out "$WORK/data/sft.jsonl" --report "$WORK/data/score_report.json" --model "$NANO_INIT" --device "$DEVICE" \
+    --drop-fraction 0.05 --max-records "${NANO_SCORE_RECORDS:-$D_SCORE_RECORDS}" \
+    || { [ "$DRY" = 1 ] || cp "$WORK/data/tagged.jsonl" "$WORK/data/sft.jsonl"; }
+fi
 [ "$STAGE" = dpo ] && step pairs 90 $PY -m qwenvl.data.cli pairs "$WORK/data/train.jsonl" --out "$WORK/data/pairs.jsonl" \
   --report "$WORK/data/pairs_report.json" --seed "${NANO_DATA_SEED:-0}"
 
@@ -173,7 +198,7 @@ for_arms eval_arm
 for i in "${!ARM_NAMES[@]}"; do
   name=${ARM_NAMES[$i]}; sfx=$(arm_dir "$name")
   init=${NANO_INIT:-}; for w in ${ARM_ARGS[$i]}; do [[ $w == model=* ]] && init=${w#model=}; done  # an arm's own init
-  times=$( [ "$DRY" = 1 ] || grep -E "^(data|pairs|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
+  times=$( [ "$DRY" = 1 ] || grep -E "^(data|pairs|filter|tag|score|train$sfx|eval$sfx)=" "$WORK/times.txt" | sed "s/$sfx=/=/" | paste -sd, )
   step "package$sfx" $(( $(left) > 15 ? $(cap 60 0) : 15 )) $PY bench/nano_recipe.py package --run "$WORK/run$sfx" \
     --eval "$WORK/eval$sfx" --data "$WORK/data" --out "$OUT${name:+/$name}" --timings "$times" --stage "$STAGE" \
     --init "$init" ${name:+--arm "$name: ${ARM_ARGS[$i]}"}

@@ -125,6 +125,26 @@ def test_score_filter(good, tiny):
     assert rep["by_reason"]["below min_logp"] == 3 and len(kept) == len(samples) - 3
 
 
+def test_packed_scoring_equals_one_record_at_a_time(good, tiny):
+    """score_samples packs records into rows (per-sample attention and positions, as training packs them): the same
+    scores as one forward pass per record; past max_records the rest pass on unscored and filter_by_score keeps
+    them."""
+    _, model, enc, _ = tiny
+    samples = [s for s in io.read(good) if s[0]["task"] in ("ocr", "chart", "grounding")]
+    one = [answer_logprob(model, enc, r, b) for r, b in samples]
+    for pack in (10**6, 400):  # everything in one row; rows of a few records
+        scored, info = score_samples(samples, model, enc, pack_tokens=pack)
+        assert info["scored"] == len(samples) and info["not_scored"] == 0
+        for (r, _), want in zip(scored, one):
+            assert r["score"]["n_tokens"] == want["n_tokens"]
+            assert r["score"]["logp_sum"] == pytest.approx(want["logp_sum"], rel=1e-4, abs=1e-3)
+    scored, info = score_samples(samples, model, enc, max_records=3)
+    assert info["scored"] == 3 and info["not_scored"] == len(samples) - 3
+    assert all("score" not in r for r, _ in scored[3:])
+    kept, removed, rep = filter_by_score(scored, drop_fraction=0.5, by=None)
+    assert rep["kept_not_scored"] == len(samples) - 3 and len(removed) == 1 and rep["by_reason"]["no score"] == 0
+
+
 def test_rejection_sampling(good):
     samples = [s for s in io.read(good) if s[0]["task"] in ("ocr", "count")]
     ocr = [s for s in samples if s[0]["task"] == "ocr"]

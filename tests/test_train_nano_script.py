@@ -233,3 +233,47 @@ def test_dry_run_dpo_stage():
     r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "NANO_DRY_RUN": "1", "NANO_STAGE": "dpo"})
     assert r.returncode == 2 and "needs NANO_INIT" in r.stderr and not r.stdout
+
+
+def test_dry_run_sft_stage():
+    """NANO_STAGE=sft: the stage-2 mix through `qwenvl data filter`, `tag` and `score` (NANO_INIT's
+    log-likelihood, the least likely 5 % per domain dropped), trained from NANO_INIT with the ViT frozen (LLM and
+    merger train), lr 2e-4 unless NANO_LR, the SFT loss; without NANO_INIT it stops before any work."""
+    names = ["data", "filter", "tag", "score", "train", "eval", "package"]
+    steps, _ = _dry_run(names, NANO_STAGE="sft", NANO_INIT="/some/model")
+    flt, tag, score = steps["filter"], steps["tag"], steps["score"]
+    assert flt[flt.index("qwenvl.data.cli") + 1] == "filter" and flt[flt.index("qwenvl.data.cli") + 2].endswith(
+        "data/train.jsonl")
+    assert score[score.index("qwenvl.data.cli") + 1] == "score"
+    assert tag[tag.index("qwenvl.data.cli") + 2] == flt[flt.index("--out") + 1]
+    assert score[score.index("qwenvl.data.cli") + 2] == tag[tag.index("--out") + 1]
+    assert score[score.index("--model") + 1] == "/some/model" and score[score.index("--drop-fraction") + 1] == "0.05"
+    assert score[score.index("--max-records") + 1] == "4000"
+    cfg = _train_config(steps["train"])
+    assert cfg.stage == "sft" and cfg.model == "/some/model" and cfg.freeze_vit and not cfg.freeze_merger
+    assert not cfg.freeze_llm and cfg.lr == 2e-4 and cfg.train_files == [score[score.index("--out") + 1]]
+    assert steps["data"][steps["data"].index("--stage") + 1] == "2"
+    assert steps["package"][steps["package"].index("--stage") + 1] == "sft"
+    assert _train_config(_dry_run(names, NANO_STAGE="sft", NANO_INIT="/m", NANO_LR="1e-4")[0]["train"]).lr == 1e-4
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NANO_DRY_RUN": "1", "NANO_STAGE": "sft"})
+    assert r.returncode == 2 and "needs NANO_INIT" in r.stderr and not r.stdout
+
+
+def test_train_nano_script_sft_smoke(tmp_path):
+    """NANO_STAGE=sft end to end on the CPU from the committed nano model: every curation step runs (filter, tag,
+    score on the first records), the summary says what each removed, and only the merger and LLM trained."""
+    init = os.path.join(ROOT, "runs", "nano", "latest")
+    assert os.path.isfile(os.path.join(init, "config.json")), "the committed nano model (runs/nano/latest)"
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "NANO_SMOKE": "1", "OUT": str(out), "NANO_WORK": str(work), "PYTHON": sys.executable,
+           "QWENVL_SYNTH_VIDEO": "frames", "NANO_STAGE": "sft", "NANO_INIT": init}
+    r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("data", "filter", "tag", "score", "train", "eval", "package"):
+        assert f"{name}: rc=0" in r.stdout, r.stdout + (out / "steps.log").read_text()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stage"] == "sft" and s["trained"] == ["merger", "llm"] and s["init"] == init
+    assert s["filter"]["records"] == s["data"]["records"] and s["tag"]["records"] == s["filter"]["kept"]
+    assert s["score"]["records"] == s["tag"]["kept"] and s["score"]["scores"]["scored"] == 40
+    assert s["train"]["steps"] >= 1

@@ -2,7 +2,7 @@
 
     qwenvl data filter IN... --out OUT.jsonl [--rules repetition,truncated,...] [--removed BAD.jsonl]
     qwenvl data tag    IN... --out OUT.jsonl                     # adds "domain" (e.g. grounding.box)
-    qwenvl data score  IN... --out OUT.jsonl [--model DIR] [--min-logp X] [--drop-fraction F]
+    qwenvl data score  IN... --out OUT.jsonl [--model DIR] [--min-logp X] [--drop-fraction F] [--max-records N]
     qwenvl data reject IN... --out OUT.jsonl [--model DIR] [--k 4] [--temperature 0.8] [--keep first|all]
     qwenvl data pairs  IN... --out OUT.jsonl [--seed 0] [--max-score 0.5]   # DPO pairs: answer vs a corrupted copy
 
@@ -75,9 +75,10 @@ def cmd_score(a, samples):
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Qwen25VL.from_pretrained(path, dtype=getattr(torch, a.dtype) if a.dtype else None, device=device).eval()
     encoder = ChatEncoder.from_processor(Processor.from_pretrained(path))
-    scored, info = score_samples(samples, model, encoder)
+    scored, info = score_samples(samples, model, encoder, a.pack_tokens, a.max_records)
     kept, removed, rep = filter_by_score(scored, a.min_logp, a.drop_fraction, a.by or None)
-    return kept, removed, {"model": path, "scores": info, "by_reason": rep["by_reason"]}
+    return kept, removed, {"model": path, "scores": info, "by_reason": rep["by_reason"],
+                           "kept_not_scored": rep["kept_not_scored"]}
 
 
 def cmd_reject(a, samples):
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--min-logp", type=float, default=None, help="drop answers with mean token log-prob below this")
     s.add_argument("--drop-fraction", type=float, default=None, help="drop this lowest-scoring share of each group")
     s.add_argument("--by", default="domain", help="group key for --drop-fraction ('' for one group)")
+    s.add_argument("--pack-tokens", type=int, default=16384, help="records scored together in rows of this length")
+    s.add_argument("--max-records", type=int, default=None,
+                   help="score only the first N records; the rest are kept unscored")
     s.set_defaults(fn=cmd_score)
     r = sub.add_parser("reject", help="rejection sampling against the ground truth")
     _common(r)
