@@ -323,7 +323,7 @@ def content_digest(header: bytes, data, copy_to=None) -> bytes:
     pieces of HASH_PIECE_BYTES the pieces are hashed on up to HASH_THREADS threads (hashlib releases the GIL) and the
     digest is SHA-256(header | piece count | the pieces' digests): a tree hash, as collision-resistant as SHA-256
     itself. A 1288x728 image's 2.8 MB: 2.0 -> 1.0 ms with 2 threads on the 2-core dev box (11 pieces of 256 KiB:
-    the 16-core GPU hosts hash them 8 at a time, against 3 pieces of 1 MiB before).
+    the 16-core GPU hosts hash them all at once, HASH_THREADS, against 3 pieces of 1 MiB before).
     copy_to: a writable buffer of the same size that each piece is first copied into (on the same threads; numpy's
     copy releases the GIL too) and hashed from: the engine's pinned staging of an image, made in the same pass."""
     global _hash_pool
