@@ -228,7 +228,9 @@ class LLM:
             if ids[i:i + n] != [tok] * n:
                 raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
                                  f"prompt position {i}")
-            key = vin.content_hash(stage=self.runner.is_cuda) if vin is not None else content_hash(pix, grid, spg)
+            # a pinned upload copy made while hashing (not under tensor parallelism: the prompt travels to the ranks)
+            stage = self.runner.is_cuda and self._tp is None
+            key = vin.content_hash(stage=stage) if vin is not None else content_hash(pix, grid, spg)
             items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None,
                                     vin.take_staged() if vin is not None else None))
             i += n
