@@ -35,7 +35,10 @@ MIX_STAGE1 = {"caption": 0.40, "ocr": 0.30, "spotting": 0.10, "grounding": 0.10,
 # Stage-3 row (long context): §4 plans long clips 40 %, multi-page documents 30 %, multi-step GUI 15 %, stage-2 mix
 # 15 %; no multi-page or multi-step generator exists yet, so their 45 % go to the stage-2 mix (60 % in all).
 MIX_STAGE3 = {"video_grounding_long": 0.20, "dense_caption_long": 0.20, **{t: 0.60 * v for t, v in MIX.items()}}
-MIXES = {1: MIX_STAGE1, 2: MIX, 3: MIX_STAGE3}
+# Stage-0 row (text, LLM only): §4 plans synthetic prompts/answers as text 50 % + an English corpus 50 %; no corpus is
+# bundled, so it is all synth.text (copying the prompt's words, the answer formats).
+MIX_STAGE0 = {"text": 1.0}
+MIXES = {0: MIX_STAGE0, 1: MIX_STAGE1, 2: MIX, 3: MIX_STAGE3}
 # `--mix video` (NANO_MIX=video): clips only, for the temporal-id ablation (§4): the two rules differ only on video,
 # and in the stage-2 mix video is 15 % of the tokens, too few for a model from random weights to read clips within
 # one call (§7, runs 5A/5F).
@@ -44,7 +47,7 @@ NAMED_MIXES = {"video": MIX_VIDEO}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
           "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
-          "video_grounding_long": 2500, "dense_caption_long": 3300,
+          "video_grounding_long": 2500, "dense_caption_long": 3300, "text": 62,
           # clips at 1, 2 or 4 fps in turn: the video part (~300 / ~330 tokens at 2 fps) x 7/6 on average (estimate)
           "video_grounding_dynamic_fps": 430, "dense_caption_dynamic_fps": 525}
 # `--video-fps dynamic` (NANO_VIDEO_FPS=dynamic): the clips of any mix sampled at 1, 2 or 4 fps (the report's dynamic
@@ -375,7 +378,7 @@ def main(argv=None) -> int:
     k.add_argument("--data", required=True)
     k.add_argument("--out", required=True)
     k.add_argument("--timings", default="", help="step=seconds,... for the summary")
-    k.add_argument("--stage", default="2", help="1, 2, 3, sft or dpo")
+    k.add_argument("--stage", default="2", help="0, 1, 2, 3, sft or dpo")
     k.add_argument("--init", default="", help="the model the run started from (empty: random weights)")
     k.add_argument("--arm", default="", help="'NAME: extra train args' of a NANO_ARMS arm (recorded in the summary)")
     c = sub.add_parser("compare")

@@ -408,3 +408,34 @@ def test_long_video_variants(tmp_path, monkeypatch):
                         continue
                     a = np.asarray(Image.open(os.path.join(out, media_of(rec)[j]))).astype(int)
                     assert ((np.abs(a - rgb).max(-1) < 45).sum() > 20) == visible, (e, t)
+
+
+def test_text_task_copies_what_the_prompt_names(tmp_path):
+    """synth.text (stage 0): deterministic; each answer carries exactly what the prompt names — the phrase to repeat,
+    the box (parsed back by the grounding parser, label included), the span (parsed by the video parser); not in
+    the training tasks of "all" (the vocabulary's corpus)."""
+    import json as _json
+
+    from qwenvl.tasks.grounding import parse_boxes
+    from qwenvl.tasks.video import parse_time_range
+
+    assert "text" not in synth.TASKS and "text" in synth.TEXT_TASKS
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    synth.generate(a, ["text"], 60, "train", 3)
+    synth.generate(b, ["text"], 60, "train", 3)
+    assert open(os.path.join(a, "text.jsonl")).read() == open(os.path.join(b, "text.jsonl")).read()
+    kinds = set()
+    for line in open(os.path.join(a, "text.jsonl")):
+        rec = _json.loads(line)
+        prompt, answer, meta = rec["messages"][0]["content"], rec["messages"][1]["content"], rec["meta"]
+        kinds.add(meta["kind"])
+        if meta["kind"] == "copy":
+            assert prompt == "Repeat exactly: " + meta["phrase"] and answer == meta["phrase"]
+        elif meta["kind"] == "box_json":
+            (box,) = parse_boxes(answer)
+            assert [box.x1, box.y1, box.x2, box.y2] == meta["box"] and box.label == meta["label"]
+            assert meta["label"] in prompt and all(f"{k}={v}" in prompt for k, v in zip(("x1", "y1", "x2", "y2"),
+                                                                                          meta["box"]))
+        else:
+            assert parse_time_range(answer) == tuple(meta["span"])
+    assert kinds == {"copy", "box_json", "span"}

@@ -277,3 +277,19 @@ def test_train_nano_script_sft_smoke(tmp_path):
     assert s["filter"]["records"] == s["data"]["records"] and s["tag"]["records"] == s["filter"]["kept"]
     assert s["score"]["records"] == s["tag"]["kept"] and s["score"]["scores"]["scored"] == 40
     assert s["train"]["steps"] >= 1
+
+
+def test_dry_run_text_stage_0():
+    """NANO_STAGE=0: text-only data (the stage-0 mix: synth.text), the LLM trains with the ViT and merger frozen, a
+    short generation step, and an eval narrowed to two tasks without the unseen-fps ones."""
+    steps, _ = _dry_run(NANO_STAGE="0")
+    cfg = _train_config(steps["train"])
+    assert cfg.freeze_vit and cfg.freeze_merger and not cfg.freeze_llm and cfg.model == "nano"
+    data = steps["data"]
+    assert data[data.index("--stage") + 1] == "0" and data[data.index("--seconds") + 1] == "6"
+    ev = [shlex.split(w)[0] for w in steps["eval"]]
+    assert ev[ev.index("--tasks") + 1] == "grounding,video_grounding" and "--add-tasks" not in ev
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_recipe
+
+    assert nano_recipe.round_counts(100_000, 0) == {"text": round(100_000 / nano_recipe.TOKENS["text"])}

@@ -44,6 +44,9 @@ TASKS = tuple(_TASKS)  # the training tasks ("all"; also the vocabulary's corpus
 VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption",
             "video_grounding_long": "video_grounding", "dense_caption_long": "dense_caption",
             "video_grounding_dynamic_fps": "video_grounding", "dense_caption_dynamic_fps": "dense_caption"}
+# Text-only conversations for stage 0 (synth.text; not in "all": the vocabulary's corpus is unchanged).
+TEXT_TASKS = ("text",)
+_TASKS["text"] = ("text", "gen_text")
 _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unseen_fps"),
                "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps"),
                "video_grounding_dynamic_fps": ("video", "gen_video_grounding_dynamic_fps"),
@@ -104,4 +107,4 @@ def generate(out_dir: str, tasks="all", n: int = 1000, split: str = "train", see
     return manifest
 
 
-__all__ = ["TASKS", "EVAL_TASKS", "VARIANTS", "SPLITS", "VERSION", "generate", "make_sample", "generator", "parse_tasks"]
+__all__ = ["TASKS", "EVAL_TASKS", "TEXT_TASKS", "VARIANTS", "SPLITS", "VERSION", "generate", "make_sample", "generator", "parse_tasks"]
