@@ -774,8 +774,8 @@ def release():
 
 def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
     """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
-    (no CUDA graphs, no Triton paged decode, no compiled decoder ops, padded SDPA instead of FlashAttention
-    varlen in the ViT) vs on.
+    (no CUDA graphs, no Triton paged decode, no compiled decoder ops, no RMSNorm / silu / residual inside the
+    GEMVs, padded SDPA instead of FlashAttention varlen in the ViT) vs on.
     `on`: the first tokens of the W4 run itself; the slow run is a fresh engine over the same weights and
     requests. Near-ties in bf16 make a few differ."""
     import qwenvl.layers as layers
@@ -789,6 +789,7 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
             llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False)
         llm.runner.use_triton = False
+        llm.runner.fused_gemv = False  # (on by default since 6e1fb99: the off run stays as it was before)
         # top-2 logprobs of the slow run: where a request parts, how close its two best tokens were there
         outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, logprobs=2, **greedy) for _ in prompts])
         off = [o.outputs[0].token_ids[:n_first] for o in outs]

@@ -27,6 +27,7 @@ import hashlib
 import math
 import threading
 import warnings
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -435,8 +436,6 @@ class VisionInput:
             # (a lone pin_memory() of a 1280x720 image is one more serial copy before its ViT can start); bounded by
             # STAGE_BUDGET_BYTES over the inputs not yet uploaded, past which the engine pins when it uploads
             if stage and torch.cuda.is_available() and _reserve_staged(data.numel()):
-                import weakref
-
                 try:
                     staged = torch.empty(data.shape, dtype=torch.uint8, pin_memory=True)
                 except Exception:

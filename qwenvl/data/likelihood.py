@@ -12,7 +12,7 @@ import torch
 
 
 @torch.no_grad()
-def answer_logprobs(model, encoder, samples: list, base_dir: str | None = None) -> list[dict]:
+def answer_logprobs(model, samples: list) -> list[dict]:
     """answer_logprob of several encoded samples (train.data.ChatEncoder.encode) in one packed forward pass: the
     samples back to back in one row, attention and MRoPE positions per sample (the trainer's packing), so each gets
     what it would alone (within the attention kernel's rounding)."""
@@ -38,7 +38,7 @@ def answer_logprobs(model, encoder, samples: list, base_dir: str | None = None) 
 
 def answer_logprob(model, encoder, record: dict, base_dir: str | None = None) -> dict:
     """{"logp_mean", "logp_sum", "n_tokens"} of the record's assistant tokens under `model`."""
-    return answer_logprobs(model, encoder, [encoder.encode(record, base_dir)])[0]
+    return answer_logprobs(model, [encoder.encode(record, base_dir)])[0]
 
 
 def score_samples(samples: list[tuple[dict, str]], model, encoder, pack_tokens: int = 16384,
@@ -53,7 +53,7 @@ def score_samples(samples: list[tuple[dict, str]], model, encoder, pack_tokens: 
     def flush():
         if not row:
             return
-        for (i, _), sc in zip(row, answer_logprobs(model, encoder, [smp for _, smp in row])):
+        for (i, _), sc in zip(row, answer_logprobs(model, [smp for _, smp in row])):
             out[i] = ({**out[i][0], "score": sc}, out[i][1])
         row.clear()
 

@@ -116,11 +116,11 @@ def gqa_prefill_ok(dtype: torch.dtype, device, kv_heads: int, heads: int, head_d
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         torch.cuda.synchronize(dev)
         if not err < 1e-2:
-            log.warning("varlen attention with grouped heads disagrees (rel err %.3g); heads are expanded", err)
+            log.warning("SDPA flash with grouped k/v heads disagrees (rel err %.3g); heads are expanded", err)
             return False
         return True
     except Exception as e:
-        log.warning("varlen attention with grouped heads unavailable (%s: %s)", type(e).__name__, e)
+        log.warning("SDPA flash with grouped k/v heads unavailable (%s: %s); heads are expanded", type(e).__name__, e)
         return False
 
 

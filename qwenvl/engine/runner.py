@@ -125,10 +125,9 @@ class ModelRunner:
                                            self.head_dim)
         # the decode kernel merges its splits itself up to a few splits (attention.fused_merge_max_splits), where its
         # probe passes; else a compiled merge after it
-        self.decode_merge_max_splits = 0
-        if self.use_triton and fused_merge_max_splits() and triton_decode_ok(
-                self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True):
-            self.decode_merge_max_splits = fused_merge_max_splits()
+        cap = fused_merge_max_splits()
+        self.decode_merge_max_splits = cap if cap and self.use_triton and triton_decode_ok(
+            self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True) else 0
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
