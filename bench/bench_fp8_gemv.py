@@ -294,6 +294,7 @@ def engine(a, R: dict, save) -> None:
     merge16 = {"QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS": "16"}  # the defaults, the splits merged in the kernel at batch 1
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
+    no_rope = {**fused, "QWENVL_GEMV_ROPE": "0"}  # the defaults but rotary + KV write after the q/k/v GEMV
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
     fused_pdl = {**fused, **pdl}
     variants = [("bf16", None, False, None, False, unfused)]
@@ -305,6 +306,7 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_rope_kv", None, False, None, True, rope_kv),
                      ("bf16_gemv_s32", None, False, None, True, splits32),
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
+                     ("bf16_gemv_no_rope", None, False, None, True, no_rope),
                      ("bf16_gemv", None, False, None, True, fused),
                      ("bf16_gemv_merge16", None, False, None, True, merge16),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
@@ -317,6 +319,7 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_rope_kv", "fp8", True, None, False, rope_kv),
                  ("fp8_gemv_s32", "fp8", True, None, False, splits32),
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
+                 ("fp8_gemv_no_rope", "fp8", True, None, False, no_rope),
                  ("fp8_gemv", "fp8", True, None, False, fused),
                  ("fp8_gemv_merge16", "fp8", True, None, False, merge16),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
@@ -347,7 +350,7 @@ def engine(a, R: dict, save) -> None:
                      "prompt_tokens": ids.shape[1], "init_s": t,
                      "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"],
                      "bf16_gemv": llm.stats().get("bf16_gemv"), "fused_gemv_layers": llm.runner._gemv_plan(1) is not None,
-                     "fused_rope_kv": llm.runner.fused_rope_kv,
+                     "fused_rope_kv": llm.runner.fused_rope_kv, "gemv_rope": llm.stats().get("gemv_rope"),
                      "decode_ahead_steps": llm.stats()["decode_ahead_steps"], "gemv_pdl": G.settings()["pdl"]}
                 graph = llm.runner.graphs.get(1)
                 if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work
@@ -460,7 +463,7 @@ def main(argv=None) -> int:
         fused = [v for k, v in R.get("engine", {}).items() if k in ("bf16_gemv", "fp8_gemv")]
         if fused:  # the default arms ran the fused decode layers (not a silent fallback after a failed probe)
             R["checks"]["fused_decode_in_use"] = all(v.get("fused_gemv_layers") and v.get("fused_rope_kv")
-                                                     for v in fused)
+                                                     and v.get("gemv_rope") for v in fused)
     ratio = R.get("w1_vs_bf16", {})
     if any(k.startswith("fp8_gemv") for k in ratio):
         R["issue7_target"] = {"target": TARGET, "fp8_gemv": ratio.get("fp8_gemv"),

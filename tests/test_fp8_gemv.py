@@ -344,6 +344,12 @@ def interpreter_fused_cases() -> list[dict]:
         out.append(dict(case=["rope_write_kv", heads, kv_heads, head_dim], dtype_ok=True, within_bound=True,
                         exact_frac=1.0, equal_to_eager=rope_write_kv_ok("cpu", torch.bfloat16, heads, kv_heads,
                                                                         head_dim)))
+    from qwenvl.engine.rope_kv import gemv_rope_ok
+    for heads, kv_heads, head_dim in ((4, 2, 16), (28, 4, 128)):  # the epilogue: bit-equal to GEMV + rope_write_kv
+        for wd in (torch.bfloat16, G.FP8):
+            out.append(dict(case=["gemv rope epilogue", heads, kv_heads, head_dim, str(wd)], dtype_ok=True,
+                            within_bound=True, exact_frac=1.0,
+                            equal_to_eager=gemv_rope_ok("cpu", torch.bfloat16, heads, kv_heads, head_dim, wd)))
     from qwenvl.engine import attention as A
     for heads, kv_heads, head_dim, bs in ((4, 2, 16, 4), (14, 2, 32, 8)):  # GQA groups of 2 and 7 (7B's)
         kp, vp = (torch.randn(41, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -388,6 +394,7 @@ def interpreter_fused_engine() -> dict:
 
     def spy(*a, **k):
         calls["prologue"] += k.get("norm_weight") is not None or bool(k.get("silu_mul"))
+        calls["rope"] = calls.get("rope", 0) + (k.get("rope") is not None)
         return real(*a, **k)
 
     G.gemv = spy
@@ -404,12 +411,14 @@ def interpreter_fused_engine() -> dict:
             r.fused_gemv = True
             G.fused_gemv_ok = lambda device, weight_dtype=torch.bfloat16: True  # its probe needs CUDA
             r.fused_rope_kv = rope_write_kv_ok("cpu", torch.bfloat16, r.heads, r.kv_heads, r.head_dim, 16)
+            r.gemv_rope = r.fused_rope_kv  # the rotary + KV write in the q/k/v GEMV's epilogue (its own probe)
             if silu_mul_ok("cpu", torch.bfloat16):  # the prefill steps' silu * up (the GEMV layers fuse decode's)
                 r.ops.silu_mul = silu_mul
         outs[fused] = [llm.generate([p], params)[0].outputs[0] for p in prompts]
         llm.shutdown()
         if fused:
             used = {"prologue_calls": calls["prologue"], "rope_kv": r.fused_rope_kv,
+                    "gemv_rope_calls": calls.get("rope", 0), "gemv_rope_plan": all(o[-1] for o in r._gemv_plan(1)),
                     "triton_silu": r.triton_silu,
                     "plan_m1": r._gemv_plan(1) is not None, "plan_m2": r._gemv_plan(2) is not None}
     return {"used": used, "outs": {str(k): [[o.token_ids, [{str(t): lp for t, lp in d.items()} for d in o.logprobs]]
@@ -429,7 +438,8 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     results = run_interpreter("--interpret-fused")
     bad = [r for r in results if not (r["within_bound"] and r["dtype_ok"] and r.get("equal_to_eager", True))]
     assert not bad, bad
-    assert sum("equal_to_eager" in r for r in results) >= 12
+    assert sum("equal_to_eager" in r for r in results) >= 16
+    assert sum(r["case"][0] == "gemv rope epilogue" for r in results) == 4
     assert sum(r["case"][0] == "paged decode, in-kernel merge" for r in results) == 6
     # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
     assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
@@ -444,6 +454,7 @@ def test_engine_fused_decode_layers_under_triton_interpreter():
     res = run_interpreter("--interpret-engine")
     u = res["used"]
     assert u["prologue_calls"] > 0 and u["rope_kv"] and u["triton_silu"] and u["plan_m1"] and not u["plan_m2"], u
+    assert u["gemv_rope_plan"] and u["gemv_rope_calls"] > 0, u
 
     def outs(key):
         return [types.SimpleNamespace(token_ids=t, logprobs=[{int(k): v for k, v in d.items()} for d in lps])
@@ -715,6 +726,34 @@ def test_gpu_fused_gemv_and_rope_kv_on_real_shapes():
             if res:
                 plain = G.gemv(x, q, scale, None, norm_weight=nw, eps=1e-6, silu_mul=kind == "silu")
                 assert torch.equal(y, plain + r), (fp8, N, K, kind)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads,hidden", [(16, 2, 2048), (28, 4, 3584), (64, 8, 8192)])
+def test_gpu_gemv_rope_epilogue_equals_gemv_then_rope_kv(heads, kv_heads, hidden):
+    """The q/k/v GEMV with the rotary + KV-write epilogue, at the 3B/7B/72B shapes with the config the engine
+    picks (bf16 and FP8 weights, RMSNorm prologue, bias): q and the pools bit-equal to the GEMV followed by
+    rope_write_kv; its probe passes."""
+    from qwenvl.engine.rope_kv import gemv_rope_ok, rope_write_kv
+
+    D = 128
+    N = (heads + 2 * kv_heads) * D
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for fp8 in (False, True):
+        assert gemv_rope_ok("cuda", torch.bfloat16, heads, kv_heads, D, G.FP8 if fp8 else torch.bfloat16)
+        w, scale, x, nw, _ = fused_case(1, N, hidden, "norm", False, fp8, g, device="cuda", bf16_std=0.02)
+        assert G.rope_route(1, N, hidden, heads, kv_heads, D, "cuda", w.element_size())
+        bias = torch.randn(N, generator=g, device="cuda").to(torch.bfloat16)
+        ang = torch.randn(1, D, generator=g, device="cuda") * 50
+        cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+        slots = torch.tensor([37], device="cuda")
+        pools = [torch.zeros(4, 16, kv_heads, D, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+        q = G.gemv(x, w, scale, bias, norm_weight=nw, rope=(cos, sin, slots, pools[0], pools[1], heads, kv_heads, D))
+        y = G.gemv(x, w, scale, bias, norm_weight=nw)
+        want = rope_write_kv(y, cos, sin, slots, pools[2], pools[3], heads, kv_heads, D)
+        assert torch.equal(q, want) and torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3]), fp8
+        assert pools[0].abs().sum() > 0 and pools[1].abs().sum() > 0
 
 
 @pytest.mark.gpu

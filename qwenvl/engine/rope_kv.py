@@ -10,6 +10,8 @@ q*cos and rotate_half(q)*sin each rounded to the model dtype, then their sum rou
 two); the runner uses it, where that passed, for every step (QWENVL_FUSED_ROPE_KV=0 turns it off): decode steps and
 mixed steps on the varlen plan read their keys from the pools; a lone prefill chunk's attention reads the chunk's
 own k and v, which the kernel then also writes out contiguous (`kv_out`).
+`gemv_rope_ok` checks the same work done in the epilogue of the q/k/v GEMV (fp8_gemv.gemv(..., rope=...): one kernel
+less per layer in batch-1 decode) against the GEMV followed by this kernel, bit for bit.
 Runs under TRITON_INTERPRET=1 on CPU tensors for the tests.
 """
 
@@ -19,6 +21,7 @@ import logging
 
 import torch
 
+from ..quant import fp8_gemv
 from ..quant.fp8_gemv import HAVE_TRITON, interpreting, pdl_enabled, tl, triton
 from .attention import write_kv
 from .fused import split_rope_qkv
@@ -155,4 +158,57 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
     except Exception as e:  # compile or launch failure
         log.warning("fused rotary + KV write unavailable (%s: %s)", type(e).__name__, e)
     _OK[key] = ok
+    return ok
+
+
+_GEMV_OK: dict[tuple, bool] = {}
+
+
+def gemv_rope_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, weight_dtype: torch.dtype,
+                 block_size: int = 16, K: int = 96) -> bool:
+    """Whether fp8_gemv.gemv(..., rope=...) runs here and equals gemv() then rope_write_kv bit for bit (random
+    weights of `weight_dtype`, bias, the RMSNorm prologue, one decode row; once per shape; synchronises)."""
+    dev = torch.device(device)
+    key = (str(dev), dtype, heads, kv_heads, head_dim, weight_dtype, block_size)
+    if key in _GEMV_OK:
+        return _GEMV_OK[key]
+    ok = False
+    gemv_runs = interpreting() if dev.type != "cuda" else fp8_gemv.gemv_ok(dev, weight_dtype)  # CPU: the tests
+    if gemv_runs and rope_write_kv_ok(dev, dtype, heads, kv_heads, head_dim, block_size):
+        try:
+            g = torch.Generator(device=dev).manual_seed(1)
+            N = (heads + 2 * kv_heads) * head_dim
+            w = torch.randn(N, K, generator=g, device=dev) * 0.1
+            scale = None
+            if weight_dtype == fp8_gemv.FP8:
+                scale = w.abs().amax(1) / 448.0
+                w = (w / scale[:, None]).to(weight_dtype)
+            else:
+                w = w.to(weight_dtype)
+            bias = torch.randn(N, generator=g, device=dev).to(dtype)
+            x = torch.randn(1, K, generator=g, device=dev).to(dtype)
+            nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(dtype)
+            ang = torch.randn(1, head_dim, generator=g, device=dev) * 3
+            cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+            slots = torch.tensor([5], device=dev)
+            pools = [torch.zeros(2, block_size, kv_heads, head_dim, dtype=dtype, device=dev) for _ in range(4)]
+            cfg = fp8_gemv.pick_config(1, N, K, fp8_gemv.num_sms(dev), w.element_size())
+            split = fp8_gemv.normalize_split(-(-K // cfg.block_k), cfg.split_k)[0]
+            if fp8_gemv.rope_unsupported(cfg, split, N, heads, kv_heads, head_dim):
+                cfg = fp8_gemv.GemvConfig(8, 32, 1, 4, 1, False, 16 // w.element_size())  # a config the epilogue takes
+            q = fp8_gemv.gemv(x, w, scale, bias, cfg, norm_weight=nw,
+                              rope=(cos, sin, slots, pools[0], pools[1], heads, kv_heads, head_dim))
+            y = fp8_gemv.gemv(x, w, scale, bias, cfg, norm_weight=nw)
+            want = rope_write_kv(y, cos, sin, slots, pools[2], pools[3], heads, kv_heads, head_dim)
+            diffs = {name: int((a != b).sum()) for name, a, b in (("q", q, want), ("k", pools[0], pools[2]),
+                                                                     ("v", pools[1], pools[3]))}
+            ok = not any(diffs.values())
+            if not ok:
+                log.warning("q/k/v GEMV with the rotary + KV write epilogue differs from the two kernels (elements "
+                            "differing: %s); not using it", diffs)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        except Exception as e:  # compile or launch failure
+            log.warning("q/k/v GEMV with the rotary + KV write epilogue unavailable (%s: %s)", type(e).__name__, e)
+    _GEMV_OK[key] = ok
     return ok

@@ -38,7 +38,7 @@ from .attention import (decode_attention_gather, decode_attention_triton, fused_
                         num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
                         varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
-from .rope_kv import rope_write_kv, rope_write_kv_ok
+from .rope_kv import gemv_rope_ok, rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
 from .scheduler import ScheduledChunk
 from .sequence import Sequence, VisionItem
@@ -132,6 +132,9 @@ class ModelRunner:
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
                                                    block_size))
+        # batch-1 decode rotates q/k and stores k/v in the q/k/v GEMV's epilogue (fp8_gemv.gemv(rope=...)) where
+        # its probe passes: one kernel less per layer; QWENVL_GEMV_ROPE=0 keeps rope_write_kv after the GEMV
+        self.gemv_rope = self.fused_rope_kv and env_flag("QWENVL_GEMV_ROPE", True)
         self.kv: PagedKVCache | None = None
         self.tp = None  # engine.spmd.TPChannel under tensor parallelism (set by the engine)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -271,11 +274,16 @@ class ModelRunner:
         before q/k/v and gate/up, silu * up before down, the residual adds after o and down. Same maths; the
         normalised input is not rounded to the model dtype before the matmul (the rest is rounded as eagerly)."""
         layer = self.layers[i].module
-        qkv_w, o_w, gu_w, down_w = operands
+        qkv_w, o_w, gu_w, down_w, rope = operands
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         N = h.shape[0]
-        q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin, slots,
-                                   keys_from_pools)
+        if rope and keys_from_pools:  # rotary + KV write in the q/k/v GEMV's epilogue
+            q = fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps, rope=(
+                cos, sin, slots, self.kv.k[i], self.kv.v[i], self.heads, self.kv_heads, self.head_dim))
+            k = v = None
+        else:
+            q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin,
+                                       slots, keys_from_pools)
         h = fp8_gemv.gemv(attend(i, q, k, v).reshape(N, self.heads * self.head_dim), *o_w, residual=h)
         gu = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps)
         if not self.fused_gemv_silu:
@@ -284,8 +292,9 @@ class ModelRunner:
 
     def _gemv_plan(self, rows: int) -> list | None:
         """Per layer the (weight, scale, bias) of qkv, o, gate/up and down when all of them run the GEMV kernel at
-        `rows` rows (fp8_gemv's switches and probes as they stand) and its fused prologues passed their probe;
-        else None. Cached per (rows, switches)."""
+        `rows` rows (fp8_gemv's switches and probes as they stand) and its fused prologues passed their probe, and
+        whether q/k/v's GEMV takes the rotary + KV-write epilogue (gemv_rope); else None. Cached per (rows,
+        switches)."""
         if not self.fused_gemv or rows != 1:  # the prologues run in the kernel on its M = 1 (FMA) path only
             return None
         key = (rows, tuple(sorted(fp8_gemv.settings().items())))
@@ -297,7 +306,13 @@ class ModelRunner:
                 if any(o is None or not fp8_gemv.fused_gemv_ok(self.device, o[0].dtype) for o in ops):
                     plan = None
                     break
-                plan.append(ops)
+                w = ops[0][0]
+                rope = (self.gemv_rope and fp8_gemv.rope_route(rows, w.shape[0], w.shape[1], self.heads,
+                                                               self.kv_heads, self.head_dim, self.device,
+                                                               w.element_size())
+                        and gemv_rope_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim, w.dtype,
+                                         self.block_size))
+                plan.append(ops + [rope])
             self._gemv_plans[key] = plan
         return self._gemv_plans[key]
 

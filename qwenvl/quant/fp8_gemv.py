@@ -196,6 +196,30 @@ def pick_config(M: int, N: int, K: int, num_sms: int = 132, weight_bytes: int = 
     return GemvConfig(bn, bk, auto_split(M, N, K, bn, bk, dot, num_sms), warps, stages, dot)
 
 
+def rope_unsupported(cfg: GemvConfig, split: int, N: int, heads: int, kv_heads: int, head_dim: int,
+                     residual: bool = False) -> str:
+    """Why gemv's rope epilogue cannot run with this config and shape ('' when it can): it needs the FMA path
+    without split-K, whole heads of an even tile's halves, and no residual."""
+    half = cfg.block_n // 2
+    if cfg.use_dot or split > 1:
+        return "needs the FMA path without split-K"
+    if N != (heads + 2 * kv_heads) * head_dim:
+        return f"output {N} is not (heads {heads} + 2 x kv_heads {kv_heads}) x head_dim {head_dim}"
+    if residual:
+        return "takes no residual"
+    if cfg.block_n % 2 or head_dim % 2 or (head_dim // 2) % half:
+        return f"tile of {cfg.block_n} rows does not split head_dim {head_dim} into rotary halves"
+    return ""
+
+
+def rope_route(rows: int, N: int, K: int, heads: int, kv_heads: int, head_dim: int, device,
+               weight_bytes: int) -> bool:
+    """Whether gemv(..., rope=...) runs for `rows` input rows with the config gemv would pick (no set config)."""
+    cfg = pick_config(rows, N, K, num_sms(device), weight_bytes)
+    split = normalize_split(-(-K // cfg.block_k), cfg.split_k)[0]
+    return not rope_unsupported(cfg, split, N, heads, kv_heads, head_dim)
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -208,21 +232,78 @@ def num_sms(device) -> int:
 
 # ---------------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # older triton
+        from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _mul_rn(a, b, EXACT: tl.constexpr):
+        """a * b rounded on its own: never contracted into an FMA with a later add (CUDA's __fmul_rn; triton's
+        interpreter, which has no libdevice, never contracts)."""
+        if EXACT:
+            return libdevice.mul_rn(a, b)
+        else:
+            return a * b
+
+    @triton.jit
+    def _rope_store(y, pid_n, m, COS, SIN, SLOTS, QO, KP, VP, stride_cs, BLOCK_N: tl.constexpr, RH: tl.constexpr,
+                    RKV: tl.constexpr, RD: tl.constexpr, EXACT: tl.constexpr):
+        """The ROPE epilogue: y [BLOCK_N] (rounded) holds dims d..d+BLOCK_N/2 of one head, then the same dims + RD/2
+        (the rotary partners: the tile's rows were chosen so); q/k heads rotated as DecoderOps.rope_qkv rounds
+        (x*cos and rotate_half(x)*sin each rounded, then their sum), q to QO [M, RH, RD], k and v to their pools
+        [blocks * block_size, RKV, RD] at SLOTS[m]."""
+        lo, hi = tl.split(tl.trans(tl.reshape(y, [2, BLOCK_N // 2])))
+        p0 = pid_n * (BLOCK_N // 2)
+        hd = p0 // (RD // 2)  # the tile's head: q heads, then k heads, then v heads
+        d_lo = p0 % (RD // 2) + tl.arange(0, BLOCK_N // 2)
+        d_hi = d_lo + RD // 2
+        if hd < RH + RKV:
+            dt = lo.dtype
+            c_lo = tl.load(COS + m * stride_cs + d_lo).to(tl.float32)
+            c_hi = tl.load(COS + m * stride_cs + d_hi).to(tl.float32)
+            s_lo = tl.load(SIN + m * stride_cs + d_lo).to(tl.float32)
+            s_hi = tl.load(SIN + m * stride_cs + d_hi).to(tl.float32)
+            lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+            new_lo = (_mul_rn(lo_f, c_lo, EXACT).to(dt).to(tl.float32)
+                      + _mul_rn(-hi_f, s_lo, EXACT).to(dt).to(tl.float32)).to(dt)
+            new_hi = (_mul_rn(hi_f, c_hi, EXACT).to(dt).to(tl.float32)
+                      + _mul_rn(lo_f, s_hi, EXACT).to(dt).to(tl.float32)).to(dt)
+            if hd < RH:
+                dst = QO + (m * RH + hd) * RD
+            else:
+                dst = KP + (tl.load(SLOTS + m).to(tl.int64) * RKV + (hd - RH)) * RD
+            tl.store(dst + d_lo, new_lo)
+            tl.store(dst + d_hi, new_hi)
+        else:
+            dst = VP + (tl.load(SLOTS + m).to(tl.int64) * RKV + (hd - RH - RKV)) * RD
+            tl.store(dst + d_lo, lo)
+            tl.store(dst + d_hi, hi)
 
     @triton.jit(do_not_specialize=["M", "stride_ym", "stride_rm"])
     def _fp8_gemv_kernel(X, W, S, Bias, Y, WS, G, R, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, k_per_split,
-                         eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         eps, COS, SIN, SLOTS, QO, KP, VP, stride_cs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                          USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
                          HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False,
-                         VEC: tl.constexpr = 1):
+                         VEC: tl.constexpr = 1, ROPE: tl.constexpr = False, RH: tl.constexpr = 1,
+                         RKV: tl.constexpr = 1, RD: tl.constexpr = 2, EXACT_MUL: tl.constexpr = False):
         # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
         # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
         # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
+        # ROPE (FMA path, no split): the output is a fused q/k/v projection of RH + 2 RKV heads of RD dims; a tile
+        # takes dims d..d+BLOCK_N/2 of a head and their rotary partners d+RD/2.. (a row's sum does not depend on
+        # where it sits in the tile: the same values as the plain kernel), and _rope_store writes rotated q and k
+        # and v where decode wants them instead of Y: the rotary + KV-write kernel after the GEMV, folded in.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            r = tl.arange(0, BLOCK_N)
+            pair = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+            offs_n = (pair // (RD // 2)) * RD + pair % (RD // 2) + (r // (BLOCK_N // 2)) * (RD // 2)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1)  # clamped: loads need no row mask, the store has one
         offs_k = tl.arange(0, BLOCK_K)
         k_start = pid_k * k_per_split
@@ -329,7 +410,11 @@ if HAVE_TRITON:
             y = y.to(Y.dtype.element_ty)
             if HAS_RES:
                 y = (y.to(tl.float32) + tl.load(R + res_offs, mask=ok, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
-            tl.store(Y + out_offs, y, mask=ok)
+            if ROPE:
+                _rope_store(y, pid_n, pid_m.to(tl.int64), COS, SIN, SLOTS, QO, KP, VP, stride_cs, BLOCK_N, RH, RKV,
+                            RD, EXACT_MUL)
+            else:
+                tl.store(Y + out_offs, y, mask=ok)
         else:
             tl.store(WS + ws_offs, y, mask=ok)
 
@@ -436,7 +521,8 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-         silu_mul: bool = False, residual: torch.Tensor | None = None, _pipeline: bool | None = None) -> torch.Tensor:
+         silu_mul: bool = False, residual: torch.Tensor | None = None, rope: tuple | None = None,
+         _pipeline: bool | None = None) -> torch.Tensor:
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
     required) or weights of x's dtype (bf16/fp16; scale optional).
 
@@ -445,6 +531,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
                        dtype first (the row's rstd is taken from the same loads and applied once per output);
       silu_mul:        x is [..., 2K], the input is silu(x[..., :K]) * x[..., K:] rounded as F.silu(g) * u rounds;
       residual [..., N]: returns residual + y, y rounded first (the layer's residual add, rounded as eager).
+      rope (cos, sin, slots, k_pool, v_pool, heads, kv_heads, head_dim): y is a fused q/k/v projection; returns q
+                       [M, heads, head_dim] rotated, and writes k (rotated) and v to the pools [blocks, block_size,
+                       kv_heads, head_dim] at slots [M]: rope_kv.rope_write_kv's work in the GEMV's epilogue (cos,
+                       sin [M, head_dim]; FMA path without split-K only: rope_route says when it applies).
     The prologues run in the kernel on its FMA path (M = 1 by default); on the DOT path they run as torch ops
     before it (same results as eager). _pipeline (tests): the FMA loop that loads each weight tile one iteration
     ahead, which programmatic dependent launch uses (None: with it)."""
@@ -497,12 +587,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         r = residual.reshape(M, N)
         if r.stride(-1) != 1:
             r = r.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y.view(*lead, N)
     bk = cfg.block_k
     k_blocks = -(-K // bk)
     split, per = normalize_split(k_blocks, cfg.split_k)
+    rope_kw, rope_args = {}, (s, s, s, s, s, s, 0)  # valid pointers, never read
+    if rope is not None:
+        cos, sin, slots, k_pool, v_pool, H, KV, D = rope
+        why = rope_unsupported(cfg, split, N, H, KV, D, residual is not None)
+        if why:
+            raise ValueError(f"gemv: rope epilogue: {why}")
+        cos, sin = cos.reshape(M, D), sin.reshape(M, D)
+        if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride(0) != sin.stride(0):
+            cos, sin = cos.contiguous(), sin.contiguous()
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()) or k_pool.shape[-2:] != (KV, D):
+            raise ValueError(f"gemv: rope epilogue: the KV pools must be contiguous [..., {KV}, {D}]")
+        q = torch.empty(M, H, D, dtype=x.dtype, device=x.device)
+        rope_args = (cos, sin, slots, q, k_pool, v_pool, cos.stride(0))
+        rope_kw = {"ROPE": True, "RH": H, "RKV": KV, "RD": D, "EXACT_MUL": not interpret}
+    y = q if rope is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y if rope is not None else y.view(*lead, N)
     k_per_split = per * bk
     even_k = K % bk == 0
     block_m = 16 if cfg.use_dot else 1
@@ -519,10 +623,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
             raise ValueError(f"gemv: vec {cfg.vec} does not divide block_k {bk}")
         kw["VEC"] = cfg.vec
     _fp8_gemv_kernel[grid](x2, weight, s, b, y, ws, g, r, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-                           r.stride(0) if has_res else 0, k_per_split, float(eps), BLOCK_M=block_m,
+                           r.stride(0) if has_res else 0, k_per_split, float(eps), *rope_args, BLOCK_M=block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
                            USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw,
-                           **pdl_kw, **pipe_kw)
+                           **pdl_kw, **pipe_kw, **rope_kw)
+    if rope is not None:
+        return y
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4}
@@ -763,4 +869,4 @@ def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 
 
 __all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bf16_route", "bytes_moved", "error_bound",
            "fp8_gemv", "fp8_route", "fused_gemv_ok", "gemv", "gemv_ok", "pick_config", "prologue_reference",
-           "reference", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv", "use_gemv", "wrap_linear"]
+           "reference", "rope_route", "rope_unsupported", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv", "use_gemv", "wrap_linear"]
