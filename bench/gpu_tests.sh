@@ -5,5 +5,5 @@
 set -u
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 timeout "${GPU_TESTS_TIMEOUT:-540}" "${PY:-python3}" -m pytest -m gpu -q -rfEs --durations=10 --junitxml="$OUT/gpu_tests.xml" \
-  tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_train_cuda.py tests/test_fp8_gemv.py "$@" \
+  ${GPU_TEST_FILES:-tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_train_cuda.py tests/test_fp8_gemv.py} "$@" \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -40

@@ -350,6 +350,14 @@ def interpreter_fused_cases() -> list[dict]:
             out.append(dict(case=["gemv rope epilogue", heads, kv_heads, head_dim, str(wd)], dtype_ok=True,
                             within_bound=True, exact_frac=1.0,
                             equal_to_eager=gemv_rope_ok("cpu", torch.bfloat16, heads, kv_heads, head_dim, wd)))
+    from qwenvl.engine.l2_prefetch import l2_prefetch, sink_for
+    for shape, dt in (((300, 77), torch.bfloat16), ((1000, 64), G.FP8)):  # reads every word once (the sums say so)
+        w = torch.randn(*shape, generator=g).to(dt)
+        sink = sink_for("cpu")
+        l2_prefetch(w, sink)
+        want = int(w.reshape(-1).view(torch.uint8).view(torch.int32).long().sum())
+        out.append(dict(case=["l2_prefetch", list(shape), str(dt)], dtype_ok=True, within_bound=True, exact_frac=1.0,
+                        equal_to_eager=int(sink.sum()) == want and bool((sink != 0).sum() > 1)))
     from qwenvl.engine import attention as A
     for heads, kv_heads, head_dim, bs in ((4, 2, 16, 4), (14, 2, 32, 8)):  # GQA groups of 2 and 7 (7B's)
         kp, vp = (torch.randn(41, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16) for _ in range(2))
@@ -822,6 +830,39 @@ def test_gpu_engine_with_pdl_equals_without(monkeypatch):
             alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
             batched = [o.outputs[0] for o in llm.generate(prompts, params)]
             outs[pdl] = [(o.token_ids, o.logprobs) for o in alone + batched]
+            llm.shutdown()
+        finally:
+            G.set_enabled(**old)
+    assert outs[True] == outs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_l2_prefetch_and_gemv_rope_equal_without(monkeypatch):
+    """The engine with o_proj's weights prefetched into L2 on a side stream during batch-1 attention (a parallel
+    branch of the decode CUDA graphs) and with the rotary + KV write in the q/k/v GEMV's epilogue: the same tokens
+    and logprobs, bit for bit, as with both off (neither changes the arithmetic), batch 1 and batched."""
+    import qwenvl
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.model import Qwen25VL
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
+    prompts = random_token_prompts(6, seed=5)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setenv("QWENVL_L2_PREFETCH", "1" if on else "0")
+        monkeypatch.setenv("QWENVL_GEMV_ROPE", "1" if on else "0")
+        old = G.set_enabled(bf16_enabled=True, bf16_max_m=1)
+        try:
+            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
+            st = llm.stats()
+            assert st["fused_gemv_layers"] and st["cuda_graph_batch_sizes"] and st["gemv_rope"] == on, st
+            assert (llm.runner.l2_prefetch is not None) == on
+            alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+            batched = [o.outputs[0] for o in llm.generate(prompts, params)]
+            outs[on] = [(o.token_ids, o.logprobs) for o in alone + batched]
             llm.shutdown()
         finally:
             G.set_enabled(**old)
