@@ -813,27 +813,33 @@ def test_gpu_engine_with_pdl_equals_without(monkeypatch):
     without, bit for bit (the launches change, not the arithmetic), batch 1 and batched."""
     if not G.pdl_ok("cuda"):
         pytest.skip("needs compute capability 9.0+ and triton's griddepcontrol")
+    monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
+    outs = {pdl: tiny_engine_outputs(4, {"pdl": pdl}) for pdl in (True, False)}
+    assert outs[True] == outs[False]
+
+
+def tiny_engine_outputs(seed: int, gemv_settings: dict, check=None) -> list:
+    """(token ids, logprobs) of 6 random-token prompts, each alone then all batched, greedy, on the tiny bf16 model
+    in an engine with the bf16 GEMV at batch 1 and fp8_gemv.set_enabled(**gemv_settings); check(llm) runs first."""
     import qwenvl
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.model import Qwen25VL
 
     model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
-    prompts = random_token_prompts(6, seed=4)
+    prompts = random_token_prompts(6, seed=seed)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
-    monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
-    outs = {}
-    for pdl in (True, False):
-        old = G.set_enabled(bf16_enabled=True, bf16_max_m=1, pdl=pdl)
-        try:
-            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
-            assert llm.stats()["fused_gemv_layers"] and llm.stats()["cuda_graph_batch_sizes"]
-            alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
-            batched = [o.outputs[0] for o in llm.generate(prompts, params)]
-            outs[pdl] = [(o.token_ids, o.logprobs) for o in alone + batched]
-            llm.shutdown()
-        finally:
-            G.set_enabled(**old)
-    assert outs[True] == outs[False]
+    old = G.set_enabled(bf16_enabled=True, bf16_max_m=1, **gemv_settings)
+    try:
+        llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
+        assert llm.stats()["fused_gemv_layers"] and llm.stats()["cuda_graph_batch_sizes"], llm.stats()
+        if check is not None:
+            check(llm)
+        alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
+        batched = [o.outputs[0] for o in llm.generate(prompts, params)]
+        llm.shutdown()
+    finally:
+        G.set_enabled(**old)
+    return [(o.token_ids, o.logprobs) for o in alone + batched]
 
 
 @pytest.mark.gpu
@@ -842,30 +848,16 @@ def test_gpu_engine_l2_prefetch_and_gemv_rope_equal_without(monkeypatch):
     """The engine with o_proj's weights prefetched into L2 on a side stream during batch-1 attention (a parallel
     branch of the decode CUDA graphs) and with the rotary + KV write in the q/k/v GEMV's epilogue: the same tokens
     and logprobs, bit for bit, as with both off (neither changes the arithmetic), batch 1 and batched."""
-    import qwenvl
-    from qwenvl.engine import LLM, SamplingParams
-    from qwenvl.model import Qwen25VL
-
-    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, device="cuda", seed=0)
-    prompts = random_token_prompts(6, seed=5)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
     monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
     outs = {}
     for on in (True, False):
         monkeypatch.setenv("QWENVL_L2_PREFETCH", "1" if on else "0")
         monkeypatch.setenv("QWENVL_GEMV_ROPE", "1" if on else "0")
-        old = G.set_enabled(bf16_enabled=True, bf16_max_m=1)
-        try:
-            llm = LLM(model, num_blocks=1024, block_size=16, max_num_seqs=16)
-            st = llm.stats()
-            assert st["fused_gemv_layers"] and st["cuda_graph_batch_sizes"] and st["gemv_rope"] == on, st
-            assert (llm.runner.l2_prefetch is not None) == on
-            alone = [llm.generate([p], params)[0].outputs[0] for p in prompts]
-            batched = [o.outputs[0] for o in llm.generate(prompts, params)]
-            outs[on] = [(o.token_ids, o.logprobs) for o in alone + batched]
-            llm.shutdown()
-        finally:
-            G.set_enabled(**old)
+
+        def check(llm, on=on):
+            assert llm.stats()["gemv_rope"] == on and (llm.runner.l2_prefetch is not None) == on, llm.stats()
+
+        outs[on] = tiny_engine_outputs(5, {}, check)
     assert outs[True] == outs[False]
 
 
