@@ -387,6 +387,41 @@ def test_too_long_prompt_and_bad_arguments_rejected(model):
     assert out.finish_reason == "length" and len(out.token_ids) == 12
 
 
+def test_prompt_positions_equal_mrope_positions(model):
+    """encode_prompt builds MRoPE positions from the blocks it found (rope.positions_from_blocks), not by scanning
+    the prompt again: the same ids and rope delta as rope.mrope_positions (itself checked against transformers in
+    test_model.py) for text, one or two images and videos at several fps, with absolute and frame temporal ids;
+    pads that do not follow <|vision_start|> are refused."""
+    import dataclasses
+
+    from qwenvl.rope import mrope_positions
+
+    rng = random.Random(11)
+    for temporal in ("absolute", "frame"):
+        m = model if temporal == "absolute" else type(model).__new__(type(model))
+        if temporal == "frame":
+            m.__dict__.update(model.__dict__)
+            m.config = dataclasses.replace(model.config, mrope_temporal="frame")
+        llm = LLM(m, num_blocks=64, block_size=16)
+        for seed in range(12):
+            prompt, _ = make_request(rng, seed)
+            got = llm.encode_prompt(prompt)
+            c = m.config
+            want, delta = mrope_positions(
+                torch.tensor([prompt["prompt_token_ids"]]), None, [g for _, g in prompt["images"]] or None,
+                [g for _, g, _ in prompt["videos"]] or None, [s for _, _, s in prompt["videos"]] or None,
+                image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+                vision_start_token_id=c.vision_start_token_id, spatial_merge_size=c.vision.spatial_merge_size,
+                tokens_per_second=c.vision.tokens_per_second, temporal=temporal)
+            if got.items:
+                assert torch.equal(got.positions, want[:, 0]) and got.rope_delta == int(delta), (temporal, seed)
+        llm.shutdown()
+    llm = LLM(model, num_blocks=64, block_size=16)
+    grid = (1, 4, 4)
+    with pytest.raises(InputError, match="vision start"):
+        llm.encode_prompt({"prompt_token_ids": [1, 2] + [IMG] * 4 + [VE], "images": [(pixels(grid, 0), grid)]})
+
+
 def test_bench_divergence_margin_reads_the_slow_runs_top_two():
     """bench.py's fast-paths check, where a W4 request's tokens part: the slow run's gap between its two best
     logprobs at that position, and whether the fast run took the second (a near tie bf16 rounding can flip)."""
