@@ -294,8 +294,7 @@ def engine(a, R: dict, save) -> None:
     merge16 = {"QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS": "16"}  # the defaults, the splits merged in the kernel at batch 1
     no_silu = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "0"}
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
-    no_rope = {**fused, "QWENVL_GEMV_ROPE": "0"}
-    l2 = {**fused, "QWENVL_L2_PREFETCH": "1"}  # the defaults + o_proj's weights read into L2 during attention  # the defaults but rotary + KV write after the q/k/v GEMV
+    no_rope = {**fused, "QWENVL_GEMV_ROPE": "0"}  # the defaults but rotary + KV write after the q/k/v GEMV
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
     fused_pdl = {**fused, **pdl}
     variants = [("bf16", None, False, None, False, unfused)]
@@ -309,7 +308,6 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_no_silu", None, False, None, True, no_silu),
                      ("bf16_gemv_no_rope", None, False, None, True, no_rope),
                      ("bf16_gemv", None, False, None, True, fused),
-                     ("bf16_gemv_l2", None, False, None, True, l2),
                      ("bf16_gemv_merge16", None, False, None, True, merge16),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
                      ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
@@ -323,7 +321,6 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_no_silu", "fp8", True, None, False, no_silu),
                  ("fp8_gemv_no_rope", "fp8", True, None, False, no_rope),
                  ("fp8_gemv", "fp8", True, None, False, fused),
-                 ("fp8_gemv_l2", "fp8", True, None, False, l2),
                  ("fp8_gemv_merge16", "fp8", True, None, False, merge16),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]

@@ -30,7 +30,7 @@ keys = ("w1_decode_tok_s", "w2_ttft_new_image_ms", "w2_ttft_new_image_2_ms", "w2
 print(json.dumps({**{k: e.get(k) for k in keys}, **{k: v for k, v in e.items() if k.startswith(("w2_ttft", "w2_other", "w2_of"))}}, indent=1))
 PY
   timeout "${FP8_TIMEOUT:-240}" python bench/bench_fp8_gemv.py --shape "$SHAPE" --out "$OUT" --sections engine \
-    --variants ${W1_ARMS:-bf16,bf16_gemv_no_rope,bf16_gemv,bf16_gemv_l2,bf16_gemv_merge16,fp8_gemv_no_rope,fp8_gemv,fp8_gemv_l2,fp8_gemv_merge16} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
+    --variants ${W1_ARMS:-bf16,bf16_gemv_no_rope,bf16_gemv,bf16_gemv_merge16,fp8_gemv_no_rope,fp8_gemv,fp8_gemv_merge16} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
   echo "bench_fp8_gemv.py rc=$?"; grep "^W1\|target" "$OUT/fp8_gemv.log"
   # the kernels' tests first (the newest changes are there), then the rest as far as the limit goes
   GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_fp8_gemv.py tests/test_engine_cuda.py tests/test_vision_cuda.py tests/test_train_cuda.py"} \

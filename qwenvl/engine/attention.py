@@ -265,18 +265,19 @@ try:
                 # one query head at a time, all its splits in one load each ([MAX_SPLITS] m and l, [MAX_SPLITS,
                 # HEAD_DIM] partial sums): the heads' loads are independent, so they overlap (the first version
                 # walked the splits one load after another: at 16 splits slower than the separate merge)
-                s = tl.arange(0, MAX_SPLITS)
-                s_ok = s < num_splits
+                # (names of their own: triton refuses a name that the branch gives another shape than before it)
+                mg_s = tl.arange(0, MAX_SPLITS)
+                mg_ok = mg_s < num_splits
                 for gi in tl.static_range(GROUP):
-                    head = kvh * GROUP + gi
-                    ml = b * stride_m_b + head * stride_m_h + s
-                    m_s = tl.load(M + ml, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(L + ml, mask=s_ok, other=0.0, cache_modifier=".cg")
-                    a_s = tl.load(Acc + b * stride_acc_b + head * stride_acc_h + s[:, None] * stride_acc_s
-                                  + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
-                    w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
-                    o = tl.sum(a_s * w[:, None], 0) / tl.sum(l_s * w, 0)
-                    tl.store(Out + b * stride_o_b + head * stride_o_h + d, o.to(Out.dtype.element_ty))
+                    mg_head = kvh * GROUP + gi
+                    mg_ml = b * stride_m_b + mg_head * stride_m_h + mg_s
+                    m_s = tl.load(M + mg_ml, mask=mg_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(L + mg_ml, mask=mg_ok, other=0.0, cache_modifier=".cg")
+                    a_s = tl.load(Acc + b * stride_acc_b + mg_head * stride_acc_h + mg_s[:, None] * stride_acc_s
+                                  + d[None, :], mask=mg_ok[:, None], other=0.0, cache_modifier=".cg")
+                    mg_w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
+                    mg_o = tl.sum(a_s * mg_w[:, None], 0) / tl.sum(l_s * mg_w, 0)
+                    tl.store(Out + b * stride_o_b + mg_head * stride_o_h + d, mg_o.to(Out.dtype.element_ty))
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
 
     HAVE_TRITON = True

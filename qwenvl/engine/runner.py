@@ -31,14 +31,13 @@ from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
 from ..quant.fp8 import fuse_linears
 from ..quant import fp8_gemv
-from ..quant.fp8_gemv import HAVE_TRITON, GemvLinear, wrap_linear
+from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_max_splits, gqa_prefill_ok,
                         num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
                         varlen_prefill_ok, write_kv)
 from .kv_cache import PagedKVCache
-from .l2_prefetch import l2_prefetch, sink_for
 from .rope_kv import gemv_rope_ok, rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
 from .scheduler import ScheduledChunk
@@ -136,11 +135,6 @@ class ModelRunner:
         # batch-1 decode rotates q/k and stores k/v in the q/k/v GEMV's epilogue (fp8_gemv.gemv(rope=...)) where
         # its probe passes: one kernel less per layer; QWENVL_GEMV_ROPE=0 keeps rope_write_kv after the GEMV
         self.gemv_rope = self.fused_rope_kv and env_flag("QWENVL_GEMV_ROPE", True)
-        # batch-1 decode reads o_proj's weights into L2 on a side stream while attention runs (l2_prefetch.py);
-        # QWENVL_L2_PREFETCH=1 turns it on
-        self.l2_prefetch = None
-        if self.is_cuda and HAVE_TRITON and env_flag("QWENVL_L2_PREFETCH", False):
-            self.l2_prefetch = (torch.cuda.Stream(self.device), sink_for(self.device))
         self.kv: PagedKVCache | None = None
         self.tp = None  # engine.spmd.TPChannel under tensor parallelism (set by the engine)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -290,17 +284,7 @@ class ModelRunner:
         else:
             q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin,
                                        slots, keys_from_pools)
-        if self.l2_prefetch is not None and keys_from_pools:  # o_proj's weights into L2 beside the attention
-            side, sink = self.l2_prefetch
-            main = torch.cuda.current_stream(self.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                l2_prefetch(o_w[0], sink)
-            a = attend(i, q, k, v)
-            main.wait_stream(side)
-        else:
-            a = attend(i, q, k, v)
-        h = fp8_gemv.gemv(a.reshape(N, self.heads * self.head_dim), *o_w, residual=h)
+        h = fp8_gemv.gemv(attend(i, q, k, v).reshape(N, self.heads * self.head_dim), *o_w, residual=h)
         gu = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps)
         if not self.fused_gemv_silu:
             return fp8_gemv.gemv(self.ops.silu_mul(gu), *down_w, residual=h)
