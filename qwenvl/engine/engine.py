@@ -76,6 +76,9 @@ class LLM:
         spmd.check_options(tensor_parallel_size, quantization)
         # tensor parallelism: this process is one rank of an SPMD group (spmd.py); rank 0 drives the others
         self._tp: spmd.TPChannel | None = None
+        # new frames copied to pinned memory by the hashing threads (VisionInput.content_hash(stage=True)), so the
+        # upload needs no serial pinning copy; QWENVL_STAGE_FRAMES=0: pinned when uploaded
+        self._stage_frames = env_flag("QWENVL_STAGE_FRAMES", True)
         self._tp_workers = None
         self._tp_results: list[tuple] = []  # rank 0: this step's tokens, for the next control message
         self._tp_adds: list[tuple] = []  # rank 0: requests added since the last control message
@@ -231,7 +234,7 @@ class LLM:
                 raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
                                  f"prompt position {i}")
             # a pinned upload copy made while hashing (not under tensor parallelism: the prompt travels to the ranks)
-            stage = self.runner.is_cuda and self._tp is None
+            stage = self.runner.is_cuda and self._tp is None and self._stage_frames
             key = vin.content_hash(stage=stage) if vin is not None else content_hash(pix, grid, spg)
             items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None,
                                     vin.take_staged() if vin is not None else None))
