@@ -231,13 +231,14 @@ def decode(ours, hf, cfg, new_tokens=128):
     log(res)
 
 
-def w4_requests(cfg, n=256, seed=1, frames=False):
-    """W4: each request one image between 448x448 and 1280x720, 32-128 text tokens, 128-256 output tokens."""
+def w4_requests(cfg, n=256, seed=1, frames=False, image_seed=1000):
+    """W4: each request one image between 448x448 and 1280x720, 32-128 text tokens, 128-256 output tokens.
+    image_seed: another value gives the same request shapes with other pixels (nothing cached from a first run)."""
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
         h, w = rng.randint(448, 720), rng.randint(448, 1280)
-        ids, pix, grid = image_request(cfg, n_text=rng.randint(32, 128), h=h, w=w, seed=1000 + i, frames=frames)
+        ids, pix, grid = image_request(cfg, n_text=rng.randint(32, 128), h=h, w=w, seed=image_seed + i, frames=frames)
         reqs.append((ids, pix, grid, rng.randint(128, 256)))
     return reqs
 
@@ -659,6 +660,14 @@ def engine(ours, hf, cfg, w1_tokens=256):
     ids, pix, grid = image_request(cfg, n_text=64, seed=8, frames=True)
     ttft, _, _ = drive(llm, "w2b", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_new_image_2_ms"] = ttft * 1e3
+    if DEV == "cuda" and hasattr(llm, "_stage_frames"):
+        # the pinned staging of new frames in the hashing threads (QWENVL_STAGE_FRAMES) off, then on again: two more
+        # new images, alternated, in the same engine
+        for key, stage, seed in (("w2_ttft_new_image_unstaged_ms", False, 12), ("w2_ttft_new_image_3_ms", True, 13)):
+            llm._stage_frames = stage
+            ids, pix, grid = image_request(cfg, n_text=64, seed=seed, frames=True)
+            ttft, _, _ = drive(llm, f"w2s{seed}", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
+            res[key] = ttft * 1e3
     log(res)
     # where W2's and W1's time goes: a new image to its first token; 32 decode steps
     ids, pix, grid = image_request(cfg, n_text=64, seed=10, frames=True)
@@ -690,6 +699,15 @@ def engine(ours, hf, cfg, w1_tokens=256):
     res["w4"] = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt,
                  "prompt_tokens": sum(r[0].shape[1] for r in reqs), "time_split": prof,
                  "stats_after": llm.stats()}
+    if DEV == "cuda" and hasattr(llm, "_stage_frames") and "w4_unstaged" not in set(
+            os.environ.get("BENCH_SKIP", "").split(",")):
+        # W4 again with the staging off: the same request shapes, other pixels (nothing cached), same engine
+        llm._stage_frames = False
+        reqs2 = w4_requests(cfg, n=W4_REQUESTS, frames=True, image_seed=5000)
+        _, dt2, n_out2 = timed_generate(llm, [frames_prompt(*r[:2]) for r in reqs2],
+                                        [SamplingParams(max_tokens=r[3], **greedy) for r in reqs2])
+        res["w4_unstaged_output_tok_s"] = n_out2 / dt2
+        llm._stage_frames = True
     RESULTS["engine"] = res
     log(res)
     on = [o.outputs[0].token_ids[:32] for o in outs]
