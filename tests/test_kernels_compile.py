@@ -29,7 +29,7 @@ def compile_for_h100(fn, signature: dict, constexprs: dict) -> None:
             constexprs[p.name] = p.default
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
-    triton.compile(ASTSource(fn, sig, constexprs), target=H100)
+    triton.compile(ASTSource(fn, sig, constexprs), target=H100, options={"enable_fp_fusion": True, "num_warps": 4})
 
 
 def _ptx_available() -> bool:

@@ -617,7 +617,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     pdl = not interpret and pdl_enabled(x.device)
     pdl_kw = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
     pipe_kw = {"PIPELINE": True} if (pdl if _pipeline is None else _pipeline) and not cfg.use_dot else {}
-    kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    # FMA contraction on explicitly: the configs were swept with it (triton's default, to turn off in 3.10)
+    kw = {} if interpret else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
     if not cfg.use_dot and cfg.vec > 1:
         if bk % cfg.vec:
             raise ValueError(f"gemv: vec {cfg.vec} does not divide block_k {bk}")
@@ -631,7 +632,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         return y
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
-        kw = {} if interpret else {"num_warps": 4}
+        kw = {} if interpret else {"num_warps": 4, "enable_fp_fusion": True}
         _splitk_reduce_kernel[(-(-N // rb), M)](ws, s, b, y, r, M, N, y.stride(0), r.stride(0) if has_res else 0,
                                                 split, BLOCK=rb, HAS_BIAS=has_bias, HAS_SCALE=has_scale,
                                                 HAS_RES=has_res, **kw, **pdl_kw)
