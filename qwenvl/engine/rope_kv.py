@@ -112,6 +112,18 @@ def rope_write_kv_eager(qkv, cos, sin, slots, k_pool, v_pool, heads: int, kv_hea
 _OK: dict[tuple, bool] = {}
 
 
+def _bit_equal_or_warn(pairs, what: str, reference: str, dev) -> bool:
+    """A probe's verdict: every (name, got, want) pair equal bit for bit (same shapes); else a warning that names
+    the differing element counts. Synchronises CUDA (probes run before graph capture)."""
+    diffs = {name: int((a != b).sum()) if a.shape == b.shape else -1 for name, a, b in pairs}
+    ok = not any(diffs.values())
+    if not ok:
+        log.warning("%s differs from %s (elements differing: %s); not using it", what, reference, diffs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return ok
+
+
 def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
                      block_size: int = 16) -> bool:
     """Whether the kernel runs here and equals the eager ops bit for bit on random data (once per shape;
@@ -135,8 +147,7 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
         pools = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=dev) for _ in range(4)]
         q = rope_write_kv(qkv, cos, sin, slots, pools[0], pools[1], heads, kv_heads, head_dim)
         want = rope_write_kv_eager(qkv, cos, sin, slots, pools[2], pools[3], heads, kv_heads, head_dim)
-        diffs = {name: int((a != b).sum()) for name, a, b in (("q", q, want), ("k", pools[0], pools[2]),
-                                                                 ("v", pools[1], pools[3]))}
+        pairs = [("q", q, want), ("k", pools[0], pools[2]), ("v", pools[1], pools[3])]
         # the prefill form: 11 rows (a full block of 8 and a ragged one), k and v also returned
         n2 = 11
         qkv2 = torch.randn(n2, qkv.shape[1], generator=g, device=dev).to(dtype)
@@ -146,15 +157,9 @@ def rope_write_kv_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head
         got = rope_write_kv(qkv2, cos2, sin2, slots2, pools[0], pools[1], heads, kv_heads, head_dim, kv_out=True)
         q2, k2, v2 = rope_write_kv_eager(qkv2, cos2, sin2, slots2, pools[2], pools[3], heads, kv_heads, head_dim,
                                          kv_out=True)
-        for name, a, b in (("q2", got[0], q2), ("k2", got[1], k2), ("v2", got[2], v2), ("k2 pool", pools[0], pools[2]),
-                           ("v2 pool", pools[1], pools[3])):
-            diffs[name] = int((a != b).sum()) if a.shape == b.shape else -1
-        ok = not any(diffs.values())
-        if not ok:
-            log.warning("fused rotary + KV write differs from the eager ops (elements differing: %s, max |q diff| "
-                        "%.3g); not using it", diffs, (q.float() - want.float()).abs().max().item())
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        pairs += [("q2", got[0], q2), ("k2", got[1], k2), ("v2", got[2], v2), ("k2 pool", pools[0], pools[2]),
+                  ("v2 pool", pools[1], pools[3])]
+        ok = _bit_equal_or_warn(pairs, "fused rotary + KV write", "the eager ops", dev)
     except Exception as e:  # compile or launch failure
         log.warning("fused rotary + KV write unavailable (%s: %s)", type(e).__name__, e)
     _OK[key] = ok
@@ -200,14 +205,8 @@ def gemv_rope_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim
                               rope=(cos, sin, slots, pools[0], pools[1], heads, kv_heads, head_dim))
             y = fp8_gemv.gemv(x, w, scale, bias, cfg, norm_weight=nw)
             want = rope_write_kv(y, cos, sin, slots, pools[2], pools[3], heads, kv_heads, head_dim)
-            diffs = {name: int((a != b).sum()) for name, a, b in (("q", q, want), ("k", pools[0], pools[2]),
-                                                                     ("v", pools[1], pools[3]))}
-            ok = not any(diffs.values())
-            if not ok:
-                log.warning("q/k/v GEMV with the rotary + KV write epilogue differs from the two kernels (elements "
-                            "differing: %s); not using it", diffs)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            ok = _bit_equal_or_warn([("q", q, want), ("k", pools[0], pools[2]), ("v", pools[1], pools[3])],
+                                    "q/k/v GEMV with the rotary + KV write epilogue", "the two kernels", dev)
         except Exception as e:  # compile or launch failure
             log.warning("q/k/v GEMV with the rotary + KV write epilogue unavailable (%s: %s)", type(e).__name__, e)
     _GEMV_OK[key] = ok
