@@ -258,7 +258,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- vision
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _vision_pos_ids(t: int, h: int, w: int, m: int) -> torch.Tensor:
     """(row, col) patch ids in the processor's row order: 2x2 merge blocks row-major, patches inside."""
     hpos = torch.arange(h).view(h, 1).expand(h, w)
@@ -287,7 +287,7 @@ def vision_rotary_freqs(grid_thw, head_dim: int, spatial_merge_size: int = 2, th
     return vision_rotary_angles(vision_pos_ids(grid_thw, spatial_merge_size), head_dim, theta)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def _window_index_one(t: int, lh: int, lw: int, win: int) -> tuple[torch.Tensor, list[int]]:
     idx = torch.arange(t * lh * lw).reshape(t, lh, lw)
     pad_h, pad_w = win - lh % win, win - lw % win  # equals win when divisible: an all-pad row (dropped below)
