@@ -661,13 +661,15 @@ def engine(ours, hf, cfg, w1_tokens=256):
     ttft, _, _ = drive(llm, "w2b", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
     res["w2_ttft_new_image_2_ms"] = ttft * 1e3
     if DEV == "cuda" and hasattr(llm, "_stage_frames"):
-        # the pinned staging of new frames in the hashing threads (QWENVL_STAGE_FRAMES) off, then on again: two more
-        # new images, alternated, in the same engine
-        for key, stage, seed in (("w2_ttft_new_image_unstaged_ms", False, 12), ("w2_ttft_new_image_3_ms", True, 13)):
+        # the pinned staging of new frames in the hashing threads (QWENVL_STAGE_FRAMES) on, then off: two more new
+        # images each, alternated, in the same engine; the default put back after
+        default = llm._stage_frames
+        for stage, seed in ((True, 12), (False, 13), (True, 14), (False, 15)):
             llm._stage_frames = stage
             ids, pix, grid = image_request(cfg, n_text=64, seed=seed, frames=True)
             ttft, _, _ = drive(llm, f"w2s{seed}", frames_prompt(ids, pix), SamplingParams(max_tokens=1, **greedy))
-            res[key] = ttft * 1e3
+            res.setdefault(f"w2_ttft_new_image_staging_{'on' if stage else 'off'}_ms", []).append(ttft * 1e3)
+        llm._stage_frames = default
     log(res)
     # where W2's and W1's time goes: a new image to its first token; 32 decode steps
     ids, pix, grid = image_request(cfg, n_text=64, seed=10, frames=True)
@@ -699,15 +701,17 @@ def engine(ours, hf, cfg, w1_tokens=256):
     res["w4"] = {"requests": len(reqs), "output_tokens": n_out, "seconds": dt,
                  "prompt_tokens": sum(r[0].shape[1] for r in reqs), "time_split": prof,
                  "stats_after": llm.stats()}
-    if DEV == "cuda" and hasattr(llm, "_stage_frames") and "w4_unstaged" not in set(
+    if DEV == "cuda" and hasattr(llm, "_stage_frames") and "w4_staging" not in set(
             os.environ.get("BENCH_SKIP", "").split(",")):
-        # W4 again with the staging off: the same request shapes, other pixels (nothing cached), same engine
-        llm._stage_frames = False
+        # W4 again with the staging switched the other way: the same request shapes, other pixels (nothing cached)
+        default = llm._stage_frames
+        llm._stage_frames = not default
         reqs2 = w4_requests(cfg, n=W4_REQUESTS, frames=True, image_seed=5000)
         _, dt2, n_out2 = timed_generate(llm, [frames_prompt(*r[:2]) for r in reqs2],
                                         [SamplingParams(max_tokens=r[3], **greedy) for r in reqs2])
-        res["w4_unstaged_output_tok_s"] = n_out2 / dt2
-        llm._stage_frames = True
+        res[f"w4_output_tok_s_staging_{'off' if default else 'on'}"] = n_out2 / dt2
+        res["w4_default_staging"] = default
+        llm._stage_frames = default
     RESULTS["engine"] = res
     log(res)
     on = [o.outputs[0].token_ids[:32] for o in outs]

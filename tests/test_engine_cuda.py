@@ -210,10 +210,10 @@ def test_gqa_flash_prefill_equals_expanded_heads_at_the_7b_shape():
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
-def test_staged_frames_upload_equals_pinning_at_upload(bf16_model):
-    """A VisionInput prompt on CUDA: encode_prompt's hashing threads make the pinned copy of the frames
-    (VisionInput.content_hash(stage=True)), and the ViT's pixel values made from it equal those made by pinning the
-    frames at upload; the staged copy is used once."""
+def test_staged_frames_upload_equals_pinning_at_upload(bf16_model, monkeypatch):
+    """A VisionInput prompt on CUDA with QWENVL_STAGE_FRAMES=1: encode_prompt's hashing threads make the pinned copy
+    of the frames (VisionInput.content_hash(stage=True)), and the ViT's pixel values made from it equal those made by
+    pinning the frames at upload; the staged copy is used once."""
     from qwenvl.preprocess import VisionInput
 
     g = torch.Generator().manual_seed(4)
@@ -221,6 +221,7 @@ def test_staged_frames_upload_equals_pinning_at_upload(bf16_model):
     cfg = bf16_model.config
     n = (112 // 28) * (168 // 28)
     ids = [1, 2, cfg.vision_start_token_id] + [cfg.image_token_id] * n + [3]
+    monkeypatch.setenv("QWENVL_STAGE_FRAMES", "1")
     llm = LLM(bf16_model, num_blocks=256, block_size=16, max_num_seqs=4)
     item = llm.encode_prompt({"prompt_token_ids": ids, "images": [VisionInput("image", frames)]}).items[0]
     assert item.staged is not None and item.staged.is_pinned()
