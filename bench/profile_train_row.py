@@ -272,6 +272,9 @@ def main(argv=None) -> int:
                     help="nano's depth, heads and vocabulary at 1/8 of its widths: the same ops (counts, host work) "
                          "in a fraction of the CPU time")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks as the trainer's compile=true does (a warm-up row compiles them "
+                         "first): what is left outside the compiled blocks")
     ap.add_argument("--host-only", action="store_true",
                     help="time only the per-row host steps (positions, vision plan), best of 3, no forward")
     ap.add_argument("--tight", action="store_true", help="pack with plain best-fit decreasing (pack_lengths mix=False)")
@@ -302,6 +305,14 @@ def main(argv=None) -> int:
     while len(rows) < a.rows:
         rows += [b for b in loader.next_step() if b is not None and b["input_ids"].shape[1] > a.pack * a.min_fill]
     result["rows"] = []
+    if a.compile:
+        from qwenvl.train.trainer import compile_blocks
+
+        compile_blocks(model)
+        for batch in rows[:a.rows]:  # compiles (and recompiles for a new shape) outside the profiled run
+            loss, n = sft_loss_sum(model, batch)
+            (loss / max(n, 1)).backward()
+            model.zero_grad(set_to_none=True)
     if a.host_only:
         for batch in rows[:a.rows]:
             info = describe(batch, {})
