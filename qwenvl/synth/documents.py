@@ -125,7 +125,9 @@ def gen_doc(ctx: Ctx) -> dict:
     for tag in plan:
         if tag in ("h1", "h2"):
             fnt = font(fname, body_size + (8 if tag == "h1" else 4), bold=True)
-            lines = [words(rng, rng.randint(2, 4), capitalize=True)]
+            # wrapped like a paragraph: a long heading in a big font ran past the page's right edge (its box outside
+            # the image, its last words cut off: 8 of 480 pages, found by `qwenvl data filter`'s box rule)
+            lines = wrap(words(rng, rng.randint(2, 4), capitalize=True), fnt, w - 2 * margin)
         elif tag == "p":
             fnt = font(fname, body_size)
             lines = wrap(" ".join(sentence(rng) for _ in range(rng.randint(1, 3))), fnt, w - 2 * margin)
