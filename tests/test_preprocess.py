@@ -263,12 +263,29 @@ def test_prepare_image_keeps_the_resized_image_and_a_content_key(tmp_path):
 
 
 
-def test_content_digest_is_sha256_of_the_pieces_digests():
-    """preprocess.content_digest (the engine's image cache keys): plain SHA-256 of header + bytes up to two pieces;
-    beyond, SHA-256 over the header, the piece count and each piece's SHA-256, computed here by hand; any changed
-    byte changes it."""
+def test_content_digest_is_blake3_of_the_length_prefixed_header_and_bytes():
+    """With the `blake3` package (a dependency): BLAKE3(8-byte little-endian header length | header | bytes),
+    computed here by hand, on one thread below BLAKE3_THREADS_FROM and on BLAKE3's pool above (the same digest);
+    the header's length prefix keeps (header, data) splits of the same bytes apart; copy_to copies the bytes."""
+    blake3 = pytest.importorskip("blake3")
+    assert preprocess._blake3 is blake3
+    rng = np.random.default_rng(1)
+    for n in (0, 1000, preprocess.BLAKE3_THREADS_FROM + 7):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        want = blake3.blake3(len(b"h|").to_bytes(8, "little") + b"h|" + data.tobytes()).digest()
+        assert preprocess.content_digest(b"h|", data) == want and len(want) == 32
+        dst = np.zeros_like(data)
+        assert preprocess.content_digest(b"h|", data, copy_to=dst) == want and np.array_equal(dst, data)
+    assert preprocess.content_digest(b"ab", np.frombuffer(b"c", np.uint8)) != \
+        preprocess.content_digest(b"a", np.frombuffer(b"bc", np.uint8))
+
+
+def test_content_digest_without_blake3_is_sha256_of_the_pieces_digests(monkeypatch):
+    """Without `blake3` (e.g. the GPU image): plain SHA-256 of header + bytes up to two pieces; beyond, SHA-256 over
+    the header, the piece count and each piece's SHA-256, computed here by hand; any changed byte changes it."""
     import hashlib
 
+    monkeypatch.setattr(preprocess, "_blake3", None)
     P = preprocess.HASH_PIECE_BYTES
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, 2 * P - 3, dtype=np.uint8)
