@@ -13,13 +13,13 @@ for arm in "${LIST[@]}"; do
   name=${arm%%:*}; flags=${arm#*:}
   prof=0; [ "$name" = "${PROFILE_ARM:-}" ] && prof=${PROFILE_STEP:-7}
   # shellcheck disable=SC2086
-  QWENVL_PROFILE_STEP=$prof timeout "${ARM_TIMEOUT:-170}" python -m qwenvl.train.bench --preset "${PRESET:-3b}" --steps 9 \
+  QWENVL_PROFILE_STEP=$prof timeout "${ARM_TIMEOUT:-170}" "${PY:-python3}" -m qwenvl.train.bench --preset "${PRESET:-3b}" --steps 9 \
     --freeze-vit $flags > "$OUT/train/$name.log" 2>&1
   echo "$name rc=$?"
   tail -1 "$OUT/train/$name.log" | grep '^{' > "$OUT/train/$name.json" || tail -5 "$OUT/train/$name.log"
   [ "$prof" != 0 ] && grep -A45 "profiled step" "$OUT/train/$name.log" | cut -c1-180
 done
-python - "$OUT/train" "${LIST[@]}" <<'PY'
+"${PY:-python3}" - "$OUT/train" "${LIST[@]}" <<'PY'
 import json, os, sys
 print("| arm | tokens/s | MFU | step s | peak GB | steps s |")
 print("|---|---:|---:|---:|---:|---|")

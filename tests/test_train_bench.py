@@ -49,3 +49,29 @@ def test_transformers_baseline_freezes_the_vit_like_ours(tmp_path, monkeypatch):
         sizes[freeze] = sum(p.numel() for p in optimised[False])
     vit = sum(v.numel() for k, v in qwenvl.Qwen25VL(cfg).state_dict().items() if k.startswith("visual."))
     assert sizes[False] - sizes[True] == vit > 0
+
+
+def test_train_arms_script_runs_each_arm_and_tabulates(tmp_path):
+    """bench/train_arms.sh (issue 5's one device call) on the CPU with the tiny preset: each arm runs the training
+    bench with its flags, the profiled arm prints the profiler's table and that step is left out of its timing, and
+    the table has one row per arm (a failing arm says so instead of stopping the rest)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), PRESET="tiny", PYTHONPATH=root, PY=sys.executable, PROFILE_ARM="b",
+               PROFILE_STEP="4",
+               TRAIN_ARMS="a:--steps 5 --pack-length 256 --samples 60;b:--no-checkpointing --steps 5 --pack-length 256"
+                          " --samples 60;c:--no-such-flag")
+    p = subprocess.run(["bash", os.path.join(root, "bench", "train_arms.sh")], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "profiled step" in p.stdout
+    rows = {line.split("|")[1].strip(): line for line in p.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"a", "b", "c"} and "failed" in rows["c"], p.stdout[-2000:]
+    for name in ("a", "b"):
+        r = json.load(open(tmp_path / "train" / f"{name}.json"))
+        assert r["preset"] == "tiny" and r["tokens_per_s"] > 0 and len(r["step_s_all"]) == 5
+    b = json.load(open(tmp_path / "train" / "b.json"))
+    assert b["steps_timed"] == 2  # steps 3-5 timed, the profiled step 4 left out
