@@ -214,11 +214,16 @@ class LLM:
 
     def _prompt_data(self, ids: list[int], images, videos) -> PromptData:
         c = self.config
-        unit = c.vision.spatial_merge_size ** 2
+        m = c.vision.spatial_merge_size
         queues = {c.image_token_id: [_vision_entry("image", x) for x in images],
                   c.video_token_id: [_vision_entry("video", x) for x in videos]}
         items: list[VisionItem] = []
+        # (start, t, merged h, merged w, time factors) of each block: rope.positions_from_blocks' input, so the
+        # MRoPE positions need no second scan of the prompt (rope.mrope_positions': ~0.3 ms of a 1.3 k-token prompt)
+        blocks: list[tuple] = []
         used = {c.image_token_id: 0, c.video_token_id: 0}
+        # a pinned upload copy made while hashing (not under tensor parallelism: the prompt travels to the ranks)
+        stage = self.runner.is_cuda and self._tp is None and self._stage_frames
         i = 0
         while i < len(ids):
             tok = ids[i]
@@ -231,12 +236,18 @@ class LLM:
             pix, vin, grid, spg = queues[tok][used[tok]]
             used[tok] += 1
             grid = tuple(int(x) for x in (grid.tolist() if isinstance(grid, torch.Tensor) else grid))
-            n = grid[0] * grid[1] * grid[2] // unit
+            n = grid[0] * grid[1] * grid[2] // (m * m)
             if ids[i:i + n] != [tok] * n:
                 raise InputError(f"{kind} {used[tok] - 1} with grid {grid} needs {n} consecutive pad tokens at "
                                  f"prompt position {i}")
-            # a pinned upload copy made while hashing (not under tensor parallelism: the prompt travels to the ranks)
-            stage = self.runner.is_cuda and self._tp is None and self._stage_frames
+            # the model's positions treat pads not right after <|vision_start|> as text: such a block is refused
+            # (before its image is hashed) rather than fed to the ViT at text positions
+            if i == 0 or ids[i - 1] != c.vision_start_token_id:
+                raise InputError(f"the {kind} block at prompt position {i} must follow the vision start token "
+                                 f"{c.vision_start_token_id}")
+            factors = (video_time_factors(float(spg), c.vision.tokens_per_second, c.mrope_temporal)
+                       if kind == "video" else (0.0, 0.0))
+            blocks.append((i, grid[0], grid[1] // m, grid[2] // m, *factors))
             key = vin.content_hash(stage=stage) if vin is not None else content_hash(pix, grid, spg)
             items.append(VisionItem(kind, pix, grid, spg, i, n, key, vin.frames if vin is not None else None,
                                     vin.take_staged() if vin is not None else None))
@@ -247,19 +258,6 @@ class LLM:
                 raise InputError(f"{len(q)} {kind}s given but the prompt has {used[tok]} {kind} blocks")
         if not items:
             return PromptData(ids)
-        # the MRoPE positions from the blocks found above (rope.mrope_positions' ids without its second scan of the
-        # prompt: ~0.3 ms of a 1.3 k-token image prompt's encoding); the model's positions treat pads not right after
-        # <|vision_start|> as text, so such a block is refused here rather than fed to the ViT at text positions
-        m = c.vision.spatial_merge_size
-        blocks = []
-        for it in items:
-            if it.offset == 0 or ids[it.offset - 1] != c.vision_start_token_id:
-                raise InputError(f"the {it.kind} block at prompt position {it.offset} must follow the vision start "
-                                 f"token {c.vision_start_token_id}")
-            t, h, w = it.grid_thw
-            factors = (video_time_factors(float(it.second_per_grid), c.vision.tokens_per_second, c.mrope_temporal)
-                       if it.kind == "video" else (0.0, 0.0))
-            blocks.append((it.offset, t, h // m, w // m, *factors))
         pos, top = positions_from_blocks(len(ids), blocks)
         return PromptData(ids, items, pos, top + 1 - len(ids))
 

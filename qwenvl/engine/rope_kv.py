@@ -197,10 +197,8 @@ def gemv_rope_ok(device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim
             cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
             slots = torch.tensor([5], device=dev)
             pools = [torch.zeros(2, block_size, kv_heads, head_dim, dtype=dtype, device=dev) for _ in range(4)]
-            cfg = fp8_gemv.pick_config(1, N, K, fp8_gemv.num_sms(dev), w.element_size())
-            split = fp8_gemv.normalize_split(-(-K // cfg.block_k), cfg.split_k)[0]
-            if fp8_gemv.rope_unsupported(cfg, split, N, heads, kv_heads, head_dim):
-                cfg = fp8_gemv.GemvConfig(8, 32, 1, 4, 1, False, 16 // w.element_size())  # a config the epilogue takes
+            cfg = (None if fp8_gemv.rope_route(1, N, K, heads, kv_heads, head_dim, dev, w.element_size())
+                   else fp8_gemv.GemvConfig(8, 32, 1, 4, 1, False, 16 // w.element_size()))  # one the epilogue takes
             q = fp8_gemv.gemv(x, w, scale, bias, cfg, norm_weight=nw,
                               rope=(cos, sin, slots, pools[0], pools[1], heads, kv_heads, head_dim))
             y = fp8_gemv.gemv(x, w, scale, bias, cfg, norm_weight=nw)
