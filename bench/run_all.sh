@@ -25,7 +25,7 @@ if [ "${QUICK:-0}" = 1 ]; then
 import json, sys
 e = json.load(open(sys.argv[1])).get("engine", {})
 keys = ("w1_decode_tok_s", "w2_ttft_new_image_ms", "w2_ttft_new_image_2_ms", "w2_ttft_cached_image_ms", "w3_vision_ms",
-        "w4_output_tok_s", "w4_output_tok_s_staging_on", "w4_output_tok_s_staging_off", "w1_decode_gaps", "prefill_attention_1281_ms", "decode_attention_b1_ctx1400_us", "stats",
+        "w4_output_tok_s", "w4_output_tok_s_staging_on", "w4_output_tok_s_staging_off", "w4_hooked_output_tok_s", "w1_decode_gaps", "prefill_attention_1281_ms", "decode_attention_b1_ctx1400_us", "stats",
         "decode_attention_b64_ctx600_us")
 print(json.dumps({**{k: e.get(k) for k in keys}, **{k: v for k, v in e.items() if k.startswith(("w2_ttft", "w2_other", "w2_of"))}}, indent=1))
 PY
