@@ -76,11 +76,11 @@ class LLM:
         spmd.check_options(tensor_parallel_size, quantization)
         # tensor parallelism: this process is one rank of an SPMD group (spmd.py); rank 0 drives the others
         self._tp: spmd.TPChannel | None = None
-        # QWENVL_STAGE_FRAMES=1: new frames copied to pinned memory by the hashing threads
-        # (VisionInput.content_hash(stage=True)), so the upload needs no serial pinning copy. Off by default: the one
-        # H100 run with it on (2026-12-06) had W2's prompt encoding at 1.96 ms (1.61-1.73 before it) and W2/W4 below
-        # the runs without it; bench.py measures both ways in one process
-        self._stage_frames = env_flag("QWENVL_STAGE_FRAMES", False)
+        # new frames are copied to pinned memory by the hashing threads (VisionInput.content_hash(stage=True)), so
+        # the upload needs no serial pinning copy (QWENVL_STAGE_FRAMES=0: off). H100, 2026-12-06, one process, runs
+        # alternated: W4 5,040 / 5,091 tok/s with it against 4,915 / 4,875 without, W2 45.9 / 45.7 ms against
+        # 46.7 / 48.4 (docs/BENCHMARKS.md)
+        self._stage_frames = env_flag("QWENVL_STAGE_FRAMES", True)
         self._tp_workers = None
         self._tp_results: list[tuple] = []  # rank 0: this step's tokens, for the next control message
         self._tp_adds: list[tuple] = []  # rank 0: requests added since the last control message
