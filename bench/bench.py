@@ -733,7 +733,7 @@ def engine(ours, hf, cfg, w1_tokens=256):
     release()
     skip = set(os.environ.get("BENCH_SKIP", "").split(","))  # e.g. BENCH_SKIP=fast_paths,w5 for a short call
     if "fast_paths" not in skip:
-        res["fast_paths_check"] = fast_paths_check(ours, prompts, reqs, greedy, on)
+        res["fast_paths_check"] = fast_paths_check(ours, prompts, [r[0].shape[1] for r in reqs], greedy, on)
         log(res["fast_paths_check"])
         release()
     if "w5" not in skip:
@@ -807,12 +807,13 @@ def release():
         torch.cuda.empty_cache()
 
 
-def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
+def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=False, **llm_kw):
     """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
     (no CUDA graphs, no Triton paged decode, no compiled decoder ops, no RMSNorm / silu / residual inside the
     GEMVs, padded SDPA instead of FlashAttention varlen in the ViT) vs on.
-    `on`: the first tokens of the W4 run itself; the slow run is a fresh engine over the same weights and
-    requests. Near-ties in bf16 make a few differ."""
+    `on`: the first tokens of the fast run; the slow run is a fresh engine over the same weights (`ours`: a model
+    or a checkpoint folder, `llm_kw` to LLM) and prompts (conversations for llm.chat where `chat`).
+    Near-ties in bf16 make a few differ."""
     import qwenvl.layers as layers
     from qwenvl.engine import LLM, SamplingParams
 
@@ -822,11 +823,12 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
         layers._flash_varlen = None
         with compile_ops_env("0"):
             llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9,
-                      enable_cuda_graphs=False)
+                      enable_cuda_graphs=False, **llm_kw)
         llm.runner.use_triton = False
         llm.runner.fused_gemv = False  # (on by default since 6e1fb99: the off run stays as it was before)
         # top-2 logprobs of the slow run: where a request parts, how close its two best tokens were there
-        outs = llm.generate(prompts, [SamplingParams(max_tokens=n_first, logprobs=2, **greedy) for _ in prompts])
+        params = [SamplingParams(max_tokens=n_first, logprobs=2, **greedy) for _ in prompts]
+        outs = llm.chat(prompts, params) if chat else llm.generate(prompts, params)
         off = [o.outputs[0].token_ids[:n_first] for o in outs]
         off_lps = [o.outputs[0].logprobs or [] for o in outs]
         stats_off = llm.stats()
@@ -838,7 +840,7 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if n is not None or len(a) != len(b):
             d = {"request": i, "first_diverging_token": n if n is not None else min(len(a), len(b)),
-                 "prompt_tokens": int(reqs[i][0].shape[1])}
+                 "prompt_tokens": int(prompt_lens[i])}
             d.update(divergence_margin(a, b, off_lps[i], n))
             diverge.append(d)
     same = len(on) - len(diverge)
@@ -853,6 +855,34 @@ def fast_paths_check(ours, prompts, reqs, greedy, on, n_first=32):
             "diverging": diverge[:20],
             "fast_off": {k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "triton_decode")},
             "seconds": time.perf_counter() - t0}
+
+
+def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_first: int = 32) -> dict:
+    """The fast-paths check on a TRAINED model, where greedy tokens are not the near ties of random weights: the
+    nano model (docs/NANO.md) in bf16 on the held-out nano suite's prompts (its 11 tasks, images and clips), the
+    first 32 greedy tokens with the engine's fast paths on (as configured by default) and off."""
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.evaluate.cli import suite_data
+    from qwenvl.evaluate.harness import load_samples, prompt_messages
+
+    t0 = time.perf_counter()
+    convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.5)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
+    on = [o.outputs[0].token_ids[:n_first] for o in outs]
+    lens = [len(o.prompt_token_ids) for o in outs]
+    stats_on = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
+    del llm, outs
+    release()
+    res = fast_paths_check(path, convs, lens, greedy, on, n_first=n_first, chat=True, dtype=dtype, device=DEV)
+    res.update(model=path, suite=f"nano held-out, {n_per_task} per task", fast_on=stats_on,
+               seconds=time.perf_counter() - t0)
+    RESULTS["fast_paths_trained"] = res
+    log(res)
+    release()
+    return res
 
 
 def divergence_margin(fast: list[int], slow: list[int], slow_logprobs: list, n: int | None) -> dict:
@@ -936,7 +966,8 @@ def main():
                 torch.cuda.empty_cache()
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
               "vision_profile": vision_profile, "engine": engine,
-              "engine_eager_ops": engine_eager_ops}.get(name)
+              "engine_eager_ops": engine_eager_ops,
+              "fast_paths_trained": lambda *_: fast_paths_trained(n_per_task=int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout
