@@ -967,7 +967,8 @@ def main():
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
               "vision_profile": vision_profile, "engine": engine,
               "engine_eager_ops": engine_eager_ops,
-              "fast_paths_trained": lambda *_: fast_paths_trained(n_per_task=int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
+              "fast_paths_trained": lambda *_: fast_paths_trained(  # BENCH_TRAINED_MODEL: another checkpoint
+                  os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"), int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

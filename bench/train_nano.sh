@@ -22,6 +22,7 @@
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
 #   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
+#   NANO_MIX=spatial NANO_INIT=DIR bash bench/train_nano.sh  # grounding, point, count, GUI at 75 % of the tokens
 #   QWENVL_PROFILE_STEP=20 bash bench/train_nano.sh     # + torch.profiler tables of training step 20 in steps.log
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
@@ -36,8 +37,9 @@ DRY=${NANO_DRY_RUN:-0}
 STAGE=${NANO_STAGE:-2}; MROPE=${NANO_MROPE_TEMPORAL:-}; UNSEEN=${NANO_EVAL_UNSEEN_FPS:-1}
 case "$STAGE" in 0|1|2|3|sft|dpo) ;; *) echo "NANO_STAGE must be 0, 1, 2, 3, sft or dpo, got $STAGE" >&2; exit 2;; esac
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
-MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only
-case "$MIX" in ""|video) ;; *) echo "NANO_MIX must be empty or video, got $MIX" >&2; exit 2;; esac
+MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only; spatial: the
+# position-reading tasks at 75 % of the tokens (nano_recipe.py MIX_SPATIAL), evaluated on every task
+case "$MIX" in ""|video|spatial) ;; *) echo "NANO_MIX must be empty, video or spatial, got $MIX" >&2; exit 2;; esac
 if [ -n "$MIX" ] && [ "$STAGE" != 2 ]; then echo "NANO_MIX=$MIX replaces stage 2's mix; NANO_STAGE=$STAGE has its own" >&2; exit 2; fi
 VIDEO_FPS=${NANO_VIDEO_FPS:-2}  # dynamic: training clips at 1, 2 or 4 fps (the report's dynamic FPS sampling)
 case "$VIDEO_FPS" in 2|dynamic) ;; *) echo "NANO_VIDEO_FPS must be 2 or dynamic, got $VIDEO_FPS" >&2; exit 2;; esac
