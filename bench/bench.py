@@ -860,29 +860,43 @@ def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=Fa
 def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_first: int = 32) -> dict:
     """The fast-paths check on a TRAINED model, where greedy tokens are not the near ties of random weights: the
     nano model (docs/NANO.md) in bf16 on the held-out nano suite's prompts (its 11 tasks, images and clips), the
-    first 32 greedy tokens with the engine's fast paths on (as configured by default) and off."""
+    first 32 greedy tokens with the engine's fast paths on (as configured by default) and off; with the logits in
+    bf16 (the default) and in fp32 (QWENVL_FP32_LOGITS=1, both runs)."""
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.evaluate.cli import suite_data
     from qwenvl.evaluate.harness import load_samples, prompt_messages
 
-    t0 = time.perf_counter()
     convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
-    llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.5)
     greedy = dict(temperature=0.0, ignore_eos=True)
-    outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
-    on = [o.outputs[0].token_ids[:n_first] for o in outs]
-    lens = [len(o.prompt_token_ids) for o in outs]
-    stats_on = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
-    del llm, outs
-    release()
-    res = fast_paths_check(path, convs, lens, greedy, on, n_first=n_first, chat=True, dtype=dtype, device=DEV)
-    res.update(model=path, suite=f"nano held-out, {n_per_task} per task", fast_on=stats_on,
-               seconds=time.perf_counter() - t0)
-    RESULTS["fast_paths_trained"] = res
-    log(res)
-    release()
-    return res
+    out = {}
+    saved = os.environ.get("QWENVL_FP32_LOGITS")
+    try:
+        for flag in ("0", "1"):
+            t0 = time.perf_counter()
+            os.environ["QWENVL_FP32_LOGITS"] = flag
+            llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256,
+                      gpu_memory_utilization=0.5)
+            outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
+            on = [o.outputs[0].token_ids[:n_first] for o in outs]
+            lens = [len(o.prompt_token_ids) for o in outs]
+            stats_on = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
+            del llm, outs
+            release()
+            res = fast_paths_check(path, convs, lens, greedy, on, n_first=n_first, chat=True, dtype=dtype,
+                                   device=DEV)
+            res.update(model=path, suite=f"nano held-out, {n_per_task} per task", fast_on=stats_on,
+                       seconds=time.perf_counter() - t0)
+            out["fp32_logits" if flag == "1" else "bf16_logits"] = res
+            RESULTS["fast_paths_trained"] = out
+            log(res)
+            release()
+    finally:
+        if saved is None:
+            os.environ.pop("QWENVL_FP32_LOGITS", None)
+        else:
+            os.environ["QWENVL_FP32_LOGITS"] = saved
+    return out
 
 
 def divergence_margin(fast: list[int], slow: list[int], slow_logprobs: list, n: int | None) -> dict:

@@ -10,7 +10,8 @@ Writes N training samples (one fixed prompt per task, so only the pixels tell th
 shape from random weights with the real trainer (packed rows, the recipe's AdamW settings), exports, and answers 40
 held-out images through the engine (greedy). Prints the loss curve (means of 10 steps) and held-out accuracy
 (chance: 1/8 colours, 1/4 quadrants); with --json, writes them. `--theta` overrides the LLM's rope_theta
-(MRoPE): the width axis gets the lowest frequencies of the (t, h, w) split, the question this probe was written for.
+(MRoPE): the width axis gets the lowest frequencies of the (t, h, w) split, the question this probe was written for;
+`--mrope-section T,H,W` replaces the split (rotary pairs per axis, summing to head_dim/2: 8,12,12 for nano).
 `flash` is the other side of that trade-off: a 4-12 s grey clip at 2 fps is red from second a to b, and the answer
 "a - b" can only come from the temporal ids (the t axis gets the highest frequencies, so a low theta makes its
 wavelengths a few seconds long); it reports exact-match accuracy and the mean temporal IoU.
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--theta", type=float, default=None, help="LLM rope_theta (default: the nano preset's)")
+    ap.add_argument("--mrope-section", help="LLM MRoPE pairs per (t, h, w) axis, e.g. 4,14,14 (default: the preset's)")
     ap.add_argument("--pack-length", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwenvl-nano-probe"))
@@ -88,6 +90,20 @@ def main(argv=None) -> int:
 
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.train import TrainConfig, train
+    from qwenvl.train import trainer
+
+    if a.mrope_section:  # TrainConfig has no field for it: the preset's shape with the split replaced, which the
+        section = [int(v) for v in a.mrope_section.split(",")]  # exported config.json (rope_scaling) carries on
+        base_preset, head_dim = trainer.preset, trainer.preset("nano").text.head_dim
+        if len(section) != 3 or min(section) < 0 or sum(section) * 2 != head_dim:
+            ap.error(f"--mrope-section needs three ints summing to head_dim/2 = {head_dim // 2}")
+
+        def sectioned(name):
+            config = base_preset(name)
+            config.text.mrope_section = section
+            return config
+
+        trainer.preset = sectioned
 
     os.makedirs(os.path.join(a.out, "img"), exist_ok=True)
     rng = random.Random(0)
@@ -129,6 +145,9 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "run", "log.jsonl")) as f:
         curve = [json.loads(line)["loss"] for line in f]
     means = [round(sum(curve[i:i + 10]) / len(curve[i:i + 10]), 3) for i in range(0, len(curve), 10)]
+    with open(os.path.join(summary["final"], "config.json")) as f:  # what the engine loads
+        exported = json.load(f)
+    llm_section = (exported.get("text_config", exported).get("rope_scaling") or {}).get("mrope_section")
     llm = LLM(summary["final"])
     if a.task == "flash":
         convs = [[{"role": "user", "content": [
@@ -141,7 +160,8 @@ def main(argv=None) -> int:
     preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=24 if a.task == "box" else 8,
                                                                       temperature=0.0))]
     acc = sum(p == ans for p, (_, ans) in zip(preds, held)) / len(held)
-    result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta, "train_s": round(seconds, 1),
+    result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta,
+              "mrope_section": llm_section, "train_s": round(seconds, 1),
               "loss_means_per_10_steps": means, "held_out_accuracy": acc,
               "chance": {"colour": 1 / len(COLOURS), "quadrant": 1 / len(QUADRANTS)}.get(a.task),
               "predictions": preds[:12], "answers": [ans for _, ans in held[:12]]}

@@ -438,3 +438,30 @@ def test_bench_divergence_margin_reads_the_slow_runs_top_two():
     assert got == {"top2_margin": 1.7, "fast_token_is_second_choice": False}
     assert bench.divergence_margin([5, 9, 2], [5, 9, 2], slow_lps, None) == {}  # no divergence
     assert bench.divergence_margin([5], [5, 9], [{5: -0.1}], 0) == {}  # one logprob: no margin
+
+
+def test_fp32_logits_keep_the_lm_head_accumulator(monkeypatch):
+    """QWENVL_FP32_LOGITS=1 on a bf16 model: the logits are lm_head's product in fp32 (not rounded to bf16), close
+    to the float64 product; off, they are the bf16 head's; greedy decoding runs on them."""
+    import torch.nn.functional as F
+
+    m = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.bfloat16, seed=0).eval()
+    h = (torch.randn(3, m.config.text.hidden_size, generator=torch.Generator().manual_seed(1)) * 2).to(torch.bfloat16)
+    x = m.model.norm(h)
+    ref = x.double() @ m.lm_head.weight.double().T
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QWENVL_FP32_LOGITS", flag)
+        llm = LLM(m, num_blocks=64, block_size=16)
+        assert llm.stats()["fp32_logits"] == (flag == "1")
+        with torch.no_grad():
+            got[flag] = llm.runner._logits(h)
+        if flag == "1":
+            out = llm.generate({"prompt_token_ids": chat([500, 600, 700])}, SamplingParams(max_tokens=4, **GREEDY))
+            assert len(out[0].token_ids) == 4
+    assert got["1"].dtype == torch.float32 and got["0"].dtype == torch.bfloat16
+    assert torch.equal(got["1"], F.linear(x.float(), m.lm_head.weight.float()))
+    assert ((got["1"].double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    assert torch.equal(got["0"], m.lm_head(x))  # off: the model's own bf16 head
+    # the rounding is what makes ties: fp32 logits have fewer equal values than their bf16 rounding
+    assert got["1"].unique().numel() > got["0"].unique().numel()

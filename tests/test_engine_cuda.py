@@ -229,3 +229,33 @@ def test_staged_frames_upload_equals_pinning_at_upload(bf16_model, monkeypatch):
     assert item.staged is None
     plain = llm.runner._pixel_values(item)  # no staged copy left: pinned at upload
     assert torch.equal(staged, plain)
+
+
+def test_fp32_logits_on_cuda(bf16_model, monkeypatch):
+    """QWENVL_FP32_LOGITS=1 on CUDA: torch.mm's fp32 output is available (fp32_matmul_ok), the logits of the steps
+    run outside the CUDA graphs (prefill, mixed) are fp32 (decode's graphs are captured with the same _logits: batch 1
+    through the GEMV with out_dtype float32, batches through mm), the logprobs are as close to the model's as the
+    default's, and the greedy tokens equal the default's up to a near-tie parting (which fp32 logits order by value)."""
+    from test_fp8_gemv import assert_equal_up_to_near_ties
+
+    from qwenvl.engine.runner import fp32_matmul_ok
+
+    assert fp32_matmul_ok("cuda", torch.bfloat16)
+    work = workload(12, seed=5)
+    prompts = [p for p, _ in work]
+    params = [SamplingParams(max_tokens=n, logprobs=2, **GREEDY) for _, n in work]
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QWENVL_FP32_LOGITS", flag)
+        llm = LLM(bf16_model, num_blocks=2048, block_size=16, max_num_seqs=32)
+        assert llm.stats()["fp32_logits"] == (flag == "1") and llm.stats()["cuda_graph_batch_sizes"]
+        dtypes = set()
+        real = llm.runner._logits
+        llm.runner._logits = lambda h: dtypes.add((y := real(h)).dtype) or y
+        outs[flag] = [o.outputs[0] for o in llm.generate(prompts, params)]
+        one = llm.generate([prompts[0]], SamplingParams(max_tokens=4, **GREEDY))  # batch 1: the GEMV head
+        assert len(one[0].token_ids) == 4
+        assert dtypes == ({torch.float32} if flag == "1" else {torch.bfloat16}), dtypes
+    assert_logprobs_close(bf16_model, work, [type("O", (), {"token_ids": o.token_ids, "logprobs": o.logprobs})
+                                             for o in outs["1"]])
+    assert_equal_up_to_near_ties(outs["1"], outs["0"], None)

@@ -340,6 +340,20 @@ def interpreter_fused_cases() -> list[dict]:
               for p in (True, False)]
         out.append(dict(case=["pipelined", M, N, K, kind, fp8], dtype_ok=True, within_bound=True, exact_frac=1.0,
                         equal_to_eager=bool(torch.equal(*ys))))
+    # out_dtype float32 (the engine's fp32 logits): the accumulator unrounded, whose bf16 rounding is the default
+    # output's bits; close to the float64 product (FMA path, split-K, FP8 weights, the norm prologue)
+    for M, N, K, kind, fp8, cfg in ((1, 40, 512, "norm", False, C(8, 128, 1)), (1, 40, 300, "norm", False, C(8, 128, 2)),
+                                    (1, 40, 512, "none", True, C(16, 128, 1)), (2, 24, 256, "none", False, None)):
+        q, scale, x, nw, _ = fused_case(M, N, K, kind, False, fp8, g)
+        y32 = G.gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6, out_dtype=torch.float32)
+        y16 = G.gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6)
+        xr = rms_norm(x.double(), nw.double(), 1e-6) if nw is not None else x.double()
+        w64 = q.double() * (scale.double().reshape(-1, 1) if scale is not None else 1)
+        ref, mag = xr @ w64.T, xr.abs() @ w64.abs().T
+        out.append(dict(case=["out_dtype float32", M, N, K, kind, fp8], dtype_ok=y32.dtype == torch.float32,
+                        within_bound=bool(((y32.double() - ref).abs() <= 1e-2 * mag + 1e-6).all()),
+                        exact_frac=1.0, equal_to_eager=bool(torch.equal(y32.to(x.dtype), y16)  # and not
+                                                            and not torch.equal(y32, y16.float()))))  # rounded
     for heads, kv_heads, head_dim in ((4, 2, 16), (28, 4, 128)):  # the tiny model, the 7B shape
         out.append(dict(case=["rope_write_kv", heads, kv_heads, head_dim], dtype_ok=True, within_bound=True,
                         exact_frac=1.0, equal_to_eager=rope_write_kv_ok("cpu", torch.bfloat16, heads, kv_heads,
@@ -457,6 +471,7 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     assert sum("equal_to_eager" in r for r in results) >= 16
     assert sum(str(r["case"][0]).startswith("gemv rope epilogue") for r in results) == 5
     assert sum(r["case"][0] == "paged decode, in-kernel merge" for r in results) == 6
+    assert sum(r["case"][0] == "out_dtype float32" for r in results) == 4
     # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
     assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
 

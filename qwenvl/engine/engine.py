@@ -158,6 +158,7 @@ class LLM:
                 "decode_merge_max_splits": self.runner.decode_merge_max_splits,
                 "compiled_ops": self.runner.ops.compiled, "bf16_gemv": self.runner.bf16_gemv,
                 "fused_gemv_layers": (plan := self.runner._gemv_plan(1)) is not None, "fused_rope_kv": self.runner.fused_rope_kv,
+                "fp32_logits": self.runner.fp32_logits,
                 "gemv_rope": bool(plan) and all(ops[-1] for ops in plan),
                 "triton_silu": self.runner.triton_silu, "gqa_prefill": self.runner.gqa_prefill,
                 "decode_ahead": self.decode_ahead, "decode_ahead_steps": self.num_ahead_steps,

@@ -74,6 +74,37 @@ class StepInputs:
     vision_feats: torch.Tensor | None = None
 
 
+_FP32_MM_OK: dict[str, bool] = {}
+
+
+def fp32_matmul_ok(device, dtype: torch.dtype) -> bool:
+    """Whether matmul_fp32_out runs on `device` for `dtype` inputs: the CPU always (upcast), CUDA where torch has
+    mm's out_dtype (one small product, checked against the upcast one; cached per device and dtype)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    key = f"{dev}-{dtype}"
+    if key not in _FP32_MM_OK:
+        try:
+            g = torch.Generator(device=dev).manual_seed(0)
+            a, b = (torch.randn(3, 64, generator=g, device=dev).to(dtype) for _ in range(2))
+            y = torch.mm(a, b.t(), out_dtype=torch.float32)
+            _FP32_MM_OK[key] = y.dtype == torch.float32 and bool(torch.allclose(y, a.float() @ b.float().t(),
+                                                                                 rtol=1e-5, atol=1e-5))
+        except (RuntimeError, TypeError) as e:
+            log.warning("fp32 logits unavailable (torch.mm out_dtype: %s): logits stay in %s", e, dtype)
+            _FP32_MM_OK[key] = False
+    return _FP32_MM_OK[key]
+
+
+def matmul_fp32_out(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w[V, K]^T with the fp32 accumulator as the result (not rounded to x's dtype): CUDA's mm with an
+    fp32 output, the CPU through an fp32 upcast."""
+    if not x.is_cuda:
+        return torch.nn.functional.linear(x.float(), w.float())
+    return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+
+
 def _cuda_graph_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
     return sorted(set(sizes))
@@ -110,6 +141,12 @@ class ModelRunner:
         # cost FP8 14 %)
         self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", True)
         self.fused_gemv_silu = env_flag("QWENVL_FUSED_GEMV_SILU", True)  # silu * up inside down's GEMV too
+        # QWENVL_FP32_LOGITS=1: lm_head's fp32 accumulator is kept as the logits instead of being rounded to the
+        # model's dtype, so tokens one bf16 step apart (or tied by the rounding) are ordered by their real values: on
+        # the trained nano model every fast/slow greedy parting was at such a tie (docs/BENCHMARKS.md 2026-12-06).
+        # Off until measured on a GPU (speed and that check); for a plain lm_head (not vocab-parallel)
+        self.fp32_logits = env_flag("QWENVL_FP32_LOGITS", False) and self.dtype != torch.float32 and \
+            fp32_matmul_ok(self.device, self.dtype)
         self._gemv_plans: dict[tuple, list | None] = {}
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
         self.encoder_cache_tokens = encoder_cache_tokens
@@ -322,7 +359,11 @@ class ModelRunner:
         ops = (self.lm_head.gemv_operands(1, self.dtype, self.device)
                if self.fused_gemv and h.shape[0] == 1 and hasattr(self.lm_head, "gemv_operands") else None)
         if ops is not None and fp8_gemv.fused_gemv_ok(self.device, ops[0].dtype):
-            return fp8_gemv.gemv(h, *ops, norm_weight=norm.weight, eps=norm.eps)
+            return fp8_gemv.gemv(h, *ops, norm_weight=norm.weight, eps=norm.eps,
+                                 out_dtype=torch.float32 if self.fp32_logits else None)
+        if (self.fp32_logits and type(self.lm_head) in (torch.nn.Linear, GemvLinear)  # not vocab-parallel
+                and self.lm_head.bias is None and self.lm_head.weight.dtype == self.dtype):
+            return matmul_fp32_out(norm(h), self.lm_head.weight)
         return self.lm_head(norm(h))
 
     def _decode_attention(self, i, q, block_tables, context_lens):

@@ -522,7 +522,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
          silu_mul: bool = False, residual: torch.Tensor | None = None, rope: tuple | None = None,
-         _pipeline: bool | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype | None = None, _pipeline: bool | None = None) -> torch.Tensor:
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
     required) or weights of x's dtype (bf16/fp16; scale optional).
 
@@ -535,6 +535,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
                        [M, heads, head_dim] rotated, and writes k (rotated) and v to the pools [blocks, block_size,
                        kv_heads, head_dim] at slots [M]: rope_kv.rope_write_kv's work in the GEMV's epilogue (cos,
                        sin [M, head_dim]; FMA path without split-K only: rope_route says when it applies).
+    out_dtype: y's dtype (default x's); torch.float32 stores the fp32 accumulator unrounded (the engine's fp32
+                       logits), and rounding that to x's dtype gives the default's bits. Not with residual or rope.
     The prologues run in the kernel on its FMA path (M = 1 by default); on the DOT path they run as torch ops
     before it (same results as eager). _pipeline (tests): the FMA loop that loads each weight tile one iteration
     ahead, which programmatic dependent launch uses (None: with it)."""
@@ -547,6 +549,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         raise TypeError(f"gemv: weight dtype {weight.dtype} is neither float8_e4m3fn nor x's dtype {x.dtype}")
     if norm_weight is not None and silu_mul:
         raise ValueError("gemv: norm_weight and silu_mul are two prologues; pass one")
+    if out_dtype is not None and out_dtype != x.dtype and (residual is not None or rope is not None):
+        raise ValueError("gemv: out_dtype other than x's is for a plain output (no residual, no rope)")
     interpret = not x.is_cuda
     if interpret and not interpreting():
         raise RuntimeError("gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
@@ -604,7 +608,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         q = torch.empty(M, H, D, dtype=x.dtype, device=x.device)
         rope_args = (cos, sin, slots, q, k_pool, v_pool, cos.stride(0))
         rope_kw = {"ROPE": True, "RH": H, "RKV": KV, "RD": D, "EXACT_MUL": not interpret}
-    y = q if rope is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    y = q if rope is not None else torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return y if rope is not None else y.view(*lead, N)
     k_per_split = per * bk
