@@ -144,9 +144,10 @@ class ModelRunner:
         # QWENVL_FP32_LOGITS=1: lm_head's fp32 accumulator is kept as the logits instead of being rounded to the
         # model's dtype, so tokens one bf16 step apart (or tied by the rounding) are ordered by their real values: on
         # the trained nano model every fast/slow greedy parting was at such a tie (docs/BENCHMARKS.md 2026-12-06).
-        # Off until measured on a GPU (speed and that check); for a plain lm_head (not vocab-parallel)
-        self.fp32_logits = env_flag("QWENVL_FP32_LOGITS", False) and self.dtype != torch.float32 and \
-            fp32_matmul_ok(self.device, self.dtype)
+        # Off until measured on a GPU (speed and that check); for a plain lm_head (not vocab-parallel, not FP8)
+        self.fp32_logits = (env_flag("QWENVL_FP32_LOGITS", False) and self.dtype != torch.float32
+                            and type(self.lm_head) in (torch.nn.Linear, GemvLinear) and self.lm_head.bias is None
+                            and self.lm_head.weight.dtype == self.dtype and fp32_matmul_ok(self.device, self.dtype))
         self._gemv_plans: dict[tuple, list | None] = {}
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
         self.encoder_cache_tokens = encoder_cache_tokens
@@ -361,8 +362,7 @@ class ModelRunner:
         if ops is not None and fp8_gemv.fused_gemv_ok(self.device, ops[0].dtype):
             return fp8_gemv.gemv(h, *ops, norm_weight=norm.weight, eps=norm.eps,
                                  out_dtype=torch.float32 if self.fp32_logits else None)
-        if (self.fp32_logits and type(self.lm_head) in (torch.nn.Linear, GemvLinear)  # not vocab-parallel
-                and self.lm_head.bias is None and self.lm_head.weight.dtype == self.dtype):
+        if self.fp32_logits:
             return matmul_fp32_out(norm(h), self.lm_head.weight)
         return self.lm_head(norm(h))
 
