@@ -745,20 +745,24 @@ W4_FIRST_TOKENS: list = []  # the engine section's W4 first 32 tokens per reques
 
 
 @contextlib.contextmanager
-def compile_ops_env(value: str):
-    """QWENVL_COMPILE_OPS and QWENVL_COMPILE_VIT (the engine's compiled decoder ops and ViT blocks) set to `value`
-    while engines are built inside, then restored."""
-    names = ("QWENVL_COMPILE_OPS", "QWENVL_COMPILE_VIT")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update({k: value for k in names})
+def env_vars(values: dict):
+    """The environment variables in `values` set inside (engines read their switches when built), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
         for k, v in saved.items():
             if v is None:
-                del os.environ[k]
+                os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def compile_ops_env(value: str):
+    """QWENVL_COMPILE_OPS and QWENVL_COMPILE_VIT (the engine's compiled decoder ops and ViT blocks) set to `value`
+    while engines are built inside, then restored."""
+    return env_vars({"QWENVL_COMPILE_OPS": value, "QWENVL_COMPILE_VIT": value})
 
 
 @section("engine_eager_ops")
@@ -870,11 +874,9 @@ def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_f
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
     greedy = dict(temperature=0.0, ignore_eos=True)
     out = {}
-    saved = os.environ.get("QWENVL_FP32_LOGITS")
-    try:
-        for flag in ("0", "1"):
-            t0 = time.perf_counter()
-            os.environ["QWENVL_FP32_LOGITS"] = flag
+    for flag in ("0", "1"):
+        t0 = time.perf_counter()
+        with env_vars({"QWENVL_FP32_LOGITS": flag}):
             llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256,
                       gpu_memory_utilization=0.5)
             outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
@@ -885,17 +887,12 @@ def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_f
             release()
             res = fast_paths_check(path, convs, lens, greedy, on, n_first=n_first, chat=True, dtype=dtype,
                                    device=DEV)
-            res.update(model=path, suite=f"nano held-out, {n_per_task} per task", fast_on=stats_on,
-                       seconds=time.perf_counter() - t0)
-            out["fp32_logits" if flag == "1" else "bf16_logits"] = res
-            RESULTS["fast_paths_trained"] = out
-            log(res)
-            release()
-    finally:
-        if saved is None:
-            os.environ.pop("QWENVL_FP32_LOGITS", None)
-        else:
-            os.environ["QWENVL_FP32_LOGITS"] = saved
+        res.update(model=path, suite=f"nano held-out, {n_per_task} per task", fast_on=stats_on,
+                   seconds=time.perf_counter() - t0)
+        out["fp32_logits" if flag == "1" else "bf16_logits"] = res
+        RESULTS["fast_paths_trained"] = out
+        log(res)
+        release()
     return out
 
 
@@ -982,7 +979,8 @@ def main():
               "vision_profile": vision_profile, "engine": engine,
               "engine_eager_ops": engine_eager_ops,
               "fast_paths_trained": lambda *_: fast_paths_trained(  # BENCH_TRAINED_MODEL: another checkpoint
-                  os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"), int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
+                  os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"),
+                  int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

@@ -338,40 +338,35 @@ def engine(a, R: dict, save) -> None:
     for name, quant, gemv, table, bf16, env in variants:
         old = G.set_enabled(gemv, bf16_enabled=bf16, bf16_max_m=1, pdl=env.get("QWENVL_GEMV_PDL") == "1")
         G.set_tuned(table)
-        old_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
         try:
-            llm, t = E.make_llm(E_args, model, 1, quantization=quant, **small)
-            try:
-                # W1 as bench_tp_engine's: a warm-up request, then a new image (the ViT runs) alone
-                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=7)
-                bench.drive(llm, "w1-warm", E.prompt_of(ids, pix, grid), SamplingParams(max_tokens=4, **greedy))
-                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=8)
-                ttft, dec, toks = bench.drive(llm, "w1", E.prompt_of(ids, pix, grid),
-                                              SamplingParams(max_tokens=a.w1_tokens, **greedy))
-                r = {"decode_tok_s": (len(toks) - 1) / dec, "ttft_ms": ttft * 1e3, "tokens": len(toks),
-                     "prompt_tokens": ids.shape[1], "init_s": t,
-                     "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"],
-                     "bf16_gemv": llm.stats().get("bf16_gemv"), "fused_gemv_layers": llm.runner._gemv_plan(1) is not None,
-                     "fused_rope_kv": llm.runner.fused_rope_kv, "gemv_rope": llm.stats().get("gemv_rope"),
-                     "decode_ahead_steps": llm.stats()["decode_ahead_steps"], "gemv_pdl": G.settings()["pdl"]}
-                graph = llm.runner.graphs.get(1)
-                if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work
-                    r["graph_replay_ms"] = bench.cuda_time(graph[0].replay, warmup=3, iters=20) * 1e3
-                    r["host_ms_per_token"] = 1e3 / r["decode_tok_s"] - r["graph_replay_ms"]
-                ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
-                out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
-                tokens[name] = out[0].token_ids
-            finally:
-                llm.shutdown()
+            with bench.env_vars(env):  # the engine reads some switches when built, some per step
+                llm, t = E.make_llm(E_args, model, 1, quantization=quant, **small)
+                try:
+                    # W1 as bench_tp_engine's: a warm-up request, then a new image (the ViT runs) alone
+                    ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=7)
+                    bench.drive(llm, "w1-warm", E.prompt_of(ids, pix, grid), SamplingParams(max_tokens=4, **greedy))
+                    ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=8)
+                    ttft, dec, toks = bench.drive(llm, "w1", E.prompt_of(ids, pix, grid),
+                                                  SamplingParams(max_tokens=a.w1_tokens, **greedy))
+                    r = {"decode_tok_s": (len(toks) - 1) / dec, "ttft_ms": ttft * 1e3, "tokens": len(toks),
+                         "prompt_tokens": ids.shape[1], "init_s": t,
+                         "cuda_graph_batch_sizes": llm.stats()["cuda_graph_batch_sizes"],
+                         "bf16_gemv": llm.stats().get("bf16_gemv"),
+                         "fused_gemv_layers": llm.runner._gemv_plan(1) is not None,
+                         "fused_rope_kv": llm.runner.fused_rope_kv, "gemv_rope": llm.stats().get("gemv_rope"),
+                         "decode_ahead_steps": llm.stats()["decode_ahead_steps"], "gemv_pdl": G.settings()["pdl"]}
+                    graph = llm.runner.graphs.get(1)
+                    if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work
+                        r["graph_replay_ms"] = bench.cuda_time(graph[0].replay, warmup=3, iters=20) * 1e3
+                        r["host_ms_per_token"] = 1e3 / r["decode_tok_s"] - r["graph_replay_ms"]
+                    ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
+                    out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
+                    tokens[name] = out[0].token_ids
+                finally:
+                    llm.shutdown()
         finally:
             G.set_enabled(**old)
             G.set_tuned(None)
-            for k, v in old_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         R.setdefault("engine", {})[name] = r
         log(name, json.dumps(r))
         save()
