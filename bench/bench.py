@@ -811,34 +811,37 @@ def release():
         torch.cuda.empty_cache()
 
 
-def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=False, **llm_kw):
-    """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
-    (no CUDA graphs, no Triton paged decode, no compiled decoder ops, no RMSNorm / silu / residual inside the
-    GEMVs, padded SDPA instead of FlashAttention varlen in the ViT) vs on.
-    `on`: the first tokens of the fast run; the slow run is a fresh engine over the same weights (`ours`: a model
-    or a checkpoint folder, `llm_kw` to LLM) and prompts (conversations for llm.chat where `chat`).
-    Near-ties in bf16 make a few differ."""
+def slow_run(ours, prompts, greedy, n_first=32, chat=False, max_num_seqs=256, **llm_kw):
+    """The engine with its fast paths off (no CUDA graphs, no Triton paged decode, no compiled decoder ops or ViT
+    blocks, no RMSNorm / silu / residual inside the GEMVs, padded SDPA instead of FlashAttention varlen in the ViT):
+    the first n_first greedy tokens of every prompt, their top-2 logprobs and the engine's stats."""
     import qwenvl.layers as layers
     from qwenvl.engine import LLM, SamplingParams
 
-    t0 = time.perf_counter()
     saved = layers._flash_varlen
     try:
         layers._flash_varlen = None
         with compile_ops_env("0"):
-            llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9,
+            llm = LLM(ours, max_model_len=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False, **llm_kw)
         llm.runner.use_triton = False
         llm.runner.fused_gemv = False  # (on by default since 6e1fb99: the off run stays as it was before)
-        # top-2 logprobs of the slow run: where a request parts, how close its two best tokens were there
+        # top-2 logprobs: where a request parts, how close its two best tokens were there
         params = [SamplingParams(max_tokens=n_first, logprobs=2, **greedy) for _ in prompts]
         outs = llm.chat(prompts, params) if chat else llm.generate(prompts, params)
         off = [o.outputs[0].token_ids[:n_first] for o in outs]
         off_lps = [o.outputs[0].logprobs or [] for o in outs]
-        stats_off = llm.stats()
+        stats = llm.stats()
+        stats["prompt_lens"] = [len(o.prompt_token_ids) for o in outs]
         del llm, outs
     finally:
         layers._flash_varlen = saved
+    return off, off_lps, stats
+
+
+def agreement(on, off, off_lps, prompt_lens) -> dict:
+    """How many requests have the same first tokens in `on` and `off`; where they part, the `off` run's logprob gap
+    between its token and the other run's (same prefix up to there): a near tie is a gap bf16 rounding can flip."""
     diverge = []
     for i, (a, b) in enumerate(zip(on, off)):
         n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -850,15 +853,24 @@ def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=Fa
     same = len(on) - len(diverge)
     margins = sorted(d["top2_margin"] for d in diverge if "top2_margin" in d)
     return {"requests": len(on), "same_first_32": same, "fraction": same / len(on), "target": 0.95,
-            # where they part: the slow run's logprob gap between its token and the fast run's (same prefix up to
-            # there); a near tie is a gap bf16 rounding can flip
             "diverging_at_the_slow_runs_second_choice": sum(d.get("fast_token_is_second_choice", False)
                                                             for d in diverge),
             "divergence_top2_margin_quantiles": {q: margins[min(len(margins) - 1, int(q * len(margins)))]
                                                  for q in (0.5, 0.9, 0.99)} if margins else None,
-            "diverging": diverge[:20],
-            "fast_off": {k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "triton_decode")},
-            "seconds": time.perf_counter() - t0}
+            "diverging": diverge[:20]}
+
+
+def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=False, **llm_kw):
+    """The issue's bf16 check: the first 32 greedy tokens of every W4 request with the engine's fast paths off
+    (slow_run) vs on. `on`: the first tokens of the fast run; the slow run is a fresh engine over the same weights
+    (`ours`: a model or a checkpoint folder, `llm_kw` to LLM) and prompts (conversations for llm.chat where `chat`).
+    Near-ties in bf16 make a few differ."""
+    t0 = time.perf_counter()
+    off, off_lps, stats_off = slow_run(ours, prompts, greedy, n_first, chat, **llm_kw)
+    res = agreement(on, off, off_lps, prompt_lens)
+    res.update(fast_off={k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "triton_decode")},
+               seconds=time.perf_counter() - t0)
+    return res
 
 
 def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_first: int = 32) -> dict:
@@ -893,6 +905,79 @@ def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_f
         RESULTS["fast_paths_trained"] = out
         log(res)
         release()
+    return out
+
+
+# one fast path off at a time (the others on): which of them moves greedy tokens away from the slow run's
+ABLATION = (("all_on", {}), ("no_cuda_graphs", {}), ("no_triton_decode", {}),
+            ("no_compiled_ops", {"QWENVL_COMPILE_OPS": "0"}), ("no_compiled_vit", {"QWENVL_COMPILE_VIT": "0"}),
+            ("no_vit_graphs", {"QWENVL_VIT_GRAPHS": "0"}), ("no_flash_vit", {}),
+            ("no_triton_silu", {"QWENVL_TRITON_SILU": "0"}), ("no_fused_rope_kv", {"QWENVL_FUSED_ROPE_KV": "0"}),
+            ("no_gqa_prefill", {"QWENVL_GQA_PREFILL": "0"}), ("no_fused_gemv", {"QWENVL_FUSED_GEMV": "0"}),
+            ("no_bf16_gemv", {}), ("no_decode_ahead", {"QWENVL_DECODE_AHEAD": "0"}))
+
+
+def fast_paths_ablation(path: str = "runs/nano/latest", n_per_task: int = 16, n_first: int = 32,
+                        variants: str = "") -> dict:
+    """The trained fast-paths check taken apart (fp32 logits in every run): the slow run once, then the engine
+    with all fast paths on and with each one off alone (ABLATION; `variants`: a comma list of their names, empty:
+    all), and two slow runs more: the same again (is the slow run deterministic?) and with at most 16 requests
+    per step (how much does the batch alone move tokens?). Each: how many of the nano suite's requests keep the
+    slow run's first 32 greedy tokens."""
+    from unittest import mock
+
+    import qwenvl.layers as layers
+    import qwenvl.engine.runner as runner_mod
+    import qwenvl.quant.fp8_gemv as G
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.evaluate.cli import suite_data
+    from qwenvl.evaluate.harness import load_samples, prompt_messages
+
+    convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    out = {}
+    with env_vars({"QWENVL_FP32_LOGITS": "1"}):
+        off, off_lps, slow_stats = slow_run(path, convs, greedy, n_first, True, dtype=dtype, device=DEV)
+        lens = slow_stats["prompt_lens"]
+        release()
+        wanted = set(filter(None, variants.split(",")))
+        for name, env in ABLATION + (("slow_again", {}), ("slow_batch16", {})):
+            if wanted and name not in wanted:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if name.startswith("slow"):
+                    on, _, stats = slow_run(path, convs, greedy, n_first, True,
+                                            max_num_seqs=16 if name == "slow_batch16" else 256, dtype=dtype,
+                                            device=DEV)
+                else:
+                    with contextlib.ExitStack() as stack:
+                        stack.enter_context(env_vars(env))
+                        if name == "no_triton_decode":
+                            stack.enter_context(mock.patch.object(runner_mod, "triton_decode_ok", lambda *a, **k: False))
+                        if name == "no_flash_vit":
+                            stack.enter_context(mock.patch.object(layers, "_flash_varlen", None))
+                        if name == "no_bf16_gemv":
+                            old = G.set_enabled(bf16_enabled=False)
+                            stack.callback(lambda: G.set_enabled(**old))
+                        llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256,
+                                  gpu_memory_utilization=0.5, enable_cuda_graphs=name != "no_cuda_graphs")
+                        outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
+                        on = [o.outputs[0].token_ids[:n_first] for o in outs]
+                        stats = llm.stats()
+                        del llm, outs
+                res = agreement(on, off, off_lps, lens)
+                res["fast_on"] = {k: v for k, v in stats.items() if not k.startswith("num_")
+                                  and k not in ("cuda_graph_batch_sizes", "prompt_lens")}
+                res["diverging"] = res["diverging"][:5]
+            except Exception as e:  # one variant that fails must not cost the others
+                res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            out[name] = res
+            RESULTS["fast_paths_ablation"] = out
+            log(name, {k: res.get(k) for k in ("same_first_32", "requests", "error", "seconds")})
+            release()
     return out
 
 
@@ -980,7 +1065,10 @@ def main():
               "engine_eager_ops": engine_eager_ops,
               "fast_paths_trained": lambda *_: fast_paths_trained(  # BENCH_TRAINED_MODEL: another checkpoint
                   os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"),
-                  int(os.environ.get("BENCH_TRAINED_N", "24")))}.get(name)
+                  int(os.environ.get("BENCH_TRAINED_N", "24"))),
+              "fast_paths_ablation": lambda *_: fast_paths_ablation(
+                  os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"),
+                  int(os.environ.get("BENCH_TRAINED_N", "16")), variants=os.environ.get("BENCH_ABLATION", ""))}.get(name)
         if fn is not None:
             fn(ours, hf, cfg)
         with open(os.path.join(a.out, "results.json"), "w") as f:  # partial results survive a timeout

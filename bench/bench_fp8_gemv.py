@@ -296,7 +296,7 @@ def engine(a, R: dict, save) -> None:
     fused = {"QWENVL_FUSED_GEMV": "1", "QWENVL_FUSED_GEMV_SILU": "1"}
     no_rope = {**fused, "QWENVL_GEMV_ROPE": "0"}  # the defaults but rotary + KV write after the q/k/v GEMV
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
-    fp32_logits = {**fused, "QWENVL_FP32_LOGITS": "1"}  # the defaults, lm_head's output kept in fp32
+    bf16_logits = {**fused, "QWENVL_FP32_LOGITS": "0"}  # the defaults but lm_head's output rounded to bf16
     fused_pdl = {**fused, **pdl}
     variants = [("bf16", None, False, None, False, unfused)]
     heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
@@ -310,7 +310,7 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_no_rope", None, False, None, True, no_rope),
                      ("bf16_gemv", None, False, None, True, fused),
                      ("bf16_gemv_merge16", None, False, None, True, merge16),
-                     ("bf16_gemv_fp32_logits", None, False, None, True, fp32_logits),
+                     ("bf16_gemv_bf16_logits", None, False, None, True, bf16_logits),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
                      ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
@@ -324,7 +324,7 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_no_rope", "fp8", True, None, False, no_rope),
                  ("fp8_gemv", "fp8", True, None, False, fused),
                  ("fp8_gemv_merge16", "fp8", True, None, False, merge16),
-                 ("fp8_gemv_fp32_logits", "fp8", True, None, False, fp32_logits),
+                 ("fp8_gemv_bf16_logits", "fp8", True, None, False, bf16_logits),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):

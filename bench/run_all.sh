@@ -3,8 +3,8 @@
 # engine W1/W2/W4), then the one-GPU FP8 section. Logs and JSON under $OUT; short tables on stdout.
 #   bash bench/run_all.sh [7b|3b]        (on the device: PYTHONPATH is set here)
 # QUICK=1: the engine only (W1-W4 without the fast-paths check and W5, ~150 s on an H100), then the W1 arms (W1_ARMS:
-# bf16 cuBLAS, bf16 / FP8 GEMV as default and with fp32 logits; ~13 s each), the fast-paths check on the trained
-# nano model with bf16 and fp32 logits (~100 s), then the single-GPU tests as far as GPU_TESTS_TIMEOUT goes: what one
+# bf16 cuBLAS, bf16 / FP8 GEMV; ~13 s each), the fast-paths check on the trained
+# nano model taken apart (bench.py fast_paths_ablation, ~150 s), then the single-GPU tests as far as GPU_TESTS_TIMEOUT goes: what one
 # short call can settle when machines are hard to get (the seventh session lost most of its device time to failed starts).
 set -u
 SHAPE=${1:-7b}
@@ -30,15 +30,16 @@ keys = ("w1_decode_tok_s", "w2_ttft_new_image_ms", "w2_ttft_new_image_2_ms", "w2
 print(json.dumps({**{k: e.get(k) for k in keys}, **{k: v for k, v in e.items() if k.startswith(("w2_ttft", "w2_other", "w2_of"))}}, indent=1))
 PY
   timeout "${FP8_TIMEOUT:-240}" python bench/bench_fp8_gemv.py --shape "$SHAPE" --out "$OUT" --sections engine \
-    --variants ${W1_ARMS:-bf16,bf16_gemv,bf16_gemv_fp32_logits,fp8_gemv,fp8_gemv_fp32_logits} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
+    --variants ${W1_ARMS:-bf16,bf16_gemv,fp8_gemv} --eq-tokens 64 > "$OUT/fp8_gemv.log" 2>&1
   echo "bench_fp8_gemv.py rc=$?"; grep "^W1\|target" "$OUT/fp8_gemv.log"
-  # the fast-paths check on the trained nano model, bf16 and fp32 logits (~100 s)
-  BENCH_TRAINED_N=${BENCH_TRAINED_N:-16} timeout "${TRAINED_TIMEOUT:-150}" python bench/bench.py --shape tiny \
-    --sections fast_paths_trained --out "$OUT/trained" > "$OUT/trained.log" 2>&1
-  echo "fast_paths_trained rc=$?"
-  python -c "import json, sys; r = json.load(open(sys.argv[1]))['fast_paths_trained']; print({k: (v['same_first_32'], v['requests'], v['divergence_top2_margin_quantiles']) for k, v in r.items()})" "$OUT/trained/results.json"
+  # the fast-paths check on the trained nano model taken apart: all fast paths on, each one off alone, the slow run
+  # twice more (same batch, 16 per step); fp32 logits throughout (~15 runs of ~10 s)
+  BENCH_TRAINED_N=${BENCH_TRAINED_N:-16} timeout "${TRAINED_TIMEOUT:-240}" python bench/bench.py --shape tiny \
+    --sections fast_paths_ablation --out "$OUT/trained" > "$OUT/trained.log" 2>&1
+  echo "fast_paths_ablation rc=$?"
+  python -c "import json, sys; r = json.load(open(sys.argv[1]))['fast_paths_ablation']; print({k: v.get('same_first_32', v.get('error')) for k, v in r.items()})" "$OUT/trained/results.json"
   # the kernels' tests first (the newest changes are there), then the rest as far as the limit goes
-  GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_engine_cuda.py tests/test_fp8_gemv.py tests/test_vision_cuda.py tests/test_train_cuda.py"} \
+  GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_fused_ops.py tests/test_engine_cuda.py tests/test_fp8_gemv.py tests/test_vision_cuda.py tests/test_train_cuda.py"} \
     GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-110} bash bench/gpu_tests.sh | tail -3
   exit 0
 fi

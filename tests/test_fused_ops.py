@@ -186,3 +186,44 @@ def test_padded_vit_mlp_compiles_without_a_graph_break():
     mlp.float()
     assert mlp._padded is None
     torch._dynamo.reset()
+
+
+def test_many_engines_in_one_process_each_get_their_own_recompile_budget():
+    """dynamo keeps compiled variants, and its limit of 8 recompiles, per code object: every DecoderOps shared
+    add_rms_norm's code, so a process that builds several engines (tests, bench runs, a server reloading models) hit
+    the limit and, with fullgraph=True, failed hard (H100 2026-12-06: two GPU tests). Each DecoderOps now compiles
+    its own copy of the code, and its self-test runs in inference mode as the runner does (grad mode is a guard)."""
+    torch._dynamo.reset()
+    for hidden in (16, 24, 32, 40, 48):  # five engines' shapes, each: self-test, then 1 and 5 rows, +- delta
+        ops = DecoderOps(4, 2, 8, eps=1e-6, compiled=True, backend="eager")
+        assert ops.check("cpu", torch.float32, hidden) and ops.compiled
+        with torch.inference_mode():
+            for n, with_delta in ((1, True), (1, False), (5, True), (5, False)):
+                h, d, w = torch.randn(n, hidden), torch.randn(n, hidden), torch.randn(hidden)
+                got = ops.add_rms_norm(h, d if with_delta else None, w)
+                torch.testing.assert_close(got, ops.eager["add_rms_norm"](h, d if with_delta else None, w))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_inductor_compiled_ops_round_like_the_eager_ops_bit_for_bit(device):
+    """bf16 through inductor (C++ on the CPU, Triton on CUDA): with EXACT_CASTS the compiled RMSNorm, rotary and
+    silu * up round where the eager ops round; without it about a quarter of the outputs were one bf16 step off
+    (fast/slow greedy tokens parted at near ties on a GPU)."""
+    torch._dynamo.reset()
+    ops = DecoderOps(4, 2, 16, eps=1e-6, compiled=True)
+    g = torch.Generator().manual_seed(0)
+    n, hidden = 24, 64
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).bfloat16().to(device)
+
+    h, d, w = rand(n, hidden), rand(n, hidden), rand(hidden)
+    qkv, cos, sin = rand(n, 8 * 16), rand(n, 1, 16), rand(n, 1, 16)
+    gu = rand(n, 2 * hidden)
+    with torch.inference_mode():
+        for name, args in (("add_rms_norm", (h, d, w)), ("add_rms_norm", (h, None, w)),
+                           ("rope_qkv", (qkv, cos, sin)), ("silu_mul", (gu,))):
+            got, want = getattr(ops, name)(*args), ops.eager[name](*args)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                assert torch.equal(a, b), name

@@ -201,6 +201,11 @@ def test_nano_preset_trains_with_its_pruned_tokenizer_and_exports_it(data, tmp_p
     with pytest.raises(ConfigError, match="rope_theta"):  # trained weights keep the theta they were trained with
         train(TrainConfig(model=final, train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "again"),
                           max_steps=1, pack_length=512, save_every=0, resume=False, rope_theta=1e6))
+    # unless asked to re-base it: then the checkpoint trains on the new base, and the export carries it
+    again = train(TrainConfig(model=final, train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "rebased"),
+                              max_steps=1, pack_length=512, save_every=0, resume=False, rope_theta=30.0,
+                              rebase_rope=True))
+    assert json.load(open(os.path.join(again["final"], "config.json")))["rope_theta"] == 30.0
     assert json.load(open(os.path.join(final, "vocab_map.json"))) == json.load(open(os.path.join(NANO_DIR, "vocab_map.json")))
     proc = Processor.from_pretrained(final)
     assert proc.tokenizer.token_to_id("<|image_pad|>") == 8182

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,12 @@ from ..rope import rotate_half
 from .attention import merge_splits
 
 log = logging.getLogger(__name__)
+
+
+# inductor computes a fused chain of bf16 ops in fp32 and rounds once at the end unless told to round where the eager
+# ops round (after each op): without it a quarter of the RMSNorm / rotary / silu * up outputs were one bf16 step off
+# the eager ops', enough to part greedy tokens at near ties (the fast-paths check); with it they are bit-equal
+EXACT_CASTS = {"emulate_precision_casts": True}
 
 
 def compile_ops_requested() -> bool:
@@ -87,15 +94,17 @@ class DecoderOps:
             setattr(self, name, kernels[name] if name in kernels else self._compile(fn, backend) if compiled else fn)
 
     def _compile(self, fn, backend: str):
+        fn = _own_code(fn)
         """dynamic 'rows': only the row count (dim 0 of each input of 2+ dims) is symbolic, the feature sizes are
         compiled in as constants. 'all' (dynamic=True, as before 2026-12-05's sixth session) makes every size a
         runtime value: the functions take their weights as arguments, so nothing specialises the hidden sizes,
         and inductor's kernels then index with divisions by runtime values (W4's mixed-step profile on an H100:
         silu * up at ~1.2 TB/s, the rotary at ~0.45, against ~3 for a plain copy). One compile for 1 row, one
         for all other row counts (and, after one recompile, any other size that varies, e.g. the split count)."""
+        kw = dict(fullgraph=True, backend=backend, options=EXACT_CASTS if backend == "inductor" else None)
         if self.dynamic == "all":
-            return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
-        compiled = torch.compile(fn, dynamic=None, fullgraph=True, backend=backend)
+            return torch.compile(fn, dynamic=True, **kw)
+        compiled = torch.compile(fn, dynamic=None, **kw)
 
         def call(*args):
             for a in args:
@@ -110,28 +119,9 @@ class DecoderOps:
         an exception or a relative error above tol switches the eager functions back in and returns False."""
         if not self.compiled:
             return True
-        H, KV, D = self.shape
         try:
-            g = torch.Generator(device=device).manual_seed(0)
-
-            def rand(*shape):
-                return torch.randn(*shape, generator=g, device=device).to(dtype)
-
-            for n in (1, 3, 37):
-                h, d, w = rand(n, hidden), rand(n, hidden), rand(hidden)
-                cos, sin = rand(n, 1, D), rand(n, 1, D)
-                acc = torch.randn(n, H, 3, D, generator=g, device=device)
-                m = torch.randn(n, H, 3, generator=g, device=device)
-                m[..., -1] = float("-inf")  # an empty split
-                lse = torch.rand(n, H, 3, generator=g, device=device) + 0.5
-                for name, args in (("add_rms_norm", (h, d, w)), ("add_rms_norm", (h, None, w)),
-                                   ("rope_qkv", (rand(n, (H + 2 * KV) * D), cos, sin)),
-                                   ("silu_mul", (rand(n, 2 * hidden),)), ("merge_splits", (acc, m, lse, dtype))):
-                    got, want = getattr(self, name)(*args), self.eager[name](*args)
-                    for a, b in zip(_tuple(got), _tuple(want)):
-                        if a.shape != b.shape or _rel_err(a, b) > tol:
-                            raise RuntimeError(f"compiled {name} differs from eager ({_rel_err(a, b):.3g}, "
-                                               f"shapes {tuple(a.shape)} / {tuple(b.shape)})")
+            with torch.inference_mode():  # as the runner calls them: grad mode is one of dynamo's guards
+                self._check(device, dtype, hidden, tol)
             return True
         except Exception as e:  # compile failure or mismatch: eager from now on
             log.warning("compiled decoder ops unusable (%s: %s); running them eagerly", type(e).__name__, e)
@@ -139,6 +129,38 @@ class DecoderOps:
                 setattr(self, name, fn)
             self.compiled = False
             return False
+
+    def _check(self, device, dtype: torch.dtype, hidden: int, tol: float) -> None:
+        H, KV, D = self.shape
+        g = torch.Generator(device=device).manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+        for n in (1, 3, 37):
+            h, d, w = rand(n, hidden), rand(n, hidden), rand(hidden)
+            cos, sin = rand(n, 1, D), rand(n, 1, D)
+            acc = torch.randn(n, H, 3, D, generator=g, device=device)
+            m = torch.randn(n, H, 3, generator=g, device=device)
+            m[..., -1] = float("-inf")  # an empty split
+            lse = torch.rand(n, H, 3, generator=g, device=device) + 0.5
+            for name, args in (("add_rms_norm", (h, d, w)), ("add_rms_norm", (h, None, w)),
+                               ("rope_qkv", (rand(n, (H + 2 * KV) * D), cos, sin)),
+                               ("silu_mul", (rand(n, 2 * hidden),)), ("merge_splits", (acc, m, lse, dtype))):
+                got, want = getattr(self, name)(*args), self.eager[name](*args)
+                for a, b in zip(_tuple(got), _tuple(want)):
+                    if a.shape != b.shape or _rel_err(a, b) > tol:
+                        raise RuntimeError(f"compiled {name} differs from eager ({_rel_err(a, b):.3g}, "
+                                           f"shapes {tuple(a.shape)} / {tuple(b.shape)})")
+
+
+def _own_code(fn):
+    """fn with a copy of its code object: dynamo keeps compiled variants and its recompile limit (8) per code
+    object, so without a copy every DecoderOps built in a process (one per engine) would share one budget, and a
+    process that builds a few engines hit it (with fullgraph=True, a hard failure)."""
+    g = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    g.__kwdefaults__, g.__qualname__, g.__doc__ = fn.__kwdefaults__, fn.__qualname__, fn.__doc__
+    return g
 
 
 def _tuple(x):

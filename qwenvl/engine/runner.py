@@ -141,11 +141,12 @@ class ModelRunner:
         # cost FP8 14 %)
         self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", True)
         self.fused_gemv_silu = env_flag("QWENVL_FUSED_GEMV_SILU", True)  # silu * up inside down's GEMV too
-        # QWENVL_FP32_LOGITS=1: lm_head's fp32 accumulator is kept as the logits instead of being rounded to the
-        # model's dtype, so tokens one bf16 step apart (or tied by the rounding) are ordered by their real values: on
-        # the trained nano model every fast/slow greedy parting was at such a tie (docs/BENCHMARKS.md 2026-12-06).
-        # Off until measured on a GPU (speed and that check); for a plain lm_head (not vocab-parallel, not FP8)
-        self.fp32_logits = (env_flag("QWENVL_FP32_LOGITS", False) and self.dtype != torch.float32
+        # lm_head's fp32 accumulator kept as the logits instead of being rounded to the model's dtype, so tokens one
+        # bf16 step apart (or tied by the rounding) are ordered by their real values: on the trained nano model the
+        # fast/slow greedy agreement went 69 -> 83 % with it, and W1 did not move (H100 2026-12-06, docs/BENCHMARKS.md).
+        # On by default on CUDA (QWENVL_FP32_LOGITS=0: off); off on the CPU, whose fp32 product upcasts the whole head
+        # every step; for a plain lm_head (not vocab-parallel, not FP8)
+        self.fp32_logits = (env_flag("QWENVL_FP32_LOGITS", self.is_cuda) and self.dtype != torch.float32
                             and type(self.lm_head) in (torch.nn.Linear, GemvLinear) and self.lm_head.bias is None
                             and self.lm_head.weight.dtype == self.dtype and fp32_matmul_ok(self.device, self.dtype))
         self._gemv_plans: dict[tuple, list | None] = {}

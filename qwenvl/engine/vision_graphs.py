@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layers import flash_varlen_usable
+from .fused import EXACT_CASTS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def compile_vision_blocks(visual, device, backend: str = "inductor", tol: float 
     with torch.inference_mode():
         want = [visual(x, gl).float() for x, gl in zip(inputs, grids)]
         for blk in visual.blocks:
-            blk.compile(dynamic=True, backend=backend)
+            blk.compile(dynamic=True, backend=backend, options=EXACT_CASTS if backend == "inductor" else None)
         try:
             for x, gl, w in zip(inputs, grids, want):
                 err = ((visual(x, gl).float() - w).norm() / w.norm().clamp_min(1e-12)).item()

@@ -26,6 +26,7 @@ class TrainConfig:
     #                                    checkpoint's / preset's, i.e. absolute); frame = the ablation of NANO.md §4
     rope_theta: float | None = None  # the LLM's RoPE base for random weights of a preset (default: the preset's); the
     #                                  nano probe of NANO.md §7: MRoPE gives the width axis its lowest frequencies
+    rebase_rope: bool = False  # allow rope_theta for a trained checkpoint (its weights then adapt to the new base)
     output_dir: str = "runs/train"
     # ---- data
     train_files: list[str] = field(default_factory=list)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from .dpo import dpo_loss_sum, sequence_logps
 from .lora import adapters_disabled, apply_lora, merge_lora_state_dict, part_of, save_adapter
 from .loss import sft_loss_sum
 from .packing import PackedLoader, attention_weight, device_pixels
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -130,7 +133,7 @@ def with_vision_dummies(batch: dict, config) -> dict:
 
 def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
     """fp32 master weights: a checkpoint dir, or random weights of a preset shape (seeded); cfg.mrope_temporal, when
-    set, replaces the config's video temporal-id mode, cfg.rope_theta a preset's RoPE base (both travel in the
+    set, replaces the config's video temporal-id mode, cfg.rope_theta the RoPE base (a preset's, or a checkpoint's with cfg.rebase_rope; both travel in the
     exported config.json)."""
     if os.path.isdir(cfg.model):
         model = Qwen25VL.from_pretrained(cfg.model, dtype=torch.float32, device=device)
@@ -142,8 +145,12 @@ def load_base_model(cfg: TrainConfig, device) -> Qwen25VL:
         model.config.mrope_temporal = cfg.mrope_temporal
     if cfg.rope_theta is not None and float(cfg.rope_theta) != model.config.text.rope_theta:
         if os.path.isdir(cfg.model):  # trained weights go with the positions they were trained with
-            raise ConfigError(f"rope_theta={cfg.rope_theta} differs from {cfg.model}'s {model.config.text.rope_theta}: "
-                              "it can only be chosen for random weights of a preset")
+            if not cfg.rebase_rope:
+                raise ConfigError(f"rope_theta={cfg.rope_theta} differs from {cfg.model}'s "
+                                  f"{model.config.text.rope_theta}: set rebase_rope=true to train the checkpoint on "
+                                  "the new base (as context extension does), else leave rope_theta unset")
+            log.warning("RoPE base %s -> %s for %s: its weights must adapt to the new positions",
+                        model.config.text.rope_theta, cfg.rope_theta, cfg.model)
         model.config.text.rope_theta = float(cfg.rope_theta)
     return model.train()
 
