@@ -877,7 +877,7 @@ def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_f
     """The fast-paths check on a TRAINED model, where greedy tokens are not the near ties of random weights: the
     nano model (docs/NANO.md) in bf16 on the held-out nano suite's prompts (its 11 tasks, images and clips), the
     first 32 greedy tokens with the engine's fast paths on (as configured by default) and off; with the logits in
-    bf16 (the default) and in fp32 (QWENVL_FP32_LOGITS=1, both runs)."""
+    bf16 (QWENVL_FP32_LOGITS=0, both runs) and in fp32 (the default on CUDA since 2026-12-06)."""
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.evaluate.cli import suite_data
     from qwenvl.evaluate.harness import load_samples, prompt_messages
