@@ -1,7 +1,8 @@
 """Where models come from: a checkpoint directory, or the default model when none is given.
 
-Until the trained nano model ships inside the package, the default is a tiny checkpoint with RANDOM weights,
-built once into the user cache: it runs the whole pipeline but its answers are meaningless.
+The default is the trained nano model once it ships inside the package (`qwenvl/nano/`: config.json and
+safetensors beside its tokenizer; docs/NANO.md says when: at issue 6's targets). Until then it is a tiny checkpoint
+with RANDOM weights, built once into the user cache: it runs the whole pipeline but its answers are meaningless.
 """
 
 from __future__ import annotations
@@ -43,9 +44,22 @@ def tiny_random_checkpoint(path: str | None = None, seed: int = 0) -> str:
     return path
 
 
+def shipped_nano() -> str | None:
+    """qwenvl/nano when it holds a model (config.json and safetensors weights), else None."""
+    from . import nano
+
+    d = nano.NANO_DIR
+    has_weights = os.path.isdir(d) and any(f.endswith(".safetensors") for f in os.listdir(d))
+    return d if has_weights and os.path.exists(os.path.join(d, "config.json")) else None
+
+
 def resolve_model(path: str | None, quiet: bool = False) -> str:
+    """path itself, else the shipped nano model, else the tiny random checkpoint (with a notice on stderr)."""
     if path:
         return path
+    nano = shipped_nano()
+    if nano:
+        return nano
     p = tiny_random_checkpoint()
     if not quiet:
         print(DEFAULT_NOTICE.format(path=p), file=sys.stderr)

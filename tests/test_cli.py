@@ -35,3 +35,26 @@ def test_chat_with_image_and_bad_input(tmp_path):
     bad.write_text("not an image")
     r = run(["chat", "--image", str(bad), "--max-tokens", "4", "What?"], tmp_path)
     assert r.returncode == 2 and "error:" in r.stderr and "bad.jpg" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_default_model_is_the_shipped_nano_once_its_weights_are_in_the_package(tmp_path, monkeypatch, capsys):
+    """resolve_model: a given path as is; no path: qwenvl/nano when it holds a model (config.json + safetensors),
+    else the tiny random checkpoint with its notice. Today the package holds only the nano tokenizer."""
+    import torch
+
+    import qwenvl
+    from qwenvl import hub, nano
+    from qwenvl.model import Qwen25VL
+
+    monkeypatch.setenv("QWENVL_CACHE", str(tmp_path / "cache"))
+    assert hub.resolve_model("/some/dir") == "/some/dir"
+    assert hub.shipped_nano() is None  # the repository's qwenvl/nano: tokenizer files only
+    path = hub.resolve_model(None)
+    assert path == hub.tiny_random_checkpoint() and "RANDOM weights" in capsys.readouterr().err
+    shipped = tmp_path / "nano"
+    Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.float32, seed=0).save_pretrained(str(shipped))
+    monkeypatch.setattr(nano, "NANO_DIR", str(shipped))
+    assert hub.shipped_nano() == str(shipped) and hub.resolve_model(None) == str(shipped)
+    assert "RANDOM" not in capsys.readouterr().err
+    (shipped / "config.json").unlink()  # weights without a config are not a model
+    assert hub.shipped_nano() is None
