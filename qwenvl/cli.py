@@ -45,30 +45,38 @@ def cmd_chat(a) -> int:
     return 0
 
 
-def demo_image(path: str) -> str:
-    """A synthetic street-sign scene: coloured shapes on a gradient (no download needed)."""
-    from PIL import Image, ImageDraw
+DEMO_QUERY = "red squares"
 
-    img = Image.new("RGB", (640, 448), (235, 235, 240))
-    d = ImageDraw.Draw(img)
-    for y in range(448):
-        d.line([(0, y), (640, y)], fill=(200 - y // 8, 220 - y // 10, 240))
-    d.rectangle([60, 80, 220, 240], fill=(210, 40, 40))
-    d.ellipse([300, 120, 420, 240], fill=(40, 90, 210))
-    d.rectangle([460, 260, 600, 400], fill=(40, 170, 70))
-    img.save(path)
-    return path
+
+def demo_image(path: str) -> list[list[int]]:
+    """A scene of coloured shapes like the nano model's training scenes (qwenvl.synth.grounding: <= 448x448, flat
+    colours; no download needed): two red squares among three other shapes, saved to `path`. Returns the red
+    squares' boxes [x1, y1, x2, y2] in the image's pixels."""
+    import random
+
+    from .synth.grounding import Scene, allowed_pairs
+
+    scene = Scene(random.Random(3))
+    squares = [o for o in (scene.add("red", "square") for _ in range(2)) if o]
+    scene.add_random(3, allowed_pairs(None), exclude={("red", "square")})
+    scene.render().save(path)
+    return [list(o.box) for o in squares]
 
 
 def cmd_demo(a) -> int:
+    """Detect-then-count on an image (the generated scene unless --image): prints the answer and the boxes in the
+    image's pixels, writes the image with the boxes drawn."""
     from .tasks import grounding
 
     t0 = time.time()
     out_dir = a.out or os.path.join(os.getcwd(), "demo-out")
     os.makedirs(out_dir, exist_ok=True)
-    img_path = a.image or demo_image(os.path.join(out_dir, "demo.png"))
+    img_path, expected = a.image, None
+    if not img_path:
+        img_path = os.path.join(out_dir, "demo.png")
+        expected = demo_image(img_path)
     model, proc = _load(a.model, a.device, a.dtype)
-    prompt = grounding.detect_prompt(a.query)
+    prompt = grounding.count_prompt(a.query)
     messages = [{"role": "user", "content": [{"type": "image", "image": img_path}, {"type": "text", "text": prompt}]}]
     answer = _generate(model, proc, messages, a.max_tokens, 0.0, None)
     boxes = grounding.parse_boxes(answer)
@@ -79,10 +87,11 @@ def cmd_demo(a) -> int:
     boxes = [grounding.to_original(b, (rh, rw), (image.height, image.width)) for b in boxes]
     drawn = os.path.join(out_dir, "demo_boxes.png")
     grounding.draw(image, boxes, [], drawn)
-    print(json.dumps({"prompt": prompt, "answer": answer,
-                      "boxes": [[b.x1, b.y1, b.x2, b.y2, b.label] for b in boxes],
-                      "image": img_path, "drawn": drawn, "seconds": round(time.time() - t0, 2)},
-                     ensure_ascii=False, indent=2))
+    report = {"prompt": prompt, "answer": answer, "boxes": [[b.x1, b.y1, b.x2, b.y2, b.label] for b in boxes]}
+    if expected is not None:  # the generated scene's truth, to compare with
+        report["expected_boxes"] = expected
+    report.update(image=img_path, drawn=drawn, seconds=round(time.time() - t0, 2))
+    print(json.dumps(report, ensure_ascii=False, indent=2))
     if not boxes:
         print("(no boxes parsed from the answer", "- expected with random weights)" if not a.model else ")",
               file=sys.stderr)
@@ -109,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("prompt")
     c.set_defaults(fn=cmd_chat)
 
-    d = sub.add_parser("demo", help="grounding on a sample image: prints JSON, writes the image with boxes")
+    d = sub.add_parser("demo", help="detect then count on a sample image: prints JSON, writes the image with boxes")
     common(d)
     d.add_argument("--image", default=None, help="use this image instead of the generated sample")
-    d.add_argument("--query", default="coloured shape")
+    d.add_argument("--query", default=DEMO_QUERY, help="what to find and count, plural (default: %(default)s)")
     d.add_argument("--out", default=None, help="output folder (default ./demo-out)")
-    d.set_defaults(fn=cmd_demo, max_tokens=64)
+    d.set_defaults(fn=cmd_demo, max_tokens=160)  # two boxes and the count sentence: ~90 tokens
 
     # Subcommands that own their argument parsing: `qwenvl train ...` is `qwenvl.train.cli.main([...])`.
     for name, module, help_ in (("train", "train", "fine-tune / pretrain (docs/TRAINING.md)"),

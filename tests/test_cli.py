@@ -20,9 +20,16 @@ def test_demo_runs_and_says_the_weights_are_random(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr
     out = json.loads(r.stdout)
-    assert out["prompt"].startswith("Outline the position of each coloured shape")
+    assert out["prompt"].startswith("Please first output bbox coordinates and names of every red squares")
     drawn = Image.open(out["drawn"])
-    assert drawn.size == Image.open(out["image"]).size == (640, 448)
+    w, h = Image.open(out["image"]).size
+    assert drawn.size == (w, h) and w * h <= 448 * 448  # the nano model's training domain
+    # the generated scene's two red squares, inside the image and red there
+    assert len(out["expected_boxes"]) == 2
+    img = Image.open(out["image"]).convert("RGB")
+    for x1, y1, x2, y2 in out["expected_boxes"]:
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        assert img.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == (220, 40, 40)
 
 
 def test_chat_with_image_and_bad_input(tmp_path):
