@@ -709,10 +709,10 @@ def engine(ours, hf, cfg, w1_tokens=256):
                                         [SamplingParams(max_tokens=r[3], **greedy) for r in reqs2])
         return n_out2 / dt2
 
-    if DEV == "cuda" and hasattr(llm, "_stage_frames") and "w4_staging" not in set(
-            os.environ.get("BENCH_SKIP", "").split(",")):
+    if DEV == "cuda" and hasattr(llm, "_stage_frames") and os.environ.get("BENCH_W4_STAGING") == "1":
         # the pinned staging of new frames switched the other way, back, and the other way again (alternated, so
-        # neither setting gets all the warm runs)
+        # neither setting gets all the warm runs). Opt-in since 2026-12-06: over three calls the faster setting was
+        # whichever ran 2nd and 4th (docs/BENCHMARKS.md, eleventh session): no effect to measure, ~30 s per call
         default = llm._stage_frames
         key = lambda on: f"w4_output_tok_s_staging_{'on' if on else 'off'}"
         res[key(default)] = [res["w4_output_tok_s"]]
