@@ -873,29 +873,41 @@ def fast_paths_check(ours, prompts, prompt_lens, greedy, on, n_first=32, chat=Fa
     return res
 
 
+def nano_suite_prompts(n_per_task: int):
+    """The held-out nano suite's conversations (n_per_task of each task), the dtype to run them in, greedy params."""
+    from qwenvl.evaluate.cli import suite_data
+    from qwenvl.evaluate.harness import load_samples, prompt_messages
+
+    convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
+    return convs, torch.bfloat16 if DEV == "cuda" else torch.float32, dict(temperature=0.0, ignore_eos=True)
+
+
+def fast_run(path, convs, greedy, n_first, dtype, **llm_kw):
+    """The engine as configured (fast paths on unless the environment or llm_kw say otherwise): the first n_first
+    greedy tokens of every conversation, the prompt lengths, and the engine's switches (stats without counters)."""
+    from qwenvl.engine import LLM, SamplingParams
+
+    llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.5,
+              **llm_kw)
+    outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
+    on = [o.outputs[0].token_ids[:n_first] for o in outs]
+    lens = [len(o.prompt_token_ids) for o in outs]
+    stats = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
+    del llm, outs
+    return on, lens, stats
+
+
 def fast_paths_trained(path: str = "runs/nano/latest", n_per_task: int = 24, n_first: int = 32) -> dict:
     """The fast-paths check on a TRAINED model, where greedy tokens are not the near ties of random weights: the
     nano model (docs/NANO.md) in bf16 on the held-out nano suite's prompts (its 11 tasks, images and clips), the
     first 32 greedy tokens with the engine's fast paths on (as configured by default) and off; with the logits in
     bf16 (QWENVL_FP32_LOGITS=0, both runs) and in fp32 (the default on CUDA since 2026-12-06)."""
-    from qwenvl.engine import LLM, SamplingParams
-    from qwenvl.evaluate.cli import suite_data
-    from qwenvl.evaluate.harness import load_samples, prompt_messages
-
-    convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
-    greedy = dict(temperature=0.0, ignore_eos=True)
+    convs, dtype, greedy = nano_suite_prompts(n_per_task)
     out = {}
     for flag in ("0", "1"):
         t0 = time.perf_counter()
         with env_vars({"QWENVL_FP32_LOGITS": flag}):
-            llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256,
-                      gpu_memory_utilization=0.5)
-            outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
-            on = [o.outputs[0].token_ids[:n_first] for o in outs]
-            lens = [len(o.prompt_token_ids) for o in outs]
-            stats_on = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
-            del llm, outs
+            on, lens, stats_on = fast_run(path, convs, greedy, n_first, dtype)
             release()
             res = fast_paths_check(path, convs, lens, greedy, on, n_first=n_first, chat=True, dtype=dtype,
                                    device=DEV)
@@ -929,13 +941,8 @@ def fast_paths_ablation(path: str = "runs/nano/latest", n_per_task: int = 16, n_
     import qwenvl.layers as layers
     import qwenvl.engine.runner as runner_mod
     import qwenvl.quant.fp8_gemv as G
-    from qwenvl.engine import LLM, SamplingParams
-    from qwenvl.evaluate.cli import suite_data
-    from qwenvl.evaluate.harness import load_samples, prompt_messages
 
-    convs = [prompt_messages(r, b) for r, b in load_samples(suite_data("nano", n_per_task))]
-    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
-    greedy = dict(temperature=0.0, ignore_eos=True)
+    convs, dtype, greedy = nano_suite_prompts(n_per_task)
     out = {}
     with env_vars({"QWENVL_FP32_LOGITS": "1"}):
         off, off_lps, slow_stats = slow_run(path, convs, greedy, n_first, True, dtype=dtype, device=DEV)
@@ -961,12 +968,8 @@ def fast_paths_ablation(path: str = "runs/nano/latest", n_per_task: int = 16, n_
                         if name == "no_bf16_gemv":
                             old = G.set_enabled(bf16_enabled=False)
                             stack.callback(lambda: G.set_enabled(**old))
-                        llm = LLM(path, dtype=dtype, device=DEV, max_model_len=8192, max_num_seqs=256,
-                                  gpu_memory_utilization=0.5, enable_cuda_graphs=name != "no_cuda_graphs")
-                        outs = llm.chat(convs, SamplingParams(max_tokens=n_first, **greedy))
-                        on = [o.outputs[0].token_ids[:n_first] for o in outs]
-                        stats = llm.stats()
-                        del llm, outs
+                        on, _, stats = fast_run(path, convs, greedy, n_first, dtype,
+                                                enable_cuda_graphs=name != "no_cuda_graphs")
                 res = agreement(on, off, off_lps, lens)
                 res["fast_on"] = {k: v for k, v in stats.items() if not k.startswith("num_")
                                   and k not in ("cuda_graph_batch_sizes", "prompt_lens")}

@@ -94,13 +94,13 @@ class DecoderOps:
             setattr(self, name, kernels[name] if name in kernels else self._compile(fn, backend) if compiled else fn)
 
     def _compile(self, fn, backend: str):
-        fn = _own_code(fn)
         """dynamic 'rows': only the row count (dim 0 of each input of 2+ dims) is symbolic, the feature sizes are
         compiled in as constants. 'all' (dynamic=True, as before 2026-12-05's sixth session) makes every size a
         runtime value: the functions take their weights as arguments, so nothing specialises the hidden sizes,
         and inductor's kernels then index with divisions by runtime values (W4's mixed-step profile on an H100:
         silu * up at ~1.2 TB/s, the rotary at ~0.45, against ~3 for a plain copy). One compile for 1 row, one
         for all other row counts (and, after one recompile, any other size that varies, e.g. the split count)."""
+        fn = _own_code(fn)
         kw = dict(fullgraph=True, backend=backend, options=EXACT_CASTS if backend == "inductor" else None)
         if self.dynamic == "all":
             return torch.compile(fn, dynamic=True, **kw)

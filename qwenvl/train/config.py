@@ -24,8 +24,9 @@ class TrainConfig:
     stage: str = "sft"  # sft | pretrain | dpo (pretrain = sft loss on every text token)
     mrope_temporal: str | None = None  # absolute | frame: sets the model config's video temporal ids (default: the
     #                                    checkpoint's / preset's, i.e. absolute); frame = the ablation of NANO.md §4
-    rope_theta: float | None = None  # the LLM's RoPE base for random weights of a preset (default: the preset's); the
-    #                                  nano probe of NANO.md §7: MRoPE gives the width axis its lowest frequencies
+    rope_theta: float | None = None  # the LLM's RoPE base for random weights of a preset, or a checkpoint's with
+    #                                  rebase_rope (default: the model's); the nano probe of NANO.md §7: MRoPE gives
+    #                                  the width axis its lowest frequencies
     rebase_rope: bool = False  # allow rope_theta for a trained checkpoint (its weights then adapt to the new base)
     output_dir: str = "runs/train"
     # ---- data
