@@ -308,3 +308,24 @@ def test_named_mixes_reach_the_data_step_and_sum_to_one():
         assert abs(sum(mix.values()) - 1) < 1e-9 and set(mix) <= set(nano_recipe.TOKENS), name
     reading = nano_recipe.NAMED_MIXES["reading"]
     assert abs(sum(reading[t] for t in ("ocr", "spotting", "kie", "gui")) - 0.65) < 1e-9
+
+
+def test_nano_diagnose_groups_ocr_scores_by_font_size_and_font(tmp_path):
+    """bench/nano_diagnose.py ocr: an eval's OCR char accuracy joined with the suite's meta, averaged per size band
+    and per font (scores made up here: 1.0 for fonts of 16 px and more, 0.0 below)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_diagnose
+    from qwenvl.evaluate.cli import suite_data
+    from qwenvl.evaluate.harness import load_samples
+
+    recs = [r for r, _ in load_samples(suite_data("nano", 4)) if r["task"] == "ocr"]
+    pred = tmp_path / "eval_predictions.jsonl"
+    pred.write_text("".join(json.dumps({"id": r["id"], "task": "ocr", "scores": {
+        "char_acc": float(r["meta"]["font_size"] >= 16)}}) + "\n" for r in recs))
+    got = nano_diagnose.ocr(str(pred), 4)
+    bands = {k: v for k, v in got.items() if k.endswith(" px")}
+    assert sum(v["n"] for v in bands.values()) == len(recs)
+    assert bands.get("12-15 px", {"char_acc": 0.0})["char_acc"] == 0.0
+    assert all(v["char_acc"] == 1.0 for k, v in bands.items() if k != "12-15 px")
+    fonts = {k: v for k, v in got.items() if k not in bands}
+    assert sum(v["n"] for v in fonts.values()) == len(recs)
