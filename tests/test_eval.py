@@ -176,7 +176,8 @@ def test_end_to_end_tiny_random_checkpoint(heldout, tmp_path, backend, capsys):
     assert report["suite"] == (None if backend == "generate" else "nano")
     assert report["backend"] == ("generate" if backend == "generate" else report["backend"])
     for res in report["tasks"].values():
-        assert all(0.0 <= v <= 1.0 for k, v in res.items() if k != "n")
+        for r in [res, *res.get("by_group", {}).values()]:
+            assert all(0.0 <= v <= 1.0 for k, v in r.items() if k not in ("n", "by_group"))
     assert "| task | n | metric | score |" in capsys.readouterr().out
 
 
