@@ -5,10 +5,12 @@
     python bench/nano_probe.py --task quadrant --steps 200 --size 112 --theta 1e6  # where a red square is
     python bench/nano_probe.py --task flash    --steps 300 --size 112 --theta 1e6  # when a clip turns red
     python bench/nano_probe.py --task box      --steps 400 --size 224 --theta 100  # the red square's box, in pixels
+    python bench/nano_probe.py --task char     --steps 400 --size 112 --font-size 24  # one letter or digit
+    python bench/nano_probe.py --task word     --steps 400 --size 224 --font-size 24  # four random letters, in order
 
 Writes N training samples (one fixed prompt per task, so only the pixels tell the answers apart), trains the nano
 shape from random weights with the real trainer (packed rows, the recipe's AdamW settings), exports, and answers 40
-held-out images through the engine (greedy). Prints the loss curve (means of 10 steps) and held-out accuracy
+(`--heldout`) held-out images through the engine (greedy). Prints the loss curve (means of 10 steps) and held-out accuracy
 (chance: 1/8 colours, 1/4 quadrants); with --json, writes them. `--theta` overrides the LLM's rope_theta
 (MRoPE): the width axis gets the lowest frequencies of the (t, h, w) split, the question this probe was written for;
 `--mrope-section T,H,W` replaces the split (rotary pairs per axis, summing to head_dim/2: 8,12,12 for nano).
@@ -18,6 +20,12 @@ wavelengths a few seconds long); it reports exact-match accuracy and the mean te
 `box` is grounding reduced to its core: one red square (side 1/8 to 3/8 of the canvas) anywhere on grey, answered
 as "[x1, y1, x2, y2]" in pixels like the synth grounding task's bbox_2d; it reports Acc@0.5, the mean IoU, and the
 mean IoU of the best pixel-blind answer (the training set's mean box), the floor a model that ignores the image gets.
+`char` and `word` are OCR reduced to its core (issue 6's OCR: run 12b writes the answer format's prior, not the
+glyphs): `char` one of 36 upper-case letters and digits anywhere on the canvas (recognising a glyph; chance 1/36),
+`word` four random upper-case letters on one line (reading glyphs in order, which also needs the width axis); both
+in DejaVu Sans at `--font-size` px, black on light grey; they report exact match and character accuracy.
+`--model DIR` starts from a trained checkpoint instead of random weights (e.g. runs/nano/latest: does a model that
+has trained read glyphs after a few hundred steps of nothing else?).
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), 
            "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 40, 180), "orange": (250, 140, 20)}
 QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
 PROMPTS = {"colour": "What colour is this image?", "quadrant": "Where is the red square?",
-           "flash": "When is the screen red?", "box": "Outline the red square with a bounding box."}
+           "flash": "When is the screen red?", "box": "Outline the red square with a bounding box.",
+           "char": "Read the text in the image.", "word": "Read the text in the image."}
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 FLASH_FPS, FLASH_SECONDS = 2, (4, 12)
 
 
@@ -53,7 +63,23 @@ def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
     return frames, f"{a} - {b}"
 
 
-def make_sample(task: str, rng: random.Random, size: int) -> tuple[Image.Image, str]:
+def make_text(task: str, rng: random.Random, size: int, font_size: int) -> tuple[Image.Image, str]:
+    """`char`: one glyph; `word`: four random letters (no vocabulary word to guess from), anywhere they fit."""
+    from qwenvl.synth.common import font
+
+    text = rng.choice(GLYPHS) if task == "char" else "".join(rng.choice(GLYPHS[:26]) for _ in range(4))
+    fnt = font("dejavu-sans", font_size)
+    x1, y1, x2, y2 = fnt.getbbox(text)
+    im = Image.new("RGB", (size, size if task == "char" else size // 2), (225, 225, 225))
+    x = rng.randrange(-x1, max(-x1 + 1, im.width - x2))
+    y = rng.randrange(-y1, max(-y1 + 1, im.height - y2))
+    ImageDraw.Draw(im).text((x, y), text, font=fnt, fill=(10, 10, 10))
+    return im, text
+
+
+def make_sample(task: str, rng: random.Random, size: int, font_size: int = 24) -> tuple[Image.Image, str]:
+    if task in ("char", "word"):
+        return make_text(task, rng, size, font_size)
     if task == "colour":
         name = rng.choice(list(COLOURS))
         w, h = rng.choice([size // 2, size * 3 // 4, size]), rng.choice([size // 2, size * 3 // 4, size])
@@ -84,6 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--mrope-section", help="LLM MRoPE pairs per (t, h, w) axis, e.g. 4,14,14 (default: the preset's)")
     ap.add_argument("--pack-length", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--font-size", type=int, default=24, help="char/word: glyph size in px")
+    ap.add_argument("--model", default="nano", help="a checkpoint to start from (default: random weights)")
+    ap.add_argument("--heldout", type=int, default=40, help="held-out samples answered at the end")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="train for this wall time (cosine over it) instead of --steps")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwenvl-nano-probe"))
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -123,7 +154,7 @@ def main(argv=None) -> int:
                 rows.append(({"messages": [{"role": "user", "content": [video, {"type": "text", "text": prompt}]},
                                            {"role": "assistant", "content": answer}]}, answer))
                 continue
-            im, answer = make_sample(a.task, rng, a.size)
+            im, answer = make_sample(a.task, rng, a.size, a.font_size)
             path = f"img/{split}{i}.png"
             im.save(os.path.join(a.out, path))
             rows.append(({"images": [path], "messages": [{"role": "user", "content": "<image>" + prompt},
@@ -134,9 +165,10 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "train.jsonl"), "w") as f:
         for rec in train_rows:
             f.write(json.dumps(rec) + "\n")
-    held = write("test", 40)
-    cfg = TrainConfig(model="nano", train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
-                      lr=a.lr, warmup_steps=10, max_steps=a.steps, pack_length=a.pack_length, save_every=0,
+    held = write("test", a.heldout)
+    cfg = TrainConfig(model=a.model, train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
+                      lr=a.lr, warmup_steps=10,
+                      max_steps=a.steps if a.train_seconds is None else 10**8, max_train_seconds=a.train_seconds, pack_length=a.pack_length, save_every=0,
                       resume=False, max_pixels=a.size * a.size, chunk_size=512, weight_decay=0.05, adam_beta2=0.95,
                       rope_theta=a.theta)
     t0 = time.time()
@@ -148,7 +180,7 @@ def main(argv=None) -> int:
     with open(os.path.join(summary["final"], "config.json")) as f:  # what the engine loads
         exported = json.load(f)
     llm_section = (exported.get("text_config", exported).get("rope_scaling") or {}).get("mrope_section")
-    llm = LLM(summary["final"])
+    llm = LLM(summary["final"], kv_cache_bytes=256 << 20)  # small: several probes may share one GPU
     if a.task == "flash":
         convs = [[{"role": "user", "content": [
             {**rec["messages"][0]["content"][0], "video": [os.path.join(a.out, p) for p in
@@ -160,7 +192,7 @@ def main(argv=None) -> int:
     preds = [o.text.strip() for o in llm.chat(convs, SamplingParams(max_tokens=24 if a.task == "box" else 8,
                                                                       temperature=0.0))]
     acc = sum(p == ans for p, (_, ans) in zip(preds, held)) / len(held)
-    result = {"task": a.task, "steps": a.steps, "size": a.size, "theta": a.theta,
+    result = {"task": a.task, "steps": len(curve), "samples_seen": summary.get("seen"), "size": a.size, "theta": a.theta,
               "mrope_section": llm_section, "train_s": round(seconds, 1),
               "loss_means_per_10_steps": means, "held_out_accuracy": acc,
               "chance": {"colour": 1 / len(COLOURS), "quadrant": 1 / len(QUADRANTS)}.get(a.task),
@@ -182,6 +214,11 @@ def main(argv=None) -> int:
         result.update(held_out_accuracy=sum(v >= 0.5 for v in ious) / len(ious), mean_iou=round(sum(ious) / len(ious), 3),
                       pixel_blind_mean_iou=round(sum(box_iou(mean_box, t) for t in truth) / len(truth), 3),
                       parsed=sum(parse(p) is not None for p in preds))
+    if a.task in ("char", "word"):
+        from qwenvl.tasks.metrics import char_accuracy
+
+        result["char_accuracy"] = round(sum(char_accuracy(p, ans) for p, (_, ans) in zip(preds, held)) / len(held), 3)
+        result["chance"] = 1 / len(GLYPHS) if a.task == "char" else None
     if a.task == "flash":
         from qwenvl.tasks.metrics import mean_iou
         from qwenvl.tasks.video import parse_time_range
