@@ -6,6 +6,10 @@
         other shapes: the fraction of red squares found at IoU >= 0.5 with each (what `qwenvl demo` asks).
     python bench/nano_diagnose.py ocr --predictions EVAL_DIR/eval_predictions.jsonl [--n 50]
         an eval's OCR character accuracy by font size and font, joining its predictions with the nano suite's meta.
+    python bench/nano_diagnose.py glyphs --model runs/nano/latest [--size 56 --font-size 24]
+        do the merged vision tokens carry a glyph's identity? A linear probe (softmax regression, 2,000 images to fit,
+        400 held out) for which of 36 letters/digits is drawn anywhere on the canvas, on the checkpoint's vision
+        tokens, on those of the same shape from random weights, and on the raw pixels.
 """
 from __future__ import annotations
 
@@ -61,6 +65,54 @@ def ocr(predictions: str, n: int) -> dict:
     return {k: {"n": len(v), "char_acc": round(sum(v) / len(v), 3)} for k, v in sorted(groups.items())}
 
 
+def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 2000) -> dict:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from nano_probe import GLYPHS, make_text
+    from qwenvl import preprocess
+    from qwenvl.model import Qwen25VL
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    images, labels = [], []
+    for _ in range(n):
+        im, text = make_text("char", rng, size, font_size)
+        images.append(im)
+        labels.append(GLYPHS.index(text))
+    y = torch.tensor(labels)
+
+    def vision_tokens(m) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for im in images:
+                pix, grid = preprocess.prepare_image({"type": "image", "image": im}, min_pixels=3136,
+                                                     max_pixels=448 * 448)
+                out.append(m.visual(pix.float(), torch.as_tensor(grid).reshape(1, 3)).reshape(-1))
+        return torch.stack(out).float()
+
+    def probe(x: torch.Tensor) -> dict:
+        x = (x - x[:n_fit].mean(0)) / (x[:n_fit].std(0) + 1e-5)
+        w = torch.zeros(x.shape[1], len(GLYPHS), requires_grad=True)
+        b = torch.zeros(len(GLYPHS), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(300):
+            loss = torch.nn.functional.cross_entropy(x[:n_fit] @ w + b, y[:n_fit]) + 1e-3 * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = ((x[n_fit:] @ w + b).argmax(1) == y[n_fit:]).float().mean().item()
+        return {"dim": x.shape[1], "fit_loss": round(loss.item(), 3), "held_out_acc": round(acc, 3)}
+
+    trained = Qwen25VL.from_pretrained(model).float().eval()
+    pixels = torch.tensor(np.stack([np.asarray(im.convert("L"), dtype=np.float32).ravel() for im in images]))
+    return {"chance": round(1 / len(GLYPHS), 3), "raw_pixels": probe(pixels),
+            "checkpoint": probe(vision_tokens(trained)),
+            "random_weights": probe(vision_tokens(Qwen25VL.random(trained.config).float().eval()))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -70,8 +122,14 @@ def main(argv=None) -> int:
     o = sub.add_parser("ocr")
     o.add_argument("--predictions", required=True)
     o.add_argument("--n", type=int, default=50, help="the eval's --n (samples per task)")
+    g = sub.add_parser("glyphs")
+    g.add_argument("--model", default="runs/nano/latest")
+    g.add_argument("--size", type=int, default=56, help="canvas side in px (56: 2x2 vision tokens)")
+    g.add_argument("--font-size", type=int, default=24)
     a = ap.parse_args(argv)
-    print(json.dumps(prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n), indent=1))
+    result = (prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n) if a.cmd == "ocr"
+              else glyphs(a.model, a.size, a.font_size))
+    print(json.dumps(result, indent=1))
     return 0
 
 
