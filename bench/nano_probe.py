@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--font-size", type=int, default=24, help="char/word: glyph size in px")
     ap.add_argument("--model", default="nano", help="a checkpoint to start from (default: random weights)")
     ap.add_argument("--heldout", type=int, default=40, help="held-out samples answered at the end")
+    ap.add_argument("--data-workers", type=int, default=0,
+                    help="processes building rows (0: the training process; the GPU outruns it ~20x)")
     ap.add_argument("--train-seconds", type=float, default=None,
                     help="train for this wall time (cosine over it) instead of --steps")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwenvl-nano-probe"))
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
     held = write("test", a.heldout)
     cfg = TrainConfig(model=a.model, train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
                       lr=a.lr, warmup_steps=10,
-                      max_steps=a.steps if a.train_seconds is None else 10**8, max_train_seconds=a.train_seconds, pack_length=a.pack_length, save_every=0,
+                      max_steps=a.steps if a.train_seconds is None else 10**8, max_train_seconds=a.train_seconds,
+                      data_workers=a.data_workers, pack_length=a.pack_length, save_every=0,
                       resume=False, max_pixels=a.size * a.size, chunk_size=512, weight_decay=0.05, adam_beta2=0.95,
                       rope_theta=a.theta)
     t0 = time.time()

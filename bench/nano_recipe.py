@@ -55,10 +55,18 @@ MIX_SPATIAL = {**_POSITION, **{t: 0.25 * v / sum(_REST.values()) for t, v in _RE
 _READING = {"ocr": 0.30, "spotting": 0.10, "kie": 0.05, "gui": 0.20, "grounding": 0.08, "point": 0.06, "count": 0.06}
 _REST_READING = {t: v for t, v in MIX.items() if t not in _READING}
 MIX_READING = {**_READING, **{t: 0.15 * v / sum(_REST_READING.values()) for t, v in _REST_READING.items()}}
-NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING}
+# `--mix glyphs` (NANO_MIX=glyphs): the reading mix did not teach glyphs (run 13a, §7: OCR 22 -> 25 %, answers that
+# follow the words' prior); a GPU probe from 13a learned single glyphs after a plateau of ~36 k samples of nothing else
+# (bench/reading_probes.sh). So random character strings (synth `glyphs`: no word to guess) take a quarter of the
+# tokens, OCR lines and GUI stay, the position tasks are held at 20 %, the rest of the stage-2 mix at 15 %.
+_GLYPHS = {"glyphs": 0.25, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10, "point": 0.05,
+           "count": 0.05}
+_REST_GLYPHS = {t: v for t, v in MIX.items() if t not in _GLYPHS}
+MIX_GLYPHS = {**_GLYPHS, **{t: 0.15 * v / sum(_REST_GLYPHS.values()) for t, v in _REST_GLYPHS.items()}}
+NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING, "glyphs": MIX_GLYPHS}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
-          "kie": 177, "chart": 199, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
+          "kie": 177, "chart": 199, "glyphs": 105, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
           "video_grounding_long": 2500, "dense_caption_long": 3300, "text": 62,
           # clips at 1, 2 or 4 fps in turn: the video part (~300 / ~330 tokens at 2 fps) x 7/6 on average (estimate)
           "video_grounding_dynamic_fps": 430, "dense_caption_dynamic_fps": 525}

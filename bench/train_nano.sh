@@ -24,6 +24,7 @@
 #   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
 #   NANO_MIX=spatial NANO_INIT=DIR bash bench/train_nano.sh  # grounding, point, count, GUI at 75 % of the tokens
 #   NANO_MIX=reading NANO_INIT=DIR bash bench/train_nano.sh  # OCR, spotting, KIE, GUI at 65 %, the position tasks held at 20 %
+#   NANO_MIX=glyphs NANO_INIT=DIR bash bench/train_nano.sh   # random character strings 25 % (the reading curriculum)
 #   QWENVL_PROFILE_STEP=20 bash bench/train_nano.sh     # + torch.profiler tables of training step 20 in steps.log
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
@@ -40,8 +41,8 @@ case "$STAGE" in 0|1|2|3|sft|dpo) ;; *) echo "NANO_STAGE must be 0, 1, 2, 3, sft
 case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be absolute or frame, got $MROPE" >&2; exit 2;; esac
 MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only; spatial: the
 # position-reading tasks at 75 % of the tokens (nano_recipe.py MIX_SPATIAL); reading: OCR, spotting, KIE and GUI at
-# 65 % (MIX_READING); both evaluated on every task
-case "$MIX" in ""|video|spatial|reading) ;; *) echo "NANO_MIX must be empty, video, spatial or reading, got $MIX" >&2; exit 2;; esac
+# 65 % (MIX_READING); glyphs: random character strings at 25 % (MIX_GLYPHS); all three evaluated on every task
+case "$MIX" in ""|video|spatial|reading|glyphs) ;; *) echo "NANO_MIX must be empty, video, spatial, reading or glyphs, got $MIX" >&2; exit 2;; esac
 if [ -n "$MIX" ] && [ "$STAGE" != 2 ]; then echo "NANO_MIX=$MIX replaces stage 2's mix; NANO_STAGE=$STAGE has its own" >&2; exit 2; fi
 VIDEO_FPS=${NANO_VIDEO_FPS:-2}  # dynamic: training clips at 1, 2 or 4 fps (the report's dynamic FPS sampling)
 case "$VIDEO_FPS" in 2|dynamic) ;; *) echo "NANO_VIDEO_FPS must be 2 or dynamic, got $VIDEO_FPS" >&2; exit 2;; esac

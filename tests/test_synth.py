@@ -167,26 +167,55 @@ def test_count_answers(train_set):
         assert meta["count"] == n == count(answer(rec)) == len(parse_boxes(answer(rec)))
 
 
-def test_text_boxes_cover_the_ink(train_set):
-    for task in ("ocr", "spotting"):
-        for rec in read(train_set, task):
-            img = _rgb(os.path.join(train_set, media_of(rec)))
-            meta = rec["meta"]
-            ink = np.abs(img - np.array(common.INKS[meta["ink"]])).max(-1) < 60
-            covered = np.zeros(ink.shape, bool)
-            for line in meta["lines"]:
-                x1, y1, x2, y2 = line["bbox"]
-                assert ink[y1:y2, x1:x2].any()
-                covered[y1:y2, x1:x2] = True
-            assert not (ink & ~covered).any()
-            if task == "ocr":
-                assert answer(rec) == "\n".join(line["text"] for line in meta["lines"])
-                # the eval's single-line group (issue 6's OCR target) is the answers of one line
+@pytest.fixture(scope="module")
+def glyph_set(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth-glyphs"))
+    synth.generate(out, ["glyphs"], 24, "train", 0)
+    return out
+
+
+def test_glyph_curriculum_reads_strings_without_words(glyph_set, tmp_path):
+    """synth glyphs (the reading curriculum): deterministic, the OCR prompt, 1-3 lines of 1-10 characters from
+    GLYPH_CHARS (no vocabulary word to guess), on canvases of 112-336 px; not in "all" (the vocabulary's corpus)."""
+    from qwenvl.synth.documents import GLYPH_CHARS
+    from qwenvl.tasks.document import OCR_PROMPT
+
+    assert "glyphs" not in synth.TASKS and "glyphs" in synth.CURRICULUM_TASKS
+    again = str(tmp_path / "again")
+    synth.generate(again, ["glyphs"], 24, "train", 0)
+    assert read(glyph_set, "glyphs") == read(again, "glyphs")
+    lines = []
+    for rec in read(glyph_set, "glyphs"):
+        assert rec["messages"][0]["content"][-1]["text"] == OCR_PROMPT
+        h, w = rec["meta"]["image_hw"]
+        assert 112 <= min(h, w) and max(h, w) <= 336
+        assert 1 <= len(rec["meta"]["lines"]) <= 3
+        lines += [line["text"] for line in rec["meta"]["lines"]]
+    assert all(1 <= len(t) <= 10 and set(t) <= set(GLYPH_CHARS) for t in lines)
+    assert not set(lines) & set(common.WORDS) and sum(len(t) == 1 for t in lines) >= 5
+
+
+@pytest.mark.parametrize("task", ["ocr", "spotting", "glyphs"])
+def test_text_boxes_cover_the_ink(train_set, glyph_set, task):
+    root = glyph_set if task == "glyphs" else train_set
+    for rec in read(root, task):
+        img = _rgb(os.path.join(root, media_of(rec)))
+        meta = rec["meta"]
+        ink = np.abs(img - np.array(common.INKS[meta["ink"]])).max(-1) < 60
+        covered = np.zeros(ink.shape, bool)
+        for line in meta["lines"]:
+            x1, y1, x2, y2 = line["bbox"]
+            assert ink[y1:y2, x1:x2].any()
+            covered[y1:y2, x1:x2] = True
+        assert not (ink & ~covered).any()
+        if task in ("ocr", "glyphs"):
+            assert answer(rec) == "\n".join(line["text"] for line in meta["lines"])
+            if task == "ocr":  # the eval's single-line group (issue 6's OCR target): answers of one line
                 assert meta["eval_group"] == ("1 line" if "\n" not in answer(rec) else "2-6 lines")
-            else:
-                spots = parse_text_spotting(answer(rec))
-                assert [s.label for s in spots] == [line["text"] for line in meta["lines"]]
-                assert [[s.x1, s.y1, s.x2, s.y2] for s in spots] == [line["bbox_2d"] for line in meta["lines"]]
+        else:
+            spots = parse_text_spotting(answer(rec))
+            assert [s.label for s in spots] == [line["text"] for line in meta["lines"]]
+            assert [[s.x1, s.y1, s.x2, s.y2] for s in spots] == [line["bbox_2d"] for line in meta["lines"]]
 
 
 def test_doc_html_matches_layout(train_set):

@@ -296,18 +296,24 @@ def test_dry_run_text_stage_0():
 
 
 def test_named_mixes_reach_the_data_step_and_sum_to_one():
-    """NANO_MIX=spatial / reading: the data step gets the named mix; each named mix is a distribution over tasks the
+    """NANO_MIX=spatial / reading / glyphs: the data step gets the named mix; each named mix is a distribution over tasks the
     generators know, and `reading` gives the text-reading tasks (OCR, spotting, KIE, GUI) 65 % of the tokens."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import nano_recipe
 
-    for name in ("spatial", "reading"):
+    from qwenvl import synth
+
+    for name in ("spatial", "reading", "glyphs"):
         data = _dry_run(NANO_MIX=name, NANO_INIT="/init")[0]["data"]
         assert data[data.index("--mix") + 1] == name
     for name, mix in nano_recipe.NAMED_MIXES.items():
         assert abs(sum(mix.values()) - 1) < 1e-9 and set(mix) <= set(nano_recipe.TOKENS), name
+        assert all(synth.generator(t) for t in mix)
     reading = nano_recipe.NAMED_MIXES["reading"]
     assert abs(sum(reading[t] for t in ("ocr", "spotting", "kie", "gui")) - 0.65) < 1e-9
+    # glyphs: the random-string curriculum a quarter of the tokens; one round of it makes every task of the mix
+    assert nano_recipe.NAMED_MIXES["glyphs"]["glyphs"] == 0.25
+    assert set(nano_recipe.round_counts(100_000, 2, "glyphs")) == set(nano_recipe.NAMED_MIXES["glyphs"])
 
 
 def test_nano_diagnose_groups_ocr_scores_by_font_size_and_font(tmp_path):

@@ -14,6 +14,7 @@ is where the trainer resolves them), DIR/media/<task>/..., and DIR/manifest.json
 Tasks: grounding (referring expressions incl. relations and absent objects -> bbox_2d), point, count
 (detect then count), caption, ocr (plain text), spotting (text-spotting JSON), doc (QwenVL HTML), kie
 (receipts/forms -> JSON), chart (values), video_grounding, dense_caption, gui (computer_use tool calls).
+Training-only curriculum (not in "all"): glyphs (OCR of random character strings, no word to guess).
 Eval-only (not in "all"): video_grounding_unseen_fps, dense_caption_unseen_fps — the base task's clips sampled at
 3 or 6 fps (training: 2 fps, or 1, 2 and 4 with the *_dynamic_fps variants), so their MRoPE temporal ids differ
 from anything training shows.
@@ -47,6 +48,9 @@ VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unse
 # Text-only conversations for stage 0 (synth.text; not in "all": the vocabulary's corpus is unchanged).
 TEXT_TASKS = ("text",)
 _TASKS["text"] = ("text", "gen_text")
+# The reading curriculum: OCR of random character strings (documents.gen_glyphs; not in "all", like "text").
+CURRICULUM_TASKS = ("glyphs",)
+_TASKS["glyphs"] = ("documents", "gen_glyphs")
 _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unseen_fps"),
                "dense_caption_unseen_fps": ("video", "gen_dense_caption_unseen_fps"),
                "video_grounding_dynamic_fps": ("video", "gen_video_grounding_dynamic_fps"),
@@ -55,7 +59,7 @@ _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unse
                "dense_caption_long": ("video", "gen_dense_caption_long")})
 EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
-VERSION = 3  # 3: long doc headings wrapped inside the page; 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
+VERSION = 4  # 4: OCR samples' meta carries eval_group (1 line / 2-6 lines); 3: long doc headings wrapped inside the page; 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
 
 
 def generator(task: str):
