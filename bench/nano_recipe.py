@@ -58,11 +58,13 @@ MIX_READING = {**_READING, **{t: 0.15 * v / sum(_REST_READING.values()) for t, v
 # `--mix glyphs` (NANO_MIX=glyphs): the reading mix did not teach glyphs (run 13a, §7: OCR 22 -> 25 %, answers that
 # follow the words' prior); a GPU probe from 13a learned single glyphs after a plateau of ~36 k samples of nothing else
 # (bench/reading_probes.sh). So random character strings (synth `glyphs`: no word to guess) take a quarter of the
-# tokens, OCR lines and GUI stay, the position tasks are held at 20 %, the rest of the stage-2 mix at 15 %.
+# tokens, OCR lines and GUI stay, the position tasks are held at 20 %, the rest of the stage-2 mix at 10 %; and stage
+# 0's text task at 5 % (~90 k samples a call): 13a answered every held-out `type` action with one word ("pocket")
+# instead of copying the words its instruction quotes, which the text task's "Repeat exactly" samples teach.
 _GLYPHS = {"glyphs": 0.25, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10, "point": 0.05,
-           "count": 0.05}
+           "count": 0.05, "text": 0.05}
 _REST_GLYPHS = {t: v for t, v in MIX.items() if t not in _GLYPHS}
-MIX_GLYPHS = {**_GLYPHS, **{t: 0.15 * v / sum(_REST_GLYPHS.values()) for t, v in _REST_GLYPHS.items()}}
+MIX_GLYPHS = {**_GLYPHS, **{t: 0.10 * v / sum(_REST_GLYPHS.values()) for t, v in _REST_GLYPHS.items()}}
 NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING, "glyphs": MIX_GLYPHS}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,

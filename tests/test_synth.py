@@ -336,6 +336,27 @@ def test_heldout_disjoint_from_train(tmp_path):
         assert not {(o["color"], o["shape"]) for o in r["meta"]["objects"]} & held
 
 
+def test_every_gui_shortcut_is_trained_and_held_out_by_font(tmp_path):
+    """A shortcut's keys are knowledge, not on the screen: each one has training fonts and held-out fonts, and the
+    generator's key samples fall on their split's side (until synth VERSION 5, "undo" and "select all" were held out
+    whole, so a model could never have learned their keys)."""
+    from qwenvl.synth.common import allowed, font_names
+    from qwenvl.synth.gui import KEYS
+
+    for label in KEYS:
+        sides = {allowed("gui-key", True, label, f) for f in font_names()}
+        assert sides == {True, False}, label
+    for split in ("train", "heldout"):
+        out = str(tmp_path / split)
+        synth.generate(out, ["gui"], 48, split, 0)
+        keys = [r for r in read(out, "gui") if r["meta"]["action"]["action"] == "key"]
+        assert keys, split
+        for r in keys:
+            kind, label, fname = r["meta"]["combo"]
+            assert kind == "key" and r["meta"]["action"]["keys"] == KEYS[label][1] and r["meta"]["font"] == fname
+            assert allowed("gui-key", split == "heldout", label, fname)
+
+
 def test_video_as_frames_without_pyav(tmp_path, monkeypatch):
     """QWENVL_SYNTH_VIDEO=frames (the default without PyAV): PNG frames at 2 fps, a frame-list video item with
     sample_fps 2 that the trainer's encoder and the processor read; the events are those of the mp4 clip."""

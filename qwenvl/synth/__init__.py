@@ -59,7 +59,7 @@ _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unse
                "dense_caption_long": ("video", "gen_dense_caption_long")})
 EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
-VERSION = 4  # 4: OCR samples' meta carries eval_group (1 line / 2-6 lines); 3: long doc headings wrapped inside the page; 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
+VERSION = 5  # 5: GUI shortcuts all trained, (shortcut, font) held out; 4: OCR samples' eval_group (1 line / 2-6 lines); 3: long doc headings wrapped inside the page; 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
 
 
 def generator(task: str):
