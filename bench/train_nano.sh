@@ -27,7 +27,8 @@
 #   NANO_MIX=glyphs NANO_INIT=DIR bash bench/train_nano.sh   # random character strings 25 % (the reading curriculum)
 #   QWENVL_PROFILE_STEP=20 bash bench/train_nano.sh     # + torch.profiler tables of training step 20 in steps.log
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
-# (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out);
+# (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out) and single-line OCR
+# (ocr_single_line);
 # NANO_DATA_SEED picks other synthetic samples (the same seed regenerates the same ones: give each call its own).
 # Unpack the model: mkdir m && cp $OUT/model/*.safetensors m/ && tar xf $OUT/model/model_files.tar -C m
 set -u
@@ -59,6 +60,8 @@ else
 fi
 UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
+# and issue 6's OCR target, single lines, at full n (synth ocr_single_line: the OCR images with their first line)
+[ "$MIX" = video ] || UNSEEN_TASKS="${UNSEEN_TASKS:+$UNSEEN_TASKS,}ocr_single_line"
 [ "$MIX" = video ] && D_EVAL_ARGS="$D_EVAL_ARGS --tasks video_grounding,dense_caption"  # + the unseen-fps ones
 # stage 3 (long context: 30-120 s clips, the stage-3 mix of nano_recipe.py) also evaluates held-out long clips
 if [ "$STAGE" = 3 ]; then

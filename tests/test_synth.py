@@ -336,6 +336,25 @@ def test_heldout_disjoint_from_train(tmp_path):
         assert not {(o["color"], o["shape"]) for o in r["meta"]["objects"]} & held
 
 
+def test_single_line_ocr_variant_is_the_ocr_sample_with_its_first_line_alone(tmp_path):
+    """ocr_single_line (eval-only, issue 6's OCR target at full n): sample i has OCR sample i's image size, font, size,
+    ink and first line (text and box), and nothing else drawn; scored as OCR."""
+    from qwenvl.evaluate.scoring import SCORED_AS
+
+    assert "ocr_single_line" in synth.EVAL_TASKS and "ocr_single_line" not in synth.TASKS
+    assert SCORED_AS["ocr_single_line"] == "ocr"
+    out = str(tmp_path / "h")
+    synth.generate(out, ["ocr", "ocr_single_line"], 12, "heldout", 0)
+    for base, rec in zip(read(out, "ocr"), read(out, "ocr_single_line")):
+        mb, m = base["meta"], rec["meta"]
+        assert [m[k] for k in ("image_hw", "font", "font_size", "ink")] == [mb[k] for k in ("image_hw", "font", "font_size", "ink")]
+        assert m["lines"] == mb["lines"][:1] and answer(rec) == mb["lines"][0]["text"]
+        img = _rgb(os.path.join(out, media_of(rec)))
+        ink = np.abs(img - np.array(common.INKS[m["ink"]])).max(-1) < 60
+        x1, y1, x2, y2 = m["lines"][0]["bbox"]
+        assert ink[y1:y2, x1:x2].any() and not ink[y2:].any() and not ink[:y1].any()
+
+
 def test_every_gui_shortcut_is_trained_and_held_out_by_font(tmp_path):
     """A shortcut's keys are knowledge, not on the screen: each one has training fonts and held-out fonts, and the
     generator's key samples fall on their split's side (until synth VERSION 5, "undo" and "select all" were held out

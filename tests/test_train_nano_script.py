@@ -114,7 +114,8 @@ def test_dry_run_stage_and_ablation_switches():
     steps, err = _dry_run(NANO_INIT="/some/model", NANO_EVAL_UNSEEN_FPS="0")
     cfg = train_config(steps["train"])
     assert not err and cfg.model == "/some/model" and not cfg.freeze_llm and cfg.mrope_temporal is None
-    assert steps["data"][steps["data"].index("--stage") + 1] == "2" and "--add-tasks" not in steps["eval"]
+    assert steps["data"][steps["data"].index("--stage") + 1] == "2"
+    assert steps["eval"][steps["eval"].index("--add-tasks") + 1] == "ocr_single_line"  # the unseen-fps clips left out
     r = subprocess.run(["bash", "bench/train_nano.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "NANO_DRY_RUN": "1", "NANO_MROPE_TEMPORAL": "index"})
     assert r.returncode == 2 and "NANO_MROPE_TEMPORAL" in r.stderr

@@ -17,7 +17,7 @@ Tasks: grounding (referring expressions incl. relations and absent objects -> bb
 Training-only curriculum (not in "all"): glyphs (OCR of random character strings, no word to guess).
 Eval-only (not in "all"): video_grounding_unseen_fps, dense_caption_unseen_fps — the base task's clips sampled at
 3 or 6 fps (training: 2 fps, or 1, 2 and 4 with the *_dynamic_fps variants), so their MRoPE temporal ids differ
-from anything training shows.
+from anything training shows; ocr_single_line, the OCR task's images with one line (issue 6's OCR target).
 """
 from __future__ import annotations
 
@@ -42,9 +42,11 @@ TASKS = tuple(_TASKS)  # the training tasks ("all"; also the vocabulary's corpus
 # scored as their base task; opt-in like the unseen-fps ones (not in "all").
 # Dynamic-FPS variants (training: clip i at 1, 2 or 4 fps, the report's dynamic FPS sampling; the recipe's
 # NANO_VIDEO_FPS=dynamic trains on them in place of the base video tasks).
+# ocr_single_line (eval-only): OCR sample i's first line alone, issue 6's single-line OCR target at full n.
 VARIANTS = {"video_grounding_unseen_fps": "video_grounding", "dense_caption_unseen_fps": "dense_caption",
             "video_grounding_long": "video_grounding", "dense_caption_long": "dense_caption",
-            "video_grounding_dynamic_fps": "video_grounding", "dense_caption_dynamic_fps": "dense_caption"}
+            "video_grounding_dynamic_fps": "video_grounding", "dense_caption_dynamic_fps": "dense_caption",
+            "ocr_single_line": "ocr"}
 # Text-only conversations for stage 0 (synth.text; not in "all": the vocabulary's corpus is unchanged).
 TEXT_TASKS = ("text",)
 _TASKS["text"] = ("text", "gen_text")
@@ -56,7 +58,8 @@ _TASKS.update({"video_grounding_unseen_fps": ("video", "gen_video_grounding_unse
                "video_grounding_dynamic_fps": ("video", "gen_video_grounding_dynamic_fps"),
                "dense_caption_dynamic_fps": ("video", "gen_dense_caption_dynamic_fps"),
                "video_grounding_long": ("video", "gen_video_grounding_long"),
-               "dense_caption_long": ("video", "gen_dense_caption_long")})
+               "dense_caption_long": ("video", "gen_dense_caption_long"),
+               "ocr_single_line": ("documents", "gen_ocr_single_line")})
 EVAL_TASKS = tuple(VARIANTS)
 SPLITS = ("train", "heldout")
 VERSION = 5  # 5: GUI shortcuts all trained, (shortcut, font) held out; 4: OCR samples' eval_group (1 line / 2-6 lines); 3: long doc headings wrapped inside the page; 2: unseen-fps eval clips at 3 / 6 fps (were 1 / 4). Bump whenever a generator's output changes (cached eval suites are keyed by it)
