@@ -13,7 +13,8 @@ import random
 from PIL import Image, ImageDraw
 
 from ..tasks.agent import computer_use_tool, tools_system_prompt, user_query
-from .common import Ctx, allowed, draw_combo, font, font_names, image_size, resized_hw, to_resized_box, to_resized_point, words
+from .common import (Ctx, allowed, draw_combo, font, font_names, image_size, resized_hw, to_resized_box,
+                     to_resized_point, words)
 
 LABELS = {
     "button": ["OK", "Cancel", "Save", "Submit", "Next", "Back", "Apply", "Delete", "Search", "Login", "Sign up",
