@@ -336,3 +336,36 @@ def test_nano_diagnose_groups_ocr_scores_by_font_size_and_font(tmp_path):
     assert all(v["char_acc"] == 1.0 for k, v in bands.items() if k != "12-15 px")
     fonts = {k: v for k, v in got.items() if k not in bands}
     assert sum(v["n"] for v in fonts.values()) == len(recs)
+
+
+def test_reading_probe_images_hold_their_answer():
+    """bench/nano_probe.py char / word (the OCR probes of NANO.md §7): the answer is one glyph of GLYPHS, or four
+    upper-case letters, drawn whole inside the canvas (as much ink as the text drawn alone on a large canvas),
+    deterministic."""
+    import random
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_probe
+    from qwenvl.synth.common import font
+
+    def ink_alone(text, font_size):
+        big = Image.new("RGB", (400, 200), (225, 225, 225))
+        ImageDraw.Draw(big).text((100, 50), text, font=font("dejavu-sans", font_size), fill=(10, 10, 10))
+        return int((np.asarray(big.convert("L")) < 128).sum())
+
+    for task, size in (("char", 112), ("word", 224)):
+        for font_size in (14, 24):
+            rng, again = random.Random(1), random.Random(1)
+            for _ in range(20):
+                im, text = nano_probe.make_sample(task, rng, size, font_size)
+                im2, text2 = nano_probe.make_sample(task, again, size, font_size)
+                assert text == text2 and np.array_equal(np.asarray(im), np.asarray(im2))
+                if task == "char":
+                    assert len(text) == 1 and text in nano_probe.GLYPHS and im.size == (size, size)
+                else:
+                    assert len(text) == 4 and text.isalpha() and text.isupper() and im.size == (size, size // 2)
+                ink = int((np.asarray(im.convert("L")) < 128).sum())
+                assert ink > 0 and ink == ink_alone(text, font_size), (text, font_size)
