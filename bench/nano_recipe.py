@@ -43,28 +43,31 @@ MIXES = {0: MIX_STAGE0, 1: MIX_STAGE1, 2: MIX, 3: MIX_STAGE3}
 # and in the stage-2 mix video is 15 % of the tokens, too few for a model from random weights to read clips within
 # one call (§7, runs 5A/5F).
 MIX_VIDEO = {"video_grounding": 0.5, "dense_caption": 0.5}
+
+
+def _focus(core: dict[str, float], rest_share: float) -> dict[str, float]:
+    """`core`'s shares, and the stage-2 tasks it leaves out at rest_share of the tokens, in the stage-2 proportions."""
+    rest = {t: v for t, v in MIX.items() if t not in core}
+    return {**core, **{t: rest_share * v / sum(rest.values()) for t, v in rest.items()}}
+
+
 # `--mix spatial` (NANO_MIX=spatial): the position-reading tasks at 75 % of the tokens (grounding 30, point 20,
 # count 15, GUI clicks 10) and the rest of the stage-2 mix at 25 %, in its proportions (so the other tasks keep
 # being seen): at 8 % of the tokens grounding had seen too few updates to read position by 168 M tokens (§7).
-_POSITION = {"grounding": 0.30, "point": 0.20, "count": 0.15, "gui": 0.10}
-_REST = {t: v for t, v in MIX.items() if t not in _POSITION}
-MIX_SPATIAL = {**_POSITION, **{t: 0.25 * v / sum(_REST.values()) for t, v in _REST.items()}}
+MIX_SPATIAL = _focus({"grounding": 0.30, "point": 0.20, "count": 0.15, "gui": 0.10}, 0.25)
 # `--mix reading` (NANO_MIX=reading): after the spatial calls (grounding 68 %, count 80 %, OCR 22 %, GUI 28 % in run
 # 12b, §7), the text-reading tasks at 65 % (OCR 30, spotting 10, KIE 5, GUI 20), the position tasks held at 20 %
 # (grounding 8, point 6, count 6) and the rest of the stage-2 mix at 15 %, in its proportions.
-_READING = {"ocr": 0.30, "spotting": 0.10, "kie": 0.05, "gui": 0.20, "grounding": 0.08, "point": 0.06, "count": 0.06}
-_REST_READING = {t: v for t, v in MIX.items() if t not in _READING}
-MIX_READING = {**_READING, **{t: 0.15 * v / sum(_REST_READING.values()) for t, v in _REST_READING.items()}}
+MIX_READING = _focus({"ocr": 0.30, "spotting": 0.10, "kie": 0.05, "gui": 0.20, "grounding": 0.08, "point": 0.06,
+                      "count": 0.06}, 0.15)
 # `--mix glyphs` (NANO_MIX=glyphs): the reading mix did not teach glyphs (run 13a, §7: OCR 22 -> 25 %, answers that
 # follow the words' prior); a GPU probe from 13a learned single glyphs after a plateau of ~36 k samples of nothing else
 # (bench/reading_probes.sh). So random character strings (synth `glyphs`: no word to guess) take a quarter of the
 # tokens, OCR lines and GUI stay, the position tasks are held at 20 %, the rest of the stage-2 mix at 10 %; and stage
 # 0's text task at 5 % (~90 k samples a call): 13a answered every held-out `type` action with one word ("pocket")
 # instead of copying the words its instruction quotes, which the text task's "Repeat exactly" samples teach.
-_GLYPHS = {"glyphs": 0.25, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10, "point": 0.05,
-           "count": 0.05, "text": 0.05}
-_REST_GLYPHS = {t: v for t, v in MIX.items() if t not in _GLYPHS}
-MIX_GLYPHS = {**_GLYPHS, **{t: 0.10 * v / sum(_REST_GLYPHS.values()) for t, v in _REST_GLYPHS.items()}}
+MIX_GLYPHS = _focus({"glyphs": 0.25, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10,
+                     "point": 0.05, "count": 0.05, "text": 0.05}, 0.10)
 NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING, "glyphs": MIX_GLYPHS}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
