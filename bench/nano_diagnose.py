@@ -82,15 +82,13 @@ def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 20
         images.append(im)
         labels.append(GLYPHS.index(text))
     y = torch.tensor(labels)
+    inputs = [preprocess.prepare_image({"type": "image", "image": im}, min_pixels=3136, max_pixels=448 * 448)
+              for im in images]  # made once, read by both models
 
     def vision_tokens(m) -> torch.Tensor:
-        out = []
         with torch.no_grad():
-            for im in images:
-                pix, grid = preprocess.prepare_image({"type": "image", "image": im}, min_pixels=3136,
-                                                     max_pixels=448 * 448)
-                out.append(m.visual(pix.float(), torch.as_tensor(grid).reshape(1, 3)).reshape(-1))
-        return torch.stack(out).float()
+            return torch.stack([m.visual(pix.float(), torch.as_tensor(grid).reshape(1, 3)).reshape(-1)
+                                for pix, grid in inputs]).float()
 
     def probe(x: torch.Tensor) -> dict:
         x = (x - x[:n_fit].mean(0)) / (x[:n_fit].std(0) + 1e-5)

@@ -53,9 +53,8 @@ def _lines_image(ctx: Ctx, line=_text_line, max_lines: int = 6, sides: tuple[int
     d = ImageDraw.Draw(img)
     x0, y = rng.randint(6, 30), rng.randint(6, 30)
     lines = []
-    for k in range(rng.randint(1, max_lines)):
-        if keep is not None and k == keep:
-            break
+    n_lines = rng.randint(1, max_lines)
+    for _ in range(n_lines if keep is None else min(keep, n_lines)):
         text = line(rng)
         x = x0 + (rng.randint(0, 40) if rng.random() < 0.3 else 0)
         while " " in text and x + fnt.getlength(text) > w - 6:  # drop whole words first
