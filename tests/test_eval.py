@@ -35,7 +35,7 @@ def oracle(samples, answers=None):
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("heldout"))
-    synth.generate(out, list(synth.TASKS) + list(synth.EVAL_TASKS), 3, "heldout", 0)
+    synth.generate(out, list(synth.TASKS) + list(synth.EVAL_TASKS) + list(synth.CURRICULUM_TASKS), 3, "heldout", 0)
     return out
 
 

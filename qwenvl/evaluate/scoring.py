@@ -42,8 +42,9 @@ TASK_METRICS = {
     "chart": ("relaxed_acc",), "video_grounding": ("mIoU", "R@0.5"), "dense_caption": ("mIoU", "R@0.5"),
     "gui": ("action_em",), "general": ("anls", "exact"),
 }
-# tasks scored exactly as another one, reported under their own name: synth's eval-only variants
-SCORED_AS = dict(SYNTH_VARIANTS)
+# tasks scored exactly as another one, reported under their own name: synth's variants, and its glyphs curriculum
+# (OCR of random strings, so a run's glyph reading can be measured on its held-out split with --data)
+SCORED_AS = {**SYNTH_VARIANTS, "glyphs": "ocr"}
 TASK_METRICS.update({task: TASK_METRICS[base] for task, base in SCORED_AS.items()})
 # the synthetic caption task has no dedicated metric
 TASK_ALIASES = {"caption": "general"}
