@@ -303,3 +303,22 @@ def test_profile_step_writes_the_ops_of_that_step(data, tmp_path, monkeypatch):
     text = open(tmp_path / "run" / "profile_step2.txt").read()
     assert text.startswith("profiled step:") and "aten::mm" in text  # forward/backward matmuls of that step
     assert "Optimizer.step" in text or "adamw" in text.lower()  # the optimizer is inside the profiled window
+
+
+def test_cuda_allocator_defaults_to_expandable_segments_unless_configured(monkeypatch):
+    import torch
+
+    from qwenvl.train import trainer
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert trainer.cuda_allocator_defaults() is True
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's choice stands
+    assert trainer.cuda_allocator_defaults() is False
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trainer.cuda_allocator_defaults() is False

@@ -474,9 +474,25 @@ def _memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
 
 
+def cuda_allocator_defaults() -> bool:
+    """Expandable segments for the CUDA caching allocator unless PYTORCH_CUDA_ALLOC_CONF says otherwise: the 3B shape
+    without activation checkpointing peaks at 76.8 GB and fits an 80 GB card only without the fragmentation of fixed
+    segments (without them it ran out of memory with 1.7 GB reserved but unused; docs/BENCHMARKS.md, 2026-12-06
+    thirteenth session). Returns whether the setting was applied."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # a build without it: train with fixed segments
+        log.warning("could not enable expandable CUDA segments (%s)", e)
+        return False
+    return True
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run training to cfg.max_steps (or stop after `stop_after` steps of this call: a simulated interruption,
     used by tests). Returns a summary: steps, last loss, skip stats, paths."""
+    cuda_allocator_defaults()
     dev = Dist(cfg.device)
     torch.manual_seed(cfg.seed)
     out_dir = cfg.output_dir
