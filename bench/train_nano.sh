@@ -62,6 +62,8 @@ UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 [ "$UNSEEN" = 1 ] || UNSEEN_TASKS=""
 # and issue 6's OCR target, single lines, at full n (synth ocr_single_line: the OCR images with their first line)
 [ "$MIX" = video ] || UNSEEN_TASKS="${UNSEEN_TASKS:+$UNSEEN_TASKS,}ocr_single_line"
+# the glyph curriculum's held-out strings (scored as OCR): whether the glyphs themselves are being read
+[ "$MIX" = glyphs ] && UNSEEN_TASKS="$UNSEEN_TASKS,glyphs"
 [ "$MIX" = video ] && D_EVAL_ARGS="$D_EVAL_ARGS --tasks video_grounding,dense_caption"  # + the unseen-fps ones
 # stage 3 (long context: 30-120 s clips, the stage-3 mix of nano_recipe.py) also evaluates held-out long clips
 if [ "$STAGE" = 3 ]; then

@@ -305,8 +305,11 @@ def test_named_mixes_reach_the_data_step_and_sum_to_one():
     from qwenvl import synth
 
     for name in ("spatial", "reading", "glyphs"):
-        data = _dry_run(NANO_MIX=name, NANO_INIT="/init")[0]["data"]
-        assert data[data.index("--mix") + 1] == name
+        steps = _dry_run(NANO_MIX=name, NANO_INIT="/init")[0]
+        assert steps["data"][steps["data"].index("--mix") + 1] == name
+        # the glyph curriculum's held-out strings are evaluated with its mix only
+        added = shlex.split(steps["eval"][steps["eval"].index("--add-tasks") + 1])[0].split(",")  # undo printf %q
+        assert ("glyphs" in added) == (name == "glyphs") and "ocr_single_line" in added
     for name, mix in nano_recipe.NAMED_MIXES.items():
         assert abs(sum(mix.values()) - 1) < 1e-9 and set(mix) <= set(nano_recipe.TOKENS), name
         assert all(synth.generator(t) for t in mix)

@@ -14,13 +14,14 @@ import json
 import os
 import sys
 
-from ..synth import EVAL_TASKS
+from ..synth import CURRICULUM_TASKS, EVAL_TASKS
 
 SUITES = {"nano": dict(split="heldout", seed=0,
                        tasks=["grounding", "point", "count", "ocr", "spotting", "doc", "kie", "chart",
                               "video_grounding", "dense_caption", "gui"],
-                       # opt-in (--add-tasks / --tasks): the video clips sampled at frame rates training never uses
-                       extra_tasks=list(EVAL_TASKS))}
+                       # opt-in (--add-tasks / --tasks): the eval-only variants (video clips at frame rates training
+                       # never uses, OCR single lines ...) and the training curricula's held-out splits (glyphs)
+                       extra_tasks=list(EVAL_TASKS) + list(CURRICULUM_TASKS))}
 
 
 def suite_data(name: str, n: int, root: str | None = None, extra_tasks=()) -> str:
