@@ -314,11 +314,15 @@ def test_cuda_allocator_defaults_to_expandable_segments_unless_configured(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert trainer.cuda_allocator_defaults() is True
     assert calls == ["expandable_segments:True"]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's choice stands
     assert trainer.cuda_allocator_defaults() is False
     assert calls == ["expandable_segments:True"]
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # the newer name
+    assert trainer.cuda_allocator_defaults() is False
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trainer.cuda_allocator_defaults() is False

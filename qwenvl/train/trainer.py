@@ -475,11 +475,11 @@ def _memory_gb(device) -> float:
 
 
 def cuda_allocator_defaults() -> bool:
-    """Expandable segments for the CUDA caching allocator unless PYTORCH_CUDA_ALLOC_CONF says otherwise: the 3B shape
-    without activation checkpointing peaks at 76.8 GB and fits an 80 GB card only without the fragmentation of fixed
-    segments (without them it ran out of memory with 1.7 GB reserved but unused; docs/BENCHMARKS.md, 2026-12-06
-    thirteenth session). Returns whether the setting was applied."""
-    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or not torch.cuda.is_available():
+    """Expandable segments for the CUDA caching allocator unless the user configured it (PYTORCH_CUDA_ALLOC_CONF, or
+    PYTORCH_ALLOC_CONF, its newer name): the 3B shape without activation checkpointing peaks at 76.8 GB and fits an
+    80 GB card only without the fragmentation of fixed segments (without them it ran out of memory with 1.7 GB
+    reserved but unused; docs/BENCHMARKS.md, 2026-12-06 thirteenth session). Returns whether it was applied."""
+    if {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(os.environ) or not torch.cuda.is_available():
         return False
     try:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
