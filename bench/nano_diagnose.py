@@ -13,8 +13,10 @@
     python bench/nano_diagnose.py learn --variant merger [--init random|DIR --steps 300 --lr 1e-3]
         how fast a glyph is learned with a direct gradient: the same 36-glyph task (24 px on 56x56, batches of 64
         new images, AdamW), a linear head on the ViT's merged tokens (`merger`), on its 16 patch states before the
-        merger (`pre_merger`), on a textbook ViT of the same width and depth over the same patches (`textbook`:
-        learned positions, LayerNorm, GELU MLP), or a 3-layer CNN (`cnn`); held-out accuracy every 50 steps.
+        merger (`pre_merger`), on those scaled to unit RMS as the merger's ln_q does (`pre_merger_rmsnorm`), on a
+        textbook ViT of the same width and depth over the same patches (`textbook`: learned positions, LayerNorm,
+        GELU MLP), or a 3-layer CNN (`cnn`); held-out accuracy every 50 steps, and for nano's ViT a linear probe of
+        its patch states before and after (what the ViT itself learned).
 """
 from __future__ import annotations
 
@@ -156,9 +158,9 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
     class PreMerger(nn.Module):
         """The ViT's blocks, read before the merger (patch states back in the processor's order)."""
 
-        def __init__(self, vis):
+        def __init__(self, vis, norm: bool = False):
             super().__init__()
-            self.vis = vis
+            self.vis, self.norm = vis, norm
 
         def forward(self, x, grid):
             v, n = self.vis, x.shape[0]
@@ -166,7 +168,29 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
             h = v.patch_embed(x).view(n // 4, 4, -1)[plan.win_idx].reshape(n, -1)
             for i, blk in enumerate(v.blocks):
                 h = blk(h, plan.full if i in v.config.fullatt_block_indexes else plan.window, plan.cos, plan.sin)
+            if self.norm:  # the merger's ln_q without its weight: each patch state scaled to unit RMS
+                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
             return h.view(n // 4, 4, -1)[plan.reverse_idx]
+
+    def probe_patch_states(vis) -> float:
+        """Held-out accuracy of a softmax regression on the ViT's (standardised) patch states, 1,000 images to fit:
+        what the ViT itself has learned, whatever the head on top did."""
+        feats = PreMerger(vis)
+        with torch.no_grad():
+            fit = batch(1000)
+            f, ft = (feats(b[0], b[1]).reshape(len(b[2]), -1) for b in (fit, test))
+        mu, sd = f.mean(0), f.std(0) + 1e-5
+        f, ft = (f - mu) / sd, (ft - mu) / sd
+        w = torch.zeros(f.shape[1], len(GLYPHS), requires_grad=True)
+        b = torch.zeros(len(GLYPHS), requires_grad=True)
+        o = torch.optim.Adam([w, b], lr=1e-2)
+        for _ in range(200):
+            loss = nn.functional.cross_entropy(f @ w + b, fit[2]) + 1e-3 * w.pow(2).sum()
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        with torch.no_grad():
+            return round(((ft @ w + b).argmax(1) == test[2]).float().mean().item(), 3)
 
     if variant == "cnn":
         net = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
@@ -178,10 +202,11 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
         model = Qwen25VL.random(preset("nano")) if init == "random" else Qwen25VL.from_pretrained(init)
         vis = model.float().visual.train()
         c = vis.config
-        net = {"merger": vis, "pre_merger": PreMerger(vis),
+        net = {"merger": vis, "pre_merger": PreMerger(vis), "pre_merger_rmsnorm": PreMerger(vis, norm=True),
                "textbook": Textbook(c.hidden_size, c.depth, c.num_heads, c.intermediate_size, c.patch_dim)}[variant]
         body = net
     test = batch(400)
+    probes = {"before": probe_patch_states(vis)} if variant not in ("cnn", "textbook") else {}
     with torch.no_grad():
         dim = body(*batch(1)[:2]).numel()
     head = nn.Linear(dim, len(GLYPHS))
@@ -201,7 +226,10 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {"variant": variant, "init": init, "lr": lr, "chance": round(1 / len(GLYPHS), 3), "held_out_acc": curve}
+    if probes:
+        probes["after"] = probe_patch_states(vis)
+    return {"variant": variant, "init": init, "lr": lr, "chance": round(1 / len(GLYPHS), 3), "held_out_acc": curve,
+            "patch_state_probe": probes}
 
 
 def main(argv=None) -> int:
@@ -218,7 +246,8 @@ def main(argv=None) -> int:
     g.add_argument("--size", type=int, default=56, help="canvas side in px (56: 2x2 vision tokens)")
     g.add_argument("--font-size", type=int, default=24)
     lr_ = sub.add_parser("learn")
-    lr_.add_argument("--variant", choices=["merger", "pre_merger", "textbook", "cnn"], default="merger")
+    lr_.add_argument("--variant", choices=["merger", "pre_merger", "pre_merger_rmsnorm", "textbook", "cnn"],
+                     default="merger")
     lr_.add_argument("--init", default="random", help="random, or a checkpoint directory for the ViT")
     lr_.add_argument("--steps", type=int, default=300)
     lr_.add_argument("--lr", type=float, default=1e-3)
