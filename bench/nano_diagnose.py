@@ -72,6 +72,25 @@ def ocr(predictions: str, n: int) -> dict:
     return {k: {"n": len(v), "char_acc": round(sum(v) / len(v), 3)} for k, v in sorted(groups.items())}
 
 
+def linear_probe(fit_x, fit_y, test_x, test_y, classes: int, steps: int) -> tuple[float, float]:
+    """Softmax regression on features standardised with the fit set's statistics (Adam, L2 1e-3): held-out accuracy
+    and the last fit loss."""
+    import torch
+
+    mu, sd = fit_x.mean(0), fit_x.std(0) + 1e-5
+    fit_x, test_x = (fit_x - mu) / sd, (test_x - mu) / sd
+    w = torch.zeros(fit_x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(fit_x @ w + b, fit_y) + 1e-3 * w.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return ((test_x @ w + b).argmax(1) == test_y).float().mean().item(), loss.item()
+
+
 def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 2000) -> dict:
     import numpy as np
     import torch
@@ -98,18 +117,8 @@ def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 20
                                 for pix, grid in inputs]).float()
 
     def probe(x: torch.Tensor) -> dict:
-        x = (x - x[:n_fit].mean(0)) / (x[:n_fit].std(0) + 1e-5)
-        w = torch.zeros(x.shape[1], len(GLYPHS), requires_grad=True)
-        b = torch.zeros(len(GLYPHS), requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=1e-2)
-        for _ in range(300):
-            loss = torch.nn.functional.cross_entropy(x[:n_fit] @ w + b, y[:n_fit]) + 1e-3 * w.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            acc = ((x[n_fit:] @ w + b).argmax(1) == y[n_fit:]).float().mean().item()
-        return {"dim": x.shape[1], "fit_loss": round(loss.item(), 3), "held_out_acc": round(acc, 3)}
+        acc, loss = linear_probe(x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:], len(GLYPHS), steps=300)
+        return {"dim": x.shape[1], "fit_loss": round(loss, 3), "held_out_acc": round(acc, 3)}
 
     trained = Qwen25VL.from_pretrained(model).float().eval()
     pixels = torch.tensor(np.stack([np.asarray(im.convert("L"), dtype=np.float32).ravel() for im in images]))
@@ -128,6 +137,7 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from nano_probe import GLYPHS, make_text
     from qwenvl import preprocess
+    from qwenvl.layers import rms_norm
     from qwenvl.model import Qwen25VL
 
     torch.manual_seed(0)
@@ -163,14 +173,10 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
             self.vis, self.norm = vis, norm
 
         def forward(self, x, grid):
-            v, n = self.vis, x.shape[0]
-            plan = v._plan([tuple(r) for r in grid.tolist()], x.device)
-            h = v.patch_embed(x).view(n // 4, 4, -1)[plan.win_idx].reshape(n, -1)
-            for i, blk in enumerate(v.blocks):
-                h = blk(h, plan.full if i in v.config.fullatt_block_indexes else plan.window, plan.cos, plan.sin)
+            h, plan = self.vis.patch_states(x, grid)
             if self.norm:  # the merger's ln_q without its weight: each patch state scaled to unit RMS
-                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return h.view(n // 4, 4, -1)[plan.reverse_idx]
+                h = rms_norm(h, h.new_ones(h.shape[-1]), 1e-6)
+            return h.view(h.shape[0] // 4, 4, -1)[plan.reverse_idx]
 
     def probe_patch_states(vis) -> float:
         """Held-out accuracy of a softmax regression on the ViT's (standardised) patch states, 1,000 images to fit:
@@ -179,18 +185,7 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
         with torch.no_grad():
             fit = batch(1000)
             f, ft = (feats(b[0], b[1]).reshape(len(b[2]), -1) for b in (fit, test))
-        mu, sd = f.mean(0), f.std(0) + 1e-5
-        f, ft = (f - mu) / sd, (ft - mu) / sd
-        w = torch.zeros(f.shape[1], len(GLYPHS), requires_grad=True)
-        b = torch.zeros(len(GLYPHS), requires_grad=True)
-        o = torch.optim.Adam([w, b], lr=1e-2)
-        for _ in range(200):
-            loss = nn.functional.cross_entropy(f @ w + b, fit[2]) + 1e-3 * w.pow(2).sum()
-            o.zero_grad()
-            loss.backward()
-            o.step()
-        with torch.no_grad():
-            return round(((ft @ w + b).argmax(1) == test[2]).float().mean().item(), 3)
+        return round(linear_probe(f, fit[2], ft, test[2], len(GLYPHS), steps=200)[0], 3)
 
     if variant == "cnn":
         net = nn.Sequential(nn.Conv2d(3, 32, 5, 2, 2), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),

@@ -116,6 +116,12 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """pixel_values [N_patches, C*T*P*P] in the processor's row order -> [N_patches/4, out_hidden_size]."""
+        x, plan = self.patch_states(pixel_values, grid_thw)
+        return self.merger(x)[plan.reverse_idx]
+
+    def patch_states(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, "VisionPlan"]:
+        """The last block's output [N_patches, hidden], merge units in window order (plan.reverse_idx puts units back
+        in the processor's order), and the plan: what the merger reads."""
         c = self.config
         grids = check_grid(grid_thw, c.spatial_merge_size)
         n = sum(t * h * w for t, h, w in grids)
@@ -130,8 +136,7 @@ class VisionTransformer(nn.Module):
         full = set(c.fullatt_block_indexes)
         for i, blk in enumerate(self.blocks):
             x = blk(x, plan.full if i in full else plan.window, plan.cos, plan.sin)
-        x = self.merger(x)
-        return x[plan.reverse_idx]
+        return x, plan
 
     def _plan(self, grids: list[tuple[int, int, int]], device) -> "VisionPlan":
         """Window order, rotary tables and segment boundaries of a grid list, cached per (grids, device):
