@@ -154,6 +154,26 @@ def test_cli_runs_dpo_with_lora_and_writes_a_peft_adapter(data, tmp_path, capsys
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "final" / "config.json").exists()
 
 
+def test_patch_embed_lr_puts_the_patch_embedding_in_its_own_group():
+    from qwenvl.train.trainer import build_optimizer
+
+    model = Qwen25VL.random(qwenvl.preset("tiny"), dtype=torch.float32, seed=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def groups(**kw):
+        opt = build_optimizer(model, TrainConfig(model="tiny", lr=1e-3, vit_lr=2e-4, **kw), torch.device("cpu"))
+        return {g["name"]: (g["lr"], sorted(names[id(p)] for p in g["params"])) for g in opt.param_groups}
+
+    plain, split = groups(), groups(patch_embed_lr=1e-5)
+    assert "patch_embed" not in plain and "visual.patch_embed.proj.weight" in plain["vit"][1]
+    assert split["patch_embed"] == (1e-5, ["visual.patch_embed.proj.weight"])
+    assert split["vit"] == (2e-4, [n for n in plain["vit"][1] if n != "visual.patch_embed.proj.weight"])
+    assert split["merger"][0] == 1e-3 and split["llm"][0] == 1e-3
+    assert sum(len(ps) for _, ps in split.values()) == sum(len(ps) for _, ps in plain.values())
+    with pytest.raises(ConfigError, match="patch_embed_lr"):
+        TrainConfig(patch_embed_lr=-1.0)
+
+
 def test_config_validation_and_recipes(tmp_path):
     assert {"stage1_vit_merger", "stage2_multimodal", "stage3_long_context", "sft", "lora", "dpo"} <= set(recipes())
     cfg = TrainConfig.load("stage3_long_context", ["max_steps=7", "lr=3e-5"])

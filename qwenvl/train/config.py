@@ -54,6 +54,8 @@ class TrainConfig:
     lr: float = 1e-5  # LLM (and the default for the two below)
     vit_lr: float | None = None
     merger_lr: float | None = None
+    patch_embed_lr: float | None = None  # the ViT's patch embedding (None: vit_lr). Its inputs are alike across patches
+    #                                      (blank background), so Adam moves every patch the same way at once; see TRAINING.md
     weight_decay: float = 0.0  # on matrices only (not biases, norms)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -110,6 +112,8 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),
+            (all(v is None or v >= 0 for v in (self.lr, self.vit_lr, self.merger_lr, self.patch_embed_lr)),
+             "lr, vit_lr, merger_lr and patch_embed_lr must be >= 0"),
             (self.checkpoint_layers is None or self.checkpoint_layers >= 0,
              f"checkpoint_layers must be >= 0 (or unset: every layer), got {self.checkpoint_layers!r}"),
             (self.rope_theta is None or self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta!r}"),

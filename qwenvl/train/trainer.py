@@ -251,17 +251,26 @@ def shard(module: TrainModule, cfg: TrainConfig, dev: Dist) -> None:
 
 # ------------------------------------------------------------------------------------------------ optimizer
 def part_lrs(cfg: TrainConfig) -> dict[str, float]:
-    return {"vit": cfg.vit_lr if cfg.vit_lr is not None else cfg.lr,
+    vit = cfg.vit_lr if cfg.vit_lr is not None else cfg.lr
+    return {"vit": vit, "patch_embed": cfg.patch_embed_lr if cfg.patch_embed_lr is not None else vit,
             "merger": cfg.merger_lr if cfg.merger_lr is not None else cfg.lr, "llm": cfg.lr}
 
 
+def optimizer_part(name: str, cfg: TrainConfig) -> str:
+    """The learning-rate part of a parameter: its model part, with the patch embedding on its own when
+    patch_embed_lr is set (a separate group only then, so older checkpoints' optimizer states still load)."""
+    part = part_of(name)
+    return "patch_embed" if part == "vit" and cfg.patch_embed_lr is not None and ".patch_embed." in name else part
+
+
 def build_optimizer(model: Qwen25VL, cfg: TrainConfig, device) -> torch.optim.Optimizer:
-    """AdamW with one group per (part, decay): ViT, merger and LLM learning rates; no decay on vectors."""
+    """AdamW with one group per (part, decay): ViT, (patch embedding,) merger and LLM learning rates; no decay on
+    vectors."""
     lrs = part_lrs(cfg)
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((part_of(name), p.ndim >= 2), []).append(p)
+            groups.setdefault((optimizer_part(name, cfg), p.ndim >= 2), []).append(p)
     if not groups:
         raise ConfigError("no trainable parameters (check freeze_* and lora_* options)")
     param_groups = [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
@@ -548,7 +557,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     if ckpt:
         step, elapsed = load_checkpoint(ckpt, module, opt, sched, loader, dev)
         # The saved lr is the old schedule's; recompute it (identical unless max_steps/warmup/lr changed).
-        sched.base_lrs = [part_lrs(cfg)[g["name"].split("_")[0]] for g in opt.param_groups]
+        sched.base_lrs = [part_lrs(cfg)[g["name"].removesuffix("_no_decay")] for g in opt.param_groups]
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * lr_factor(step, cfg, elapsed)
     log_path = os.path.join(out_dir, "log.jsonl")
