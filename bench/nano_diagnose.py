@@ -127,7 +127,8 @@ def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 20
             "random_weights": probe(vision_tokens(Qwen25VL.random(trained.config).float().eval()))}
 
 
-def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_size: int = 24) -> dict:
+def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: float = 1.0, size: int = 56,
+          font_size: int = 24) -> dict:
     import time
 
     import numpy as np
@@ -205,7 +206,10 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
     with torch.no_grad():
         dim = body(*batch(1)[:2]).numel()
     head = nn.Linear(dim, len(GLYPHS))
-    opt = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05,
+    patch_embed = [p for n, p in net.named_parameters() if "patch_embed." in n]
+    rest = [p for p in net.parameters() if all(p is not q for q in patch_embed)]
+    opt = torch.optim.AdamW([{"params": rest + list(head.parameters())},
+                             {"params": patch_embed, "lr": lr * patch_embed_lr_mult}], lr=lr, weight_decay=0.05,
                             betas=(0.9, 0.95))
     curve, t0 = {}, time.time()
     for step in range(steps + 1):
@@ -223,7 +227,8 @@ def learn(variant: str, init: str, steps: int, lr: float, size: int = 56, font_s
         opt.step()
     if probes:
         probes["after"] = probe_patch_states(vis)
-    return {"variant": variant, "init": init, "lr": lr, "chance": round(1 / len(GLYPHS), 3), "held_out_acc": curve,
+    return {"variant": variant, "init": init, "lr": lr, "patch_embed_lr_mult": patch_embed_lr_mult,
+            "chance": round(1 / len(GLYPHS), 3), "held_out_acc": curve,
             "patch_state_probe": probes}
 
 
@@ -246,10 +251,12 @@ def main(argv=None) -> int:
     lr_.add_argument("--init", default="random", help="random, or a checkpoint directory for the ViT")
     lr_.add_argument("--steps", type=int, default=300)
     lr_.add_argument("--lr", type=float, default=1e-3)
+    lr_.add_argument("--patch-embed-lr-mult", type=float, default=1.0,
+                     help="the ViT patch embedding's learning rate as a multiple of --lr (train's patch_embed_lr)")
     a = ap.parse_args(argv)
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n) if a.cmd == "ocr"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
-              else learn(a.variant, a.init, a.steps, a.lr))
+              else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult))
     print(json.dumps(result, indent=1))
     return 0
 
