@@ -127,8 +127,8 @@ def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 20
             "random_weights": probe(vision_tokens(Qwen25VL.random(trained.config).float().eval()))}
 
 
-def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: float = 1.0, size: int = 56,
-          font_size: int = 24) -> dict:
+def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: float = 1.0, warmup_steps: int = 0,
+          size: int = 56, font_size: int = 24) -> dict:
     import time
 
     import numpy as np
@@ -211,6 +211,7 @@ def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: f
     opt = torch.optim.AdamW([{"params": rest + list(head.parameters())},
                              {"params": patch_embed, "lr": lr * patch_embed_lr_mult}], lr=lr, weight_decay=0.05,
                             betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     curve, t0 = {}, time.time()
     for step in range(steps + 1):
         if step % 50 == 0:
@@ -225,9 +226,11 @@ def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: f
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     if probes:
         probes["after"] = probe_patch_states(vis)
     return {"variant": variant, "init": init, "lr": lr, "patch_embed_lr_mult": patch_embed_lr_mult,
+            "warmup_steps": warmup_steps,
             "chance": round(1 / len(GLYPHS), 3), "held_out_acc": curve,
             "patch_state_probe": probes}
 
@@ -253,10 +256,11 @@ def main(argv=None) -> int:
     lr_.add_argument("--lr", type=float, default=1e-3)
     lr_.add_argument("--patch-embed-lr-mult", type=float, default=1.0,
                      help="the ViT patch embedding's learning rate as a multiple of --lr (train's patch_embed_lr)")
+    lr_.add_argument("--warmup-steps", type=int, default=0, help="linear warmup of every learning rate")
     a = ap.parse_args(argv)
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n) if a.cmd == "ocr"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
-              else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult))
+              else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult, a.warmup_steps))
     print(json.dumps(result, indent=1))
     return 0
 
