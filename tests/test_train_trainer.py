@@ -333,6 +333,7 @@ def test_cuda_allocator_defaults_to_expandable_segments_unless_configured(monkey
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", calls.append)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert trainer.cuda_allocator_defaults() is True
@@ -346,3 +347,36 @@ def test_cuda_allocator_defaults_to_expandable_segments_unless_configured(monkey
     monkeypatch.delenv("PYTORCH_ALLOC_CONF")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trainer.cuda_allocator_defaults() is False
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 0.0, 1e9])
+def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm):
+    from qwenvl.train.trainer import _clip, fused_adam_scales_grads
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 3 for s in shapes] for _ in range(3)]
+    runs = {}
+    for folded in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        norms = []
+        for step_grads in grads:
+            for p, gr in zip(params, step_grads):
+                p.grad = gr.clone()
+            if folded:
+                assert fused_adam_scales_grads(opt, params)
+                norms.append(_clip(params, max_norm, opt))
+            else:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs[folded] = ([p.detach() for p in params], norms)
+    (folded_params, folded_norms), (plain_params, plain_norms) = runs[True], runs[False]
+    assert folded_norms == pytest.approx(plain_norms, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(folded_params, plain_params))
+    moved = max((a - b).abs().max().item() for a, b in zip(folded_params, init))
+    assert moved > 1e-3  # the steps did something
+    plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=False)
+    assert not fused_adam_scales_grads(plain_opt, plain_opt.param_groups[0]["params"])
