@@ -367,7 +367,7 @@ def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm):
                 p.grad = gr.clone()
             if folded:
                 assert fused_adam_scales_grads(opt, params)
-                norms.append(_clip(params, max_norm, opt))
+                norms.append(float(_clip(params, max_norm, opt)))
             else:
                 norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))))
             opt.step()
@@ -380,3 +380,21 @@ def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm):
     assert moved > 1e-3  # the steps did something
     plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=False)
     assert not fused_adam_scales_grads(plain_opt, plain_opt.param_groups[0]["params"])
+
+
+def test_step_numbers_read_one_step_late_log_every_step_as_a_synced_run(data, tmp_path, monkeypatch):
+    """The loop reads each step's loss and gradient norm after queuing the next step (QWENVL_STEP_SYNC=1: at once,
+    the old way): the same log lines, each step once and in order, across a checkpoint and an interruption."""
+    common = dict(model="tiny", train_files=[str(data / "sft.jsonl")], pack_length=96, chunk_size=4, max_steps=5,
+                  save_every=2, warmup_steps=1, lr=1e-3, export=False)
+    logs = {}
+    for sync in ("1", "0"):
+        monkeypatch.setenv("QWENVL_STEP_SYNC", sync)
+        cfg = TrainConfig(output_dir=str(tmp_path / sync), **common)
+        assert train(cfg, stop_after=3)["step"] == 3
+        assert train(cfg)["step"] == 5
+        logs[sync] = [json.loads(line) for line in open(tmp_path / sync / "log.jsonl")]
+    assert [e["step"] for e in logs["0"]] == [1, 2, 3, 4, 5]
+    for key in ("loss", "grad_norm", "tokens", "lr"):
+        assert [e[key] for e in logs["0"]] == [e[key] for e in logs["1"]], key
+    assert all(e["step_s"] > 0 and e["grad_norm"] > 0 for e in logs["0"])

@@ -574,6 +574,35 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     pixel_dtype = torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     loss_value, steps_run, out_of_time = float("nan"), 0, False
+    pending, t_prev = None, None  # the last step's record, logged after the next step is queued (see below)
+    step_sync = os.environ.get("QWENVL_STEP_SYNC", "0") == "1"  # wait for the GPU at every step's end (the old way)
+
+    def log_step(r: dict) -> float:
+        """Reads a step's GPU numbers (waits for them only), sums them over ranks, writes its log line; returns its
+        loss."""
+        loss_sum, grad_norm = _read_host(r["gpu"])
+        sums = dev.all_sum([loss_sum] + [float(v) for v in r["metric_sums"].values()])
+        loss = sums[0] / max(r["total_n"], 1.0)
+        if dev.main and (r["step"] % cfg.log_every == 0 or r["last"]):
+            entry = {"step": r["step"], "loss": loss, "lr": r["lr"], "grad_norm": grad_norm,
+                     "tokens": int(r["total_tokens"]), "targets": int(r["total_n"]),
+                     "tokens_per_s": r["total_tokens"] / r["step_s"], "step_s": r["step_s"], "data_s": r["t_data"],
+                     "memory_gb": _memory_gb(dev.device), "epoch": r["epoch"], "skipped": r["skipped"],
+                     "elapsed_s": r["elapsed_s"],
+                     # this rank's rows: how they reached the trainer (shm / file / pipe / main) and their uint8 frame bytes
+                     "rows_via": r["rows_via"], "pixel_mb": r["pixel_mb"]}
+            entry.update({k: v / max(r["total_n"], 1.0) for k, v in zip(r["metric_sums"], sums[1:])})
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        return loss
+
+    def drain(r: dict) -> dict:
+        """The last queued step: wait for the GPU to finish it and count that wait in its time."""
+        if dev.device.type == "cuda" and not step_sync:
+            torch.cuda.synchronize(dev.device)
+            r["step_s"] += time.perf_counter() - t_prev
+        return r
+
     profile_step = int(os.environ.get("QWENVL_PROFILE_STEP", "0") or 0)  # where a step's time goes (see _profiler)
     clock.start = time.perf_counter() - elapsed  # the budget counts training, not model loading
     while step < cfg.max_steps and not out_of_time and (stop_after is None or steps_run < stop_after):
@@ -614,29 +643,38 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_run += 1
-        sums = dev.all_sum([float(loss_sum)] + list(metric_sums.values()))
-        loss_value = sums[0] / max(total_n, 1.0)
-        if dev.device.type == "cuda":
-            torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
-        dt = time.perf_counter() - t0
+        record = {"step": step, "gpu": _to_host_async([loss_sum, grad_norm]), "metric_sums": metric_sums,
+                  "total_n": total_n, "total_tokens": total_tokens, "t_data": t_data,
+                  "lr": {g["name"]: g["lr"] for g in opt.param_groups}, "epoch": loader.epoch,
+                  "skipped": stats.skipped, "rows_via": loader.last_step.get("via", {}),
+                  "pixel_mb": loader.last_step.get("pixel_bytes", 0) / 2**20}
+        if prof is not None or step_sync:
+            if dev.device.type == "cuda":
+                torch.cuda.synchronize(dev.device)  # the step's time is the GPU's, not the launch queue's
+            record["step_s"] = time.perf_counter() - t0
+        else:  # steady state: the host waits on the launch queue, so its time per step is the GPU's
+            record["step_s"] = time.perf_counter() - (t_prev if t_prev is not None else t0)
+        t_prev = time.perf_counter()
         if prof is not None:
-            _write_profile(prof, os.path.join(out_dir, f"profile_step{step}.txt"), dt)
+            _write_profile(prof, os.path.join(out_dir, f"profile_step{step}.txt"), record["step_s"])
         elapsed = clock()
         if cfg.max_train_seconds:  # every rank stops at the same step: when any rank's budget is spent
             out_of_time = dev.all_sum([float(elapsed >= cfg.max_train_seconds)])[0] > 0
-        if dev.main and (step % cfg.log_every == 0 or step == cfg.max_steps or out_of_time):
-            entry = {"step": step, "loss": loss_value, "lr": {g["name"]: g["lr"] for g in opt.param_groups},
-                     "grad_norm": grad_norm, "tokens": int(total_tokens), "targets": int(total_n),
-                     "tokens_per_s": total_tokens / dt, "step_s": dt, "data_s": t_data, "memory_gb": _memory_gb(dev.device),
-                     "epoch": loader.epoch, "skipped": stats.skipped, "elapsed_s": elapsed,
-                     # this rank's rows: how they reached the trainer (shm / file / pipe / main) and their uint8 frame bytes
-                     "rows_via": loader.last_step.get("via", {}),
-                     "pixel_mb": loader.last_step.get("pixel_bytes", 0) / 2**20}
-            entry.update({k: v / max(total_n, 1.0) for k, v in zip(metric_sums, sums[1:])})
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+        record["elapsed_s"], record["last"] = elapsed, out_of_time or step == cfg.max_steps
+        # The step's GPU numbers (loss, gradient norm) are read one step late, after the next step's work is queued:
+        # reading them now would make the GPU idle while the host fetches and launches the next step.
+        if pending is not None:
+            loss_value = log_step(pending)
+        pending = record
+        if step_sync:
+            loss_value, pending = log_step(pending), None
         if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time):
+            if pending is not None:
+                loss_value, pending = log_step(drain(pending)), None
             save_checkpoint(out_dir, step, module, opt, sched, loader, cfg, dev, elapsed)
+            t_prev = time.perf_counter()  # the next step's time starts after the save
+    if pending is not None:
+        loss_value = log_step(drain(pending))
     final = None
     done = step >= cfg.max_steps or out_of_time
     if done and cfg.export:
@@ -677,8 +715,32 @@ def _write_profile(prof, path: str, step_s: float) -> None:
     print(head + tables[0][:6000], flush=True)
 
 
-def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> float:
-    """Clip the gradients' global norm to max_norm (0: only measure it); returns the norm before clipping.
+def _to_host_async(values: list) -> tuple:
+    """Scalars (tensors or numbers) on their way to the host: on CUDA one non-blocking copy into pinned memory and an
+    event after it, so reading them later waits for that copy only, not for everything queued since (`float()` on a
+    CUDA tensor would wait for the whole stream)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.is_cuda]
+    if not tensors:
+        return [float(v) for v in values], None
+    packed = torch.stack([v.detach().reshape(()).double() if isinstance(v, torch.Tensor)
+                          else torch.tensor(float(v), dtype=torch.float64, device=tensors[0].device) for v in values])
+    host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _read_host(pending: tuple) -> list[float]:
+    values, done = pending
+    if done is not None:
+        done.synchronize()
+    return [float(v) for v in values]
+
+
+def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> torch.Tensor | float:
+    """Clip the gradients' global norm to max_norm (0: only measure it); returns the norm before clipping (a tensor:
+    reading it waits for the GPU).
     With a fused Adam(W) over plain tensors the clipping is folded into the optimizer step: its `grad_scale` divides
     every gradient by max(1, norm / max_norm) inside the fused kernel, which saves clip_grad_norm_'s separate pass
     over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md "Throughput")."""
@@ -688,11 +750,11 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     if opt is not None and fused_adam_scales_grads(opt, grads):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads], 2.0)), 2.0)
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
-        return float(norm)
+        return norm.detach()
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()
 
 
 def fused_adam_scales_grads(opt: torch.optim.Optimizer, params) -> bool:
