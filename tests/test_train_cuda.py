@@ -67,28 +67,9 @@ def test_compiled_blocks_match_eager_on_packed_rows():
         assert rel(c[0], e[0]) < 2e-2 and rel(c[1], e[1]) < 5e-2
 
 
-def test_folded_clipping_and_async_step_numbers_on_cuda():
-    """The fused AdamW with the clipping in its grad_scale equals clip_grad_norm_ + the same step on CUDA, and the
-    step numbers copied to the host asynchronously read back as the values."""
-    from qwenvl.train.trainer import _clip, _read_host, _to_host_async
+def test_step_numbers_copied_to_the_host_asynchronously_read_back_as_the_values():
+    from qwenvl.train.trainer import _read_host, _to_host_async
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(256, 128), (128,), (9, 7, 5)]
-    init = [torch.randn(s, generator=g, device="cuda") for s in shapes]
-    grads = [[torch.randn(s, generator=g, device="cuda") * 3 for s in shapes] for _ in range(3)]
-    out = {}
-    for folded in (True, False):
-        params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
-        norms = []
-        for step_grads in grads:
-            for p, gr in zip(params, step_grads):
-                p.grad = gr.clone()
-            norm = _clip(params, 0.5, opt) if folded else torch.nn.utils.clip_grad_norm_(params, 0.5)
-            norms.append(_read_host(_to_host_async([norm, 2.5]))[0])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        out[folded] = (params, norms)
-    assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(out[True][0], out[False][0]))
-    assert _read_host(_to_host_async([torch.tensor(3.0, device="cuda"), 2.5])) == [3.0, 2.5]
+    x = torch.randn(1000, 1000, device="cuda")
+    pending = _to_host_async([(x @ x).sum(), torch.tensor(3.0, device="cuda"), 2.5])
+    assert _read_host(pending) == pytest.approx([float((x @ x).sum()), 3.0, 2.5], rel=1e-6)

@@ -349,14 +349,19 @@ def test_cuda_allocator_defaults_to_expandable_segments_unless_configured(monkey
     assert trainer.cuda_allocator_defaults() is False
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("max_norm", [0.5, 0.0, 1e9])
-def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm):
+def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm, device):
     from qwenvl.train.trainer import _clip, fused_adam_scales_grads
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     shapes = [(64, 32), (32,), (7, 5, 3)]
-    init = [torch.randn(s, generator=g) for s in shapes]
-    grads = [[torch.randn(s, generator=g) * 3 for s in shapes] for _ in range(3)]
+    init = [torch.randn(s, generator=g, device=device) for s in shapes]
+    grads = [[torch.randn(s, generator=g, device=device) * 3 for s in shapes] for _ in range(3)]
     runs = {}
     for folded in (True, False):
         params = [torch.nn.Parameter(t.clone()) for t in init]
