@@ -748,7 +748,8 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     if not grads:
         return 0.0
     if opt is not None and fused_adam_scales_grads(opt, grads):
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in grads], 2.0)), 2.0)
+        norms = torch._foreach_norm([p.grad for p in grads], 2.0)
+        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)  # fp32 whatever the grads
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
         return norm.detach()
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
