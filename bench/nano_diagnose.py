@@ -195,7 +195,9 @@ def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: f
     else:
         from qwenvl.config import preset
 
-        model = Qwen25VL.random(preset("nano")) if init == "random" else Qwen25VL.from_pretrained(init)
+        # (from_pretrained loads for inference, every parameter frozen: train them all, as from random)
+        model = Qwen25VL.random(preset("nano")) if init == "random" else \
+            Qwen25VL.from_pretrained(init).requires_grad_(True)
         vis = model.float().visual.train()
         c = vis.config
         net = {"merger": vis, "pre_merger": PreMerger(vis), "pre_merger_rmsnorm": PreMerger(vis, norm=True),
