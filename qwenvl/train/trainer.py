@@ -575,7 +575,9 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     trainable = [p for p in module.parameters() if p.requires_grad]
     loss_value, steps_run, out_of_time = float("nan"), 0, False
     pending, t_prev = None, None  # the last step's record, logged after the next step is queued (see below)
-    step_sync = os.environ.get("QWENVL_STEP_SYNC", "0") == "1"  # wait for the GPU at every step's end (the old way)
+    # QWENVL_STEP_SYNC=0: read a step's numbers one step late (below). Opt-in until measured on a GPU (written in the
+    # fourteenth session when no device time was left; docs/TRAINING.md "Throughput" has the A/B command)
+    step_sync = os.environ.get("QWENVL_STEP_SYNC", "1") != "0"
 
     def log_step(r: dict) -> float:
         """Reads a step's GPU numbers (waits for them only), sums them over ranks, writes its log line; returns its
@@ -661,8 +663,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         if cfg.max_train_seconds:  # every rank stops at the same step: when any rank's budget is spent
             out_of_time = dev.all_sum([float(elapsed >= cfg.max_train_seconds)])[0] > 0
         record["elapsed_s"], record["last"] = elapsed, out_of_time or step == cfg.max_steps
-        # The step's GPU numbers (loss, gradient norm) are read one step late, after the next step's work is queued:
-        # reading them now would make the GPU idle while the host fetches and launches the next step.
+        # With QWENVL_STEP_SYNC=0 the step's GPU numbers (loss, gradient norm) are read one step late, after the next
+        # step's work is queued: reading them now makes the GPU idle while the host fetches and launches the next step.
         if pending is not None:
             loss_value = log_step(pending)
         pending = record
@@ -741,9 +743,10 @@ def _read_host(pending: tuple) -> list[float]:
 def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> torch.Tensor | float:
     """Clip the gradients' global norm to max_norm (0: only measure it); returns the norm before clipping (a tensor:
     reading it waits for the GPU).
-    With a fused Adam(W) over plain tensors the clipping is folded into the optimizer step: its `grad_scale` divides
-    every gradient by max(1, norm / max_norm) inside the fused kernel, which saves clip_grad_norm_'s separate pass
-    over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md "Throughput")."""
+    With a fused Adam(W) over plain tensors and QWENVL_FUSED_CLIP=1 the clipping is folded into the optimizer step:
+    its `grad_scale` divides every gradient by max(1, norm / max_norm) inside the fused kernel, which saves
+    clip_grad_norm_'s separate pass over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md
+    "Throughput")."""
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -760,9 +763,10 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
 
 def fused_adam_scales_grads(opt: torch.optim.Optimizer, params) -> bool:
     """Whether opt is a fused Adam/AdamW whose step takes `grad_scale` (as torch.amp.GradScaler uses it), over plain
-    (not FSDP-sharded) tensors. QWENVL_FUSED_CLIP=0 turns the folding off (the A/B of docs/TRAINING.md)."""
-    return (os.environ.get("QWENVL_FUSED_CLIP", "1") != "0" and isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
-            and getattr(opt, "_step_supports_amp_scaling", False)
+    (not FSDP-sharded) tensors, and QWENVL_FUSED_CLIP=1 asks for the folding (opt-in until measured on a GPU: the A/B
+    command is in docs/TRAINING.md "Throughput")."""
+    return (os.environ.get("QWENVL_FUSED_CLIP", "0") == "1" and isinstance(opt, torch.optim.Adam)
+            and bool(opt.defaults.get("fused")) and getattr(opt, "_step_supports_amp_scaling", False)
             and all(type(p) is torch.nn.Parameter and type(p.grad) is torch.Tensor for p in params))
 
 
