@@ -645,7 +645,9 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_run += 1
-        record = {"step": step, "gpu": _to_host_async([loss_sum, grad_norm]), "metric_sums": metric_sums,
+        gpu_numbers = [loss_sum, grad_norm]  # read with float() at once, or later from an async copy
+        record = {"step": step, "gpu": (gpu_numbers, None) if step_sync else _to_host_async(gpu_numbers),
+                  "metric_sums": metric_sums,
                   "total_n": total_n, "total_tokens": total_tokens, "t_data": t_data,
                   "lr": {g["name"]: g["lr"] for g in opt.param_groups}, "epoch": loader.epoch,
                   "skipped": stats.skipped, "rows_via": loader.last_step.get("via", {}),
