@@ -1,4 +1,4 @@
-"""Two CPU diagnoses of a nano checkpoint (docs/NANO.md §7, run 12b; docs/BENCHMARKS.md, eleventh session).
+"""CPU diagnoses of a nano checkpoint (docs/NANO.md §7, run 12b; docs/BENCHMARKS.md, eleventh session).
 
     python bench/nano_diagnose.py prompts --model runs/nano/latest [--scenes 12]
         detect-all prompt ("Outline the position of each red square ...") against detect-then-count ("Please first
@@ -17,6 +17,9 @@
         textbook ViT of the same width and depth over the same patches (`textbook`: learned positions, LayerNorm,
         GELU MLP), or a 3-layer CNN (`cnn`); held-out accuracy every 50 steps, and for nano's ViT a linear probe of
         its patch states before and after (what the ViT itself learned).
+    python bench/nano_diagnose.py readout --model runs/nano/latest [--size 112 --font-size 24 --n 150]
+        does the model SAY the glyph its vision tokens carry? One glyph of the 36 per image, the glyph task's OCR
+        prompt, greedy (engine, fp32): the answer's first character against the glyph (compare with `glyphs`).
 """
 from __future__ import annotations
 
@@ -125,6 +128,31 @@ def glyphs(model: str, size: int, font_size: int, n: int = 2400, n_fit: int = 20
     return {"chance": round(1 / len(GLYPHS), 3), "raw_pixels": probe(pixels),
             "checkpoint": probe(vision_tokens(trained)),
             "random_weights": probe(vision_tokens(Qwen25VL.random(trained.config).float().eval()))}
+
+
+def readout(model: str, size: int, font_size: int, n: int) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from nano_probe import make_text
+    from qwenvl.engine import LLM, SamplingParams
+    from qwenvl.synth.documents import OCR_PROMPT
+
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        convs, glyphs = [], []
+        for i in range(n):
+            im, glyph = make_text("char", rng, size, font_size)
+            im.save(os.path.join(tmp, f"{i}.png"))
+            convs.append([{"role": "user", "content": [{"type": "image", "image": os.path.join(tmp, f"{i}.png")},
+                                                       {"type": "text", "text": OCR_PROMPT}]}])
+            glyphs.append(glyph)
+        outs = LLM(model, dtype=torch.float32, device="cpu").chat(convs, SamplingParams(max_tokens=4, temperature=0.0))
+    answers = [o.outputs[0].text.strip() for o in outs]
+    return {"n": n, "size": size, "font_size": font_size,
+            "first_char_acc": round(sum(a[:1] == g for a, g in zip(answers, glyphs)) / n, 3),
+            "exact": round(sum(a == g for a, g in zip(answers, glyphs)) / n, 3),
+            "examples": [f"{g} -> {a!r}" for g, a in zip(glyphs[:10], answers[:10])]}
 
 
 def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: float = 1.0, warmup_steps: int = 0,
@@ -259,9 +287,15 @@ def main(argv=None) -> int:
     lr_.add_argument("--patch-embed-lr-mult", type=float, default=1.0,
                      help="the ViT patch embedding's learning rate as a multiple of --lr (train's patch_embed_lr)")
     lr_.add_argument("--warmup-steps", type=int, default=0, help="linear warmup of every learning rate")
+    ro = sub.add_parser("readout")
+    ro.add_argument("--model", default="runs/nano/latest")
+    ro.add_argument("--size", type=int, default=112, help="canvas side in px (112: the glyph task's smallest)")
+    ro.add_argument("--font-size", type=int, default=24)
+    ro.add_argument("--n", type=int, default=150)
     a = ap.parse_args(argv)
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n) if a.cmd == "ocr"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
+              else readout(a.model, a.size, a.font_size, a.n) if a.cmd == "readout"
               else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult, a.warmup_steps))
     print(json.dumps(result, indent=1))
     return 0
