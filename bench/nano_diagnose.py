@@ -237,7 +237,7 @@ def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: f
         dim = body(*batch(1)[:2]).numel()
     head = nn.Linear(dim, len(GLYPHS))
     patch_embed = [p for n, p in net.named_parameters() if "patch_embed." in n]
-    rest = [p for p in net.parameters() if all(p is not q for q in patch_embed)]
+    rest = [p for n, p in net.named_parameters() if "patch_embed." not in n]
     opt = torch.optim.AdamW([{"params": rest + list(head.parameters())},
                              {"params": patch_embed, "lr": lr * patch_embed_lr_mult}], lr=lr, weight_decay=0.05,
                             betas=(0.9, 0.95))

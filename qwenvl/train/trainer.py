@@ -599,8 +599,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         return loss
 
     def drain(r: dict) -> dict:
-        """The last queued step: wait for the GPU to finish it and count that wait in its time."""
-        if dev.device.type == "cuda" and not step_sync:
+        """The last queued step (QWENVL_STEP_SYNC=0): wait for the GPU to finish it and count that wait in its time."""
+        if dev.device.type == "cuda":
             torch.cuda.synchronize(dev.device)
             r["step_s"] += time.perf_counter() - t_prev
         return r
@@ -667,11 +667,12 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         record["elapsed_s"], record["last"] = elapsed, out_of_time or step == cfg.max_steps
         # With QWENVL_STEP_SYNC=0 the step's GPU numbers (loss, gradient norm) are read one step late, after the next
         # step's work is queued: reading them now makes the GPU idle while the host fetches and launches the next step.
-        if pending is not None:
-            loss_value = log_step(pending)
-        pending = record
         if step_sync:
-            loss_value, pending = log_step(pending), None
+            loss_value = log_step(record)
+        else:
+            if pending is not None:
+                loss_value = log_step(pending)
+            pending = record
         if cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time):
             if pending is not None:
                 loss_value, pending = log_step(drain(pending)), None
@@ -755,8 +756,7 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     if not grads:
         return 0.0
     if opt is not None and fused_adam_scales_grads(opt, grads):
-        norms = torch._foreach_norm([p.grad for p in grads], 2.0)
-        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)  # fp32 whatever the grads
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads], 2.0).float()  # clip_grad_norm_'s own norm
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
         return norm.detach()
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
