@@ -4,8 +4,9 @@
         detect-all prompt ("Outline the position of each red square ...") against detect-then-count ("Please first
         output bbox coordinates and names of every red squares ...") on synth scenes with two red squares among three
         other shapes: the fraction of red squares found at IoU >= 0.5 with each (what `qwenvl demo` asks).
-    python bench/nano_diagnose.py ocr --predictions EVAL_DIR/eval_predictions.jsonl [--n 50]
-        an eval's OCR character accuracy by font size and font, joining its predictions with the nano suite's meta.
+    python bench/nano_diagnose.py ocr --predictions EVAL_DIR/eval_predictions.jsonl [--n 50 | --data DIR --tasks T]
+        an eval's OCR character accuracy by font size and font, joining its predictions with the nano suite's meta
+        (or with the records of --data, for the tasks in --tasks).
     python bench/nano_diagnose.py glyphs --model runs/nano/latest [--size 56 --font-size 24]
         do the merged vision tokens carry a glyph's identity? A linear probe (softmax regression, 2,000 images to fit,
         400 held out) for which of 36 letters/digits is drawn anywhere on the canvas, on the checkpoint's vision
@@ -58,15 +59,15 @@ def prompts(model: str, scenes: int) -> dict:
     return {kind: round(found[kind] / total, 3) for kind in kinds} | {"red_squares": total}
 
 
-def ocr(predictions: str, n: int) -> dict:
+def ocr(predictions: str, n: int, data: str | None = None, tasks: str = "ocr") -> dict:
     from qwenvl.evaluate.cli import suite_data
     from qwenvl.evaluate.harness import load_samples
 
     with open(predictions) as f:
         rows = {r["id"]: r for r in map(json.loads, f)}
     groups = collections.defaultdict(list)
-    for rec, _ in load_samples(suite_data("nano", n)):
-        if rec["task"] != "ocr" or rec["id"] not in rows:
+    for rec, _ in load_samples(data or suite_data("nano", n)):
+        if rec["task"] not in tasks.split(",") or rec["id"] not in rows:
             continue
         m, score = rec["meta"], rows[rec["id"]]["scores"]["char_acc"]
         band = "12-15 px" if m["font_size"] <= 15 else "16-21 px" if m["font_size"] <= 21 else "22-28 px"
@@ -274,6 +275,8 @@ def main(argv=None) -> int:
     o = sub.add_parser("ocr")
     o.add_argument("--predictions", required=True)
     o.add_argument("--n", type=int, default=50, help="the eval's --n (samples per task)")
+    o.add_argument("--data", help="the eval's --data folder (default: the nano suite at --n)")
+    o.add_argument("--tasks", default="ocr", help="comma list of the tasks to score (e.g. glyphs,ocr_single_line)")
     g = sub.add_parser("glyphs")
     g.add_argument("--model", default="runs/nano/latest")
     g.add_argument("--size", type=int, default=56, help="canvas side in px (56: 2x2 vision tokens)")
@@ -293,7 +296,8 @@ def main(argv=None) -> int:
     ro.add_argument("--font-size", type=int, default=24)
     ro.add_argument("--n", type=int, default=150)
     a = ap.parse_args(argv)
-    result = (prompts(a.model, a.scenes) if a.cmd == "prompts" else ocr(a.predictions, a.n) if a.cmd == "ocr"
+    result = (prompts(a.model, a.scenes) if a.cmd == "prompts"
+              else ocr(a.predictions, a.n, a.data, a.tasks) if a.cmd == "ocr"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
               else readout(a.model, a.size, a.font_size, a.n) if a.cmd == "readout"
               else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult, a.warmup_steps))
