@@ -387,13 +387,17 @@ def test_clipping_folded_into_fused_adamw_matches_clip_grad_norm(max_norm, devic
     assert moved > 1e-3  # the steps did something
     plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], fused=False)
     assert not fused_adam_scales_grads(plain_opt, plain_opt.param_groups[0]["params"])
-    monkeypatch.delenv("QWENVL_FUSED_CLIP")  # off unless asked for
+    for p, gr in zip(params, grads[0]):
+        p.grad = gr.clone()
+    monkeypatch.delenv("QWENVL_FUSED_CLIP")  # on by default
+    assert fused_adam_scales_grads(opt, params)
+    monkeypatch.setenv("QWENVL_FUSED_CLIP", "0")
     assert not fused_adam_scales_grads(opt, params)
 
 
 def test_step_numbers_read_one_step_late_log_every_step_as_a_synced_run(data, tmp_path, monkeypatch):
-    """With QWENVL_STEP_SYNC=0 the loop reads each step's loss and gradient norm after queuing the next step (1, the
-    default: at once): the same log lines, each step once and in order, across a checkpoint and an interruption."""
+    """By default the loop reads each step's loss and gradient norm after queuing the next step (QWENVL_STEP_SYNC=1:
+    at once): the same log lines, each step once and in order, across a checkpoint and an interruption."""
     common = dict(model="tiny", train_files=[str(data / "sft.jsonl")], pack_length=96, chunk_size=4, max_steps=5,
                   save_every=2, warmup_steps=1, lr=1e-3, export=False)
     logs = {}

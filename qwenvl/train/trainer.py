@@ -575,9 +575,9 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     trainable = [p for p in module.parameters() if p.requires_grad]
     loss_value, steps_run, out_of_time = float("nan"), 0, False
     pending, t_prev = None, None  # the last step's record, logged after the next step is queued (see below)
-    # QWENVL_STEP_SYNC=0: read a step's numbers one step late (below). Opt-in until measured on a GPU (written in the
-    # fourteenth session when no device time was left; docs/TRAINING.md "Throughput" has the A/B command)
-    step_sync = os.environ.get("QWENVL_STEP_SYNC", "1") != "0"
+    # A step's numbers are read one step late (below); QWENVL_STEP_SYNC=1 reads them at once (the GPU idles while the
+    # host fetches and queues the next step: with the folded clipping ~2 % of a 3B step, docs/TRAINING.md "Throughput")
+    step_sync = os.environ.get("QWENVL_STEP_SYNC", "0") == "1"
 
     def log_step(r: dict) -> float:
         """Reads a step's GPU numbers (waits for them only), sums them over ranks, writes its log line; returns its
@@ -599,7 +599,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         return loss
 
     def drain(r: dict) -> dict:
-        """The last queued step (QWENVL_STEP_SYNC=0): wait for the GPU to finish it and count that wait in its time."""
+        """The last queued step (unless QWENVL_STEP_SYNC=1): wait for the GPU to finish it and count that wait in its time."""
         if dev.device.type == "cuda":
             torch.cuda.synchronize(dev.device)
             r["step_s"] += time.perf_counter() - t_prev
@@ -658,14 +658,14 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
             record["step_s"] = time.perf_counter() - t0
         else:  # steady state: the host waits on the launch queue, so its time per step is the GPU's
             record["step_s"] = time.perf_counter() - (t_prev if t_prev is not None else t0)
-        t_prev = time.perf_counter()
         if prof is not None:
             _write_profile(prof, os.path.join(out_dir, f"profile_step{step}.txt"), record["step_s"])
+        t_prev = time.perf_counter()  # after the profile's tables: the next step's time is its own
         elapsed = clock()
         if cfg.max_train_seconds:  # every rank stops at the same step: when any rank's budget is spent
             out_of_time = dev.all_sum([float(elapsed >= cfg.max_train_seconds)])[0] > 0
         record["elapsed_s"], record["last"] = elapsed, out_of_time or step == cfg.max_steps
-        # With QWENVL_STEP_SYNC=0 the step's GPU numbers (loss, gradient norm) are read one step late, after the next
+        # Unless QWENVL_STEP_SYNC=1 the step's GPU numbers (loss, gradient norm) are read one step late, after the next
         # step's work is queued: reading them now makes the GPU idle while the host fetches and launches the next step.
         if step_sync:
             loss_value = log_step(record)
@@ -746,7 +746,7 @@ def _read_host(pending: tuple) -> list[float]:
 def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> torch.Tensor | float:
     """Clip the gradients' global norm to max_norm (0: only measure it); returns the norm before clipping (a tensor:
     reading it waits for the GPU).
-    With a fused Adam(W) over plain tensors and QWENVL_FUSED_CLIP=1 the clipping is folded into the optimizer step:
+    With a fused Adam(W) over plain tensors the clipping is folded into the optimizer step (QWENVL_FUSED_CLIP=0: not):
     its `grad_scale` divides every gradient by max(1, norm / max_norm) inside the fused kernel, which saves
     clip_grad_norm_'s separate pass over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md
     "Throughput")."""
@@ -767,9 +767,8 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
 
 def fused_adam_scales_grads(opt: torch.optim.Optimizer, params) -> bool:
     """Whether opt is a fused Adam/AdamW whose step takes `grad_scale` (as torch.amp.GradScaler uses it), over plain
-    (not FSDP-sharded) tensors, and QWENVL_FUSED_CLIP=1 asks for the folding (opt-in until measured on a GPU: the A/B
-    command is in docs/TRAINING.md "Throughput")."""
-    return (os.environ.get("QWENVL_FUSED_CLIP", "0") == "1" and isinstance(opt, torch.optim.Adam)
+    (not FSDP-sharded) tensors, unless QWENVL_FUSED_CLIP=0 (the A/B switch of docs/TRAINING.md "Throughput")."""
+    return (os.environ.get("QWENVL_FUSED_CLIP", "1") != "0" and isinstance(opt, torch.optim.Adam)
             and bool(opt.defaults.get("fused")) and getattr(opt, "_step_supports_amp_scaling", False)
             and all(type(p) is torch.nn.Parameter and type(p.grad) is torch.Tensor for p in params))
 
