@@ -98,8 +98,15 @@ _BOLD = {"dejavu-sans": "DejaVuSans-Bold.ttf", "dejavu-serif": "DejaVuSerif-Bold
 _font_cache: dict = {}
 
 
+def _font_dirs() -> list[str]:
+    """QWENVL_FONT_DIRS (os.pathsep-separated) first: a machine without the fonts (the GPU hosts have none, only
+    Pillow's built-in font) gets them from a folder that travels with the job (bench/devcarry.sh)."""
+    extra = [d for d in os.environ.get("QWENVL_FONT_DIRS", "").split(os.pathsep) if d]
+    return extra + list(_FONT_DIRS)
+
+
 def _find(filename: str) -> str | None:
-    for d in _FONT_DIRS:
+    for d in _font_dirs():
         p = os.path.join(d, filename)
         if os.path.exists(p):
             return p
@@ -110,6 +117,11 @@ def font_names() -> list[str]:
     """Fonts found on this machine plus Pillow's built-in one (always there). Data made on machines with
     other fonts differs; the font used is in every record's meta."""
     return ["pil-default"] + [n for n, f in _FONT_FILES.items() if _find(f)]
+
+
+def font_files() -> list[str]:
+    """Paths of the font files found here (regular and bold): what bench/devcarry.sh copies for machines without."""
+    return sorted({p for f in list(_FONT_FILES.values()) + list(_BOLD.values()) if (p := _find(f))})
 
 
 def font(name: str, size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
