@@ -60,16 +60,34 @@ def prompts(model: str, scenes: int) -> dict:
 
 
 def ocr(predictions: str, n: int, data: str | None = None, tasks: str = "ocr") -> dict:
-    from qwenvl.evaluate.cli import suite_data
-    from qwenvl.evaluate.harness import load_samples
-
+    """OCR character accuracy by font size band and by font. Predictions made since the fifteenth session carry each
+    sample's font and size; older ones are matched by id to data regenerated here (--data, or the suite), which only
+    works if this machine has the fonts of the one that made them (the GPU hosts had only Pillow's until then)."""
     with open(predictions) as f:
-        rows = {r["id"]: r for r in map(json.loads, f)}
+        rows = [r for r in map(json.loads, f) if r["task"] in tasks.split(",")]
+    if rows and all("font" in r for r in rows):
+        drawn = [(r, r) for r in rows]
+    else:
+        from qwenvl.evaluate.cli import suite_data
+        from qwenvl.evaluate.harness import load_samples, reference_text
+
+        by_id = {r["id"]: r for r in rows}
+        drawn, mismatched = [], 0
+        for rec, _ in load_samples(data or suite_data("nano", n)):
+            r = by_id.get(rec["id"])
+            if r is None:
+                continue
+            if r["reference"] != reference_text(rec):
+                mismatched += 1
+                continue
+            drawn.append((r, rec["meta"]))
+        if mismatched:
+            raise SystemExit(f"{mismatched} predictions answer other samples than {data or 'the suite made here'} "
+                             "(same ids, other text: data made with other fonts?). Regenerate the data with the fonts "
+                             "of the machine that made the predictions (QWENVL_FONT_DIRS, bench/devcarry.sh).")
     groups = collections.defaultdict(list)
-    for rec, _ in load_samples(data or suite_data("nano", n)):
-        if rec["task"] not in tasks.split(",") or rec["id"] not in rows:
-            continue
-        m, score = rec["meta"], rows[rec["id"]]["scores"]["char_acc"]
+    for r, m in drawn:
+        score = r["scores"]["char_acc"]
         band = "12-15 px" if m["font_size"] <= 15 else "16-21 px" if m["font_size"] <= 21 else "22-28 px"
         groups[band].append(score)
         groups[m["font"]].append(score)

@@ -48,6 +48,10 @@ def test_perfect_answers_score_one(heldout):
         for m in TASK_METRICS[task]:
             assert res[m] == 1.0, (task, m)
     assert all(r["prediction"] == r["reference"] for r in rows)
+    # a synthetic sample's font and size travel with its answer (breakdowns without regenerating the data)
+    meta = {rec.get("id"): rec["meta"] for rec, _ in samples}
+    ocr = [r for r in rows if r["task"] == "ocr"]
+    assert ocr and all((r["font"], r["font_size"]) == (meta[r["id"]]["font"], meta[r["id"]]["font_size"]) for r in ocr)
     # the unseen-fps variants are reported apart, with a mean per sampling rate (samples 0, 2: 3 fps; 1: 6 fps)
     for task in [t for t in synth.EVAL_TASKS if t.endswith("_unseen_fps")]:
         groups = report["tasks"][task]["by_group"]

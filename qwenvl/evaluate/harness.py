@@ -88,9 +88,12 @@ def evaluate(samples: list[tuple[dict, str]], model_fn: Callable[[list, int], li
                 ref = reference_text(rec)
                 rows[i] = {"id": rec.get("id", str(i)), "task": task, "prediction": pred, "reference": ref,
                            "scores": score(task, pred, rec, ref)}
-                group = (rec.get("meta") or {}).get("eval_group")
-                if group is not None:
-                    rows[i]["group"] = group
+                meta = rec.get("meta") or {}
+                if meta.get("eval_group") is not None:
+                    rows[i]["group"] = meta["eval_group"]
+                # how a synthetic sample was drawn, kept with its answer: breakdowns need no regenerated data, which
+                # differs on a machine with other fonts
+                rows[i].update({k: meta[k] for k in ("font", "font_size") if k in meta})
             if progress:
                 print(f"  {task}: {min(s + chunk, len(idx))}/{len(idx)}", flush=True)
     report = {"n": len(samples), "seconds": round(time.time() - t0, 2), "tasks": aggregate(rows)}
