@@ -21,6 +21,10 @@
     python bench/nano_diagnose.py readout --model runs/nano/latest [--size 112 --font-size 24 --n 150]
         does the model SAY the glyph its vision tokens carry? One glyph of the 36 per image, the glyph task's OCR
         prompt, greedy (engine, fp32): the answer's first character against the glyph (compare with `glyphs`).
+    python bench/nano_diagnose.py copy --model runs/nano/latest [--n 12 --split train]
+        does the model copy the words an instruction quotes? GUI typing samples (synth `gui`, a focused field:
+        `type` with the quoted text) as trained, and the same words in the text task's "Repeat exactly: X" alone,
+        after the GUI tool system prompt, and after 20 filler sentences: how many answers contain the words.
 """
 from __future__ import annotations
 
@@ -174,6 +178,44 @@ def readout(model: str, size: int, font_size: int, n: int) -> dict:
             "examples": [f"{g} -> {a!r}" for g, a in zip(glyphs[:10], answers[:10])]}
 
 
+def copy(model: str, n: int, split: str) -> dict:
+    import torch
+
+    from qwenvl import synth
+    from qwenvl.engine import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, start = [], 0
+        while len(rows) < n:  # typing samples are ~1 in 16 GUI samples
+            synth.generate(tmp, ["gui"], 64, split, 7, start=start)
+            with open(os.path.join(tmp, "gui.jsonl")) as f:
+                rows += [r for r in map(json.loads, f) if r["meta"]["action"]["action"] == "type"]
+            start += 64
+        rows = rows[:n]
+        texts = [r["meta"]["action"]["text"] for r in rows]
+
+        def absolute(messages):
+            return [dict(m, content=[dict(c, image=os.path.join(tmp, c["image"])) if c.get("type") == "image" else c
+                                     for c in m["content"]]) if isinstance(m["content"], list) else m
+                    for m in messages[:-1]]
+
+        system = rows[0]["messages"][0]
+        variants = {"gui typing, as trained": [absolute(r["messages"]) for r in rows],
+                    "repeat exactly": [[{"role": "user", "content": f"Repeat exactly: {t}"}] for t in texts],
+                    "repeat exactly, after the tool system prompt": [
+                        [system, {"role": "user", "content": f"Repeat exactly: {t}"}] for t in texts],
+                    "repeat exactly, after 20 filler sentences": [
+                        [{"role": "user", "content": "The user query: Open the link. " * 20 + f"Repeat exactly: {t}"}]
+                        for t in texts]}
+        llm = LLM(model, dtype=torch.float32, device="cpu")
+        out = {"n": n, "split": split}
+        for name, convs in variants.items():
+            answers = [o.outputs[0].text for o in llm.chat(convs, SamplingParams(max_tokens=48, temperature=0.0))]
+            out[name] = {"copied": sum(t in a for t, a in zip(texts, answers)),
+                         "examples": [f"{t!r} -> {a[-60:]!r}" for t, a in zip(texts[:3], answers[:3])]}
+    return out
+
+
 def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: float = 1.0, warmup_steps: int = 0,
           size: int = 56, font_size: int = 24) -> dict:
     import time
@@ -313,11 +355,16 @@ def main(argv=None) -> int:
     ro.add_argument("--size", type=int, default=112, help="canvas side in px (112: the glyph task's smallest)")
     ro.add_argument("--font-size", type=int, default=24)
     ro.add_argument("--n", type=int, default=150)
+    cp = sub.add_parser("copy")
+    cp.add_argument("--model", default="runs/nano/latest")
+    cp.add_argument("--n", type=int, default=12)
+    cp.add_argument("--split", choices=["train", "heldout"], default="train")
     a = ap.parse_args(argv)
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts"
               else ocr(a.predictions, a.n, a.data, a.tasks) if a.cmd == "ocr"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
               else readout(a.model, a.size, a.font_size, a.n) if a.cmd == "readout"
+              else copy(a.model, a.n, a.split) if a.cmd == "copy"
               else learn(a.variant, a.init, a.steps, a.lr, a.patch_embed_lr_mult, a.warmup_steps))
     print(json.dumps(result, indent=1))
     return 0

@@ -68,11 +68,19 @@ MIX_READING = _focus({"ocr": 0.30, "spotting": 0.10, "kie": 0.05, "gui": 0.20, "
 # instead of copying the words its instruction quotes, which the text task's "Repeat exactly" samples teach.
 MIX_GLYPHS = _focus({"glyphs": 0.25, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10,
                      "point": 0.05, "count": 0.05, "text": 0.05}, 0.10)
-NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING, "glyphs": MIX_GLYPHS}
+# `--mix glyphs_fonts` (NANO_MIX=glyphs_fonts): the glyph curriculum once synth draws in every font (device calls carry
+# them since the fifteenth session; runs 1-18 saw Pillow's built-in font only, §7): glyph strings 20 %, counting 10 %
+# (run 18a's count fell 80 -> 76 on 5 %), and the text task at 8 %, whose quote / type kinds (synth VERSION 7) teach
+# copying words from anywhere in the prompt (18a typed 0 of 17 quoted words in GUI instructions).
+MIX_GLYPHS_FONTS = _focus({"glyphs": 0.20, "ocr": 0.15, "spotting": 0.05, "kie": 0.05, "gui": 0.15, "grounding": 0.10,
+                           "point": 0.05, "count": 0.10, "text": 0.08}, 0.07)
+NAMED_MIXES = {"video": MIX_VIDEO, "spatial": MIX_SPATIAL, "reading": MIX_READING, "glyphs": MIX_GLYPHS,
+               "glyphs_fonts": MIX_GLYPHS_FONTS}
 # Mean LLM tokens per sample (max_pixels 448*448; measured on 40 samples per task, the long clips on 6 each).
 TOKENS = {"grounding": 205, "point": 221, "count": 297, "caption": 211, "ocr": 194, "spotting": 301, "doc": 520,
           "kie": 177, "chart": 199, "glyphs": 105, "video_grounding": 384, "dense_caption": 469, "gui": 1077,
-          "video_grounding_long": 2500, "dense_caption_long": 3300, "text": 62,
+          "video_grounding_long": 2500, "dense_caption_long": 3300,
+          "text": 85,  # 62 until synth VERSION 7 added the quote / type kinds (81.5 on 400 samples, 59 before, same count)
           # clips at 1, 2 or 4 fps in turn: the video part (~300 / ~330 tokens at 2 fps) x 7/6 on average (estimate)
           "video_grounding_dynamic_fps": 430, "dense_caption_dynamic_fps": 525}
 # `--video-fps dynamic` (NANO_VIDEO_FPS=dynamic): the clips of any mix sampled at 1, 2 or 4 fps (the report's dynamic

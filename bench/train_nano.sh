@@ -25,6 +25,7 @@
 #   NANO_MIX=spatial NANO_INIT=DIR bash bench/train_nano.sh  # grounding, point, count, GUI at 75 % of the tokens
 #   NANO_MIX=reading NANO_INIT=DIR bash bench/train_nano.sh  # OCR, spotting, KIE, GUI at 65 %, the position tasks held at 20 %
 #   NANO_MIX=glyphs NANO_INIT=DIR bash bench/train_nano.sh   # random character strings 25 % (the reading curriculum)
+#   NANO_MIX=glyphs_fonts NANO_INIT=DIR bash bench/train_nano.sh  # the same at 20 %, count 10 %, copy texts 8 %
 #   QWENVL_PROFILE_STEP=20 bash bench/train_nano.sh     # + torch.profiler tables of training step 20 in steps.log
 # Every call evaluates the suite after its stage, plus the clips sampled at fps unseen in training
 # (video_grounding_unseen_fps, dense_caption_unseen_fps; NANO_EVAL_UNSEEN_FPS=0 leaves them out) and single-line OCR
@@ -43,7 +44,7 @@ case "$MROPE" in ""|absolute|frame) ;; *) echo "NANO_MROPE_TEMPORAL must be abso
 MIX=${NANO_MIX:-}  # video: clips only (the temporal-id ablation), evaluated on the video tasks only; spatial: the
 # position-reading tasks at 75 % of the tokens (nano_recipe.py MIX_SPATIAL); reading: OCR, spotting, KIE and GUI at
 # 65 % (MIX_READING); glyphs: random character strings at 25 % (MIX_GLYPHS); all three evaluated on every task
-case "$MIX" in ""|video|spatial|reading|glyphs) ;; *) echo "NANO_MIX must be empty, video, spatial, reading or glyphs, got $MIX" >&2; exit 2;; esac
+case "$MIX" in ""|video|spatial|reading|glyphs|glyphs_fonts) ;; *) echo "NANO_MIX must be empty, video, spatial, reading, glyphs or glyphs_fonts, got $MIX" >&2; exit 2;; esac
 if [ -n "$MIX" ] && [ "$STAGE" != 2 ]; then echo "NANO_MIX=$MIX replaces stage 2's mix; NANO_STAGE=$STAGE has its own" >&2; exit 2; fi
 VIDEO_FPS=${NANO_VIDEO_FPS:-2}  # dynamic: training clips at 1, 2 or 4 fps (the report's dynamic FPS sampling)
 case "$VIDEO_FPS" in 2|dynamic) ;; *) echo "NANO_VIDEO_FPS must be 2 or dynamic, got $VIDEO_FPS" >&2; exit 2;; esac
@@ -63,7 +64,7 @@ UNSEEN_TASKS=video_grounding_unseen_fps,dense_caption_unseen_fps
 # and issue 6's OCR target, single lines, at full n (synth ocr_single_line: the OCR images with their first line)
 [ "$MIX" = video ] || UNSEEN_TASKS="${UNSEEN_TASKS:+$UNSEEN_TASKS,}ocr_single_line"
 # the glyph curriculum's held-out strings (scored as OCR): whether the glyphs themselves are being read
-[ "$MIX" = glyphs ] && UNSEEN_TASKS="$UNSEEN_TASKS,glyphs"
+case "$MIX" in glyphs|glyphs_fonts) UNSEEN_TASKS="$UNSEEN_TASKS,glyphs";; esac
 [ "$MIX" = video ] && D_EVAL_ARGS="$D_EVAL_ARGS --tasks video_grounding,dense_caption"  # + the unseen-fps ones
 # stage 3 (long context: 30-120 s clips, the stage-3 mix of nano_recipe.py) also evaluates held-out long clips
 if [ "$STAGE" = 3 ]; then

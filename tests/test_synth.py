@@ -407,6 +407,11 @@ def test_font_dirs_from_the_environment_come_first(tmp_path, monkeypatch):
     monkeypatch.setenv("QWENVL_FONT_DIRS", str(tmp_path))
     assert common.font_files() == [str(tmp_path / os.path.basename(src))]
     assert len(common.font_names()) == 2
+    monkeypatch.setenv("QWENVL_SYNTH_FONTS", "pil-default")  # another machine's data, made here
+    assert common.font_names() == ["pil-default"]
+    monkeypatch.setenv("QWENVL_SYNTH_FONTS", "pil-default,comic-sans")
+    with pytest.raises(ValueError, match="comic-sans"):
+        common.font_names()
 
 
 def test_video_as_frames_without_pyav(tmp_path, monkeypatch):
@@ -554,6 +559,14 @@ def test_text_task_copies_what_the_prompt_names(tmp_path):
             assert [box.x1, box.y1, box.x2, box.y2] == meta["box"] and box.label == meta["label"]
             assert meta["label"] in prompt and all(f"{k}={v}" in prompt for k, v in zip(("x1", "y1", "x2", "y2"),
                                                                                           meta["box"]))
+        elif meta["kind"] == "quote":
+            assert f"Repeat exactly the quoted words: '{meta['phrase']}'." in prompt and answer == meta["phrase"]
+        elif meta["kind"] == "type":
+            assert prompt.endswith(f"Type '{meta['phrase']}' into the " + prompt.rsplit("into the ", 1)[1])
+            (call,) = parse_tool_calls(answer)
+            assert call.name == "computer_use" and call.arguments == {"action": "type", "text": meta["phrase"]}
         else:
             assert parse_time_range(answer) == tuple(meta["span"])
-    assert kinds == {"copy", "box_json", "span"}
+    assert kinds == {"copy", "box_json", "span", "quote", "type"}
+    assert any(meta_filler > 10 for meta_filler in (_json.loads(x)["meta"].get("filler_sentences", 0)
+                                                     for x in open(os.path.join(a, "text.jsonl"))))

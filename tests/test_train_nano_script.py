@@ -304,12 +304,12 @@ def test_named_mixes_reach_the_data_step_and_sum_to_one():
 
     from qwenvl import synth
 
-    for name in ("spatial", "reading", "glyphs"):
+    for name in ("spatial", "reading", "glyphs", "glyphs_fonts"):
         steps = _dry_run(NANO_MIX=name, NANO_INIT="/init")[0]
         assert steps["data"][steps["data"].index("--mix") + 1] == name
         # the glyph curriculum's held-out strings are evaluated with its mix only
         added = shlex.split(steps["eval"][steps["eval"].index("--add-tasks") + 1])[0].split(",")  # undo printf %q
-        assert ("glyphs" in added) == (name == "glyphs") and "ocr_single_line" in added
+        assert ("glyphs" in added) == name.startswith("glyphs") and "ocr_single_line" in added
     for name, mix in nano_recipe.NAMED_MIXES.items():
         assert abs(sum(mix.values()) - 1) < 1e-9 and set(mix) <= set(nano_recipe.TOKENS), name
         assert all(synth.generator(t) for t in mix)
@@ -321,24 +321,38 @@ def test_named_mixes_reach_the_data_step_and_sum_to_one():
 
 
 def test_nano_diagnose_groups_ocr_scores_by_font_size_and_font(tmp_path):
-    """bench/nano_diagnose.py ocr: an eval's OCR char accuracy joined with the suite's meta, averaged per size band
-    and per font (scores made up here: 1.0 for fonts of 16 px and more, 0.0 below)."""
+    """bench/nano_diagnose.py ocr: an eval's OCR char accuracy averaged per size band and per font (scores made up
+    here: 1.0 for fonts of 16 px and more, 0.0 below), from the font and size each prediction carries, or for older
+    predictions from the suite's records of the same id, which must be the same samples (the same reference)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import nano_diagnose
     from qwenvl.evaluate.cli import suite_data
     from qwenvl.evaluate.harness import load_samples
+    from qwenvl.evaluate.scoring import reference_text
 
     recs = [r for r, _ in load_samples(suite_data("nano", 4)) if r["task"] == "ocr"]
-    pred = tmp_path / "eval_predictions.jsonl"
-    pred.write_text("".join(json.dumps({"id": r["id"], "task": "ocr", "scores": {
-        "char_acc": float(r["meta"]["font_size"] >= 16)}}) + "\n" for r in recs))
-    got = nano_diagnose.ocr(str(pred), 4)
-    bands = {k: v for k, v in got.items() if k.endswith(" px")}
-    assert sum(v["n"] for v in bands.values()) == len(recs)
-    assert bands.get("12-15 px", {"char_acc": 0.0})["char_acc"] == 0.0
-    assert all(v["char_acc"] == 1.0 for k, v in bands.items() if k != "12-15 px")
-    fonts = {k: v for k, v in got.items() if k not in bands}
-    assert sum(v["n"] for v in fonts.values()) == len(recs)
+
+    def predictions(name, carry_meta, reference=reference_text):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({
+            "id": r["id"], "task": "ocr", "reference": reference(r), "scores": {
+                "char_acc": float(r["meta"]["font_size"] >= 16)},
+            **({"font": r["meta"]["font"], "font_size": r["meta"]["font_size"]} if carry_meta else {})}) + "\n"
+            for r in recs))
+        return str(path)
+
+    for carry_meta in (False, True):
+        got = nano_diagnose.ocr(predictions(f"p{carry_meta}.jsonl", carry_meta), 4,
+                                data=None if not carry_meta else str(tmp_path / "nowhere"))
+        bands = {k: v for k, v in got.items() if k.endswith(" px")}
+        assert sum(v["n"] for v in bands.values()) == len(recs)
+        assert bands.get("12-15 px", {"char_acc": 0.0})["char_acc"] == 0.0
+        assert all(v["char_acc"] == 1.0 for k, v in bands.items() if k != "12-15 px")
+        fonts = {k: v for k, v in got.items() if k not in bands}
+        assert sum(v["n"] for v in fonts.values()) == len(recs)
+    # the same ids answering other text (data drawn with other fonts): refused, not mislabelled
+    with pytest.raises(SystemExit, match="other samples"):
+        nano_diagnose.ocr(predictions("other.jsonl", False, lambda r: "x" + reference_text(r)), 4)
 
 
 def test_reading_probe_images_hold_their_answer():

@@ -116,7 +116,14 @@ def _find(filename: str) -> str | None:
 def font_names() -> list[str]:
     """Fonts found on this machine plus Pillow's built-in one (always there). Data made on machines with
     other fonts differs; the font used is in every record's meta."""
-    return ["pil-default"] + [n for n, f in _FONT_FILES.items() if _find(f)]
+    names = ["pil-default"] + [n for n, f in _FONT_FILES.items() if _find(f)]
+    only = [n for n in os.environ.get("QWENVL_SYNTH_FONTS", "").split(",") if n]
+    if only:  # QWENVL_SYNTH_FONTS=pil-default: make here the data of a machine with only those fonts
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ValueError(f"QWENVL_SYNTH_FONTS names fonts not found here: {missing} (found: {names})")
+        names = [n for n in names if n in only]
+    return names
 
 
 def font_files() -> list[str]:

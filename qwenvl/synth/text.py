@@ -9,6 +9,13 @@ teach, at a fraction of an image sample's cost. Each record is one user turn and
 - box_json: "Write the box of the <label> as JSON: x1=.., ..."   -> the grounding answer, exactly as
                                                                    synth.grounding writes it
 - span:     "Write the span from <a> to <b> seconds ..."          -> "The given query happens in a - b seconds."
+- quote:    <0-20 sentences> "Repeat exactly the quoted words: '<words>'." <0-6 sentences> -> the words
+- type:     <0-20 sentences> "The user query: Type '<words>' into the <F> field." -> the GUI typing tool call
+            (synth.gui's answer without the screenshot)
+
+The last two were added when run 18a (NANO.md §7) copied in the "Repeat exactly" format it was taught but not once
+other text stood around the words (0 of 12 after 20 filler sentences) and never typed the words a GUI instruction
+quotes (0 of 17): copying from anywhere in the prompt, not from its end.
 
 Deterministic per (seed, split, index) like every synth task; not in synth.TASKS (the vocabulary's corpus), so the
 pruned vocabulary is unchanged.
@@ -17,10 +24,11 @@ from __future__ import annotations
 
 import json
 
-from .common import COLORS, Ctx, words
+from .common import COLORS, Ctx, sentence, words
 from .grounding import RELATIONS, SHAPES, SIZES
 
-KINDS = ("copy", "copy", "box_json", "span")
+KINDS = ("copy", "copy", "box_json", "span", "quote", "quote", "type", "type")
+FIELDS = ("Name", "Email", "Password", "Username", "Phone", "City", "Address", "Title", "Comment", "Code")
 
 
 def _phrase(ctx: Ctx) -> str:
@@ -49,6 +57,19 @@ def gen_text(ctx: Ctx) -> dict:
         prompt = (f"Write the box of the {label} as JSON: x1={box[0]}, y1={box[1]}, x2={box[2]}, y2={box[3]}.")
         answer = "```json\n" + json.dumps([{"bbox_2d": box, "label": label}]) + "\n```"
         meta = {"label": label, "box": box}
+    elif kind in ("quote", "type"):
+        text = words(rng, rng.randint(1, 4))
+        before = " ".join(sentence(rng) for _ in range(rng.choice((0, rng.randint(1, 20)))))
+        if kind == "quote":
+            after = " ".join(sentence(rng) for _ in range(rng.randint(0, 6)))
+            prompt = " ".join(x for x in (before, f"Repeat exactly the quoted words: '{text}'.", after) if x)
+            answer = text
+        else:
+            prompt = " ".join(x for x in (before, f"The user query: Type '{text}' into the {rng.choice(FIELDS)} field.")
+                              if x)
+            answer = ("<tool_call>\n" + json.dumps({"name": "computer_use", "arguments": {"action": "type", "text": text}})
+                      + "\n</tool_call>")
+        meta = {"phrase": text, "filler_sentences": before.count(". ") + (1 if before else 0)}
     else:
         a = rng.randrange(0, 60) / 2
         b = a + rng.randrange(3, 30) / 2
