@@ -118,6 +118,13 @@ EVAL_N=${NANO_EVAL_N:-$D_EVAL_N}; EVAL_TIMEOUT=${NANO_EVAL_TIMEOUT:-$D_EVAL_TIME
 if [ "$DRY" = 1 ]; then WORK=${NANO_WORK:-/tmp/qwenvl-nano.WORK}; else WORK=${NANO_WORK:-$(mktemp -d /tmp/qwenvl-nano.XXXXXX)}; fi
 LOG="$OUT/steps.log"
 if [ "$DRY" != 1 ]; then mkdir -p "$OUT" "$WORK"; : > "$LOG"; fi
+# the synth fonts of this machine: runs 1-18 drew in Pillow's built-in font alone without knowing it (NANO.md §7)
+if [ "$DRY" != 1 ]; then
+  FONTS=$("$PY" -c "from qwenvl.synth.common import font_names; print(' '.join(font_names()))")
+  echo "synth fonts: $FONTS" | tee -a "$LOG"
+  [ "$FONTS" = pil-default ] && echo "warning: synth has only Pillow's built-in font here: carry .devcarry/fonts" \
+    "(bench/devcarry.sh) and source bench/device_env.sh, or the data is drawn in one font" | tee -a "$LOG" >&2
+fi
 left() { echo $(( T0 + TOTAL - $(date +%s) )); }
 cap() { local l=$(( $(left) - $2 )); local v=$(( $1 < l ? $1 : l )); echo $(( v > 1 ? v : 1 )); }  # min(want, left - reserve)
 step() {  # step NAME SECONDS cmd...: run under timeout, log to $WORK/NAME.log, append its tail to steps.log

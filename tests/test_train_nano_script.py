@@ -28,6 +28,9 @@ def test_train_nano_script_smoke(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("data", "train", "eval", "package"):
         assert f"{name}: rc=0" in r.stdout, r.stdout + (out / "steps.log").read_text()
+    from qwenvl.synth.common import font_names  # the fonts the data was drawn in, said up front (one: a warning)
+    assert "synth fonts: " + " ".join(font_names()) in r.stdout
+    assert ("only Pillow's built-in font" in r.stderr) == (font_names() == ["pil-default"])
     files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
     assert len(files) <= 8 and all(os.path.getsize(f) <= 15_000_000 for f in files)
     assert all(os.path.relpath(f, out).count(os.sep) <= 1 for f in files)  # $OUT/a/file at most
