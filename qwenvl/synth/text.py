@@ -59,7 +59,8 @@ def gen_text(ctx: Ctx) -> dict:
         meta = {"label": label, "box": box}
     elif kind in ("quote", "type"):
         text = words(rng, rng.randint(1, 4))
-        before = " ".join(sentence(rng) for _ in range(rng.choice((0, rng.randint(1, 20)))))
+        n_before = rng.choice((0, rng.randint(1, 20)))
+        before = " ".join(sentence(rng) for _ in range(n_before))
         if kind == "quote":
             after = " ".join(sentence(rng) for _ in range(rng.randint(0, 6)))
             prompt = " ".join(x for x in (before, f"Repeat exactly the quoted words: '{text}'.", after) if x)
@@ -69,7 +70,7 @@ def gen_text(ctx: Ctx) -> dict:
                               if x)
             answer = ("<tool_call>\n" + json.dumps({"name": "computer_use", "arguments": {"action": "type", "text": text}})
                       + "\n</tool_call>")
-        meta = {"phrase": text, "filler_sentences": before.count(". ") + (1 if before else 0)}
+        meta = {"phrase": text, "filler_sentences": n_before}
     else:
         a = rng.randrange(0, 60) / 2
         b = a + rng.randrange(3, 30) / 2

@@ -582,8 +582,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     def log_step(r: dict) -> float:
         """Reads a step's GPU numbers (waits for them only), sums them over ranks, writes its log line; returns its
         loss."""
-        loss_sum, grad_norm = _read_host(r["gpu"])
-        sums = dev.all_sum([loss_sum] + [float(v) for v in r["metric_sums"].values()])
+        loss_sum, grad_norm, *metric_sums = _read_host(r["gpu"])
+        sums = dev.all_sum([loss_sum] + metric_sums)
         loss = sums[0] / max(r["total_n"], 1.0)
         if dev.main and (r["step"] % cfg.log_every == 0 or r["last"]):
             entry = {"step": r["step"], "loss": loss, "lr": r["lr"], "grad_norm": grad_norm,
@@ -593,7 +593,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
                      "elapsed_s": r["elapsed_s"],
                      # this rank's rows: how they reached the trainer (shm / file / pipe / main) and their uint8 frame bytes
                      "rows_via": r["rows_via"], "pixel_mb": r["pixel_mb"]}
-            entry.update({k: v / max(r["total_n"], 1.0) for k, v in zip(r["metric_sums"], sums[1:])})
+            entry.update({k: v / max(r["total_n"], 1.0) for k, v in zip(r["metric_names"], sums[1:])})
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
         return loss
@@ -645,9 +645,9 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
         opt.zero_grad(set_to_none=True)
         step += 1
         steps_run += 1
-        gpu_numbers = [loss_sum, grad_norm]  # read with float() at once, or later from an async copy
+        gpu_numbers = [loss_sum, grad_norm, *metric_sums.values()]  # read with float() at once, or from an async copy
         record = {"step": step, "gpu": (gpu_numbers, None) if step_sync else _to_host_async(gpu_numbers),
-                  "metric_sums": metric_sums,
+                  "metric_names": list(metric_sums),
                   "total_n": total_n, "total_tokens": total_tokens, "t_data": t_data,
                   "lr": {g["name"]: g["lr"] for g in opt.param_groups}, "epoch": loader.epoch,
                   "skipped": stats.skipped, "rows_via": loader.last_step.get("via", {}),
