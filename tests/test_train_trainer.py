@@ -100,9 +100,10 @@ def test_loss_falls_and_the_export_loads_in_transformers(data, tmp_path):
         assert (hf(**x).logits - ours(**x)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", ["full", "lora", "bf16"])
 def test_resume_after_interruption_is_bit_identical(data, tmp_path, variant):
-    extra = {"lora_r": 4, "lora_dropout": 0.1, "lr": 1e-3} if variant == "lora" else {"lr": 1e-3, "freeze_vit": True}
+    extra = {"full": {"lr": 1e-3, "freeze_vit": True}, "lora": {"lora_r": 4, "lora_dropout": 0.1, "lr": 1e-3},
+             "bf16": {"lr": 1e-3, "freeze_vit": True, "param_dtype": "bf16"}}[variant]
     common = dict(model="tiny", train_files=[str(data / "sft.jsonl")], pack_length=96, chunk_size=4, grad_accum=2,
                   max_steps=5, save_every=2, warmup_steps=1, export=False, **extra)
     a = TrainConfig(output_dir=str(tmp_path / "a"), **common)
@@ -115,10 +116,89 @@ def test_resume_after_interruption_is_bit_identical(data, tmp_path, variant):
     assert pa.keys() == pb.keys() and len(pa) > 0
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert losses(a.output_dir) == losses(b.output_dir) and len(losses(b.output_dir)) == 5
+    assert {v.dtype for v in pa.values()} == {torch.float32}  # bf16: the fp32 master weights
+    if variant == "bf16":  # the optimizer state too: master copies (the same values) and moments in fp32
+        oa, ob = (torch.load(tmp_path / k / "checkpoints" / "step_00000005" / "optimizer.pt", weights_only=True)
+                  for k in ("a", "b"))
+        assert {k for s in oa["state"].values() for k in s} == {"step", "master", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) and oa["state"][i][k].dtype == torch.float32
+                   for i in oa["state"] for k in ("master", "exp_avg", "exp_avg_sq"))
     if variant == "lora":
         assert all("lora_" in k for k in pa)
     else:
         assert not any(k.startswith("visual.blocks") for k in pa)  # the frozen ViT is not saved (it is the base)
+
+
+def test_param_dtype_bf16_trains_bf16_weights_and_exports_their_fp32_masters(data, tmp_path, monkeypatch):
+    """param_dtype=bf16: every parameter is bf16 while training, MasterAdamW keeps fp32 masters; the loss falls as in
+    the fp32 run and the export holds the masters in fp32 (the fp32 path's files), loadable by transformers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qwenvl.train import trainer
+    from qwenvl.train.master_adamw import MasterAdamW
+
+    built, build = {}, trainer.build_optimizer
+
+    def recording_build(model, cfg, device):
+        built["model"], built["opt"] = model, build(model, cfg, device)
+        return built["opt"]
+
+    monkeypatch.setattr(trainer, "build_optimizer", recording_build)
+    cfg = TrainConfig(model="tiny", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      lr=1e-2, warmup_steps=2, max_steps=16, pack_length=512, save_every=1000, resume=False,
+                      param_dtype="bf16", freeze_vit=True)
+    summary = train(cfg)
+    curve = losses(cfg.output_dir)
+    assert len(curve) == 16 and curve[0] > 10.0
+    assert curve[-1] < 4.0, curve
+    model, opt = built["model"], built["opt"]
+    assert isinstance(opt, MasterAdamW)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # frozen (the ViT) and trained
+
+    final = summary["final"]
+    exported = Qwen25VL.from_pretrained(final, dtype=torch.float32).state_dict()
+    masters = {n: opt.state[p]["master"] for n, p in model.named_parameters() if p.requires_grad}
+    assert masters and any(n.startswith("visual.blocks") for n in set(exported) - set(masters))
+    for n, p in model.named_parameters():  # trained: the master; frozen: the bf16 value upcast
+        assert torch.equal(exported[n], masters[n] if n in masters else p.float()), n
+        assert n not in masters or torch.equal(p, masters[n].to(torch.bfloat16)), n
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters.values())  # finer than bf16
+    assert {str(load_file(f)[k].dtype) for f in _safetensors(final) for k in load_file(f)} == {"torch.float32"}
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, torch_dtype=torch.float32).eval()
+    ours = Qwen25VL.from_pretrained(final, dtype=torch.float32)
+    ids = [151644, 872, 198, VS] + [IMG] * 6 + [VE, 3838, 374, 304, 279, 6802, 30, 151645, 198, 151644, 77091, 198]
+    x = dict(input_ids=torch.tensor([ids]), pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+    with torch.no_grad():
+        assert (hf(**x).logits - ours(**x)).abs().max().item() < 1e-4
+
+
+def _safetensors(folder):
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors")]
+
+
+def test_param_dtype_bf16_dpo_reference_is_the_bf16_policy(data, tmp_path):
+    """The frozen DPO reference is a bf16 copy too: at the first step policy and reference give the same
+    log-probabilities, so the loss is exactly -log sigmoid(0)."""
+    import math
+
+    cfg = TrainConfig(model="tiny", stage="dpo", train_files=[str(data / "dpo.jsonl")], output_dir=str(tmp_path / "dpo"),
+                      max_steps=1, lr=1e-3, pack_length=256, save_every=0, export=False, resume=False,
+                      param_dtype="bf16")
+    assert train(cfg)["step"] == 1
+    assert losses(cfg.output_dir)[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_param_dtype_is_validated(monkeypatch):
+    with pytest.raises(ConfigError, match="param_dtype must be fp32 or bf16"):
+        TrainConfig(param_dtype="fp16")
+    with pytest.raises(ConfigError, match="param_dtype=bf16 needs precision=bf16"):
+        TrainConfig(param_dtype="bf16", precision="fp32")
+    with pytest.raises(ConfigError, match="LoRA"):
+        TrainConfig.load("lora", ["param_dtype=bf16"])
+    assert TrainConfig.load(None, ["param_dtype=bf16"]).param_dtype == "bf16" and TrainConfig().param_dtype == "fp32"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before any process group or model
+    with pytest.raises(ConfigError, match="FSDP"):
+        train(TrainConfig(model="tiny", param_dtype="bf16"))
 
 
 def test_fsdp_on_two_processes_matches_one_process_with_accumulation(data, tmp_path):

@@ -1,6 +1,7 @@
 """Training throughput: random weights of a preset shape, synthetic packed rows, the real trainer.
 
     python -m qwenvl.train.bench --preset 3b --steps 8 --pack-length 8192 [--lora-r 64] [--images] [--baseline]
+                                 [--param-dtype bf16]
 
 Writes a synthetic JSONL (pre-tokenized samples of random lengths; with --images, chat samples with one random
 image each), trains `steps` steps with the given options and reports, from the step log (first 2 steps dropped as
@@ -133,6 +134,8 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true", help="torch.compile decoder layers and ViT blocks")
     p.add_argument("--grad-accum", type=int, default=1, help="packed rows per rank per step (1 GPU x 2 == 2 GPUs x 1)")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="TrainConfig.param_dtype: bf16 parameters with fp32 masters in the optimizer (MasterAdamW)")
     p.add_argument("--baseline", action="store_true",
                    help="also time transformers' model in a plain padded-batch loop on the same samples (text only)")
     a = p.parse_args(argv)
@@ -144,7 +147,7 @@ def main(argv=None) -> dict:
                           max_steps=a.steps, pack_length=a.pack_length, save_every=0, export=False,
                           resume=False, lora_r=a.lora_r, lr=a.lr, grad_accum=a.grad_accum, freeze_vit=a.freeze_vit,
                           activation_checkpointing=not a.no_checkpointing, checkpoint_layers=a.checkpoint_layers,
-                          compile=a.compile, chunk_size=a.samples,
+                          compile=a.compile, chunk_size=a.samples, param_dtype=a.param_dtype,
                           max_bad_fraction=1.0)
         train(cfg)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -169,7 +172,7 @@ def main(argv=None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # tokens in the log are summed over ranks
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     out = {"device": name, "preset": a.preset, "pack_length": a.pack_length, "lora_r": a.lora_r, "images": a.images,
-           "grad_accum": a.grad_accum, "lr": a.lr,
+           "grad_accum": a.grad_accum, "lr": a.lr, "param_dtype": a.param_dtype,
            "steps_timed": len(timed), "tokens_per_s": sum(e["tokens"] for e in timed) / secs,
            "step_s": secs / len(timed), "peak_memory_gb": max(e["memory_gb"] for e in log),
            "gpus": world, "model_tflops_per_s": flops / secs / 1e12,

@@ -3,7 +3,8 @@
 One step = this rank's `grad_accum` packed rows (PackedLoader). The loss is the sum over target tokens (DPO: over
 pairs) divided by the step's count across all rows and ranks, so packing, accumulation and data parallelism give the
 gradient of one big batch. Parameters and optimizer state stay fp32; compute is bf16 on CUDA (autocast, or FSDP2's
-MixedPrecisionPolicy with fp32 gradient reduction).
+MixedPrecisionPolicy with fp32 gradient reduction). With param_dtype=bf16 the parameters themselves are bf16 and
+the optimizer (MasterAdamW) holds their fp32 master copies; checkpoints and the export save those fp32 values.
 
 Checkpoints (output_dir/checkpoints/step_N, written as step_N.tmp then renamed; `latest` names the newest):
 trainable parameters (frozen ones come from the base model again), optimizer, scheduler, data position and skip
@@ -36,6 +37,7 @@ from .data import IGNORE, ChatEncoder, JsonlStream, SkipStats
 from .dpo import dpo_loss_sum, sequence_logps
 from .lora import adapters_disabled, apply_lora, merge_lora_state_dict, part_of, save_adapter
 from .loss import sft_loss_sum
+from .master_adamw import MasterAdamW
 from .packing import PackedLoader, attention_weight, device_pixels
 
 log = logging.getLogger(__name__)
@@ -265,7 +267,8 @@ def optimizer_part(name: str, cfg: TrainConfig) -> str:
 
 def build_optimizer(model: Qwen25VL, cfg: TrainConfig, device) -> torch.optim.Optimizer:
     """AdamW with one group per (part, decay): ViT, (patch embedding,) merger and LLM learning rates; no decay on
-    vectors."""
+    vectors. param_dtype=bf16: MasterAdamW (fp32 master weights of the bf16 parameters), else torch's (fused on
+    CUDA)."""
     lrs = part_lrs(cfg)
     groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
@@ -276,6 +279,8 @@ def build_optimizer(model: Qwen25VL, cfg: TrainConfig, device) -> torch.optim.Op
     param_groups = [{"params": ps, "lr": lrs[part], "weight_decay": cfg.weight_decay if decay else 0.0,
                      "name": f"{part}{'' if decay else '_no_decay'}"}
                     for (part, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    if cfg.param_dtype == "bf16":
+        return MasterAdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     return torch.optim.AdamW(param_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                              fused=device.type == "cuda")
 
@@ -310,15 +315,25 @@ def _inner(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def full_state(module: TrainModule, dev: Dist, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """Parameters by the model's own names, gathered to full CPU tensors (a collective under FSDP)."""
+def full_state(module: TrainModule, dev: Dist, trainable_only: bool,
+               opt: torch.optim.Optimizer | None = None) -> dict[str, torch.Tensor]:
+    """Parameters by the model's own names, gathered to full CPU tensors (a collective under FSDP). With MasterAdamW
+    (param_dtype=bf16) in fp32, as the fp32 path saves them: the trainable parameters' master copies, the others
+    upcast."""
     names = {n for n, p in module.named_parameters() if p.requires_grad or not trainable_only}
     if dev.enabled:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = module.state_dict()
-    return {_inner(k): v.detach().cpu().clone() for k, v in sd.items() if k in names}
+        if isinstance(opt, MasterAdamW):
+            for k, p in module.named_parameters():
+                if (master := opt.master(p)) is not None:
+                    sd[k] = master
+    state = {_inner(k): v.detach().cpu().clone() for k, v in sd.items() if k in names}
+    if isinstance(opt, MasterAdamW):  # the rest upcast on the host (no fp32 copy of them on the GPU)
+        state = {k: v.float() for k, v in state.items()}
+    return state
 
 
 def load_trainable(module: TrainModule, tensors: dict[str, torch.Tensor], dev: Dist) -> None:
@@ -377,7 +392,7 @@ def save_checkpoint(out_dir: str, step: int, module, opt, sched, loader, cfg: Tr
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
-    params = full_state(module, dev, trainable_only=True)  # collectives: every rank calls these
+    params = full_state(module, dev, trainable_only=True, opt=opt)  # collectives: every rank calls these
     optim = optimizer_state(module, opt, dev)
     if dev.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -434,12 +449,13 @@ class _StateDictModel:
         return self._state
 
 
-def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEncoder, dev: Dist) -> str:
+def export(out_dir: str, module: TrainModule, cfg: TrainConfig, encoder: ChatEncoder, dev: Dist,
+           opt: torch.optim.Optimizer | None = None) -> str:
     """output_dir/final: the trained model (LoRA merged) + tokenizer (+ its vocab_map.json, a pruned vocabulary's
     id map) + preprocessor_config.json with the training pixel limits (what inference must use); with LoRA also
     output_dir/adapter (PEFT)."""
     model = module.model
-    state = full_state(module, dev, trainable_only=False)
+    state = full_state(module, dev, trainable_only=False, opt=opt)
     final = os.path.join(out_dir, "final")
     if dev.main:
         lora = getattr(model, "lora_config", None)
@@ -504,6 +520,9 @@ def cuda_allocator_defaults() -> bool:
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Run training to cfg.max_steps (or stop after `stop_after` steps of this call: a simulated interruption,
     used by tests). Returns a summary: steps, last loss, skip stats, paths."""
+    if cfg.param_dtype == "bf16" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("param_dtype=bf16 is not supported under torchrun/FSDP: use param_dtype=fp32 (FSDP's mixed "
+                          "precision computes in bf16 from fp32 shards)")
     cuda_allocator_defaults()
     dev = Dist(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -514,6 +533,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     pairs = cfg.stage == "dpo"
 
     model = load_base_model(cfg, "cpu" if dev.enabled else dev.device)
+    if cfg.param_dtype == "bf16":  # bf16 working weights, also frozen ones; MasterAdamW keeps fp32 masters
+        model.to(torch.bfloat16)
     setup_trainable(model, cfg)
     reference, ref_module = None, None  # DPO reference: "adapters" (LoRA off), a frozen copy, or in the data
     if pairs and cfg.dpo_reference == "model":
@@ -683,7 +704,7 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     final = None
     done = step >= cfg.max_steps or out_of_time
     if done and cfg.export:
-        final = export(out_dir, module, cfg, encoder, dev)
+        final = export(out_dir, module, cfg, encoder, dev, opt)
     summary = {"step": step, "loss": loss_value, "skipped": stats.skipped, "seen": stats.seen,
                "skip_reasons": dict(stats.reasons), "final": final, "output_dir": out_dir,
                "stopped": "time" if out_of_time else "max_steps" if done else "interrupted",
@@ -756,7 +777,11 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     if not grads:
         return 0.0
     if opt is not None and fused_adam_scales_grads(opt, grads):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in grads], 2.0).float()  # clip_grad_norm_'s own norm
+        gs = [p.grad for p in grads]
+        if all(g.dtype == torch.float32 for g in gs):
+            norm = torch.nn.utils.get_total_norm(gs, 2.0).float()  # clip_grad_norm_'s own norm
+        else:  # bf16 gradients (param_dtype=bf16): get_total_norm would round the norms to bf16
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
         return norm.detach()
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
@@ -766,10 +791,13 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
 
 
 def fused_adam_scales_grads(opt: torch.optim.Optimizer, params) -> bool:
-    """Whether opt is a fused Adam/AdamW whose step takes `grad_scale` (as torch.amp.GradScaler uses it), over plain
-    (not FSDP-sharded) tensors, unless QWENVL_FUSED_CLIP=0 (the A/B switch of docs/TRAINING.md "Throughput")."""
-    return (os.environ.get("QWENVL_FUSED_CLIP", "1") != "0" and isinstance(opt, torch.optim.Adam)
-            and bool(opt.defaults.get("fused")) and getattr(opt, "_step_supports_amp_scaling", False)
+    """Whether opt is a fused Adam/AdamW whose step takes `grad_scale` (as torch.amp.GradScaler uses it), or a
+    MasterAdamW (which takes it the same way), over plain (not FSDP-sharded) tensors, unless QWENVL_FUSED_CLIP=0 (the
+    A/B switch of docs/TRAINING.md "Throughput")."""
+    takes_scale = isinstance(opt, MasterAdamW) or (
+        isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
+        and getattr(opt, "_step_supports_amp_scaling", False))
+    return (os.environ.get("QWENVL_FUSED_CLIP", "1") != "0" and takes_scale
             and all(type(p) is torch.nn.Parameter and type(p.grad) is torch.Tensor for p in params))
 
 
