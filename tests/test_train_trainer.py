@@ -75,7 +75,6 @@ def losses(out_dir):
 
 
 def test_loss_falls_and_the_export_loads_in_transformers(data, tmp_path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     cfg = TrainConfig(model="tiny", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
                       lr=1e-2, warmup_steps=2, max_steps=16, pack_length=512, save_every=1000, resume=False)
@@ -92,12 +91,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(data, tmp_path):
 
     final = summary["final"]
     assert json.load(open(os.path.join(final, "preprocessor_config.json")))["max_pixels"] == cfg.max_pixels
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, torch_dtype=torch.float32).eval()
-    ours = Qwen25VL.from_pretrained(final, dtype=torch.float32)
-    ids = [151644, 872, 198, VS] + [IMG] * 6 + [VE, 3838, 374, 304, 279, 6802, 30, 151645, 198, 151644, 77091, 198]
-    x = dict(input_ids=torch.tensor([ids]), pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
-    with torch.no_grad():
-        assert (hf(**x).logits - ours(**x)).abs().max().item() < 1e-4
+    assert_transformers_logits_equal(final)
 
 
 @pytest.mark.parametrize("variant", ["full", "lora", "bf16"])
@@ -132,8 +126,6 @@ def test_resume_after_interruption_is_bit_identical(data, tmp_path, variant):
 def test_param_dtype_bf16_trains_bf16_weights_and_exports_their_fp32_masters(data, tmp_path, monkeypatch):
     """param_dtype=bf16: every parameter is bf16 while training, MasterAdamW keeps fp32 masters; the loss falls as in
     the fp32 run and the export holds the masters in fp32 (the fp32 path's files), loadable by transformers."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from qwenvl.train import trainer
     from qwenvl.train.master_adamw import MasterAdamW
 
@@ -164,6 +156,13 @@ def test_param_dtype_bf16_trains_bf16_weights_and_exports_their_fp32_masters(dat
         assert n not in masters or torch.equal(p, masters[n].to(torch.bfloat16)), n
     assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters.values())  # finer than bf16
     assert {str(load_file(f)[k].dtype) for f in _safetensors(final) for k in load_file(f)} == {"torch.float32"}
+    assert_transformers_logits_equal(final)
+
+
+def assert_transformers_logits_equal(final):
+    """The exported folder loads in transformers and gives our logits (fp32, an image + text prompt)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, torch_dtype=torch.float32).eval()
     ours = Qwen25VL.from_pretrained(final, dtype=torch.float32)
     ids = [151644, 872, 198, VS] + [IMG] * 6 + [VE, 3838, 374, 304, 279, 6802, 30, 151645, 198, 151644, 77091, 198]
