@@ -115,6 +115,9 @@ TRAIN=${NANO_TRAIN_SECONDS:-$D_TRAIN}; DATA_WORKERS=${NANO_DATA_WORKERS:-$D_DATA
 PACK=${NANO_PACK_LENGTH:-$D_PACK}; ACCUM=${NANO_GRAD_ACCUM:-$D_ACCUM}; WARMUP=${NANO_WARMUP_STEPS:-$D_WARMUP}
 LR=${NANO_LR:-$D_LR}; DEVICE=${NANO_DEVICE:-$D_DEVICE}
 EVAL_N=${NANO_EVAL_N:-$D_EVAL_N}; EVAL_TIMEOUT=${NANO_EVAL_TIMEOUT:-$D_EVAL_TIMEOUT}; EVAL_ARGS=${NANO_EVAL_ARGS-$D_EVAL_ARGS}
+# NANO_EVAL_N=0: no suite and no eval in this call (training gets the eval's reserve too); evaluate the returned model
+# elsewhere, e.g. on the CPU: `qwenvl eval --model M --suite nano --n 100 --dtype float32 ...` (docs/NANO.md §6)
+[ "$EVAL_N" = 0 ] && { EVAL_TIMEOUT=0; UNSEEN_TASKS=""; }
 if [ "$DRY" = 1 ]; then WORK=${NANO_WORK:-/tmp/qwenvl-nano.WORK}; else WORK=${NANO_WORK:-$(mktemp -d /tmp/qwenvl-nano.XXXXXX)}; fi
 LOG="$OUT/steps.log"
 if [ "$DRY" != 1 ]; then mkdir -p "$OUT" "$WORK"; : > "$LOG"; fi
@@ -196,7 +199,7 @@ train_arm() {  # NAME ARGS
 }
 eval_arm() {  # NAME: (c) eval on the held-out suite made in (a)
   local sfx; sfx=$(arm_dir "$1")
-  if [ "$DRY" = 1 ] || [ -f "$WORK/run$sfx/final/config.json" ]; then
+  if [ "$EVAL_N" != 0 ] && { [ "$DRY" = 1 ] || [ -f "$WORK/run$sfx/final/config.json" ]; }; then
     # the engine's compiled decoder ops and ViT blocks (default on CUDA) would compile for longer than this tiny model's eval runs
     step "eval$sfx" $(cap "$EVAL_TIMEOUT" 20) env "QWENVL_COMPILE_OPS=${NANO_COMPILE_OPS:-0}" "QWENVL_COMPILE_VIT=${NANO_COMPILE_OPS:-0}" $PY -m qwenvl.evaluate.cli --model "$WORK/run$sfx/final" --suite nano \
       --n "$EVAL_N" --suite-root "$WORK/suites" --out "$WORK/eval$sfx" --device "$DEVICE" $EVAL_ARGS $ARM_KV \

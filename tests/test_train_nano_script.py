@@ -124,6 +124,18 @@ def test_dry_run_stage_and_ablation_switches():
     assert r.returncode == 2 and "NANO_MROPE_TEMPORAL" in r.stderr
 
 
+def test_dry_run_without_eval_gives_training_the_eval_reserve():
+    """NANO_EVAL_N=0: no suite in the data step, no eval step, and training may run until 45 s before the end
+    instead of the eval's limit + 45 s (the model is evaluated elsewhere, e.g. on the CPU)."""
+    budget = dict(NANO_TOTAL_SECONDS="545", NANO_TRAIN_SECONDS="1000")
+    steps, _ = _dry_run(**budget)
+    assert _train_config(steps["train"]).max_train_seconds == 545 - (115 + 45)
+    steps, err = _dry_run(["data", "train", "package"], NANO_EVAL_N="0", **budget)
+    assert not err and _train_config(steps["train"]).max_train_seconds == 545 - 45
+    data = [shlex.split(w)[0] for w in steps["data"]]
+    assert data[data.index("--suite-n") + 1] == "0" and data[data.index("--suite-extra") + 1] == ""
+
+
 def test_dry_run_video_mix_for_the_ablation():
     """NANO_MIX=video: clips only in the data step, the eval narrowed to the video tasks and their unseen-fps
     variants, per-arm inits through NANO_ARMS (an arm's model= comes after the common one, and the last wins)."""
