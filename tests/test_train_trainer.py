@@ -94,10 +94,12 @@ def test_loss_falls_and_the_export_loads_in_transformers(data, tmp_path):
     assert_transformers_logits_equal(final)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "bf16"])
+@pytest.mark.parametrize("variant", ["full", "lora", "bf16", "lora_bf16"])
 def test_resume_after_interruption_is_bit_identical(data, tmp_path, variant):
-    extra = {"full": {"lr": 1e-3, "freeze_vit": True}, "lora": {"lora_r": 4, "lora_dropout": 0.1, "lr": 1e-3},
-             "bf16": {"lr": 1e-3, "freeze_vit": True, "param_dtype": "bf16"}}[variant]
+    lora = {"lora_r": 4, "lora_dropout": 0.1, "lr": 1e-3}
+    extra = {"full": {"lr": 1e-3, "freeze_vit": True}, "lora": lora,
+             "bf16": {"lr": 1e-3, "freeze_vit": True, "param_dtype": "bf16"},
+             "lora_bf16": {**lora, "param_dtype": "bf16"}}[variant]
     common = dict(model="tiny", train_files=[str(data / "sft.jsonl")], pack_length=96, chunk_size=4, grad_accum=2,
                   max_steps=5, save_every=2, warmup_steps=1, export=False, **extra)
     a = TrainConfig(output_dir=str(tmp_path / "a"), **common)
@@ -111,13 +113,13 @@ def test_resume_after_interruption_is_bit_identical(data, tmp_path, variant):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert losses(a.output_dir) == losses(b.output_dir) and len(losses(b.output_dir)) == 5
     assert {v.dtype for v in pa.values()} == {torch.float32}  # bf16: the fp32 master weights
-    if variant == "bf16":  # the optimizer state too: master copies (the same values) and moments in fp32
+    if variant.endswith("bf16"):  # the optimizer state too: master copies (the same values) and moments in fp32
         oa, ob = (torch.load(tmp_path / k / "checkpoints" / "step_00000005" / "optimizer.pt", weights_only=True)
                   for k in ("a", "b"))
         assert {k for s in oa["state"].values() for k in s} == {"step", "master", "exp_avg", "exp_avg_sq"}
         assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) and oa["state"][i][k].dtype == torch.float32
                    for i in oa["state"] for k in ("master", "exp_avg", "exp_avg_sq"))
-    if variant == "lora":
+    if variant.startswith("lora"):
         assert all("lora_" in k for k in pa)
     else:
         assert not any(k.startswith("visual.blocks") for k in pa)  # the frozen ViT is not saved (it is the base)
@@ -159,14 +161,48 @@ def test_param_dtype_bf16_trains_bf16_weights_and_exports_their_fp32_masters(dat
     assert_transformers_logits_equal(final)
 
 
+def test_lora_with_bf16_base_saves_master_adapters_that_peft_loads(data, tmp_path):
+    """LoRA + param_dtype=bf16: the frozen base is bf16, the adapter file holds the adapters' fp32 masters, and peft
+    puts it on transformers' model of the bf16-rounded base with the logits of our merged export."""
+    peft = pytest.importorskip("peft")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from reference import hf_model
+
+    base = tmp_path / "base"
+    hf_model(qwenvl.preset("tiny")).save_pretrained(base)
+    cfg = TrainConfig(model=str(base), train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      lr=1e-2, warmup_steps=1, max_steps=3, pack_length=256, save_every=1000, resume=False,
+                      lora_r=4, param_dtype="bf16")
+    final = train(cfg)["final"]
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and {v.dtype for v in adapter.values()} == {torch.float32}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in adapter.values())  # masters, finer than bf16
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # the base the adapters were trained on
+            p.copy_(p.bfloat16().float())
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "adapter").eval()
+    merged = Qwen25VL.from_pretrained(final, dtype=torch.float32)
+    x = image_prompt()
+    with torch.no_grad():
+        assert (hf(**x).logits - merged(**x)).abs().max().item() < 1e-4
+
+
+def image_prompt() -> dict:
+    """A chat prompt with one 4x6-patch image (random pixels) for the tiny model."""
+    ids = [151644, 872, 198, VS] + [IMG] * 6 + [VE, 3838, 374, 304, 279, 6802, 30, 151645, 198, 151644, 77091, 198]
+    return dict(input_ids=torch.tensor([ids]), pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+
+
 def assert_transformers_logits_equal(final):
     """The exported folder loads in transformers and gives our logits (fp32, an image + text prompt)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, torch_dtype=torch.float32).eval()
     ours = Qwen25VL.from_pretrained(final, dtype=torch.float32)
-    ids = [151644, 872, 198, VS] + [IMG] * 6 + [VE, 3838, 374, 304, 279, 6802, 30, 151645, 198, 151644, 77091, 198]
-    x = dict(input_ids=torch.tensor([ids]), pixel_values=torch.randn(24, 1176), image_grid_thw=torch.tensor([[1, 4, 6]]))
+    x = image_prompt()
     with torch.no_grad():
         assert (hf(**x).logits - ours(**x)).abs().max().item() < 1e-4
 
@@ -192,8 +228,6 @@ def test_param_dtype_is_validated(monkeypatch):
         TrainConfig(param_dtype="fp16")
     with pytest.raises(ConfigError, match="param_dtype=bf16 needs precision=bf16"):
         TrainConfig(param_dtype="bf16", precision="fp32")
-    with pytest.raises(ConfigError, match="LoRA"):
-        TrainConfig.load("lora", ["param_dtype=bf16"])
     assert TrainConfig.load(None, ["param_dtype=bf16"]).param_dtype == "bf16" and TrainConfig().param_dtype == "fp32"
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: refused before any process group or model
     with pytest.raises(ConfigError, match="FSDP"):

@@ -70,7 +70,8 @@ class TrainConfig:
     # ---- execution
     precision: str = "bf16"  # bf16 (autocast / FSDP mixed precision, fp32 master weights) | fp32; CPU runs fp32
     param_dtype: str = "fp32"  # fp32 | bf16: the model's parameters in bf16 (no autocast casts), fp32 master weights
-    #                            and moments in the optimizer (MasterAdamW); needs precision=bf16, one process, no LoRA
+    #                            and moments in the optimizer (MasterAdamW); needs precision=bf16 and one process;
+    #                            with LoRA the frozen base is bf16 (half its memory), the adapters have fp32 masters
     activation_checkpointing: bool = False
     checkpoint_layers: int | None = None  # with activation_checkpointing: recompute only this many decoder layers,
     #                                       spread evenly (None: all); the ViT blocks are always recomputed
@@ -107,8 +108,6 @@ class TrainConfig:
             (self.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {self.precision!r}"),
             (self.param_dtype in ("fp32", "bf16"), f"param_dtype must be fp32 or bf16, got {self.param_dtype!r}"),
             (self.param_dtype == "fp32" or self.precision == "bf16", "param_dtype=bf16 needs precision=bf16"),
-            (self.param_dtype == "fp32" or not self.lora_r,
-             "param_dtype=bf16 is not supported with LoRA (lora_r > 0): use param_dtype=fp32"),
             (self.pack_length > 0 and self.max_steps > 0 and self.grad_accum > 0,
              "pack_length, max_steps and grad_accum must be > 0"),
             (0 <= self.max_bad_fraction <= 1, "max_bad_fraction must be in [0, 1]"),
