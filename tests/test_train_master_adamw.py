@@ -123,6 +123,31 @@ def test_master_is_the_fp32_copy_once_a_parameter_has_stepped():
     assert opt.master(frozen) is None and frozen not in opt.state
 
 
+def test_unfolded_clipping_takes_the_norm_of_bf16_gradients_in_fp32(monkeypatch):
+    """QWENVL_FUSED_CLIP=0 (the A/B switch) clips in a separate pass; with bf16 gradients its norm is still the fp32
+    norm (clip_grad_norm_ would round it to bf16, ~1e-3 off) and every gradient is scaled by max_norm / norm."""
+    monkeypatch.setenv("QWENVL_FUSED_CLIP", "0")
+    params, opt = _setup()
+    grads = _grads(1)[0]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    assert not fused_adam_scales_grads(opt, params)
+    norm = _clip(params, 0.5, opt)
+    exact = torch.cat([g.double().flatten() for g in grads]).norm()
+    assert norm.dtype == torch.float32 and abs(float(norm) - float(exact)) <= 1e-6 * float(exact)
+    coef = 0.5 / (float(exact) + 1e-6)
+    for p, gr in zip(params, grads):
+        assert p.grad.dtype == torch.bfloat16
+        want = gr.double() * coef  # at most two bf16 roundings (the coefficient's, as torch casts it, and the product)
+        assert ((p.grad.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-30).all()
+    assert opt.grad_scale is None  # nothing folded into the step
+    # max_norm 0: measured, not scaled
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    assert abs(float(_clip(params, 0.0, opt)) - float(exact)) <= 1e-6 * float(exact)
+    assert all(torch.equal(p.grad, gr) for p, gr in zip(params, grads))
+
+
 def _compiled_matches_eager(device):
     from torch._dynamo.utils import counters
 

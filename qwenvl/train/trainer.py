@@ -784,6 +784,14 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
         return norm.detach()
+    gs = [p.grad for p in grads]
+    if all(type(g) is torch.Tensor for g in gs) and any(g.dtype != torch.float32 for g in gs):
+        # bf16 gradients (param_dtype=bf16) without the folded clipping: clip_grad_norm_ would take the norm in bf16
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
+        if max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(gs, coef)  # an fp32 scalar tensor, as clip_grad_norm_ passes it: one rounding
+        return norm.detach()
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP
         norm = norm.full_tensor()
