@@ -163,11 +163,30 @@ def test_rejection_sampling(good):
                 out.append([dup, dup])
         return out
 
-    accepted, rejected, rep = reject_sample(ocr + count, sampler, k=2, batch=3)
+    pairs = []
+    accepted, rejected, rep = reject_sample(ocr + count, sampler, k=2, batch=3, pairs=pairs, pairs_per_record=2)
     assert rep["accepted_records"] == 2 and rep["rejected_records"] == 2 + len(count)
     assert rep["by_task"]["ocr"] == {"records": 4, "accepted": 2}
     assert all(reference_text(r) == reference_text(o) for (r, _), (o, _) in zip(accepted, ocr[2:]))
     assert rep["candidate_pass_rate"] == pytest.approx(2 / (2 * len(ocr + count)))
+    # on-policy DPO pairs: every distinct failed answer (up to 2 per record) against the record's own answer; the
+    # count records' duplicated-box answer counts as failed (a rule), once although it was sampled twice
+    want = [(o, ["nonsense", "also wrong"] if i < 2 else ["nonsense"]) for i, o in enumerate(ocr)]
+    want += [(c, None) for c in count]
+    assert len(pairs) == 2 * 2 + 2 + len(count) and rep["pairs_by_task"] == {"count": len(count), "ocr": 6}
+    got = iter(pairs)
+    for (rec, base), failed in want:
+        for bad in failed or [None]:
+            pair, pbase = next(got)
+            assert pbase == base and pair["chosen"] == reference_text(rec) and pair["corruption"] == "model"
+            assert pair["messages"] == rec["messages"][:-1]  # the prompt without the answer
+            if bad is not None:
+                assert pair["rejected"] == bad and pair["rejected_score"] < 1.0
+            else:
+                assert pair["rejected"].startswith("```json") and pair["rejected_score"] == 1.0  # right count, bad rule
+    first_only = []
+    reject_sample(ocr, sampler, k=2, batch=3, pairs=first_only)
+    assert [p["rejected"] for p, _ in first_only] == ["nonsense"] * len(ocr)
 
 
 def test_relocate_keeps_media_valid(good, tmp_path):
@@ -202,10 +221,19 @@ def test_cli_filter_tag_score_reject(good, tmp_path, capsys):
     assert rep["kept"] == 1 and rep["by_reason"]["lowest fraction"] == 1
     scored = [json.loads(line) for line in open(tmp_path / "scored.jsonl")]
     assert len(scored) == 1 and "logp_mean" in scored[0]["score"]
+    pairs_out = tmp_path / "dpo" / "pairs.jsonl"
     assert data_main(["reject", str(two), "--out", str(tmp_path / "rs.jsonl"), "--k", "2", "--max-tokens", "3",
-                      "--backend", "generate"]) == 0
+                      "--backend", "generate", "--pairs", str(pairs_out)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["records"] == 2 and rep["kept"] + rep["removed"] >= 2 and rep["backend"] == "generate"
+    # the random model's 3-token answers fail both charts: one on-policy pair each, media paths valid from dpo/
+    pairs = [json.loads(line) for line in open(pairs_out)]
+    assert rep["pairs"] == len(pairs) == 2 and rep["pairs_by_task"] == {"chart": 2}
+    for pair, line in zip(pairs, open(two)):
+        rec = json.loads(line)
+        assert pair["chosen"] == reference_text(rec) != pair["rejected"] and pair["corruption"] == "model"
+        image = [it for it in pair["messages"][-1]["content"] if it["type"] == "image"][0]["image"]
+        assert os.path.isfile(pairs_out.parent / image)
 
 
 def test_preference_pairs_fail_the_metric_and_train(good, tmp_path, capsys):

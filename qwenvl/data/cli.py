@@ -4,6 +4,7 @@
     qwenvl data tag    IN... --out OUT.jsonl                     # adds "domain" (e.g. grounding.box)
     qwenvl data score  IN... --out OUT.jsonl [--model DIR] [--min-logp X] [--drop-fraction F] [--max-records N]
     qwenvl data reject IN... --out OUT.jsonl [--model DIR] [--k 4] [--temperature 0.8] [--keep first|all]
+                       [--pairs PAIRS.jsonl]                    # + DPO pairs: the answer vs the model's failed one
     qwenvl data pairs  IN... --out OUT.jsonl [--seed 0] [--max-score 0.5]   # DPO pairs: answer vs a corrupted copy
 
 Each prints a JSON report (records in, kept, removed and why); --report FILE also writes it. Media paths in
@@ -90,7 +91,12 @@ def cmd_reject(a, samples):
     def sampler(convs, k):
         return gen.sample(convs, k, a.temperature, a.max_tokens, a.seed)
 
-    accepted, rejected, rep = reject_sample(samples, sampler, a.k, a.min_score, a.keep, a.batch_size * 4)
+    pairs = [] if a.pairs else None
+    accepted, rejected, rep = reject_sample(samples, sampler, a.k, a.min_score, a.keep, a.batch_size * 4, pairs,
+                                            a.pairs_per_record)
+    if a.pairs:
+        io.write(a.pairs, pairs)
+        rep = {**rep, "pairs": len(pairs), "pairs_out": a.pairs}
     return accepted, rejected, {"model": gen.path, "backend": gen.backend, **rep}
 
 
@@ -134,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--backend", default="auto", choices=["auto", "engine", "generate"])
+    r.add_argument("--pairs", default=None, help="also write on-policy DPO pairs here: chosen = the record's answer, "
+                   "rejected = a sampled answer that fails (the model's own mistake)")
+    r.add_argument("--pairs-per-record", type=int, default=1, help="at most this many failed answers per record")
     r.set_defaults(fn=cmd_reject)
     q = sub.add_parser("pairs", help="DPO pairs: chosen = the answer, rejected = a corrupted copy failing the metric")
     _common(q)
