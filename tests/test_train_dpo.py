@@ -91,6 +91,37 @@ def test_dpo_loss_and_gradients_match_the_formula(pairs):
     assert abs(loss_pre.item() - loss_sum.item()) < 1e-4
 
 
+def test_dpo_sft_weight_adds_the_chosen_mean_token_nll(pairs):
+    """dpo_sft_weight alpha: each pair's loss + alpha * (the chosen answer's NLL / its response tokens), loss and
+    gradients against the direct computation on separate sequences."""
+    cfg = qwenvl.preset("tiny")
+    policy = Qwen25VL.random(cfg, seed=0)
+    ref_model = Qwen25VL.random(cfg, seed=1).requires_grad_(False)
+    beta, alpha = 0.2, 0.7
+    batch = collate([s for pair in pairs for s in pair])
+    loss_sum, n, metrics = dpo_loss_sum(policy, batch, lambda b: sequence_logps(ref_model, b), beta, 0.0, alpha)
+    (loss_sum / n).backward()
+    ours = {k: p.grad.clone() for k, p in policy.named_parameters()}
+    policy.zero_grad()
+    losses, nlls = [], []
+    for c, r in pairs:
+        with torch.no_grad():
+            rc, rr = direct_logp(ref_model, c), direct_logp(ref_model, r)
+        pc = direct_logp(policy, c)
+        h = beta * ((pc - rc) - (direct_logp(policy, r) - rr))
+        tokens = sum(t != IGNORE for t in c.labels[1:])
+        nlls.append(-pc / tokens)
+        losses.append(-torch.log(torch.sigmoid(h)) + alpha * nlls[-1])
+    direct = torch.stack(losses).mean()
+    direct.backward()
+    assert abs(loss_sum.item() / n - direct.item()) < 1e-5
+    assert abs(metrics["nll_chosen"].item() - sum(x.item() for x in nlls)) < 1e-4
+    for k, p in policy.named_parameters():
+        assert (ours[k] - p.grad).abs().max().item() < 1e-5, k
+    with pytest.raises(ValueError, match="token counts"):
+        dpo_loss(*(torch.zeros(1) for _ in range(4)), sft_weight=1.0)
+
+
 def test_dpo_loss_scalar_values():
     pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.0))
     losses, m = dpo_loss(pc, pr, rc, rr, beta=0.5)

@@ -297,6 +297,8 @@ def test_config_validation_and_recipes(tmp_path):
         TrainConfig(stage="rlhf")
     with pytest.raises(ConfigError, match="nothing to train"):
         TrainConfig(freeze_vit=True, freeze_merger=True, freeze_llm=True)
+    with pytest.raises(ConfigError, match="dpo_sft_weight must be >= 0"):
+        TrainConfig.load("dpo", ["dpo_sft_weight=-0.5"])
 
 
 def test_time_budget_stops_saves_and_exports_with_a_time_cosine(data, tmp_path):

@@ -93,6 +93,7 @@ class TrainConfig:
     # ---- DPO
     dpo_beta: float = 0.1
     dpo_label_smoothing: float = 0.0
+    dpo_sft_weight: float = 0.0  # + this * the chosen answer's mean token NLL (TRL rpo_alpha, LLaMA-Factory pref_ftx)
     dpo_reference: str = "model"  # model (frozen copy; with LoRA the adapters switched off) | precomputed (records'
     #                               ref_chosen_logp / ref_rejected_logp)
     # ---- packing cost model
@@ -114,6 +115,7 @@ class TrainConfig:
             (not (self.freeze_vit and self.freeze_merger and self.freeze_llm), "everything is frozen: nothing to train"),
             (self.lora_r >= 0, "lora_r must be >= 0"),
             (self.dpo_reference in ("model", "precomputed"), "dpo_reference must be model or precomputed"),
+            (self.dpo_sft_weight >= 0, f"dpo_sft_weight must be >= 0, got {self.dpo_sft_weight!r}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds must be > 0"),
             (self.data_workers >= 0, "data_workers must be >= 0"),

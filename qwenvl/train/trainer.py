@@ -90,7 +90,8 @@ class TrainModule(nn.Module):
         self.model = model
         self.vision_sync = vision_sync
 
-    def forward(self, batch: dict, kind: str = "sft", reference=None, beta: float = 0.1, label_smoothing: float = 0.0):
+    def forward(self, batch: dict, kind: str = "sft", reference=None, beta: float = 0.1, label_smoothing: float = 0.0,
+                sft_weight: float = 0.0):
         if self.vision_sync:
             batch = with_vision_dummies(batch, self.model.config)
         if kind == "sft":
@@ -102,7 +103,7 @@ class TrainModule(nn.Module):
                 def reference(b, m=self.model):
                     with adapters_disabled(m):
                         return sequence_logps(m, b)
-            return dpo_loss_sum(self.model, batch, reference, beta, label_smoothing)
+            return dpo_loss_sum(self.model, batch, reference, beta, label_smoothing, sft_weight)
         raise ValueError(kind)
 
 
@@ -648,7 +649,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
             with autocast:
                 if pairs:
                     loss, _, metrics = module(batch, kind="dpo", reference=reference, beta=cfg.dpo_beta,
-                                              label_smoothing=cfg.dpo_label_smoothing)
+                                              label_smoothing=cfg.dpo_label_smoothing,
+                                              sft_weight=cfg.dpo_sft_weight)
                 else:
                     loss, _ = module(batch, kind="sft")
                     metrics = {}
