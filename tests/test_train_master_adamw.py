@@ -123,6 +123,41 @@ def test_master_is_the_fp32_copy_once_a_parameter_has_stepped():
     assert opt.master(frozen) is None and frozen not in opt.state
 
 
+def test_micro_batch_gradients_are_summed_in_fp32():
+    """grad_accum > 1: accumulate_grads moves each micro-batch's bf16 gradient into an fp32 sum (autograd would add
+    them in bf16); clipping and the step use the sums, and the step equals torch's AdamW on them."""
+    params, opt = _setup()
+    ref = [torch.nn.Parameter(p.detach().float()) for p in params]
+    by_id = {id(p): r for p, r in zip(params, ref)}
+    ref_opt = torch.optim.AdamW([{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in opt.param_groups],
+                                lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    micro = [_grads(1, seed=s)[0] for s in (1, 2, 3)]
+    for i, step_grads in enumerate(micro):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        if i < 2:
+            opt.accumulate_grads()  # the last one stays in p.grad: grad() folds it in
+            assert all(p.grad is None for p in params)
+    exact = [sum(g[i].double() for g in micro) for i in range(len(params))]
+    in_bf16 = [micro[0][i] + micro[1][i] + micro[2][i] for i in range(len(params))]  # what autograd would keep
+    for p, e, b in zip(params, exact, in_bf16):
+        got = opt.grad(p)
+        assert got.dtype == torch.float32 and p.grad is None
+        err, err_bf16 = (got.double() - e).abs().max(), (b.double() - e).abs().max()
+        assert err <= 1e-6 * e.abs().max() and err_bf16 > 100 * err
+    norm = _clip(params, 0.5, opt)
+    assert abs(float(norm) - float(torch.cat([e.flatten() for e in exact]).norm())) <= 1e-6 * float(norm)
+    opt.step()
+    for r, e in zip(ref, exact):
+        r.grad = e.float()
+    torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    ref_opt.step()
+    for p, r in zip(params, ref):
+        assert _close(opt.state[p]["master"], r)
+        assert opt.grad(p) is None  # the sums are the step's only
+    opt.zero_grad(set_to_none=True)
+
+
 def test_unfolded_clipping_takes_the_norm_of_bf16_gradients_in_fp32(monkeypatch):
     """QWENVL_FUSED_CLIP=0 (the A/B switch) clips in a separate pass; with bf16 gradients its norm is still the fp32
     norm (clip_grad_norm_ would round it to bf16, ~1e-3 off) and every gradient is scaled by max_norm / norm."""

@@ -161,6 +161,33 @@ def test_param_dtype_bf16_trains_bf16_weights_and_exports_their_fp32_masters(dat
     assert_transformers_logits_equal(final)
 
 
+def test_param_dtype_bf16_sums_micro_batch_gradients_in_fp32(data, tmp_path, monkeypatch):
+    """grad_accum > 1 with bf16 parameters: after every row's backward the trainer hands the gradients to MasterAdamW's
+    fp32 sums, so the step sees the fp32 sum (the sum itself is tested in test_train_master_adamw.py)."""
+    from qwenvl.train.master_adamw import MasterAdamW
+
+    calls, seen, accumulate, step = [], [], MasterAdamW.accumulate_grads, MasterAdamW.step
+
+    def counting_accumulate(self):
+        calls.append(sum(p.grad is not None for g in self.param_groups for p in g["params"]))
+        accumulate(self)
+
+    def checking_step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        # (a parameter no row reached, the merger in a step without images, gets zeros in p.grad as in the fp32 path)
+        seen.append({(p.grad is None, self.grad(p).dtype) for p in params if p.grad is None or p.grad.any()})
+        return step(self, closure)
+
+    monkeypatch.setattr(MasterAdamW, "accumulate_grads", counting_accumulate)
+    monkeypatch.setattr(MasterAdamW, "step", checking_step)
+    cfg = TrainConfig(model="tiny", train_files=[str(data / "sft.jsonl")], output_dir=str(tmp_path / "run"),
+                      lr=1e-3, warmup_steps=1, max_steps=3, pack_length=96, chunk_size=4, grad_accum=2,
+                      save_every=1000, resume=False, export=False, param_dtype="bf16", freeze_vit=True)
+    train(cfg)
+    assert len(calls) == 6 and min(calls) > 0  # two rows per step, each with gradients
+    assert seen == [{(True, torch.float32)}] * 3  # every parameter's step gradient is its fp32 sum
+
+
 def test_lora_with_bf16_base_saves_master_adapters_that_peft_loads(data, tmp_path):
     """LoRA + param_dtype=bf16: the frozen base is bf16, the adapter file holds the adapters' fp32 masters, and peft
     puts it on transformers' model of the bf16-rounded base with the logits of our merged export."""

@@ -44,13 +44,44 @@ def compiled_adamw_update():
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW with an fp32 master copy of each parameter; state per parameter: master, exp_avg, exp_avg_sq (fp32) and
     step (an int). `grad_scale` (a 0-d tensor or None): when set, the step divides
-    every gradient by it. `compiled`: use the torch.compile'd update (default: for CUDA parameters)."""
+    every gradient by it. The gradient is p.grad, or the fp32 sum that accumulate_grads gathered (`grad(p)`). `compiled`: use the torch.compile'd update (default: for CUDA parameters)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, compiled: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.grad_scale: torch.Tensor | None = None
         self.compiled = compiled
+        self._grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # fp32 gradient sums of this step (accumulate_grads)
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """Moves each parameter's bf16 gradient into an fp32 running sum and frees it. Called after every micro-batch's
+        backward when a step has several (grad_accum > 1): autograd would add them in the parameter's dtype, bf16,
+        rounding each sum to 8 bits of mantissa. `grad()` and the step read the sums."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                total = self._grad_sums.get(p)
+                if total is None:
+                    self._grad_sums[p] = p.grad.to(torch.float32, copy=True)
+                else:
+                    total.add_(p.grad)
+                p.grad = None
+
+    def grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """p's gradient for this step: its fp32 sum when accumulate_grads gathered one, else p.grad."""
+        total = self._grad_sums.get(p)
+        if total is None:
+            return p.grad
+        if p.grad is not None:  # a backward after the last accumulate_grads
+            total.add_(p.grad)
+            p.grad = None
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_sums.clear()
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -64,7 +95,8 @@ class MasterAdamW(torch.optim.Optimizer):
             compiled = self.compiled if self.compiled is not None else group["params"][0].is_cuda
             update = compiled_adamw_update() if compiled else adamw_update
             for p in group["params"]:
-                if p.grad is None:
+                grad = self.grad(p)
+                if grad is None:
                     continue
                 state, device = self.state[p], p.device
                 if not state:
@@ -80,8 +112,9 @@ class MasterAdamW(torch.optim.Optimizer):
                     scales[device] = torch.ones((), device=device) if self.grad_scale is None \
                         else self.grad_scale.to(device)
                 # flat aliases that are no autograd views (a view input costs the compiled call ~40 us of aliasing checks)
-                update(*(t.view(-1).detach() for t in (p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"])),
+                update(*(t.view(-1).detach() for t in (p, grad, state["master"], state["exp_avg"], state["exp_avg_sq"])),
                        scales[device], hypers[step, device])
+        self._grad_sums.clear()
         return loss
 
     def master(self, p: torch.Tensor) -> torch.Tensor | None:

@@ -595,6 +595,8 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
     # embedding rounds its input to bf16 anyway: the same result in half the memory)
     pixel_dtype = torch.bfloat16 if cfg.precision == "bf16" and dev.device.type == "cuda" else None
     trainable = [p for p in module.parameters() if p.requires_grad]
+    # bf16 parameters: a step's micro-batch gradients are summed in fp32 by the optimizer, not in bf16 by autograd
+    fp32_grad_sums = isinstance(opt, MasterAdamW) and cfg.grad_accum > 1
     loss_value, steps_run, out_of_time = float("nan"), 0, False
     pending, t_prev = None, None  # the last step's record, logged after the next step is queued (see below)
     # A step's numbers are read one step late (below); QWENVL_STEP_SYNC=1 reads them at once (the GPU idles while the
@@ -656,11 +658,13 @@ def _loop(cfg, dev, module, opt, sched, loader, encoder, stats, reference, pairs
                     metrics = {}
             weight = 0.0 if b is None else 1.0
             (loss * (scale * weight)).backward()
+            if fp32_grad_sums:
+                opt.accumulate_grads()
             loss_sum += loss.detach().double() * weight
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + v * weight
         for p in trainable:  # a step without images still moves the ViT by momentum, as it does under FSDP
-            if p.grad is None:
+            if _grad(p, opt) is None:
                 p.grad = torch.zeros_like(p)
         grad_norm = _clip(trainable, cfg.max_grad_norm, opt)
         opt.step()
@@ -773,22 +777,23 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     its `grad_scale` divides every gradient by max(1, norm / max_norm) inside the fused kernel, which saves
     clip_grad_norm_'s separate pass over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md
     "Throughput")."""
-    grads = [p for p in params if p.grad is not None]
+    grads = [p for p in params if _grad(p, opt) is not None]
     if opt is not None and getattr(opt, "grad_scale", None) is not None:
         opt.grad_scale = None  # a previous step's
     if not grads:
         return 0.0
+    gs = [_grad(p, opt) for p in grads]
     if opt is not None and fused_adam_scales_grads(opt, grads):
-        gs = [p.grad for p in grads]
         if all(g.dtype == torch.float32 for g in gs):
             norm = torch.nn.utils.get_total_norm(gs, 2.0).float()  # clip_grad_norm_'s own norm
         else:  # bf16 gradients (param_dtype=bf16): get_total_norm would round the norms to bf16
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
         opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
         return norm.detach()
-    gs = [p.grad for p in grads]
-    if all(type(g) is torch.Tensor for g in gs) and any(g.dtype != torch.float32 for g in gs):
-        # bf16 gradients (param_dtype=bf16) without the folded clipping: clip_grad_norm_ would take the norm in bf16
+    if all(type(g) is torch.Tensor for g in gs) and any(g.dtype != torch.float32 or g is not p.grad
+                                                        for p, g in zip(grads, gs)):
+        # bf16 gradients (param_dtype=bf16) or their fp32 sums without the folded clipping: clip_grad_norm_ would take
+        # the norm in bf16 (and reads p.grad only)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
         if max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -808,7 +813,13 @@ def fused_adam_scales_grads(opt: torch.optim.Optimizer, params) -> bool:
         isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
         and getattr(opt, "_step_supports_amp_scaling", False))
     return (os.environ.get("QWENVL_FUSED_CLIP", "1") != "0" and takes_scale
-            and all(type(p) is torch.nn.Parameter and type(p.grad) is torch.Tensor for p in params))
+            and all(type(p) is torch.nn.Parameter and type(_grad(p, opt)) is torch.Tensor for p in params))
+
+
+def _grad(p: torch.Tensor, opt) -> torch.Tensor | None:
+    """p's gradient for this step: MasterAdamW's fp32 sum of the micro-batches' gradients (grad_accum > 1 with
+    param_dtype=bf16), else p.grad."""
+    return opt.grad(p) if isinstance(opt, MasterAdamW) else p.grad
 
 
 def _truncate_log(path: str, step: int) -> None:
