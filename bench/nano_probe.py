@@ -53,14 +53,24 @@ GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 FLASH_FPS, FLASH_SECONDS = 2, (4, 12)
 
 
-def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
-    """A grey clip at FLASH_FPS that is red for whole seconds [a, b): the answer "a - b"."""
+def draw_clip(rng: random.Random) -> tuple[int, int, int]:
+    """(seconds, a, b): a clip of 4-12 whole seconds, red for seconds [a, b)."""
     seconds = rng.randint(*FLASH_SECONDS)
     a = rng.randrange(seconds)
-    b = rng.randint(a + 1, seconds)
-    frames = [Image.new("RGB", (size, size), (220, 30, 30) if a <= i / FLASH_FPS < b else (128, 128, 128))
-              for i in range(seconds * FLASH_FPS)]
+    return seconds, a, rng.randint(a + 1, seconds)
+
+
+def render_clip(clip: tuple[int, int, int], size: int, fps: int = FLASH_FPS) -> tuple[list[Image.Image], str]:
+    """The clip's frames at `fps` and its answer "a - b" (the same seconds whatever the rate)."""
+    seconds, a, b = clip
+    frames = [Image.new("RGB", (size, size), (220, 30, 30) if a <= i / fps < b else (128, 128, 128))
+              for i in range(seconds * fps)]
     return frames, f"{a} - {b}"
+
+
+def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
+    """A grey clip at FLASH_FPS that is red for whole seconds [a, b): the answer "a - b"."""
+    return render_clip(draw_clip(rng), size)
 
 
 def make_text(task: str, rng: random.Random, size: int, font_size: int) -> tuple[Image.Image, str]:
@@ -119,7 +129,12 @@ def main(argv=None) -> int:
                     help="train for this wall time (cosine over it) instead of --steps")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "qwenvl-nano-probe"))
     ap.add_argument("--json")
+    ap.add_argument("--mrope-temporal", choices=["absolute", "frame"], default=None,
+                    help="flash: video temporal ids in seconds (the report's) or frame indices (the ablation)")
+    ap.add_argument("--eval-fps", default=str(FLASH_FPS),
+                    help="flash: the held-out clips are answered at each of these sampling rates (training: 2 fps)")
     a = ap.parse_args(argv)
+    eval_fps = [int(v) for v in a.eval_fps.split(",")]
 
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.train import TrainConfig, train
@@ -167,13 +182,29 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "train.jsonl"), "w") as f:
         for rec in train_rows:
             f.write(json.dumps(rec) + "\n")
-    held = write("test", a.heldout)
+    if a.task == "flash":  # the same held-out clips (seconds and answers) rendered at every evaluation rate
+        clips = [draw_clip(rng) for _ in range(a.heldout)]
+        held_by_fps = {}
+        for fps in eval_fps:
+            held_by_fps[fps] = []
+            for i, clip in enumerate(clips):
+                frames, answer = render_clip(clip, a.size, fps)
+                paths = [f"img/test{fps}fps{i}_{k:03d}.png" for k in range(len(frames))]
+                for frame, path in zip(frames, paths):
+                    frame.save(os.path.join(a.out, path))
+                video = {"type": "video", "video": paths, "sample_fps": fps, "min_pixels": 784,
+                         "max_pixels": a.size * a.size}
+                held_by_fps[fps].append(({"messages": [{"role": "user", "content": [video, {"type": "text",
+                                                                                          "text": prompt}]}]}, answer))
+        held = held_by_fps[eval_fps[0]]
+    else:
+        held = write("test", a.heldout)
     cfg = TrainConfig(model=a.model, train_files=[os.path.join(a.out, "train.jsonl")], output_dir=os.path.join(a.out, "run"),
                       lr=a.lr, warmup_steps=10,
                       max_steps=a.steps if a.train_seconds is None else 10**8, max_train_seconds=a.train_seconds,
                       data_workers=a.data_workers, pack_length=a.pack_length, save_every=0,
                       resume=False, max_pixels=a.size * a.size, chunk_size=512, weight_decay=0.05, adam_beta2=0.95,
-                      rope_theta=a.theta)
+                      rope_theta=a.theta, mrope_temporal=a.mrope_temporal)
     t0 = time.time()
     summary = train(cfg)
     seconds = time.time() - t0
@@ -184,11 +215,14 @@ def main(argv=None) -> int:
         exported = json.load(f)
     llm_section = (exported.get("text_config", exported).get("rope_scaling") or {}).get("mrope_section")
     llm = LLM(summary["final"], kv_cache_bytes=256 << 20)  # small: several probes may share one GPU
-    if a.task == "flash":
-        convs = [[{"role": "user", "content": [
+    def flash_conv(rec):
+        return [{"role": "user", "content": [
             {**rec["messages"][0]["content"][0], "video": [os.path.join(a.out, p) for p in
                                                          rec["messages"][0]["content"][0]["video"]]},
-            {"type": "text", "text": prompt}]}] for rec, _ in held]
+            {"type": "text", "text": prompt}]}]
+
+    if a.task == "flash":
+        convs = [flash_conv(rec) for rec, _ in held]
     else:
         convs = [[{"role": "user", "content": [{"type": "image", "image": os.path.join(a.out, rec["images"][0])},
                                                {"type": "text", "text": prompt}]}] for rec, _ in held]
@@ -226,8 +260,19 @@ def main(argv=None) -> int:
         from qwenvl.tasks.metrics import mean_iou
         from qwenvl.tasks.video import parse_time_range
 
+        result["mrope_temporal"] = exported.get("mrope_temporal", "absolute")
         result["mean_iou"] = round(mean_iou([parse_time_range(p) for p in preds],
                                             [parse_time_range(ans) for _, ans in held]), 3)
+        result["by_fps"] = {}
+        for fps in eval_fps:  # the first rate's answers are the ones above
+            rows = held_by_fps[fps]
+            got = preds if fps == eval_fps[0] else [o.text.strip() for o in llm.chat(
+                [flash_conv(rec) for rec, _ in rows], SamplingParams(max_tokens=8, temperature=0.0))]
+            result["by_fps"][fps] = {
+                "exact": sum(p == ans for p, (_, ans) in zip(got, rows)) / len(rows),
+                "mean_iou": round(mean_iou([parse_time_range(p) for p in got],
+                                           [parse_time_range(ans) for _, ans in rows]), 3),
+                "predictions": got[:8]}
     print(json.dumps(result))
     if a.json:
         with open(a.json, "w") as f:

@@ -401,3 +401,22 @@ def test_reading_probe_images_hold_their_answer():
                     assert len(text) == 4 and text.isalpha() and text.isupper() and im.size == (size, size // 2)
                 ink = int((np.asarray(im.convert("L")) < 128).sum())
                 assert ink > 0 and ink == ink_alone(text, font_size), (text, font_size)
+
+
+def test_flash_probe_clip_is_the_same_seconds_at_every_rate():
+    """bench/nano_probe.py flash --eval-fps (the CPU temporal-id ablation, NANO.md §4): a held-out clip rendered at
+    1, 2 or 4 fps is red for the same seconds [a, b) and keeps its answer; only the number of frames changes."""
+    import random
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_probe
+
+    rng = random.Random(3)
+    for _ in range(10):
+        seconds, a, b = clip = nano_probe.draw_clip(rng)
+        assert 4 <= seconds <= 12 and 0 <= a < b <= seconds
+        for fps in (1, 2, 4):
+            frames, answer = nano_probe.render_clip(clip, 16, fps)
+            red = [i for i, f in enumerate(frames) if f.getpixel((0, 0)) == (220, 30, 30)]
+            assert answer == f"{a} - {b}" and len(frames) == seconds * fps
+            assert red == list(range(a * fps, b * fps))
