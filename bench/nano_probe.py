@@ -16,7 +16,10 @@ shape from random weights with the real trainer (packed rows, the recipe's AdamW
 `--mrope-section T,H,W` replaces the split (rotary pairs per axis, summing to head_dim/2: 8,12,12 for nano).
 `flash` is the other side of that trade-off: a 4-12 s grey clip at 2 fps is red from second a to b, and the answer
 "a - b" can only come from the temporal ids (the t axis gets the highest frequencies, so a low theta makes its
-wavelengths a few seconds long); it reports exact-match accuracy and the mean temporal IoU.
+wavelengths a few seconds long); it reports exact-match accuracy and the mean temporal IoU. `--mrope-temporal
+frame` trains with frame-index temporal ids instead of absolute time, `--train-fps 1,2,4` samples the training clips at
+those rates in turn (dynamic FPS), and `--eval-fps 2,3,6` answers the same held-out clips at each rate (issue 6's
+temporal-id ablation at probe scale, docs/NANO.md §4).
 `box` is grounding reduced to its core: one red square (side 1/8 to 3/8 of the canvas) anywhere on grey, answered
 as "[x1, y1, x2, y2]" in pixels like the synth grounding task's bbox_2d; it reports Acc@0.5, the mean IoU, and the
 mean IoU of the best pixel-blind answer (the training set's mean box), the floor a model that ignores the image gets.
@@ -66,11 +69,6 @@ def render_clip(clip: tuple[int, int, int], size: int, fps: int = FLASH_FPS) -> 
     frames = [Image.new("RGB", (size, size), (220, 30, 30) if a <= i / fps < b else (128, 128, 128))
               for i in range(seconds * fps)]
     return frames, f"{a} - {b}"
-
-
-def make_clip(rng: random.Random, size: int) -> tuple[list[Image.Image], str]:
-    """A grey clip at FLASH_FPS that is red for whole seconds [a, b): the answer "a - b"."""
-    return render_clip(draw_clip(rng), size)
 
 
 def make_text(task: str, rng: random.Random, size: int, font_size: int) -> tuple[Image.Image, str]:
@@ -133,8 +131,11 @@ def main(argv=None) -> int:
                     help="flash: video temporal ids in seconds (the report's) or frame indices (the ablation)")
     ap.add_argument("--eval-fps", default=str(FLASH_FPS),
                     help="flash: the held-out clips are answered at each of these sampling rates (training: 2 fps)")
+    ap.add_argument("--train-fps", default=str(FLASH_FPS),
+                    help="flash: training clip i is sampled at the (i mod n)-th of these rates (1,2,4: dynamic FPS)")
     a = ap.parse_args(argv)
     eval_fps = [int(v) for v in a.eval_fps.split(",")]
+    train_fps = [int(v) for v in a.train_fps.split(",")]
 
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.train import TrainConfig, train
@@ -161,12 +162,13 @@ def main(argv=None) -> int:
         rows = []
         for i in range(n):
             if a.task == "flash":
-                frames, answer = make_clip(rng, a.size)
+                fps = train_fps[i % len(train_fps)]  # dynamic FPS (the report's 2.1.3) when several rates are given
+                frames, answer = render_clip(draw_clip(rng), a.size, fps)
                 paths = []
                 for k, frame in enumerate(frames):
                     paths.append(f"img/{split}{i}_{k:02d}.png")
                     frame.save(os.path.join(a.out, paths[-1]))
-                video = {"type": "video", "video": paths, "sample_fps": FLASH_FPS, "min_pixels": 784,
+                video = {"type": "video", "video": paths, "sample_fps": fps, "min_pixels": 784,
                          "max_pixels": a.size * a.size}
                 rows.append(({"messages": [{"role": "user", "content": [video, {"type": "text", "text": prompt}]},
                                            {"role": "assistant", "content": answer}]}, answer))
