@@ -133,7 +133,8 @@ def add_near_misses(scene: "Scene", ctx: Ctx, color: str, shape: str) -> None:
     """Training scenes only: with NEAR_MISS_RATE, 1-2 objects of the target's colour on another shape (2 in 3) or of
     its shape in another colour. Random distractors share the colour in only 22-28 % of training scenes, so counting by
     colour alone mostly works, and 18a's held-out count misses were mostly such objects counted as targets (12 of 28
-    extra boxes; docs/NANO.md §7): with this, about half the scenes need the shape too. Held-out scenes draw nothing here, so the eval suites stay as they were."""
+    extra boxes; docs/NANO.md §7): with this, about half the scenes need the shape too. Held-out scenes draw nothing
+    here, so the eval suites stay as they were."""
     rng = ctx.rng
     if ctx.heldout or rng.random() >= NEAR_MISS_RATE:
         return

@@ -44,7 +44,8 @@ def compiled_adamw_update():
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW with an fp32 master copy of each parameter; state per parameter: master, exp_avg, exp_avg_sq (fp32) and
     step (an int). `grad_scale` (a 0-d tensor or None): when set, the step divides
-    every gradient by it. The gradient is p.grad, or the fp32 sum that accumulate_grads gathered (`grad(p)`). `compiled`: use the torch.compile'd update (default: for CUDA parameters)."""
+    every gradient by it. The gradient is p.grad, or the fp32 sum that accumulate_grads gathered (`grad(p)`).
+    `compiled`: use the torch.compile'd update (default: for CUDA parameters)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, compiled: bool | None = None):
