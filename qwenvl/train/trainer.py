@@ -777,25 +777,25 @@ def _clip(params, max_norm: float, opt: torch.optim.Optimizer | None = None) -> 
     its `grad_scale` divides every gradient by max(1, norm / max_norm) inside the fused kernel, which saves
     clip_grad_norm_'s separate pass over the gradients (9 ms of a 409 ms step at the 3B shape, docs/TRAINING.md
     "Throughput")."""
-    grads = [p for p in params if _grad(p, opt) is not None]
+    found = [(p, g) for p in params if (g := _grad(p, opt)) is not None]
     if opt is not None and getattr(opt, "grad_scale", None) is not None:
         opt.grad_scale = None  # a previous step's
-    if not grads:
+    if not found:
         return 0.0
-    gs = [_grad(p, opt) for p in grads]
-    if opt is not None and fused_adam_scales_grads(opt, grads):
+    grads, gs = [p for p, _ in found], [g for _, g in found]
+    folded = opt is not None and fused_adam_scales_grads(opt, grads)
+    # bf16 gradients (param_dtype=bf16) or MasterAdamW's fp32 sums without the folded clipping: clip_grad_norm_ would
+    # take the norm in bf16 (and reads p.grad only), so the norm is taken here and the gradients scaled in place
+    by_hand = not folded and all(type(g) is torch.Tensor for g in gs) and any(
+        g.dtype != torch.float32 or g is not p.grad for p, g in found)
+    if folded or by_hand:
         if all(g.dtype == torch.float32 for g in gs):
             norm = torch.nn.utils.get_total_norm(gs, 2.0).float()  # clip_grad_norm_'s own norm
-        else:  # bf16 gradients (param_dtype=bf16): get_total_norm would round the norms to bf16
+        else:  # bf16 gradients: get_total_norm would round the norms to bf16
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
-        opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
-        return norm.detach()
-    if all(type(g) is torch.Tensor for g in gs) and any(g.dtype != torch.float32 or g is not p.grad
-                                                        for p, g in zip(grads, gs)):
-        # bf16 gradients (param_dtype=bf16) or their fp32 sums without the folded clipping: clip_grad_norm_ would take
-        # the norm in bf16 (and reads p.grad only)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2.0, dtype=torch.float32)))
-        if max_norm > 0:
+        if folded:
+            opt.grad_scale = (norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm > 0 else None
+        elif max_norm > 0:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(gs, coef)  # an fp32 scalar tensor, as clip_grad_norm_ passes it: one rounding
         return norm.detach()
