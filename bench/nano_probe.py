@@ -158,20 +158,23 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     prompt = PROMPTS[a.task]
 
+    def clip_record(clip, fps, stem):
+        """The clip's frames at fps saved as img/STEM_KKK.png; (the user turn as a record, the answer)."""
+        frames, answer = render_clip(clip, a.size, fps)
+        paths = [f"img/{stem}_{k:03d}.png" for k in range(len(frames))]
+        for frame, path in zip(frames, paths):
+            frame.save(os.path.join(a.out, path))
+        video = {"type": "video", "video": paths, "sample_fps": fps, "min_pixels": 784, "max_pixels": a.size * a.size}
+        return {"messages": [{"role": "user", "content": [video, {"type": "text", "text": prompt}]}]}, answer
+
     def write(split, n):
         rows = []
         for i in range(n):
             if a.task == "flash":
                 fps = train_fps[i % len(train_fps)]  # dynamic FPS (the report's 2.1.3) when several rates are given
-                frames, answer = render_clip(draw_clip(rng), a.size, fps)
-                paths = []
-                for k, frame in enumerate(frames):
-                    paths.append(f"img/{split}{i}_{k:02d}.png")
-                    frame.save(os.path.join(a.out, paths[-1]))
-                video = {"type": "video", "video": paths, "sample_fps": fps, "min_pixels": 784,
-                         "max_pixels": a.size * a.size}
-                rows.append(({"messages": [{"role": "user", "content": [video, {"type": "text", "text": prompt}]},
-                                           {"role": "assistant", "content": answer}]}, answer))
+                rec, answer = clip_record(draw_clip(rng), fps, f"{split}{i}")
+                rec["messages"].append({"role": "assistant", "content": answer})
+                rows.append((rec, answer))
                 continue
             im, answer = make_sample(a.task, rng, a.size, a.font_size)
             path = f"img/{split}{i}.png"
@@ -186,18 +189,8 @@ def main(argv=None) -> int:
             f.write(json.dumps(rec) + "\n")
     if a.task == "flash":  # the same held-out clips (seconds and answers) rendered at every evaluation rate
         clips = [draw_clip(rng) for _ in range(a.heldout)]
-        held_by_fps = {}
-        for fps in eval_fps:
-            held_by_fps[fps] = []
-            for i, clip in enumerate(clips):
-                frames, answer = render_clip(clip, a.size, fps)
-                paths = [f"img/test{fps}fps{i}_{k:03d}.png" for k in range(len(frames))]
-                for frame, path in zip(frames, paths):
-                    frame.save(os.path.join(a.out, path))
-                video = {"type": "video", "video": paths, "sample_fps": fps, "min_pixels": 784,
-                         "max_pixels": a.size * a.size}
-                held_by_fps[fps].append(({"messages": [{"role": "user", "content": [video, {"type": "text",
-                                                                                          "text": prompt}]}]}, answer))
+        held_by_fps = {fps: [clip_record(clip, fps, f"test{fps}fps{i}") for i, clip in enumerate(clips)]
+                       for fps in eval_fps}
         held = held_by_fps[eval_fps[0]]
     else:
         held = write("test", a.heldout)
