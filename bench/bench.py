@@ -814,13 +814,16 @@ def release():
 def slow_run(ours, prompts, greedy, n_first=32, chat=False, max_num_seqs=256, **llm_kw):
     """The engine with its fast paths off (no CUDA graphs, no Triton paged decode, no compiled decoder ops or ViT
     blocks, no RMSNorm / silu / residual inside the GEMVs, padded SDPA instead of FlashAttention varlen in the ViT):
-    the first n_first greedy tokens of every prompt, their top-2 logprobs and the engine's stats."""
+    the first n_first greedy tokens of every prompt, their top-2 logprobs and the engine's stats. With
+    batch_invariant=True in llm_kw the ViT keeps its attention kernel (the mode fixes its kernels; what differs is
+    the batching, the prefill chunks and the CUDA graphs)."""
     import qwenvl.layers as layers
     from qwenvl.engine import LLM, SamplingParams
 
     saved = layers._flash_varlen
     try:
-        layers._flash_varlen = None
+        if not llm_kw.get("batch_invariant"):
+            layers._flash_varlen = None
         with compile_ops_env("0"):
             llm = LLM(ours, max_model_len=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False, **llm_kw)
@@ -984,6 +987,52 @@ def fast_paths_ablation(path: str = "runs/nano/latest", n_per_task: int = 16, n_
     return out
 
 
+def batch_invariant(ours, hf, cfg, n_alone: int = 8, w1_tokens: int = 256) -> dict:
+    """LLM(batch_invariant=True) (engine/batch_invariant.py) at the bench shape: its kernels' invariance, W1 and W4
+    speed, and the first 32 greedy tokens of every W4 request from the fast run (CUDA graphs, up to 256 requests
+    per step) against a slow run (no CUDA graphs, at most 16 requests and 2,048 tokens per step: other batches,
+    other prefill chunks) and against n_alone requests run one at a time: all equal is the claim."""
+    from qwenvl.engine import LLM, SamplingParams
+
+    from qwenvl.engine.batch_invariant import invariance_report
+
+    res = {"kernels": invariance_report(cfg.text, DEV)}
+    log(res)
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
+    prompts = [frames_prompt(*r[:2]) for r in reqs]
+    lens = [r[0].shape[1] for r in reqs]
+    t0 = time.time()
+    llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, batch_invariant=True)
+    res["init_s"] = time.time() - t0
+    res["stats"] = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
+    ids, pix, grid = image_request(cfg, seed=7, frames=True)
+    drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=8, **greedy))
+    ids, pix, grid = image_request(cfg, seed=9, frames=True)
+    ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+    res["w1_decode_tok_s"] = (len(toks) - 1) / dec
+    res["w2_ttft_new_image_ms"] = ttft * 1e3
+    log(res)
+    outs, dt, n_out = timed_generate(llm, prompts, [SamplingParams(max_tokens=r[3], **greedy) for r in reqs])
+    res["w4_output_tok_s"] = n_out / dt
+    on = [o.outputs[0].token_ids[:32] for o in outs]
+    alone = [llm.generate([prompts[i]], SamplingParams(max_tokens=32, **greedy))[0].outputs[0].token_ids
+             for i in range(n_alone)]
+    res["alone_vs_batch_256"] = {"requests": n_alone, "same_first_32": sum(a == on[i] for i, a in enumerate(alone))}
+    log(res)
+    del llm, outs
+    release()
+    off, off_lps, stats_off = slow_run(ours, prompts, greedy, 32, batch_invariant=True, max_num_seqs=16,
+                                       max_num_batched_tokens=2048)
+    res["fast_vs_slow"] = agreement(on, off, off_lps, lens)
+    res["fast_vs_slow"]["slow_stats"] = {k: stats_off.get(k) for k in ("cuda_graph_batch_sizes", "batch_invariant",
+                                                                       "num_preemptions")}
+    RESULTS["batch_invariant"] = res
+    log(res)
+    release()
+    return res
+
+
 def divergence_margin(fast: list[int], slow: list[int], slow_logprobs: list, n: int | None) -> dict:
     """At the first position n where the fast run's token differs from the slow run's: the slow run's logprob gap
     between its top two tokens there, and whether the fast run took the second."""
@@ -1065,7 +1114,7 @@ def main():
                 torch.cuda.empty_cache()
         fn = {"parity": parity, "vision": vision, "prefill": prefill, "decode": decode, "batch_hf": batch_hf,
               "vision_profile": vision_profile, "engine": engine,
-              "engine_eager_ops": engine_eager_ops,
+              "engine_eager_ops": engine_eager_ops, "batch_invariant": batch_invariant,
               "fast_paths_trained": lambda *_: fast_paths_trained(  # BENCH_TRAINED_MODEL: another checkpoint
                   os.environ.get("BENCH_TRAINED_MODEL", "runs/nano/latest"),
                   int(os.environ.get("BENCH_TRAINED_N", "24"))),

@@ -58,6 +58,9 @@ class LLM:
     model: a checkpoint directory or a built Qwen25VL. processor: a Processor (for chat messages and text);
     by default the checkpoint's, or the built-in tokenizer. num_blocks / kv_cache_bytes size the KV cache
     explicitly (the CPU default is 1 GiB); on CUDA it is sized by gpu_memory_utilization by default.
+    batch_invariant (default: QWENVL_BATCH_INVARIANT=1 in the environment, else off): every request's outputs the
+    same bits whatever it is batched with, however its prompt is chunked, with or without CUDA graphs
+    (engine/batch_invariant.py; CUDA, bf16/fp16, one GPU, no FP8; slower: docs/BENCHMARKS.md).
     """
 
     def __init__(self, model, dtype: torch.dtype | None = None, device=None, gpu_memory_utilization: float = 0.9,
@@ -65,7 +68,7 @@ class LLM:
                  block_size: int = 16, num_blocks: int | None = None, enable_prefix_caching: bool = True,
                  enable_cuda_graphs: bool = True, processor=None, kv_cache_bytes: int | None = None,
                  encoder_cache_tokens: int = 32768, seed: int = 0, tensor_parallel_size: int = 1,
-                 quantization: str | None = None):
+                 quantization: str | None = None, batch_invariant: bool | None = None):
         init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "model", "processor", "__class__")}
         for name, val in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                           ("block_size", block_size)):
@@ -74,6 +77,11 @@ class LLM:
         if not 0 < gpu_memory_utilization <= 1:
             raise InputError(f"LLM: gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         spmd.check_options(tensor_parallel_size, quantization)
+        if batch_invariant is None:
+            batch_invariant = env_flag("QWENVL_BATCH_INVARIANT", False)
+        if batch_invariant and (tensor_parallel_size > 1 or quantization):
+            raise InputError("LLM: batch_invariant runs one GPU's bf16/fp16 kernels: not with tensor_parallel_size="
+                             f"{tensor_parallel_size} or quantization={quantization!r}")
         # tensor parallelism: this process is one rank of an SPMD group (spmd.py); rank 0 drives the others
         self._tp: spmd.TPChannel | None = None
         # new frames are copied to pinned memory by the hashing threads (VisionInput.content_hash(stage=True)), so
@@ -103,7 +111,8 @@ class LLM:
         self.eos_token_ids = _eos_token_ids(path, self.config, self.tokenizer)
 
         self.runner = ModelRunner(model, block_size=block_size, max_num_seqs=max_num_seqs,
-                                  enable_cuda_graphs=enable_cuda_graphs, encoder_cache_tokens=encoder_cache_tokens)
+                                  enable_cuda_graphs=enable_cuda_graphs, encoder_cache_tokens=encoder_cache_tokens,
+                                  batch_invariant=batch_invariant)
         if num_blocks is None:
             if kv_cache_bytes is None and self.device.type == "cuda":
                 num_blocks = self.runner.profile_num_blocks(gpu_memory_utilization, max_num_batched_tokens)
@@ -163,7 +172,7 @@ class LLM:
                 "triton_silu": self.runner.triton_silu, "gqa_prefill": self.runner.gqa_prefill,
                 "decode_ahead": self.decode_ahead, "decode_ahead_steps": self.num_ahead_steps,
                 "vision_graph_replays": vg.replays if (vg := self.runner.vision_graphs) is not None else 0,
-                "max_model_len": self.max_model_len}
+                "batch_invariant": self.runner.batch_invariant, "max_model_len": self.max_model_len}
 
     # ------------------------------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt) -> PromptData:

@@ -37,6 +37,7 @@ from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_max_splits, gqa_prefill_ok,
                         num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
                         varlen_prefill_ok, write_kv)
+from . import batch_invariant as BI
 from .kv_cache import PagedKVCache
 from .rope_kv import gemv_rope_ok, rope_write_kv, rope_write_kv_ok
 from .silu_mul import silu_mul, silu_mul_ok
@@ -70,6 +71,8 @@ class StepInputs:
     # all prefill chunks in one varlen call (attention.varlen_prefill_attention): query rows, key slots, cu_q, cu_k,
     # max_q, max_k; None: the chunks attend one by one
     prefill_plan: tuple | None = None
+    # batch-invariant attention (batch_invariant.bi_attention) of every row: block tables, tiles, positions
+    bi_plan: tuple | None = None
     vision_rows: torch.Tensor | None = None
     vision_feats: torch.Tensor | None = None
 
@@ -112,8 +115,11 @@ def _cuda_graph_buckets(max_batch: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, *, block_size: int = 16, max_num_seqs: int = 256, enable_cuda_graphs: bool = True,
-                 encoder_cache_tokens: int = 32768):
+                 encoder_cache_tokens: int = 32768, batch_invariant: bool = False):
         self.model = model
+        # every kernel's result for a row independent of the batch, the chunking and the CUDA graphs
+        # (batch_invariant.py); slower, for reproducible outputs
+        self.batch_invariant = batch_invariant
         self.device = model.device
         self.dtype = model.dtype
         t = model.config.text
@@ -132,7 +138,7 @@ class ModelRunner:
         # of copy speed in prefill; QWENVL_TRITON_SILU=0 keeps the compiled one
         triton_silu = self.is_cuda and env_flag("QWENVL_TRITON_SILU", True) and silu_mul_ok(self.device, self.dtype)
         self.ops = DecoderOps(self.heads, self.kv_heads, self.head_dim, t.rms_norm_eps,
-                              compiled=self.is_cuda and compile_ops_requested(),
+                              compiled=self.is_cuda and compile_ops_requested() and not batch_invariant,
                               kernels={"silu_mul": silu_mul} if triton_silu else None)
         self.ops.check(self.device, self.dtype, t.hidden_size)
         # decode rows that run every linear through the GEMV kernel take the fused layer (_layer_gemv): RMSNorm,
@@ -182,7 +188,8 @@ class ModelRunner:
         # the ViT replayed from CUDA graphs per grid list (vision_graphs.py); QWENVL_VIT_GRAPHS=0 keeps it eager
         self.vision_graphs = (VisionGraphs(model.visual) if enable_cuda_graphs and self.is_cuda
                               and env_flag("QWENVL_VIT_GRAPHS", True) else None)
-        if self.vision_graphs is not None and model.visual.dtype in (torch.bfloat16, torch.float16):
+        if ((self.vision_graphs is not None or (batch_invariant and self.is_cuda))
+                and model.visual.dtype in (torch.bfloat16, torch.float16)):
             # Replayed from graphs the ViT is no longer launch-bound, and the 7B/72B ViT's 3420-wide MLP (not a
             # multiple of 8) falls off cuBLAS' Hopper kernels: zero-padded, graph 38.3 -> 28.1 ms for a 1280x720
             # image (H200, docs/BENCHMARKS.md 2026-12-05). Same outputs; a no-op where the width is a multiple of 16.
@@ -194,6 +201,22 @@ class ModelRunner:
             compile_vision_blocks(model.visual, self.device)
         else:
             uncompile_vision_blocks(model.visual)
+        if batch_invariant:
+            self._use_invariant_kernels()
+
+    def _use_invariant_kernels(self) -> None:
+        """Batch-invariant mode: the decoder's linears, norms and attention on batch_invariant.py's kernels, and
+        the paths whose arithmetic depends on the batch (GEMV layers, varlen / SDPA prefill, split decode, compiled
+        ops) off. The ViT encodes each image or video on its own (_encode_vision)."""
+        if not BI.available(self.device) or self.dtype not in (torch.bfloat16, torch.float16):
+            raise InputError(f"batch_invariant needs CUDA with triton and a bf16/fp16 model (got {self.device}, "
+                             f"{self.dtype})")
+        for L in self.layers:
+            L.qkv, L.gu, L.o, L.down = (BI.InvariantLinear(m) for m in (L.qkv, L.gu, L.o, L.down))
+        self.lm_head = BI.InvariantLinear(self.model.lm_head)
+        self.fused_gemv = self.gqa_prefill = self.varlen_prefill = False
+        eps = self.model.config.text.rms_norm_eps
+        self.ops.add_rms_norm = lambda h, delta, weight: BI.bi_add_rms_norm(h, delta, weight, eps)
 
     # ------------------------------------------------------------------------------------------ set-up
     @torch.no_grad()
@@ -358,6 +381,9 @@ class ModelRunner:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(norm(h)); one GEMV with the norm as its prologue where the head runs the kernel at h's rows."""
         norm = self.model.model.norm
+        if self.batch_invariant:
+            x = BI.bi_add_rms_norm(h, None, norm.weight, norm.eps)[1]
+            return self.lm_head(x, out_dtype=torch.float32 if self.fp32_logits else None)
         ops = (self.lm_head.gemv_operands(1, self.dtype, self.device)
                if self.fused_gemv and h.shape[0] == 1 and hasattr(self.lm_head, "gemv_operands") else None)
         if ops is not None and fp8_gemv.fused_gemv_ok(self.device, ops[0].dtype):
@@ -385,6 +411,8 @@ class ModelRunner:
         single_prefill = s.decode_rows is None and len(s.prefills) == 1
 
         def attend(i, q, k, v):
+            if s.bi_plan is not None:
+                return BI.bi_attention(q, self.kv.k[i], self.kv.v[i], *s.bi_plan)
             if single_prefill:
                 r0, n, start, blocks = s.prefills[0]
                 return prefill_attention(q, k, v, self.kv.k[i], self.kv.v[i], blocks, start, self.gqa_prefill)
@@ -404,7 +432,7 @@ class ModelRunner:
 
         # every row's attention reads its keys from the pools (decode rows, the varlen plan's chunks): the chunk's
         # own k/v are not needed apart, so the rotary and the K/V write can be one kernel (rope_kv.py)
-        keys_from_pools = s.prefill_plan is not None or not s.prefills
+        keys_from_pools = s.prefill_plan is not None or not s.prefills or s.bi_plan is not None
         h = self._layers(h, cos, sin, s.slots, attend, keys_from_pools=keys_from_pools)
         return self._logits(h[s.sample_rows])
 
@@ -415,9 +443,15 @@ class ModelRunner:
         cos, sin = self._cos_sin(pos)
         cos, sin = cos[:, None], sin[:, None]
         h = self.model.model.embed_tokens(ids)
+        if self.batch_invariant:  # one tile per row: the same kernel and arithmetic as a prefill chunk's rows
+            rows = torch.arange(ids.shape[0], dtype=torch.int32, device=ids.device)
+            plan = (block_tables, rows, torch.ones_like(rows), rows, context_lens - 1)
 
-        def attend(i, q, k, v):
-            return self._decode_attention(i, q, block_tables, context_lens)
+            def attend(i, q, k, v):
+                return BI.bi_attention(q, self.kv.k[i], self.kv.v[i], *plan)
+        else:
+            def attend(i, q, k, v):
+                return self._decode_attention(i, q, block_tables, context_lens)
 
         h = self._layers(h, cos, sin, slots, attend, keys_from_pools=True)
         return self._logits(h)
@@ -466,7 +500,9 @@ class ModelRunner:
         vision_rows, vision_feats = [], []
         self._encode_vision(chunks)
         row = 0
+        bi_chunks = []
         for c in chunks:
+            bi_chunks.append((row, c.num_tokens, len(bi_chunks)))
             seq = c.seq
             ids.extend(seq.token_ids[c.start:c.end])
             positions.append(seq.prompt.positions_of(c.start, c.end))
@@ -511,6 +547,11 @@ class ModelRunner:
             cu = to_device(cu, dev)
             s.prefill_plan = (to_device(torch.cat(plan_rows), dev), to_device(torch.cat(plan_slots), dev), cu[0], cu[1],
                               max(n_q), max(n_k))
+        if self.batch_invariant:
+            tiles = torch.tensor(BI.attention_tiles(bi_chunks), dtype=torch.int32)
+            pos = torch.cat([torch.arange(c.start, c.end, dtype=torch.int32) for c in chunks])
+            s.bi_plan = (to_device(self._block_table_rows([c.seq for c in chunks]), dev), *to_device(tiles, dev),
+                         to_device(pos, dev))
         return s
 
     def _execute_decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -605,7 +646,7 @@ class ModelRunner:
         match collective for collective, but one failed capture must not leave the others' graphs half
         built: they agree after each bucket)."""
         tp = self.tp
-        usable = self.enable_cuda_graphs and self.is_cuda and self.use_triton
+        usable = self.enable_cuda_graphs and self.is_cuda and (self.use_triton or self.batch_invariant)
         if not (tp.agree(usable) if tp is not None else usable):
             return
         dev = self.device
@@ -671,7 +712,11 @@ class ModelRunner:
         parts = [self._pixel_values(it) for it in todo]
         pix = parts[0] if len(parts) == 1 else torch.cat(parts)
         grids = [it.grid_thw for it in todo]
-        feats = self.vision_graphs(pix, grids) if self.vision_graphs is not None else self.model.visual(pix, grids)
+        encode = self.vision_graphs if self.vision_graphs is not None else self.model.visual
+        if self.batch_invariant:  # each item on its own: its features do not depend on what else came in this step
+            feats = torch.cat([encode(p, [g]) for p, g in zip(parts, grids)])
+        else:
+            feats = encode(pix, grids)
         self.num_encoder_runs += 1
         self.num_encoded_items += len(todo)
         expected = sum(it.num_tokens for it in todo)
