@@ -12,6 +12,7 @@ shapes, and the engine with and without CUDA graphs, batched and alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16_STEP = 2.0 ** -7  # relative spacing of bf16 (8 significant bits)
 
 
-def _prompts(n: int, seed: int, lo: int = 4, hi: int = 60) -> list[dict]:
+def _prompts(n: int, seed: int, lo: int = 4, hi: int = 60, vocab: int = 150000) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(100, 150000) for _ in range(rng.randrange(lo, hi))]}
+    return [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(rng.randrange(lo, hi))]}
             for _ in range(n)]
 
 
@@ -103,8 +104,10 @@ def interpreter_engine() -> dict:
     from qwenvl.engine import LLM, SamplingParams
     from qwenvl.model import Qwen25VL
 
-    model = Qwen25VL.random(preset("tiny"), dtype=torch.bfloat16, device="cpu", seed=0)
-    prompts = _prompts(3, seed=2, lo=20, hi=50)
+    cfg = preset("tiny")  # with a 4,096-token vocabulary: the interpreter runs lm_head's programs one by one
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=4096))
+    model = Qwen25VL.random(cfg, dtype=torch.bfloat16, device="cpu", seed=0)
+    prompts = _prompts(3, seed=2, lo=20, hi=50, vocab=4096)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
 
     def run(invariant: bool, alone: bool = False, **kw):

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "the checkpoint")
     g.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: e4m3 weights with per-channel "
                    "scales for the decoder linears (an FP8 checkpoint is FP8 without the flag)")
+    g.add_argument("--batch-invariant", action="store_true", default=None, help="every request's output the same "
+                   "bits whatever it is batched with (CUDA, one GPU, bf16/fp16; slower; default: "
+                   "$QWENVL_BATCH_INVARIANT)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-request-bytes", type=int, default=64 << 20)
     g.add_argument("--max-concurrent", type=int, default=256, help="requests in flight; more get HTTP 429")
@@ -60,7 +63,8 @@ def engine_kwargs(args) -> dict:
     kw = dict(max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
               max_model_len=args.max_model_len, device=args.device,
               dtype=getattr(torch, args.dtype) if args.dtype else None,
-              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+              batch_invariant=getattr(args, "batch_invariant", None))
     if args.kv_cache_mb:
         kw["kv_cache_bytes"] = args.kv_cache_mb << 20
     return kw
