@@ -110,8 +110,9 @@ def interpreter_engine() -> dict:
     prompts = _prompts(3, seed=2, lo=20, hi=50, vocab=4096)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
 
-    def run(invariant: bool, alone: bool = False, **kw):
-        llm = LLM(model, num_blocks=64, block_size=16, max_num_seqs=8, batch_invariant=invariant, **kw)
+    def run(invariant: bool, alone: bool = False, num_blocks_override: int | None = None, **kw):
+        llm = LLM(model, num_blocks=num_blocks_override or 64, block_size=16, max_num_seqs=8,
+                  batch_invariant=invariant, **kw)
         outs = [llm.generate([p], params)[0] for p in prompts[:1]] if alone else llm.generate(prompts, params)
         stats = llm.stats()
         llm.shutdown()
@@ -121,9 +122,13 @@ def interpreter_engine() -> dict:
     batch, stats = run(True)
     alone, _ = run(True, alone=True)
     chunked, cstats = run(True, max_num_batched_tokens=24)
+    # a KV cache of 7 blocks for three sequences of up to 4 blocks: sequences are preempted and recomputed (their
+    # generated tokens go through a prefill chunk instead of decode steps)
+    preempted, pstats = run(True, num_blocks_override=7)
     default, _ = run(False)
-    return {"batch": batch, "alone": alone, "chunked": chunked, "default": default,
-            "flag": stats["batch_invariant"], "chunked_flag": cstats["batch_invariant"]}
+    return {"batch": batch, "alone": alone, "chunked": chunked, "preempted": preempted, "default": default,
+            "flag": stats["batch_invariant"], "chunked_flag": cstats["batch_invariant"],
+            "preemptions": pstats["num_preemptions"]}
 
 
 def run_interpreter(mode: str):
@@ -145,8 +150,8 @@ def test_kernels_under_triton_interpreter():
 
 
 def test_engine_batch_invariant_under_triton_interpreter():
-    """Bit-equal tokens and logprobs batched, alone and in other prefill chunks; the default engine's tokens
-    up to a near-tie parting."""
+    """Bit-equal tokens and logprobs batched, alone, in other prefill chunks and after preemptions; the default
+    engine's tokens up to a near-tie parting."""
     pytest.importorskip("triton")
     import types
 
@@ -156,6 +161,7 @@ def test_engine_batch_invariant_under_triton_interpreter():
     assert r["flag"] and r["chunked_flag"]
     assert r["batch"] == r["chunked"], (r["batch"], r["chunked"])
     assert r["alone"] == r["batch"][:1], (r["alone"], r["batch"][:1])
+    assert r["preemptions"] > 0 and r["preempted"] == r["batch"], (r["preemptions"], r["preempted"], r["batch"])
 
     def outs(key):
         return [types.SimpleNamespace(token_ids=t, logprobs=[{int(k): v for k, v in d.items()} for d in lps])
