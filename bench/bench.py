@@ -824,7 +824,7 @@ def slow_run(ours, prompts, greedy, n_first=32, chat=False, max_num_seqs=256, **
     try:
         if not llm_kw.get("batch_invariant"):
             layers._flash_varlen = None
-        with compile_ops_env("0"):
+        with compile_ops_env("0") if not llm_kw.get("batch_invariant") else contextlib.nullcontext():
             llm = LLM(ours, max_model_len=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False, **llm_kw)
         llm.runner.use_triton = False
