@@ -93,7 +93,10 @@ def cmd_demo(a) -> int:
     report.update(image=img_path, drawn=drawn, seconds=round(time.time() - t0, 2))
     print(json.dumps(report, ensure_ascii=False, indent=2))
     if not boxes:
-        print("(no boxes parsed from the answer", "- expected with random weights)" if not a.model else ")",
+        from .hub import shipped_nano
+
+        random_weights = not a.model and shipped_nano() is None
+        print("(no boxes parsed from the answer", "- expected with random weights)" if random_weights else ")",
               file=sys.stderr)
     return 0
 

@@ -1,8 +1,9 @@
 """Where models come from: a checkpoint directory, or the default model when none is given.
 
-The default is the trained nano model once it ships inside the package (`qwenvl/nano/`: config.json and
-safetensors beside its tokenizer; docs/NANO.md says when: at issue 6's targets). Until then it is a tiny checkpoint
-with RANDOM weights, built once into the user cache: it runs the whole pipeline but its answers are meaningless.
+The default is the trained nano model shipped inside the package (`qwenvl/nano/`: config.json and safetensors
+beside its tokenizer; docs/NANO.md is its model card). A package without those weights (a trimmed install) falls
+back to a tiny checkpoint with RANDOM weights, built once into the user cache: it runs the whole pipeline but its
+answers are meaningless.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_NOTICE = ("NOTE: no --model given and the trained nano model is not shipped yet: using a tiny checkpoint "
+DEFAULT_NOTICE = ("NOTE: no --model given and this install has no nano model weights (qwenvl/nano): using a tiny checkpoint "
                   "with RANDOM weights ({path}). The pipeline runs end to end; the answers are meaningless.")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from qwenvl.engine import LLM, SamplingParams
 from qwenvl.errors import InputError
-from qwenvl.hub import resolve_model
+from qwenvl.hub import tiny_random_checkpoint
 from qwenvl.serve.constrained import JsonConstraint, ToolCallConstraint, json_prefix_state, tool_calls_prefix_state
 from qwenvl.serve.protocol import tool_call_schema, validate_schema
 from qwenvl.tasks.agent import parse_tool_calls
@@ -55,7 +55,7 @@ def test_scalars_and_json_object():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(resolve_model(None, quiet=True), kv_cache_bytes=16 << 20, max_num_seqs=8)
+    return LLM(tiny_random_checkpoint(), kv_cache_bytes=16 << 20, max_num_seqs=8)
 
 
 def test_engine_output_follows_the_schema(llm):

@@ -224,12 +224,12 @@ def _serve_answer(*flags) -> tuple[str, dict]:
 
     from starlette.testclient import TestClient
 
-    from qwenvl.hub import resolve_model
+    from qwenvl.hub import tiny_random_checkpoint
     from qwenvl.serve import cli
 
     p = argparse.ArgumentParser()
     cli.add_parser(p.add_subparsers())
-    args = p.parse_args(["serve", "--model", resolve_model(None, quiet=True), "--device", "cpu", "--kv-cache-mb", "16",
+    args = p.parse_args(["serve", "--model", tiny_random_checkpoint(), "--device", "cpu", "--kv-cache-mb", "16",
                          "--served-model-name", "tiny", *flags])
     app, backend = cli.build(args)
     try:

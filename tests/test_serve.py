@@ -106,9 +106,9 @@ def media_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend():
     from qwenvl.engine import AsyncLLM
-    from qwenvl.hub import resolve_model
+    from qwenvl.hub import tiny_random_checkpoint
 
-    b = EngineBackend(AsyncLLM(resolve_model(None, quiet=True), kv_cache_bytes=32 << 20, max_num_seqs=64))
+    b = EngineBackend(AsyncLLM(tiny_random_checkpoint(), kv_cache_bytes=32 << 20, max_num_seqs=64))
     yield b
     b.shutdown()
 

@@ -316,10 +316,10 @@ def test_python_functions_print_what_the_cli_prints(tmp_path, capsys):
 def test_python_functions_take_an_llm(tmp_path):
     """The functions run a qwenvl.LLM given as is (the pipeline runs; the tiny model's answers are noise)."""
     from qwenvl.engine import LLM
-    from qwenvl.hub import resolve_model
+    from qwenvl.hub import tiny_random_checkpoint
     from qwenvl.tasks import run as tasks_run
 
-    llm = LLM(resolve_model(None, quiet=True), kv_cache_bytes=16 << 20, max_num_seqs=4)
+    llm = LLM(tiny_random_checkpoint(), kv_cache_bytes=16 << 20, max_num_seqs=4)
     img = tmp_path / "shot.png"
     Image.new("RGB", (112, 84), (10, 200, 10)).save(img)
     assert tasks_run.TaskModel(llm).llm is llm  # used as is
