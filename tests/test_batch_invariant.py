@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 
 import pytest
@@ -132,11 +131,9 @@ def interpreter_engine() -> dict:
 
 
 def run_interpreter(mode: str):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env, capture_output=True,
-                       text=True, timeout=900, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    from test_fp8_gemv import run_interpreter as run_script
+
+    return run_script(mode, script=__file__, timeout=900)
 
 
 def test_kernels_under_triton_interpreter():

@@ -455,10 +455,11 @@ def interpreter_fused_engine() -> dict:
                                             for o in v] for k, v in outs.items()}}
 
 
-def run_interpreter(mode: str):
+def run_interpreter(mode: str, script: str = __file__, timeout: int = 600):
+    """`python script mode` in a TRITON_INTERPRET=1 process; its last stdout line as JSON."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), mode], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
+    p = subprocess.run([sys.executable, os.path.abspath(script), mode], env=env, capture_output=True,
+                       text=True, timeout=timeout, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 

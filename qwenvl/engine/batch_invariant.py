@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..quant.fp8_gemv import HAVE_TRITON, interpreting, tl, triton
+from ..quant.fp8_gemv import HAVE_TRITON, HeldLinear, interpreting, tl, triton
 
 # one MMA tile for every row count: 64 rows is Hopper's warpgroup MMA height, so prefill runs at speed; a decode
 # row pays for 64 (still bandwidth-bound: 64 FLOP per weight byte)
@@ -162,24 +162,14 @@ def bi_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return y.view(*shape[:-1], N)
 
 
-class InvariantLinear(torch.nn.Module):
-    """A linear layer (nn.Linear, or a wrapper exposing .weight / .bias) whose every call is bi_linear."""
+class InvariantLinear(HeldLinear):
+    """A bf16/fp16 nn.Linear (or the one a GemvLinear holds) whose every call is bi_linear."""
 
     def __init__(self, linear: torch.nn.Module):
-        super().__init__()
-        inner = getattr(linear, "linear", linear)  # fp8_gemv.GemvLinear holds the nn.Linear
-        if type(inner) is not torch.nn.Linear or inner.weight.dtype not in (torch.bfloat16, torch.float16):
-            raise TypeError(f"batch-invariant linears need a bf16/fp16 nn.Linear, got {type(inner).__name__} "
-                            f"({getattr(getattr(inner, 'weight', None), 'dtype', None)})")
-        self.linear = inner
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
+        inner = linear.linear if isinstance(linear, HeldLinear) else linear
+        super().__init__(inner)
+        if inner.weight.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"batch-invariant linears need bf16/fp16 weights, got {inner.weight.dtype}")
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return bi_linear(x, self.linear.weight, self.linear.bias, out_dtype)

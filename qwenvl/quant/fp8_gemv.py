@@ -821,14 +821,14 @@ def bf16_route(rows: int, dtype: torch.dtype, device, weight: torch.Tensor) -> b
     return gemv_ok(device, weight.dtype)
 
 
-class GemvLinear(torch.nn.Module):
-    """An nn.Linear (held, not copied: the model's own module keeps its weights) whose small-M calls run the
-    GEMV kernel (use_bf16_gemv), every other call the linear itself. For the engine's decode linears."""
+class HeldLinear(torch.nn.Module):
+    """A plain nn.Linear held, not copied (the model's own module keeps its weights), behind another forward: the
+    base of the engine's wrappers (GemvLinear here, batch_invariant.InvariantLinear)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         if type(linear) is not torch.nn.Linear:
-            raise TypeError(f"GemvLinear wraps a plain nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"{type(self).__name__} wraps a plain nn.Linear, got {type(linear).__name__}")
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -839,6 +839,11 @@ class GemvLinear(torch.nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.linear.bias
+
+
+class GemvLinear(HeldLinear):
+    """An nn.Linear whose small-M calls run the GEMV kernel (use_bf16_gemv), every other call the linear itself.
+    For the engine's decode linears."""
 
     def gemv_operands(self, rows: int, dtype: torch.dtype, device) -> tuple | None:
         """(weight, scale, bias) for gemv() when an input of `rows` rows would run the kernel, else None (the
