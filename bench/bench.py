@@ -991,7 +991,8 @@ def batch_invariant(ours, hf, cfg, n_alone: int = 8, w1_tokens: int = 256) -> di
     """LLM(batch_invariant=True) (engine/batch_invariant.py) at the bench shape: its kernels' invariance, W1 and W4
     speed, and the first 32 greedy tokens of every W4 request from the fast run (CUDA graphs, up to 256 requests
     per step) against a slow run (no CUDA graphs, at most 16 requests and 2,048 tokens per step: other batches,
-    other prefill chunks) and against n_alone requests run one at a time: all equal is the claim."""
+    other prefill chunks) and against n_alone requests run one at a time: all equal is the claim. Then the default
+    mode's W1 / W2 / W4 on the same card in the same call (BENCH_BI_BASELINE=0: skipped), for the mode's cost."""
     from qwenvl.engine import LLM, SamplingParams
 
     from qwenvl.engine.batch_invariant import invariance_report
@@ -1030,6 +1031,21 @@ def batch_invariant(ours, hf, cfg, n_alone: int = 8, w1_tokens: int = 256) -> di
     RESULTS["batch_invariant"] = res
     log(res)
     release()
+    if os.environ.get("BENCH_BI_BASELINE", "1") == "1":  # the default mode's W1 / W4 in the same call, for the cost
+        llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, batch_invariant=False)
+        ids, pix, grid = image_request(cfg, seed=7, frames=True)
+        drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=8, **greedy))
+        ids, pix, grid = image_request(cfg, seed=9, frames=True)
+        ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+        base = {"w1_decode_tok_s": (len(toks) - 1) / dec, "w2_ttft_new_image_ms": ttft * 1e3}
+        reqs2 = w4_requests(cfg, n=W4_REQUESTS, frames=True)  # the same requests, fresh objects (no hashes kept)
+        _, dt, n_out = timed_generate(llm, [frames_prompt(*r[:2]) for r in reqs2],
+                                      [SamplingParams(max_tokens=r[3], **greedy) for r in reqs2])
+        base["w4_output_tok_s"] = n_out / dt
+        res["default_mode_same_call"] = base
+        log(base)
+        del llm
+        release()
     return res
 
 
