@@ -821,10 +821,11 @@ def slow_run(ours, prompts, greedy, n_first=32, chat=False, max_num_seqs=256, **
     from qwenvl.engine import LLM, SamplingParams
 
     saved = layers._flash_varlen
+    invariant = bool(llm_kw.get("batch_invariant"))
     try:
-        if not llm_kw.get("batch_invariant"):
+        if not invariant:
             layers._flash_varlen = None
-        with compile_ops_env("0") if not llm_kw.get("batch_invariant") else contextlib.nullcontext():
+        with compile_ops_env("0") if not invariant else contextlib.nullcontext():
             llm = LLM(ours, max_model_len=8192, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.9,
                       enable_cuda_graphs=False, **llm_kw)
         llm.runner.use_triton = False
@@ -1003,16 +1004,19 @@ def batch_invariant(ours, hf, cfg, n_alone: int = 8, w1_tokens: int = 256) -> di
     reqs = w4_requests(cfg, n=W4_REQUESTS, frames=True)
     prompts = [frames_prompt(*r[:2]) for r in reqs]
     lens = [r[0].shape[1] for r in reqs]
+
+    def w1_w2(llm) -> dict:  # a warm-up request, then W1 and W2 with a new image
+        ids, pix, grid = image_request(cfg, seed=7, frames=True)
+        drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=8, **greedy))
+        ids, pix, grid = image_request(cfg, seed=9, frames=True)
+        ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
+        return {"w1_decode_tok_s": (len(toks) - 1) / dec, "w2_ttft_new_image_ms": ttft * 1e3}
+
     t0 = time.time()
     llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, batch_invariant=True)
     res["init_s"] = time.time() - t0
     res["stats"] = {k: v for k, v in llm.stats().items() if not k.startswith("num_")}
-    ids, pix, grid = image_request(cfg, seed=7, frames=True)
-    drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=8, **greedy))
-    ids, pix, grid = image_request(cfg, seed=9, frames=True)
-    ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
-    res["w1_decode_tok_s"] = (len(toks) - 1) / dec
-    res["w2_ttft_new_image_ms"] = ttft * 1e3
+    res.update(w1_w2(llm))
     log(res)
     outs, dt, n_out = timed_generate(llm, prompts, [SamplingParams(max_tokens=r[3], **greedy) for r in reqs])
     res["w4_output_tok_s"] = n_out / dt
@@ -1033,11 +1037,7 @@ def batch_invariant(ours, hf, cfg, n_alone: int = 8, w1_tokens: int = 256) -> di
     release()
     if os.environ.get("BENCH_BI_BASELINE", "1") == "1":  # the default mode's W1 / W4 in the same call, for the cost
         llm = LLM(ours, max_model_len=8192, max_num_seqs=256, gpu_memory_utilization=0.9, batch_invariant=False)
-        ids, pix, grid = image_request(cfg, seed=7, frames=True)
-        drive(llm, "warm", frames_prompt(ids, pix), SamplingParams(max_tokens=8, **greedy))
-        ids, pix, grid = image_request(cfg, seed=9, frames=True)
-        ttft, dec, toks = drive(llm, "w1", frames_prompt(ids, pix), SamplingParams(max_tokens=w1_tokens, **greedy))
-        base = {"w1_decode_tok_s": (len(toks) - 1) / dec, "w2_ttft_new_image_ms": ttft * 1e3}
+        base = w1_w2(llm)
         reqs2 = w4_requests(cfg, n=W4_REQUESTS, frames=True)  # the same requests, fresh objects (no hashes kept)
         _, dt, n_out = timed_generate(llm, [frames_prompt(*r[:2]) for r in reqs2],
                                       [SamplingParams(max_tokens=r[3], **greedy) for r in reqs2])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -30,20 +29,6 @@ def _prompts(n: int, seed: int, lo: int = 4, hi: int = 60, vocab: int = 150000) 
     rng = random.Random(seed)
     return [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(rng.randrange(lo, hi))]}
             for _ in range(n)]
-
-
-def _attention_ref(q, kp, vp, table, pos):
-    """fp32 causal attention of each row of q [N, H, D] over its sequence's first pos+1 cached keys."""
-    H, D = q.shape[1], q.shape[2]
-    kvh = kp.shape[2]
-    out = []
-    for i in range(q.shape[0]):
-        p = int(pos[i])
-        K = kp[table.long()].flatten(0, 1)[:p + 1].float().repeat_interleave(H // kvh, 1)
-        V = vp[table.long()].flatten(0, 1)[:p + 1].float().repeat_interleave(H // kvh, 1)
-        s = torch.einsum("hd,khd->hk", q[i].float(), K) / math.sqrt(D)
-        out.append(torch.einsum("hk,khd->hd", s.softmax(-1), V))
-    return torch.stack(out)
 
 
 def interpreter_kernels() -> dict:
@@ -87,8 +72,8 @@ def interpreter_kernels() -> dict:
         return BI.bi_attention(q[rows], kp, vp, tables, *(i32(t) for t in tiles), pos[rows])
 
     full = attend([(0, 30, 0), (30, 21, 1)])
-    ref = torch.cat([_attention_ref(q[:30], kp, vp, tables[0], pos[:30]),
-                     _attention_ref(q[30:], kp, vp, tables[1], pos[30:])])
+    ref = torch.cat([BI.attention_reference(q[:30], kp, vp, tables[0], pos[:30]),
+                     BI.attention_reference(q[30:], kp, vp, tables[1], pos[30:])])
     res["attention_err"] = (full.float() - ref).abs().max().item()
     res["attention_other_chunks_equal"] = torch.equal(full, attend([(0, 7, 0), (7, 23, 0), (30, 1, 1), (31, 20, 1)]))
     res["attention_row_alone_equal"] = torch.equal(

@@ -224,6 +224,21 @@ def bi_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     return out
 
 
+def attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
+                        positions: torch.Tensor) -> torch.Tensor:
+    """fp32 causal attention of query rows q [N, H, D] of ONE sequence (block table `table` [W]) over its cached
+    keys: row i sees keys 0..positions[i]. The check for bi_attention."""
+    H, D = q.shape[1], q.shape[2]
+    L = int(positions.max()) + 1
+    group = H // k_pool.shape[2]
+    K = k_pool[table.long()].flatten(0, 1)[:L].float().repeat_interleave(group, 1)
+    V = v_pool[table.long()].flatten(0, 1)[:L].float().repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), K) / math.sqrt(D)
+    keys = torch.arange(L, device=q.device)
+    s = s.masked_fill(keys[None, None, :] > positions.to(q.device).long()[None, :, None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), V)
+
+
 def invariance_report(t, device) -> dict:
     """The kernels at a decoder's shapes (t: its text config) on `device`: a row's bits alone vs inside a batch
     (other rows, other tile positions), a prompt's attention in one chunk, in three, one row at a time, and the
@@ -259,11 +274,7 @@ def invariance_report(t, device) -> dict:
     full = run([(0, L, 0)])
     chunked = run([(0, 37, 0), (37, 200, 0), (237, 63, 0)])
     single = run([(r, 1, 0) for r in range(L)])
-    K = kp[table[0].long()].flatten(0, 1)[:L].float().repeat_interleave(H // KV, 1)
-    V = vp[table[0].long()].flatten(0, 1)[:L].float().repeat_interleave(H // KV, 1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), K) / D ** 0.5
-    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=device).triu(1), float("-inf"))
-    ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), V)
+    ref = attention_reference(q, kp, vp, table[0], pos)
     out["attention"] = {"chunked_equal": torch.equal(full, chunked), "one_row_tiles_equal": torch.equal(full, single),
                         "rel_err": ((full.float() - ref).norm() / ref.norm()).item()}
     return out

@@ -215,6 +215,7 @@ class ModelRunner:
             L.qkv, L.gu, L.o, L.down = (BI.InvariantLinear(m) for m in (L.qkv, L.gu, L.o, L.down))
         self.lm_head = BI.InvariantLinear(self.model.lm_head)
         self.fused_gemv = self.gqa_prefill = self.varlen_prefill = False
+        self.use_triton, self.decode_merge_max_splits = False, 0  # the split paged decode kernel is not used
         eps = self.model.config.text.rms_norm_eps
         self.ops.add_rms_norm = lambda h, delta, weight: BI.bi_add_rms_norm(h, delta, weight, eps)
 
@@ -500,9 +501,7 @@ class ModelRunner:
         vision_rows, vision_feats = [], []
         self._encode_vision(chunks)
         row = 0
-        bi_chunks = []
         for c in chunks:
-            bi_chunks.append((row, c.num_tokens, len(bi_chunks)))
             seq = c.seq
             ids.extend(seq.token_ids[c.start:c.end])
             positions.append(seq.prompt.positions_of(c.start, c.end))
@@ -547,8 +546,10 @@ class ModelRunner:
             cu = to_device(cu, dev)
             s.prefill_plan = (to_device(torch.cat(plan_rows), dev), to_device(torch.cat(plan_slots), dev), cu[0], cu[1],
                               max(n_q), max(n_k))
-        if self.batch_invariant:
-            tiles = torch.tensor(BI.attention_tiles(bi_chunks), dtype=torch.int32)
+        if self.batch_invariant:  # every row through one kernel: chunk j's rows and its row j of the block tables
+            rows0 = itertools.accumulate((c.num_tokens for c in chunks), initial=0)
+            tiles = torch.tensor(BI.attention_tiles([(r0, c.num_tokens, j) for j, (r0, c) in
+                                                     enumerate(zip(rows0, chunks))]), dtype=torch.int32)
             pos = torch.cat([torch.arange(c.start, c.end, dtype=torch.int32) for c in chunks])
             s.bi_plan = (to_device(self._block_table_rows([c.seq for c in chunks]), dev), *to_device(tiles, dev),
                          to_device(pos, dev))
