@@ -154,7 +154,8 @@ def host_parts(timer: Timer) -> None:
     timer.wrap(VisionTransformer, "_plan", "vision._plan (window order, rotary, segments)")
     timer.wrap(Qwen25VL, "_cos_sin", "model._cos_sin (decoder rotary tables)")
     timer.wrap(Qwen25VL, "embed", "model.embed (embedding + ViT forward + scatter)")
-    timer.wrap(qwenvl.train.loss, "linear_nll", "loss.linear_nll (LM head forward, targets only)")
+    timer.wrap(qwenvl.train.loss, "linear_nll_sum",
+               "loss.linear_nll_sum (LM head forward + its gradients, targets only)")
     timer.wrap(qwenvl.train.loss, "device_pixels",
                "packing.device_pixels (uint8 frames -> pixel values; on the CPU here, device kernels in training)")
 

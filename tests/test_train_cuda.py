@@ -73,3 +73,26 @@ def test_step_numbers_copied_to_the_host_asynchronously_read_back_as_the_values(
     x = torch.randn(1000, 1000, device="cuda")
     pending = _to_host_async([(x @ x).sum(), torch.tensor(3.0, device="cuda"), 2.5])
     assert _read_host(pending) == pytest.approx([float((x @ x).sum()), 3.0, 2.5], rel=1e-6)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_linear_nll_sum_compiled_matches_fp32_cross_entropy(weight_dtype):
+    """The SFT loss's head on CUDA: compiled softmax-gradient chunks, gradients made in the forward, the weight's
+    gradient accumulated in place (bf16 weights) or in fp32 (autocast over fp32 weights), against fp32 autograd."""
+    import torch.nn.functional as F
+
+    from qwenvl.train.loss import linear_nll_sum
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(256, 151936, bias=False).cuda().to(weight_dtype)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02)
+    h = torch.randn(5000, 256, generator=g).cuda().to(weight_dtype).requires_grad_()
+    t = torch.randint(0, 151936, (5000,), generator=g).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_nll_sum(h, head, t)
+    (loss / 5000).backward()
+    hf, wf = h.detach().float().requires_grad_(), head.weight.detach().float().requires_grad_()
+    ref = F.cross_entropy(hf.bfloat16().float() @ wf.bfloat16().float().t(), t, reduction="sum")
+    (ref / 5000).backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-3
+    assert rel(h.grad, hf.grad) < 1e-2 and rel(head.weight.grad, wf.grad) < 1e-2

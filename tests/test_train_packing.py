@@ -14,7 +14,7 @@ from PIL import Image
 import qwenvl
 from qwenvl.model import Qwen25VL
 from qwenvl.train.data import IGNORE, ChatEncoder, JsonlStream
-from qwenvl.train.loss import linear_nll, sft_loss_sum
+from qwenvl.train.loss import linear_nll, linear_nll_sum, sft_loss_sum
 from qwenvl.train.packing import PackedLoader, attention_weight, balance, bin_cost, collate, pack_lengths, plan_steps
 
 
@@ -304,6 +304,23 @@ def test_chunked_linear_nll_matches_cross_entropy():
     h.grad = head.weight.grad = None
     (F.cross_entropy(head(h), t, reduction="none") * w).sum().backward()
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
+
+
+def test_linear_nll_sum_makes_the_cross_entropy_gradients_in_its_forward():
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    loss = linear_nll_sum(h, head, t, chunk=8)
+    (loss * 0.3).backward()  # the backward scales the forward's gradients by the incoming scalar
+    gh, gw = h.grad.clone(), head.weight.grad.clone()
+    h.grad = head.weight.grad = None
+    ref = F.cross_entropy(head(h), t, reduction="sum")
+    (ref * 0.3).backward()
+    assert abs(loss.item() - ref.item()) < 1e-4
+    assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
+    with torch.no_grad():  # evaluation: no gradients made
+        assert abs(linear_nll_sum(h, head, t, chunk=8).item() - ref.item()) < 1e-4
 
 
 def test_packed_positions_vectorised_equal_the_per_sample_loop():
