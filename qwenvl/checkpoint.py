@@ -198,3 +198,63 @@ def save_model(model, path, layout: str = "hub", max_shard_bytes: int = 5 * 2**3
         weight_map.update({n: fname for n, _ in shard})
     with open(os.path.join(path, INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+
+def average_checkpoints(paths: list[str], out: str) -> str:
+    """Checkpoint averaging (a "model soup" of one training run): the element-wise mean, in fp32, of the tensors of
+    checkpoints with the same config, cast back to the first one's dtypes and written in its files (same shards, same
+    tensor names), shard by shard (host memory: one shard in fp32); its other files (tokenizer, chat template,
+    processor, vocab map) are copied beside them. Nearby checkpoints of one run average into a flatter minimum
+    (the nano model's runs 20a + 20b, docs/NANO.md §7)."""
+    import shutil
+
+    if len(paths) < 2:
+        raise CheckpointError("average_checkpoints needs at least two checkpoints")
+    configs = []
+    for p in paths:
+        try:
+            with open(os.path.join(p, "config.json"), encoding="utf-8") as f:
+                configs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{p}: no readable config.json ({e})") from None
+    for p, c in zip(paths[1:], configs[1:]):
+        diff = sorted(k for k in set(c) | set(configs[0]) if c.get(k) != configs[0].get(k))
+        if diff:
+            raise CheckpointError(f"{p}: config differs from {paths[0]}'s in {', '.join(diff)}: only checkpoints "
+                                  "of one architecture can be averaged")
+    where = []  # per checkpoint: internal name -> (file path, stored name); the layouts may differ
+    for p in paths:
+        where.append({to_internal_name(raw): (os.path.join(p, fname), raw)
+                      for fname, raws in checkpoint_files(p).items() for raw in raws})
+    for p, w in zip(paths[1:], where[1:]):
+        if set(w) != set(where[0]):
+            odd = sorted(set(w) ^ set(where[0]))
+            raise CheckpointError(f"{p}: tensors differ from {paths[0]}'s ({len(odd)}: {', '.join(odd[:3])} ...)")
+    os.makedirs(out, exist_ok=True)
+    handles: dict[str, object] = {}
+
+    def read(fpath: str, raw: str) -> torch.Tensor:
+        if fpath not in handles:
+            handles[fpath] = _open(fpath)
+        return handles[fpath].get_tensor(raw)
+
+    for fname, raws in checkpoint_files(paths[0]).items():
+        shard = {}
+        for raw in raws:
+            name = to_internal_name(raw)
+            first = read(os.path.join(paths[0], fname), raw)
+            total = first.float()
+            for p, w in zip(paths[1:], where[1:]):
+                fpath, other = w[name]
+                t = read(fpath, other)
+                if t.shape != first.shape:
+                    raise CheckpointError(f"{fpath}: {other} has shape {tuple(t.shape)}, {paths[0]} {tuple(first.shape)}")
+                total += t.float()
+            shard[raw] = (total / len(paths)).to(first.dtype)
+        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
+    for name in os.listdir(paths[0]):  # index, config, tokenizer, templates, processor, vocab map
+        src = os.path.join(paths[0], name)
+        if os.path.isfile(src) and not name.endswith(".safetensors"):
+            shutil.copyfile(src, os.path.join(out, name))
+    return out

@@ -101,6 +101,13 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_average(a) -> int:
+    from .checkpoint import average_checkpoints
+
+    print(average_checkpoints(a.checkpoints, a.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="qwenvl", description="Qwen2.5-VL in plain PyTorch")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -127,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--query", default=DEMO_QUERY, help="what to find and count, plural (default: %(default)s)")
     d.add_argument("--out", default=None, help="output folder (default ./demo-out)")
     d.set_defaults(fn=cmd_demo, max_tokens=160)  # two boxes and the count sentence: ~90 tokens
+
+    m = sub.add_parser("average", help="checkpoint averaging: the mean of the weights of checkpoints of one model")
+    m.add_argument("checkpoints", nargs="+", help="checkpoint dirs with the same config (two or more)")
+    m.add_argument("--out", required=True, help="output dir (the first checkpoint's tokenizer and processor files too)")
+    m.set_defaults(fn=cmd_average)
 
     # Subcommands that own their argument parsing: `qwenvl train ...` is `qwenvl.train.cli.main([...])`.
     for name, module, help_ in (("train", "train", "fine-tune / pretrain (docs/TRAINING.md)"),

@@ -269,6 +269,34 @@ def test_tied_embeddings_roundtrip(tmp_path):
         assert torch.equal(m(ids), again(ids))
 
 
+def test_average_checkpoints_is_the_mean_of_the_weights_across_layouts(tmp_path):
+    from qwenvl.checkpoint import average_checkpoints
+    from qwenvl.cli import main as cli_main
+    cfg = qwenvl.preset("tiny")
+    a, b = Qwen25VL.random(cfg, seed=1).to(torch.bfloat16), Qwen25VL.random(cfg, seed=2).to(torch.bfloat16)
+    save_model(a, tmp_path / "a", num_shards=2)
+    save_model(b, tmp_path / "b", layout="v5")  # another layout and shard count: matched by name
+    (tmp_path / "a" / "chat_template.json").write_text('{"chat_template": "x"}')
+    assert cli_main(["average", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")]) == 0
+    from safetensors import safe_open
+    for f in (tmp_path / "m").glob("*.safetensors"):  # stored in the inputs' dtype
+        with safe_open(str(f), "pt") as st:
+            assert all(st.get_tensor(k).dtype == torch.bfloat16 for k in st.keys())
+    m = Qwen25VL.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k, v in m.state_dict().items():  # the fp32 mean of the two bf16 tensors, rounded once to bf16
+        assert torch.equal(v, ((sa[k].float() + sb[k].float()) / 2).to(torch.bfloat16)), k
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+    cfg_c = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg_c["intermediate_size"] = 80
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg_c))
+    with pytest.raises(CheckpointError, match="config differs.*intermediate_size"):
+        average_checkpoints([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "n"))
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([str(tmp_path / "a")], str(tmp_path / "n"))
+
+
 def test_bad_checkpoints(pair, tmp_path):
     _, ours, _ = pair
     save_model(ours, tmp_path / "a", num_shards=3)
