@@ -321,6 +321,10 @@ def test_linear_nll_sum_makes_the_cross_entropy_gradients_in_its_forward():
     assert torch.allclose(gh, h.grad, atol=1e-6) and torch.allclose(gw, head.weight.grad, atol=1e-6)
     with torch.no_grad():  # evaluation: no gradients made
         assert abs(linear_nll_sum(h, head, t, chunk=8).item() - ref.item()) < 1e-4
+    head.weight.requires_grad_(False)  # a frozen head (stage 1, LoRA): the hidden states' gradient only
+    h.grad = head.weight.grad = None
+    linear_nll_sum(h, head, t, chunk=8).backward()
+    assert head.weight.grad is None and torch.allclose(h.grad, gh / 0.3, atol=1e-6)
 
 
 def test_packed_positions_vectorised_equal_the_per_sample_loop():

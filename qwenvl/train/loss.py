@@ -70,32 +70,37 @@ def compiled_nll_and_logit_grad():
 class _LinearNLLSum(torch.autograd.Function):
     """sum_i nll_i with the gradients made in the forward, chunk by chunk: the loss is a sum, so its backward only
     scales them by the incoming scalar. Per chunk three matmuls (logits, grad of hidden, grad of the weight) instead
-    of four, and the weight's gradient accumulates in place (addmm) when it has the compute dtype."""
+    of four, and the weight's gradient accumulates in place (addmm) when it has the compute dtype. A frozen head
+    (stage 1, LoRA) gets no weight gradient made at all."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, dtype):
+        need_h, need_w = ctx.needs_input_grad[:2]
         w = weight.to(dtype)
         step = compiled_nll_and_logit_grad() if hidden.is_cuda else nll_and_logit_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden)
+        grad_h = torch.empty_like(hidden) if need_h else None
         in_place = weight.dtype == dtype
-        grad_w = torch.zeros(weight.shape, dtype=weight.dtype if in_place else torch.float32, device=weight.device)
+        grad_w = torch.zeros(weight.shape, dtype=weight.dtype if in_place else torch.float32,
+                             device=weight.device) if need_w else None
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(dtype)
             nll, p = step(h @ w.t(), targets[i:i + chunk])
             total += nll.sum()
-            grad_h[i:i + chunk] = (p @ w).to(hidden.dtype)
-            if in_place:
+            if need_h:
+                grad_h[i:i + chunk] = (p @ w).to(hidden.dtype)
+            if need_w and in_place:
                 torch.addmm(grad_w, p.t(), h, out=grad_w)
-            else:
+            elif need_w:
                 grad_w += (p.t() @ h).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype), None, None, None
+        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None)
 
 
 def linear_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
