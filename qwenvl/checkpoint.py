@@ -231,30 +231,43 @@ def average_checkpoints(paths: list[str], out: str) -> str:
         if set(w) != set(where[0]):
             odd = sorted(set(w) ^ set(where[0]))
             raise CheckpointError(f"{p}: tensors differ from {paths[0]}'s ({len(odd)}: {', '.join(odd[:3])} ...)")
-    os.makedirs(out, exist_ok=True)
-    handles: dict[str, object] = {}
+    if any(os.path.realpath(out) == os.path.realpath(p) for p in paths):
+        raise CheckpointError(f"{out}: is one of the checkpoints being averaged; choose another output dir")
+    if os.path.isdir(out) and os.listdir(out):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new output dir (nothing was written)")
+    tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"  # written here, then renamed: no half-written model at `out`
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        handles: dict[str, object] = {}
 
-    def read(fpath: str, raw: str) -> torch.Tensor:
-        if fpath not in handles:
-            handles[fpath] = _open(fpath)
-        return handles[fpath].get_tensor(raw)
+        def read(fpath: str, raw: str) -> torch.Tensor:
+            if fpath not in handles:
+                handles[fpath] = _open(fpath)
+            return handles[fpath].get_tensor(raw)
 
-    for fname, raws in checkpoint_files(paths[0]).items():
-        shard = {}
-        for raw in raws:
-            name = to_internal_name(raw)
-            first = read(os.path.join(paths[0], fname), raw)
-            total = first.float()
-            for p, w in zip(paths[1:], where[1:]):
-                fpath, other = w[name]
-                t = read(fpath, other)
-                if t.shape != first.shape:
-                    raise CheckpointError(f"{fpath}: {other} has shape {tuple(t.shape)}, {paths[0]} {tuple(first.shape)}")
-                total += t.float()
-            shard[raw] = (total / len(paths)).to(first.dtype)
-        save_file(shard, os.path.join(out, fname), metadata={"format": "pt"})
-    for name in os.listdir(paths[0]):  # index, config, tokenizer, templates, processor, vocab map
-        src = os.path.join(paths[0], name)
-        if os.path.isfile(src) and not name.endswith(".safetensors"):
-            shutil.copyfile(src, os.path.join(out, name))
+        for fname, raws in checkpoint_files(paths[0]).items():
+            shard = {}
+            for raw in raws:
+                name = to_internal_name(raw)
+                first = read(os.path.join(paths[0], fname), raw)
+                total = first.float()
+                for p, w in zip(paths[1:], where[1:]):
+                    fpath, other = w[name]
+                    t = read(fpath, other)
+                    if t.shape != first.shape:
+                        raise CheckpointError(f"{fpath}: {other} has shape {tuple(t.shape)}, "
+                                              f"{paths[0]} {tuple(first.shape)}")
+                    total += t.float()
+                shard[raw] = (total / len(paths)).to(first.dtype)
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        for name in os.listdir(paths[0]):  # index, config, tokenizer, templates, processor, vocab map
+            src = os.path.join(paths[0], name)
+            if os.path.isfile(src) and not name.endswith(".safetensors"):
+                shutil.copyfile(src, os.path.join(tmp, name))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
     return out

@@ -295,6 +295,12 @@ def test_average_checkpoints_is_the_mean_of_the_weights_across_layouts(tmp_path)
         average_checkpoints([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "n"))
     with pytest.raises(CheckpointError, match="at least two"):
         average_checkpoints([str(tmp_path / "a")], str(tmp_path / "n"))
+    before = (tmp_path / "a" / "model-00001-of-00002.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="one of the checkpoints"):  # never over an input
+        average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "a"))
+    with pytest.raises(CheckpointError, match="not empty"):  # nor over another model
+        average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"))
+    assert (tmp_path / "a" / "model-00001-of-00002.safetensors").read_bytes() == before
 
 
 def test_bad_checkpoints(pair, tmp_path):

@@ -103,7 +103,8 @@ class _LinearNLLSum(torch.autograd.Function):
                 None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None)
 
 
-def linear_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def linear_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                   chunk: int = 2048) -> torch.Tensor:
     """sum of linear_nll(hidden, head, targets): the same value and gradients, about one LM-head pass cheaper."""
     trains = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
     if not trains or type(head) is not torch.nn.Linear or head.bias is not None or not hidden.shape[0]:
