@@ -203,3 +203,21 @@ def test_suite_opt_in_unseen_fps_tasks(tmp_path, capsys):
     assert sorted(p.name for p in folder.glob(".complete*")) == [".complete", ".complete-video_grounding_unseen_fps"]
     with pytest.raises(SystemExit):
         eval_main(common + ["--add-tasks", "ocr"])  # not an opt-in task
+
+
+def test_suite_seed_draws_another_held_out_sample(tmp_path):
+    """--seed: a validation draw of the suite's held-out split (for choosing between models), in its own cached
+    folder; the reported suite (seed 0) is untouched, and the draw is what synth.generate makes with that seed."""
+    from qwenvl.evaluate.cli import suite_data
+
+    root = str(tmp_path / "suites")
+    a, b = suite_data("nano", 2, root), suite_data("nano", 2, root, seed=1)
+    assert a != b and a.endswith("-s0-n2") and b.endswith("-s1-n2")
+    count_a = [json.loads(x) for x in open(os.path.join(a, "count.jsonl"))]
+    count_b = [json.loads(x) for x in open(os.path.join(b, "count.jsonl"))]
+    assert [r["messages"] for r in count_a] != [r["messages"] for r in count_b]
+    synth.generate(str(tmp_path / "direct"), ["count"], 2, "heldout", 1)
+    direct = [json.loads(x) for x in open(tmp_path / "direct" / "count.jsonl")]
+    assert [r["messages"] for r in direct] == [r["messages"] for r in count_b]
+    with pytest.raises(SystemExit):  # records given by --data have no seed to draw with
+        eval_main(["--data", os.path.join(b, "count.jsonl"), "--seed", "1", "--out", str(tmp_path / "e")])

@@ -24,9 +24,11 @@ SUITES = {"nano": dict(split="heldout", seed=0,
                        extra_tasks=list(EVAL_TASKS) + list(CURRICULUM_TASKS))}
 
 
-def suite_data(name: str, n: int, root: str | None = None, extra_tasks=()) -> str:
-    """The suite's data folder, generated on first use (deterministic: cached by name, generator version, n): the
-    suite's tasks, plus any of its opt-in `extra_tasks` asked for (each generated once, into the same folder)."""
+def suite_data(name: str, n: int, root: str | None = None, extra_tasks=(), seed: int | None = None) -> str:
+    """The suite's data folder, generated on first use (deterministic: cached by name, generator version, seed, n): the
+    suite's tasks, plus any of its opt-in `extra_tasks` asked for (each generated once, into the same folder).
+    `seed` (default: the suite's, 0) draws another sample of the same held-out split: data for choosing between
+    models (checkpoints, averages, arms) that the reported table, drawn with the suite's seed, never saw."""
     from .. import synth
     from ..hub import cache_dir
 
@@ -34,12 +36,13 @@ def suite_data(name: str, n: int, root: str | None = None, extra_tasks=()) -> st
     bad = [t for t in extra_tasks if t not in spec.get("extra_tasks", ())]
     if bad:
         raise ValueError(f"suite {name!r} has no extra task(s) {bad}; it has {spec.get('extra_tasks', [])}")
+    seed = spec["seed"] if seed is None else seed
     folder = os.path.join(root or os.path.join(cache_dir(), "suites"),
-                          f"{name}-v{synth.VERSION}-{spec['split']}-s{spec['seed']}-n{n}")
+                          f"{name}-v{synth.VERSION}-{spec['split']}-s{seed}-n{n}")
     for tasks, done in [(spec["tasks"], os.path.join(folder, ".complete"))] + \
             [([t], os.path.join(folder, f".complete-{t}")) for t in extra_tasks]:
         if not os.path.exists(done):
-            synth.generate(folder, tasks, n, spec["split"], spec["seed"])
+            synth.generate(folder, tasks, n, spec["split"], seed)
             open(done, "w").close()
     return folder
 
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", default=None, choices=sorted(SUITES), help="built-in suite (default nano when no --data)")
     p.add_argument("--data", action="append", help="JSONL file or folder of them (repeatable); replaces --suite")
     p.add_argument("--n", type=int, default=50, help="suite samples per task")
+    p.add_argument("--seed", type=int, default=None, help="draw the suite's held-out data with this seed instead of "
+                   "its own (0): a validation draw for choosing between models, apart from the reported one")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples per task")
     p.add_argument("--tasks", default=None, help="comma-separated subset of tasks (a suite's opt-in tasks included)")
     p.add_argument("--add-tasks", default=None, help="comma-separated opt-in suite tasks evaluated besides the "
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = a.tasks.split(",") if a.tasks else None
     added = a.add_tasks.split(",") if a.add_tasks else []
+    if a.data and a.seed is not None:
+        p.error("--seed draws the suite's data; with --data the records are given")
     if a.data:  # every record is evaluated unless --tasks narrows it
         data = a.data
         tasks = tasks + added if tasks else None
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"--add-tasks: {bad} are not opt-in tasks of suite {a.suite or 'nano'} ({spec['extra_tasks']})")
         extra = [t for t in dict.fromkeys((tasks or []) + added) if t in spec["extra_tasks"]]
-        data = [suite_data(a.suite or "nano", a.n, a.suite_root, extra)]
+        data = [suite_data(a.suite or "nano", a.n, a.suite_root, extra, a.seed)]
         if added:
             tasks = list(dict.fromkeys((tasks or spec["tasks"]) + added))
     samples = load_samples(data, a.limit, tasks)
