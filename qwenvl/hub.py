@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_NOTICE = ("NOTE: no --model given and this install has no nano model weights (qwenvl/nano): using a tiny checkpoint "
-                  "with RANDOM weights ({path}). The pipeline runs end to end; the answers are meaningless.")
+DEFAULT_NOTICE = ("NOTE: no --model given and this install has no nano model weights (qwenvl/nano): using a tiny "
+                  "checkpoint with RANDOM weights ({path}). The pipeline runs end to end; the answers are meaningless.")
 
 
 def cache_dir() -> str:

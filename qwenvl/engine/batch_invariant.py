@@ -216,7 +216,8 @@ def bi_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     T = tile_row0.shape[0]
     if T and N:
         _bi_attention_kernel[(T, H)](
-            q, k_pool, v_pool, tables, tile_row0, tile_len, tile_seq, positions, out, (1.0 / math.sqrt(D)) * math.log2(math.e),
+            q, k_pool, v_pool, tables, tile_row0, tile_len, tile_seq, positions, out,
+            (1.0 / math.sqrt(D)) * math.log2(math.e),
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), tables.stride(0), out.stride(0), out.stride(1),
             GROUP=H // kvh, D=D, BS=bs, BM=ATTN_BLOCK_M, UPCAST=not q.is_cuda,

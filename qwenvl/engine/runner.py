@@ -162,16 +162,17 @@ class ModelRunner:
         self.num_encoder_runs = 0  # statistics
         self.num_encoded_items = 0
         # a lone prefill chunk with no cached prefix: FlashAttention varlen over the grouped k/v heads as they are
-        self.gqa_prefill = (env_flag("QWENVL_GQA_PREFILL", True)
+        # (batch-invariant mode attends with its own kernel: these paths and their start-up probes are off)
+        self.gqa_prefill = (not batch_invariant and env_flag("QWENVL_GQA_PREFILL", True)
                             and gqa_prefill_ok(self.dtype, self.device, self.kv_heads, self.heads, self.head_dim))
-        self.varlen_prefill = varlen_prefill_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
-                                                self.head_dim)
+        self.varlen_prefill = not batch_invariant and varlen_prefill_ok(self.dtype, self.device, block_size,
+                                                                        self.kv_heads, self.heads, self.head_dim)
         self.use_triton = triton_decode_ok(self.dtype, self.device, block_size, self.kv_heads, self.heads,
                                            self.head_dim)
         # the decode kernel merges its splits itself up to a few splits (attention.fused_merge_max_splits), where its
         # probe passes; else a compiled merge after it
         cap = fused_merge_max_splits()
-        self.decode_merge_max_splits = cap if cap and self.use_triton and triton_decode_ok(
+        self.decode_merge_max_splits = cap if cap and not batch_invariant and self.use_triton and triton_decode_ok(
             self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True) else 0
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
@@ -214,8 +215,10 @@ class ModelRunner:
         for L in self.layers:
             L.qkv, L.gu, L.o, L.down = (BI.InvariantLinear(m) for m in (L.qkv, L.gu, L.o, L.down))
         self.lm_head = BI.InvariantLinear(self.model.lm_head)
-        self.fused_gemv = self.gqa_prefill = self.varlen_prefill = False
-        self.use_triton, self.decode_merge_max_splits = False, 0  # the split paged decode kernel is not used
+        self.fused_gemv = False
+        # the split paged decode kernel is not used (its probe stays: fused_rope_kv's per-row rotary + K/V write,
+        # which batch-invariant mode keeps, is enabled by it)
+        self.use_triton = False
         eps = self.model.config.text.rms_norm_eps
         self.ops.add_rms_norm = lambda h, delta, weight: BI.bi_add_rms_norm(h, delta, weight, eps)
 
@@ -711,13 +714,12 @@ class ModelRunner:
             return
         todo = list(items.values())
         parts = [self._pixel_values(it) for it in todo]
-        pix = parts[0] if len(parts) == 1 else torch.cat(parts)
         grids = [it.grid_thw for it in todo]
         encode = self.vision_graphs if self.vision_graphs is not None else self.model.visual
         if self.batch_invariant:  # each item on its own: its features do not depend on what else came in this step
             feats = torch.cat([encode(p, [g]) for p, g in zip(parts, grids)])
         else:
-            feats = encode(pix, grids)
+            feats = encode(parts[0] if len(parts) == 1 else torch.cat(parts), grids)
         self.num_encoder_runs += 1
         self.num_encoded_items += len(todo)
         expected = sum(it.num_tokens for it in todo)
