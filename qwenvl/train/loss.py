@@ -41,23 +41,24 @@ class _LinearNLL(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for i in range(0, hidden.shape[0], chunk):
             h = hidden[i:i + chunk].to(dtype)
-            logits = (h @ w.t()).float()
-            p = logits.softmax(-1)  # d nll / d logits = softmax - onehot
-            p[torch.arange(p.shape[0], device=p.device), targets[i:i + chunk]] -= 1
-            p = (p * grad_nll[i:i + chunk, None].float()).to(dtype)
+            _, p = nll_and_logit_grad(h @ w.t(), targets[i:i + chunk], grad_nll[i:i + chunk])
             grad_h[i:i + chunk] = (p @ w).to(hidden.dtype)
             grad_w += (p.t() @ h).float()
         return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
-def nll_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nll [N] fp32, d nll / d logits = softmax - onehot [N, V] in the logits' dtype) of one chunk; fp32 inside."""
+def nll_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll [N] fp32, d nll / d logits = softmax - onehot [N, V], times each row's `scale` [N] if given, in the
+    logits' dtype) of one chunk; fp32 inside."""
     x = logits.float()
     lse = x.logsumexp(-1, keepdim=True)
     rows = torch.arange(x.shape[0], device=x.device)
     nll = lse.squeeze(1) - x[rows, targets]
     p = (x - lse).exp()
     p[rows, targets] -= 1
+    if scale is not None:
+        p = p * scale.float()[:, None]
     return nll, p.to(logits.dtype)
 
 
