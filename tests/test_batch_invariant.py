@@ -49,6 +49,9 @@ def interpreter_kernels() -> dict:
     res["linear_shuffled_equal"] = torch.equal(BI.bi_linear(x[perm], w, b), y[perm])
     y32 = BI.bi_linear(x, w, None, out_dtype=torch.float32)
     res["linear_fp32_err"] = (y32 - x.float() @ w.float().t()).abs().max().item()
+    # fp32 output shows every bit of the sum: each row alone equals itself at every place in the tile
+    res["linear_fp32_rows_alone_equal"] = all(
+        torch.equal(BI.bi_linear(x[r:r + 1], w, None, out_dtype=torch.float32)[0], y32[r]) for r in range(70))
     # add + RMSNorm
     h, d, wt = torch.randn(9, 64).to(dt), torch.randn(9, 64).to(dt), torch.randn(64).to(dt)
     h_out, x_out = BI.bi_add_rms_norm(h, d, wt, 1e-6)
@@ -78,6 +81,11 @@ def interpreter_kernels() -> dict:
     res["attention_other_chunks_equal"] = torch.equal(full, attend([(0, 7, 0), (7, 23, 0), (30, 1, 1), (31, 20, 1)]))
     res["attention_row_alone_equal"] = torch.equal(
         attend([(0, 1, 1)], rows=slice(35, 36))[0], full[35])
+    # in fp32 (every bit of the sums shows): each row of a 16-row tile alone equals itself in the tile
+    q, kp, vp = q.float(), kp.float(), vp.float()
+    full32 = attend([(0, 30, 0), (30, 21, 1)])
+    res["attention_fp32_rows_alone_equal"] = all(
+        torch.equal(attend([(0, 1, int(r >= 30))], rows=slice(r, r + 1))[0], full32[r]) for r in range(51))
     return res
 
 
@@ -115,10 +123,22 @@ def interpreter_engine() -> dict:
             "preemptions": pstats["num_preemptions"]}
 
 
+def _avx2_fma() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
 def run_interpreter(mode: str):
+    """The interpreter's tl.dot is numpy's matmul; OpenBLAS's AVX2 sgemm kernel (Haswell, also picked on Zen) rounds
+    a row by its place in the tile, which broke row invariance on CI's CPU (kernels now sum over K instead). Where
+    the CPU runs that kernel, these tests pin it, so every machine checks against the one that showed the fault."""
     from test_fp8_gemv import run_interpreter as run_script
 
-    return run_script(mode, script=__file__, timeout=900)
+    env = {"OPENBLAS_CORETYPE": "Haswell"} if _avx2_fma() else {}
+    return run_script(mode, script=__file__, timeout=900, env=env)
 
 
 def test_kernels_under_triton_interpreter():
@@ -129,6 +149,7 @@ def test_kernels_under_triton_interpreter():
     assert r["norm_residual_within_step"] and r["norm_within_steps"] and r["norm_no_delta"], r
     assert r["attention_err"] < 2e-2, r
     assert r["attention_other_chunks_equal"] and r["attention_row_alone_equal"], r
+    assert r["linear_fp32_rows_alone_equal"] and r["attention_fp32_rows_alone_equal"], r
 
 
 def test_engine_batch_invariant_under_triton_interpreter():

@@ -455,9 +455,10 @@ def interpreter_fused_engine() -> dict:
                                             for o in v] for k, v in outs.items()}}
 
 
-def run_interpreter(mode: str, script: str = __file__, timeout: int = 600):
-    """`python script mode` in a TRITON_INTERPRET=1 process; its last stdout line as JSON."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_interpreter(mode: str, script: str = __file__, timeout: int = 600, env: dict | None = None):
+    """`python script mode` in a TRITON_INTERPRET=1 process (env: more variables); its last stdout line as JSON."""
+    env = dict(os.environ, **(env or {}), TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, os.path.abspath(script), mode], env=env, capture_output=True,
                        text=True, timeout=timeout, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]

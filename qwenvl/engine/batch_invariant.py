@@ -21,7 +21,8 @@ a fixed order that depends on the row only. Here:
 Speed is the price (docs/BENCHMARKS.md has the numbers): no split-K for batch-1 decode, a 64-row MMA tile for one
 row, no split of long contexts. The engine uses them with `LLM(..., batch_invariant=True)` (QWENVL_BATCH_INVARIANT=1).
 Runs under TRITON_INTERPRET=1 on CPU tensors for the tests (the interpreter's bf16 tl.dot is wrong in triton 3.9, so
-the tiles are upcast to fp32 there: the maths, not the bits, are what the interpreter checks).
+the tiles are upcast to fp32 there and multiplied as sums over K, _dot_by_rows: the maths, not the GPU's bits, are what
+the interpreter checks, and its rows are invariant on every CPU's BLAS).
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ ATTN_BLOCK_M = 16  # query rows per attention program (one sequence's)
 
 if HAVE_TRITON:
     @triton.jit
+    def _dot_by_rows(a, b):
+        """a [M, K] @ b [K, N] in fp32 as a sum over K, for the interpreter: its tl.dot is numpy's matmul, and
+        OpenBLAS's AVX2 (Haswell / Zen) sgemm kernel rounds a row differently by its place in the tile (rows 6-11
+        of every 12 apart), so a row's bits would depend on its neighbours on such CPUs; this sum's order does not."""
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+    @triton.jit
     def _bi_matmul_kernel(X, W, Bias, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -54,8 +62,9 @@ if HAVE_TRITON:
             x = tl.load(xp, mask=(rm < M)[:, None] & (kk < K)[None, :], other=0.0)
             w = tl.load(wp, mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0)
             if UPCAST:
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc)
+                acc += _dot_by_rows(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
             xp += BK
             wp += BK
         if HAS_BIAS:
@@ -114,13 +123,18 @@ if HAVE_TRITON:
                         mask=kmask, other=0.0)
             if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+                s = _dot_by_rows(q, tl.trans(k)) * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
             s = tl.where(kpos[None, :] <= pos[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if UPCAST:
+                acc = acc * alpha[:, None] + _dot_by_rows(p, v)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(Out + rows[:, None] * stride_on + head * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
