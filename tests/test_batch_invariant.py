@@ -6,6 +6,7 @@ in one chunk vs several), and the engine on the tiny bf16 model: the same tokens
 requests run in one batch, one at a time, and with their prompts cut into other prefill chunks; and within the
 near-tie tolerance of the default engine (the maths are the model's). The interpreter truncates fp32 -> bf16 where
 CUDA rounds, so kernel results are checked within one bf16 step, not bit-equal to torch.
+The kernels' GPU code is compiled for sm_90 on the CPU in tests/test_gpu_code_compiles.py.
 GPU (`pytest -m gpu tests/test_batch_invariant.py` through the device tool): the compiled kernels' bits on the 7B
 shapes, and the engine with and without CUDA graphs, batched and alone.
 """
@@ -139,51 +140,6 @@ def run_interpreter(mode: str):
 
     env = {"OPENBLAS_CORETYPE": "Haswell"} if _avx2_fma() else {}
     return run_script(mode, script=__file__, timeout=900, env=env)
-
-
-def test_gpu_code_of_the_kernels_compiles_for_hopper_on_the_cpu():
-    """The kernels' GPU branch (UPCAST off: tl.dot on bf16 tiles) compiled for sm_90 here, without a GPU, by
-    triton's own compiler down to the cubin: the interpreter runs only the other branch. The matmul takes the
-    warpgroup MMA (wgmma), the 16-row attention tiles mma.sync; the interpreter's sum over K is not in either."""
-    pytest.importorskip("triton")
-    import warnings
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from qwenvl.engine import batch_invariant as BI
-
-    try:
-        import triton
-        target = GPUTarget("cuda", 90, 32)
-    except Exception as e:  # pragma: no cover - a triton without the NVIDIA backend
-        pytest.skip(f"triton cannot target CUDA here: {e}")
-
-    def compile_(fn, types: dict, constexprs: dict, **options):
-        sig = {**types, **{k: "constexpr" for k in constexprs}}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=target, options=options).asm
-
-    i32 = "i32"
-    mm = compile_(BI._bi_matmul_kernel, {"X": "*bf16", "W": "*bf16", "Bias": "*bf16", "Y": "*bf16", "M": i32,
-                                         "N": i32, "K": i32, "stride_xm": i32, "stride_wn": i32, "stride_ym": i32},
-                  {"HAS_BIAS": True, "BM": BI.BLOCK_M, "BN": BI.block_n(3584), "BK": BI.BLOCK_K, "UPCAST": False},
-                  num_warps=4, num_stages=3)
-    attn = compile_(BI._bi_attention_kernel, {
-        "Q": "*bf16", "KPool": "*bf16", "VPool": "*bf16", "Tables": "*i32", "TileRow0": "*i32", "TileLen": "*i32",
-        "TileSeq": "*i32", "Pos": "*i32", "Out": "*bf16", "qk_scale": "fp32",
-        **{k: i32 for k in ("stride_qn", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
-                            "stride_vh", "stride_t", "stride_on", "stride_oh")}},
-        {"GROUP": 7, "D": 128, "BS": 16, "BM": BI.ATTN_BLOCK_M, "UPCAST": False}, num_warps=4, num_stages=2)
-    norm = compile_(BI._bi_rms_norm_kernel, {
-        "H": "*bf16", "Delta": "*bf16", "Wt": "*bf16", "HOut": "*bf16", "XOut": "*bf16", "D": i32, "eps": "fp32",
-        **{k: i32 for k in ("stride_h", "stride_d", "stride_ho", "stride_xo")}},
-        {"HAS_DELTA": True, "BLOCK": 4096}, num_warps=8)
-    for asm in (mm, attn, norm):
-        assert asm["cubin"] and ".target sm_90" in asm["ptx"]
-    assert "wgmma" in mm["ptx"] and "mma.sync" in attn["ptx"]
-    assert "_dot_by_rows" not in mm["ttir"] + attn["ttir"] and "tt.dot" in mm["ttir"] and "tt.dot" in attn["ttir"]
 
 
 def test_kernels_under_triton_interpreter():
