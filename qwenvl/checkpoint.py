@@ -200,7 +200,6 @@ def save_model(model, path, layout: str = "hub", max_shard_bytes: int = 5 * 2**3
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-
 def average_checkpoints(paths: list[str], out: str) -> str:
     """Checkpoint averaging (a "model soup" of one training run): the element-wise mean, in fp32, of the tensors of
     checkpoints with the same config, cast back to the first one's dtypes and written in its files (same shards, same
@@ -223,10 +222,10 @@ def average_checkpoints(paths: list[str], out: str) -> str:
         if diff:
             raise CheckpointError(f"{p}: config differs from {paths[0]}'s in {', '.join(diff)}: only checkpoints "
                                   "of one architecture can be averaged")
-    where = []  # per checkpoint: internal name -> (file path, stored name); the layouts may differ
-    for p in paths:
-        where.append({to_internal_name(raw): (os.path.join(p, fname), raw)
-                      for fname, raws in checkpoint_files(p).items() for raw in raws})
+    files = [checkpoint_files(p) for p in paths]
+    # per checkpoint: internal name -> (file path, stored name); the layouts may differ
+    where = [{to_internal_name(raw): (os.path.join(p, fname), raw) for fname, raws in f.items() for raw in raws}
+             for p, f in zip(paths, files)]
     for p, w in zip(paths[1:], where[1:]):
         if set(w) != set(where[0]):
             odd = sorted(set(w) ^ set(where[0]))
@@ -245,7 +244,7 @@ def average_checkpoints(paths: list[str], out: str) -> str:
                 handles[fpath] = _open(fpath)
             return handles[fpath].get_tensor(raw)
 
-        for fname, raws in checkpoint_files(paths[0]).items():
+        for fname, raws in files[0].items():
             shard = {}
             for raw in raws:
                 name = to_internal_name(raw)

@@ -134,8 +134,8 @@ def _avx2_fma() -> bool:
 
 def run_interpreter(mode: str):
     """The interpreter's tl.dot is numpy's matmul; OpenBLAS's AVX2 sgemm kernel (Haswell, also picked on Zen) rounds
-    a row by its place in the tile, which broke row invariance on CI's CPU (kernels now sum over K instead). Where
-    the CPU runs that kernel, these tests pin it, so every machine checks against the one that showed the fault."""
+    a row by its place in the tile: the likely cause of a CI failure (the kernels now sum over K instead). Where the
+    CPU runs that kernel, these tests pin it, so every machine checks against the one that shows the fault."""
     from test_fp8_gemv import run_interpreter as run_script
 
     env = {"OPENBLAS_CORETYPE": "Haswell"} if _avx2_fma() else {}
