@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -184,6 +185,62 @@ def merge(out: str, seed: int, processes: int = 1) -> dict:
             "token_share": {t: round(v / total, 4) for t, v in sorted(tokens.items())}}
 
 
+# `--noise F` (NANO_NOISE, the SFT stage's curation check, docs/NANO.md §4): synth answers are clean by construction,
+# so the report's rule filters would have nothing to remove; a fraction F of the records gets one of the flaws those
+# rules exist for (web data's cut-off, looping and broken-box answers), marked in `meta.noise` so the filter's recall
+# and the eval effect of curating can be measured. A cut-off plain-text answer may still look complete to the rules.
+NOISE_KINDS = ("truncated", "repetition", "boxes")
+_BOX = re.compile(r'"(bbox_2d|point_2d)": \[(-?\d+), (-?\d+)')
+
+
+def corrupt_answer(text: str, kind: str, rng: random.Random) -> str | None:
+    """`text` with the flaw `kind`, or None where it does not apply (no box to break, too short to cut)."""
+    if kind == "truncated":
+        if len(text) < 8:
+            return None
+        return text[:rng.randint(len(text) // 3, 2 * len(text) // 3)].rstrip()
+    if kind == "repetition":
+        lines = text.split("\n")
+        i = max((j for j, ln in enumerate(lines) if re.search(r"[A-Za-z0-9]", ln)), default=None)
+        return None if i is None else "\n".join(lines[:i + 1] + [lines[i]] * 4 + lines[i + 1:])
+    m = _BOX.search(text)  # boxes: the first box's x1 past its x2 (a point's x negative)
+    if not m:
+        return None
+    if m.group(1) == "point_2d":
+        broken = f'"point_2d": [{-1 - abs(int(m.group(2)))}, {m.group(3)}'
+    else:
+        x1 = int(m.group(2))
+        x2 = re.match(r",\s*(-?\d+)", text[m.end():])
+        broken = f'"bbox_2d": [{int(x2.group(1)) + 5 if x2 else x1 + 5}, {m.group(3)}'
+    return text[:m.start()] + broken + text[m.end():]
+
+
+def add_noise(path: str, fraction: float, seed: int) -> dict:
+    """Give `fraction` of the records in the JSONL `path` a flawed last answer (NOISE_KINDS in turn; a kind that does
+    not apply to a record falls to the next); rewrites the file; returns {kind: records}."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    rng = random.Random(seed * 1_000_003 + 17)
+    counts = dict.fromkeys(NOISE_KINDS, 0)
+    for j, i in enumerate(rng.sample(range(len(lines)), round(fraction * len(lines)))):
+        rec = json.loads(lines[i])
+        msg = next((m for m in reversed(rec.get("messages", [])) if m.get("role") == "assistant"), None)
+        if msg is None or not isinstance(msg.get("content"), str):
+            continue
+        for k in range(len(NOISE_KINDS)):
+            kind = NOISE_KINDS[(j + k) % len(NOISE_KINDS)]
+            new = corrupt_answer(msg["content"], kind, rng)
+            if new is not None and new != msg["content"]:
+                msg["content"] = new
+                rec.setdefault("meta", {})["noise"] = kind
+                counts[kind] += 1
+                lines[i] = json.dumps(rec, ensure_ascii=False) + "\n"
+                break
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    return counts
+
+
 def cmd_data(a) -> int:
     import multiprocessing as mp
 
@@ -209,6 +266,8 @@ def cmd_data(a) -> int:
         p.join()
     gen_s = time.time() - t0
     stats = merge(a.out, a.seed, a.workers)
+    if a.noise:
+        stats["noise"] = add_noise(os.path.join(a.out, "train.jsonl"), a.noise, a.seed)
     per_task: dict[str, list[float]] = {}
     for path in glob.glob(os.path.join(a.out, "w*", "timing.json")):
         for task, (n, s) in json.load(open(path)).items():
@@ -293,6 +352,13 @@ def cmd_package(a) -> int:
         path = os.path.join(a.data, name)
         if os.path.isfile(path):
             summary[key] = {k: v for k, v in json.load(open(path)).items() if k not in ("out", "command")}
+    removed = os.path.join(a.data, "removed.jsonl")  # the filter's removed records: which injected flaws it caught
+    if "filter" in summary and os.path.isfile(removed):
+        caught: dict[str, int] = {}
+        for line in open(removed, encoding="utf-8"):
+            kind = (json.loads(line).get("meta") or {}).get("noise", "clean")
+            caught[kind] = caught.get(kind, 0) + 1
+        summary["filter"]["removed_by_noise_kind"] = caught
     src, origin = _final_or_checkpoint(a.run)
     summary["model_from"] = origin
     if src:
@@ -405,6 +471,8 @@ def main(argv=None) -> int:
     d.add_argument("--mix", default="", choices=["", *NAMED_MIXES], help="a named mix instead of the stage's")
     d.add_argument("--video-fps", default="2", choices=["2", "dynamic"],
                    help="clips sampled at 2 fps, or at 1, 2 or 4 fps in turn (dynamic FPS, NANO.md §4)")
+    d.add_argument("--noise", type=float, default=0.0,
+                   help="give this fraction of the records a flawed answer (cut off, looping, broken box; meta.noise)")
     k = sub.add_parser("package")
     k.add_argument("--run", required=True)
     k.add_argument("--eval", required=True)

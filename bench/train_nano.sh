@@ -21,6 +21,8 @@
 #   NANO_STAGE=sft NANO_INIT=DIR bash bench/train_nano.sh # SFT on the curated stage-2 mix (data filter + score), ViT frozen
 #   NANO_STAGE=dpo NANO_INIT=DIR bash bench/train_nano.sh # DPO on pairs of the stage-2 mix (qwenvl data pairs), ViT frozen
 #   NANO_ARMS="a:;b:rope_theta=100" bash bench/train_nano.sh   # several trainings at once on the same data (see (b))
+#   NANO_STAGE=sft NANO_NOISE=0.2 NANO_ARMS="c:;u:train_files=[{data}/train.jsonl]" ...  # 20 % flawed answers
+#       (cut off, looping, broken boxes); arm c trains on the curated set, arm u on the raw one ({data}: the call's data)
 #   NANO_MIX=video NANO_ARMS="A:model=DIR_A;F:model=DIR_F" ... # clips only (the temporal-id ablation), per-arm inits
 #   NANO_MIX=spatial NANO_INIT=DIR bash bench/train_nano.sh  # grounding, point, count, GUI at 75 % of the tokens
 #   NANO_MIX=reading NANO_INIT=DIR bash bench/train_nano.sh  # OCR, spotting, KIE, GUI at 65 %, the position tasks held at 20 %
@@ -162,10 +164,11 @@ ARM_KV=""; [ "$N_ARMS" -gt 1 ] && [ "$DEVICE" = cuda ] && ARM_KV="--kv-cache-mb 
 step data $(( GEN + 30 )) \
   $PY bench/nano_recipe.py data --out "$WORK/data" --workers "$GEN_WORKERS" --seconds "$GEN" \
   --round-tokens "$ROUND" --suite-n "$EVAL_N" --suite-root "$WORK/suites" --suite-extra "$UNSEEN_TASKS" \
-  --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --video-fps "$VIDEO_FPS" --seed "${NANO_DATA_SEED:-0}"
+  --stage "$DATA_STAGE" ${MIX:+--mix $MIX} --video-fps "$VIDEO_FPS" --seed "${NANO_DATA_SEED:-0}" \
+  ${NANO_NOISE:+--noise $NANO_NOISE}
 if [ "$STAGE" = sft ]; then  # a failed or timed-out curation step passes its input on as it is
   step filter 60 $PY -m qwenvl.data.cli filter "$WORK/data/train.jsonl" --out "$WORK/data/filtered.jsonl" \
-    --report "$WORK/data/filter_report.json" --max-pixels 200704 \
+    --report "$WORK/data/filter_report.json" --removed "$WORK/data/removed.jsonl" --max-pixels 200704 \
     || { [ "$DRY" = 1 ] || cp "$WORK/data/train.jsonl" "$WORK/data/filtered.jsonl"; }
   # scored: the first NANO_SCORE_RECORDS of the shuffled records (one process encodes ~5-10 ms a record; rows of
   # 16 k tokens per forward pass), the rest kept unscored
@@ -195,7 +198,7 @@ train_arm() {  # NAME ARGS
     warmup_steps=$WARMUP min_lr_ratio=0.05 weight_decay=0.05 adam_beta2=0.95 max_steps=100000000 \
     max_train_seconds=$TRAIN_S min_pixels=3136 max_pixels=200704 chunk_size=4096 data_workers=$ARM_WORKERS \
     device=$DEVICE precision=bf16 save_every=${NANO_SAVE_EVERY:-400} keep_checkpoints=1 resume=false \
-    max_bad_fraction=0.05 seed=0 $STAGE_ARGS $2
+    max_bad_fraction=0.05 seed=0 $STAGE_ARGS ${2//\{data\}/$WORK/data}
 }
 eval_arm() {  # NAME: (c) eval on the held-out suite made in (a)
   local sfx; sfx=$(arm_dir "$1")
