@@ -19,7 +19,7 @@ set -u
 if [ "${1:-}" = unpack ]; then  # unpack FILES_AT: every s*.tar.xz into runs/nano/ladder/<name>/, logs in logs/
   for f in "$2"/s*.tar.xz; do
     d=runs/nano/ladder/$(basename "$f" .tar.xz); rm -rf "$d"; mkdir -p "$d"; tar xJf "$f" -C "$d"
-    cp -n qwenvl/nano/tokenizer.json qwenvl/nano/vocab_map.json "$d"/
+    cp -n "$(dirname "$0")/../qwenvl/nano/tokenizer.json" "$(dirname "$0")/../qwenvl/nano/vocab_map.json" "$d"/
   done
   [ -f "$2/ladder_logs.tar" ] && mkdir -p runs/nano/ladder/logs && tar xf "$2/ladder_logs.tar" -C runs/nano/ladder/logs
   ls runs/nano/ladder; exit 0
@@ -27,6 +27,7 @@ fi
 OUT=${OUT:-ladder-out}; KEEP=${NANO_LADDER_KEEP:-.ladder}; T0=$(date +%s)
 LADDER=${NANO_LADDER:?set NANO_LADDER="STAGE:TRAIN_S:GEN_S ..."}
 ARM_KEYS=${NANO_LADDER_ARM_KEYS:-compile=true pack_length=131072}
+XZ=${NANO_LADDER_XZ_PRESET:-6}  # 0: fast, larger (tests)
 init=${NANO_LADDER_INIT:-}
 WORKROOT=$(mktemp -d /tmp/qwenvl-ladder.XXXXXX)
 mkdir -p "$OUT" "$KEEP"
@@ -57,7 +58,7 @@ for spec in $LADDER; do
     # compressed while the next stage runs (bf16 weights: ~70 % of their size at preset 6); the tokenizer files are
     # the pruned vocabulary's, the same as qwenvl/nano's, and are left out (unpack copies them back)
     (cd "$m" && tar cf - --exclude=./tokenizer.json --exclude=./vocab_map.json . \
-      | python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.compress(sys.stdin.buffer.read(), preset=6))" \
+      | python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.compress(sys.stdin.buffer.read(), preset=$XZ))" \
       > "$OUT/$tag.tar.xz") & pids+=($!)
   done
   init=$KEEP/s$stage

@@ -420,3 +420,86 @@ def test_flash_probe_clip_is_the_same_seconds_at_every_rate():
             red = [i for i, f in enumerate(frames) if f.getpixel((0, 0)) == (220, 30, 30)]
             assert answer == f"{a} - {b}" and len(frames) == seconds * fps
             assert red == list(range(a * fps, b * fps))
+
+
+def test_noise_gives_records_the_flaws_the_rule_filter_exists_for(tmp_path):
+    """`nano_recipe.py data --noise F` (NANO_NOISE, the SFT curation check): F of the records get a cut-off, looping
+    or broken-box answer, marked in meta.noise; qwenvl data filter (the independent rules) removes every looping and
+    broken-box one, the cut-off JSON answers, and no clean record."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_recipe
+
+    from qwenvl import synth
+    from qwenvl.data.filters import check
+
+    recs = [synth.make_sample(task, i, str(tmp_path), "train", 3)
+            for task in ("grounding", "point", "spotting", "kie", "count", "caption") for i in range(20)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    counts = nano_recipe.add_noise(str(path), 0.5, seed=1)
+    out = [json.loads(line) for line in path.read_text().splitlines()]
+    noisy = [r for r in out if (r.get("meta") or {}).get("noise")]
+    assert len(out) == len(recs) and sum(counts.values()) == len(noisy) == len(recs) // 2
+    assert all(counts[k] > 0 for k in nano_recipe.NOISE_KINDS)
+    by_id = {r["id"]: r for r in recs}
+    for r in out:
+        kind = (r.get("meta") or {}).get("noise")
+        answer, before = r["messages"][-1]["content"], by_id[r["id"]]["messages"][-1]["content"]
+        reasons = check(r, str(tmp_path), max_pixels=448 * 448)
+        if kind is None:
+            assert answer == before and not reasons, (r["id"], reasons)
+            continue
+        assert answer != before
+        if kind == "repetition":
+            assert "repetition" in reasons
+        elif kind == "boxes":
+            assert "boxes" in reasons
+        elif before.lstrip().startswith("```json") or before.lstrip().startswith("["):
+            assert before.startswith(answer) and ({"truncated", "malformed"} & set(reasons)), (answer, reasons)
+    # the same seed flaws the same records the same way
+    path2 = tmp_path / "again.jsonl"
+    path2.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert nano_recipe.add_noise(str(path2), 0.5, seed=1) == counts and path2.read_text() == path.read_text()
+
+
+@pytest.mark.slow
+def test_nano_ladder_chains_stages_and_brings_every_model_back(tmp_path):
+    """bench/nano_ladder.sh (each stage's effect, NANO.md §6) on the CPU: stage 0 from random weights, then SFT from
+    stage 0's model with 30 % flawed records and two arms (curated, raw via {data}); every model comes back as one
+    archive within the device's return limits, unpacks with the tokenizer files and loads; the SFT summary says
+    which injected flaws the rule filter removed."""
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    env = {**os.environ, "NANO_SMOKE": "1", "OUT": str(out), "NANO_LADDER_KEEP": str(keep), "PYTHON": sys.executable,
+           "QWENVL_SYNTH_VIDEO": "frames", "NANO_LADDER": "0:2:1 sft:2:1", "NANO_LADDER_ARM_KEYS": "pack_length=2048",
+           "NANO_LADDER_ARMS_sft": "c:pack_length=2048;u:pack_length=2048 train_files=[{data}/train.jsonl]",
+           "NANO_LADDER_ENV_sft": "NANO_NOISE=0.3", "NANO_LADDER_XZ_PRESET": "0"}
+    r = subprocess.run(["bash", "bench/nano_ladder.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = sorted(os.listdir(out))
+    assert files == ["ladder_logs.tar", "s0.tar.xz", "ssft.tar.xz", "ssft_u.tar.xz"], files
+    assert all(os.path.getsize(out / f) <= 16 * 2**20 for f in files)
+    assert f"== stage sft from {keep}/s0" in r.stdout
+    with tarfile.open(out / "ladder_logs.tar") as tar:
+        names = tar.getnames()
+        assert {"./s0.log", "./ssft.log", "./ssft/c/c.tar", "./ssft/u/u.tar"} <= set(names)
+        arms = {}
+        for arm in ("c", "u"):
+            with tarfile.open(fileobj=tar.extractfile(f"./ssft/{arm}/{arm}.tar")) as inner:
+                arms[arm] = json.load(inner.extractfile("./summary.json"))
+    c, u = arms["c"], arms["u"]
+    assert c["stage"] == u["stage"] == "sft" and c["init"] == u["init"] == f"{keep}/s0"
+    injected = c["data"]["noise"]
+    caught = c["filter"]["removed_by_noise_kind"]
+    assert sum(injected.values()) > 0 and caught.get("clean", 0) == 0
+    assert caught.get("repetition", 0) == injected["repetition"] and caught.get("boxes", 0) == injected["boxes"]
+    assert "train_files=[{data}/train.jsonl]" in u["arm"]
+    assert c["train"]["steps"] >= 1 and u["train"]["steps"] >= 1
+    unpack = subprocess.run(["bash", os.path.join(ROOT, "bench", "nano_ladder.sh"), "unpack", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert unpack.returncode == 0, unpack.stdout + unpack.stderr
+    from qwenvl.model import Qwen25VL
+
+    for name in ("s0", "ssft", "ssft_u"):
+        d = tmp_path / "runs" / "nano" / "ladder" / name
+        assert {"tokenizer.json", "vocab_map.json", "config.json"} <= set(os.listdir(d))
+        assert Qwen25VL.from_pretrained(d, dtype=torch.bfloat16).config.text.vocab_size == 8192
