@@ -7,6 +7,9 @@
     python bench/nano_diagnose.py ocr --predictions EVAL_DIR/eval_predictions.jsonl [--n 50 | --data DIR --tasks T]
         an eval's OCR character accuracy by font size and font, joining its predictions with the nano suite's meta
         (or with the records of --data, for the tasks in --tasks).
+    python bench/nano_diagnose.py flaws --predictions EVAL_DIR/predictions.jsonl
+        how many of an eval's answers loop or stop mid-answer by the curation's own rules (`qwenvl data filter`'s
+        repetition and truncated), per task: what training on flawed records teaches (the SFT curation check, NANO.md §5).
     python bench/nano_diagnose.py glyphs --model runs/nano/latest [--size 56 --font-size 24]
         do the merged vision tokens carry a glyph's identity? A linear probe (softmax regression, 2,000 images to fit,
         400 held out) for which of 36 letters/digits is drawn anywhere on the canvas, on the checkpoint's vision
@@ -326,6 +329,21 @@ def learn(variant: str, init: str, steps: int, lr: float, patch_embed_lr_mult: f
             "patch_state_probe": probes}
 
 
+def flaws(predictions: str) -> dict:
+    """Answers of an eval's predictions.jsonl that fail the rule filter's repetition / truncated checks, per task."""
+    from qwenvl.data.filters import repetition, truncated
+
+    per: dict[str, collections.Counter] = {}
+    for line in open(predictions, encoding="utf-8"):
+        p = json.loads(line)
+        text, c = p.get("prediction") or "", per.setdefault(p["task"], collections.Counter())
+        c["n"] += 1
+        c["repetition"] += bool(repetition(text))
+        c["truncated"] += bool(truncated(text))
+    total = sum(per.values(), collections.Counter())
+    return {"all": dict(total), "by_task": {t: dict(c) for t, c in sorted(per.items())}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -337,6 +355,8 @@ def main(argv=None) -> int:
     o.add_argument("--n", type=int, default=50, help="the eval's --n (samples per task)")
     o.add_argument("--data", help="the eval's --data folder (default: the nano suite at --n)")
     o.add_argument("--tasks", default="ocr", help="comma list of the tasks to score (e.g. glyphs,ocr_single_line)")
+    fl = sub.add_parser("flaws")
+    fl.add_argument("--predictions", required=True)
     g = sub.add_parser("glyphs")
     g.add_argument("--model", default="runs/nano/latest")
     g.add_argument("--size", type=int, default=56, help="canvas side in px (56: 2x2 vision tokens)")
@@ -362,6 +382,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts"
               else ocr(a.predictions, a.n, a.data, a.tasks) if a.cmd == "ocr"
+              else flaws(a.predictions) if a.cmd == "flaws"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
               else readout(a.model, a.size, a.font_size, a.n) if a.cmd == "readout"
               else copy(a.model, a.n, a.split) if a.cmd == "copy"

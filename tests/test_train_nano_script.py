@@ -503,3 +503,21 @@ def test_nano_ladder_chains_stages_and_brings_every_model_back(tmp_path):
         d = tmp_path / "runs" / "nano" / "ladder" / name
         assert {"tokenizer.json", "vocab_map.json", "config.json"} <= set(os.listdir(d))
         assert Qwen25VL.from_pretrained(d, dtype=torch.bfloat16).config.text.vocab_size == 8192
+
+
+def test_nano_diagnose_flaws_counts_looping_and_cut_off_answers_per_task(tmp_path):
+    """bench/nano_diagnose.py flaws: an eval's answers that the rule filter would call looping or cut off, per task."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_diagnose
+
+    preds = [("doc", "<html><body><p>ok</p>\n<p>a b</p>\n<p>a b</p>\n<p>a b</p>\n</body></html>"),  # a line 3x
+             ("doc", "<html><body><h1>Title</h1></body></html>"),
+             ("count", '```json\n[\n  {"bbox_2d": [1, 2, 30, 40], "label": "red'),  # stops mid-object
+             ("count", "There are 2 red squares."),
+             ("gui", "the the the the the the the the")]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"task": t, "prediction": p}) + "\n" for t, p in preds))
+    r = nano_diagnose.flaws(str(path))
+    assert r["by_task"]["doc"] == {"n": 2, "repetition": 1, "truncated": 0}
+    assert r["by_task"]["count"] == {"n": 2, "repetition": 0, "truncated": 1}
+    assert r["by_task"]["gui"]["repetition"] == 1 and r["all"]["n"] == 5
