@@ -11,6 +11,8 @@
 #                            arm's model is the next stage's init; every arm's model comes back
 #   NANO_LADDER_ARM_KEYS     TrainConfig keys of every default arm (default "compile=true pack_length=131072")
 #   NANO_LADDER_ENV_<STAGE>="K=V ..."  extra environment for that stage's train_nano.sh (e.g. NANO_NOISE=0.2)
+#   NANO_LADDER_RETURN="2 3 sft"  the stages whose models come back (default: every stage); the others stay in
+#                            NANO_LADDER_KEEP only (a rerun of stages already evaluated, or to keep the return small)
 # Any other NANO_* setting (NANO_ROPE_THETA, NANO_DATA_WORKERS, ...) passes through to every stage. Each stage gets
 # NANO_TOTAL_SECONDS = GEN + TRAIN + 75 (+ 150 for sft: filter, tag, score) and NANO_EVAL_N=0 (no eval on the device).
 # $OUT: s<STAGE>[_<ARM>].tar.xz per model (weights and configs; the tokenizer files are qwenvl/nano's) and
@@ -28,6 +30,7 @@ OUT=${OUT:-ladder-out}; KEEP=${NANO_LADDER_KEEP:-.ladder}; T0=$(date +%s)
 LADDER=${NANO_LADDER:?set NANO_LADDER="STAGE:TRAIN_S:GEN_S ..."}
 ARM_KEYS=${NANO_LADDER_ARM_KEYS:-compile=true pack_length=131072}
 XZ=${NANO_LADDER_XZ_PRESET:-6}  # 0: fast, larger (tests)
+RETURN=" ${NANO_LADDER_RETURN:-} "
 init=${NANO_LADDER_INIT:-}
 WORKROOT=$(mktemp -d /tmp/qwenvl-ladder.XXXXXX)
 mkdir -p "$OUT" "$KEEP"
@@ -55,6 +58,7 @@ for spec in $LADDER; do
     if ! ls "$so/$name"/model/*.safetensors > /dev/null 2>&1; then echo "   arm $name: no model" >&2; continue; fi
     cp "$so/$name"/model/*.safetensors "$m"/ && tar xf "$so/$name/$name.tar" -C "$m" ./model/model_files.tar \
       && tar xf "$m/model/model_files.tar" -C "$m" && rm -rf "$m/model"
+    [ "$RETURN" = "  " ] || [[ "$RETURN" == *" $stage "* ]] || continue  # not asked back: kept in $KEEP only
     # compressed while the next stage runs (bf16 weights: ~70 % of their size at preset 6); the tokenizer files are
     # the pruned vocabulary's, the same as qwenvl/nano's, and are left out (unpack copies them back)
     (cd "$m" && tar cf - --exclude=./tokenizer.json --exclude=./vocab_map.json . \

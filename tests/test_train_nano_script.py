@@ -472,13 +472,14 @@ def test_nano_ladder_chains_stages_and_brings_every_model_back(tmp_path):
     env = {**os.environ, "NANO_SMOKE": "1", "OUT": str(out), "NANO_LADDER_KEEP": str(keep), "PYTHON": sys.executable,
            "QWENVL_SYNTH_VIDEO": "frames", "NANO_LADDER": "0:2:1 sft:2:1", "NANO_LADDER_ARM_KEYS": "pack_length=2048",
            "NANO_LADDER_ARMS_sft": "c:pack_length=2048;u:pack_length=2048 train_files=[{data}/train.jsonl]",
-           "NANO_LADDER_ENV_sft": "NANO_NOISE=0.3", "NANO_LADDER_XZ_PRESET": "0"}
+           "NANO_LADDER_ENV_sft": "NANO_NOISE=0.3", "NANO_LADDER_XZ_PRESET": "0",
+           "NANO_LADDER_RETURN": "sft"}
     r = subprocess.run(["bash", "bench/nano_ladder.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     files = sorted(os.listdir(out))
-    assert files == ["ladder_logs.tar", "s0.tar.xz", "ssft.tar.xz", "ssft_u.tar.xz"], files
+    assert files == ["ladder_logs.tar", "ssft.tar.xz", "ssft_u.tar.xz"], files  # stage 0 not asked back
     assert all(os.path.getsize(out / f) <= 16 * 2**20 for f in files)
-    assert f"== stage sft from {keep}/s0" in r.stdout
+    assert f"== stage sft from {keep}/s0" in r.stdout and (keep / "s0" / "config.json").exists()
     with tarfile.open(out / "ladder_logs.tar") as tar:
         names = tar.getnames()
         assert {"./s0.log", "./ssft.log", "./ssft/c/c.tar", "./ssft/u/u.tar"} <= set(names)
@@ -499,7 +500,7 @@ def test_nano_ladder_chains_stages_and_brings_every_model_back(tmp_path):
     assert unpack.returncode == 0, unpack.stdout + unpack.stderr
     from qwenvl.model import Qwen25VL
 
-    for name in ("s0", "ssft", "ssft_u"):
+    for name in ("ssft", "ssft_u"):
         d = tmp_path / "runs" / "nano" / "ladder" / name
         assert {"tokenizer.json", "vocab_map.json", "config.json"} <= set(os.listdir(d))
         assert Qwen25VL.from_pretrained(d, dtype=torch.bfloat16).config.text.vocab_size == 8192
