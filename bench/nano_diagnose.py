@@ -10,6 +10,11 @@
     python bench/nano_diagnose.py flaws --predictions EVAL_DIR/predictions.jsonl
         how many of an eval's answers loop or stop mid-answer by the curation's own rules (`qwenvl data filter`'s
         repetition and truncated), per task: what training on flawed records teaches (the SFT curation check, NANO.md §5).
+    python bench/nano_diagnose.py video --predictions EVAL_DIR/predictions.jsonl
+        do an eval's video answers read the clip? Per video task: distinct answers, the most common one's count,
+        malformed answers (no span / no event parsed), the model's mIoU and that of the best constant answer (the
+        one of its own answers to the task's 2 fps clips that scores best given to every clip): the floor a model
+        that ignores the pixels gets (the temporal-id ablation's rule 3, NANO.md §4).
     python bench/nano_diagnose.py glyphs --model runs/nano/latest [--size 56 --font-size 24]
         do the merged vision tokens carry a glyph's identity? A linear probe (softmax regression, 2,000 images to fit,
         400 held out) for which of 36 letters/digits is drawn anywhere on the canvas, on the checkpoint's vision
@@ -344,6 +349,32 @@ def flaws(predictions: str) -> dict:
     return {"all": dict(total), "by_task": {t: dict(c) for t, c in sorted(per.items())}}
 
 
+def video(predictions: str) -> dict:
+    """Per video task of an eval's predictions.jsonl: answer spread, malformed answers, mIoU against the best
+    constant answer drawn from the model's own answers to the base (2 fps) task."""
+    from qwenvl.evaluate.scoring import score
+    from qwenvl.tasks.video import parse_events, parse_time_range
+
+    rows: dict[str, list[dict]] = {}
+    for line in open(predictions, encoding="utf-8"):
+        p = json.loads(line)
+        if p["task"].startswith(("video_grounding", "dense_caption")):
+            rows.setdefault(p["task"], []).append(p)
+    out = {}
+    for task, rs in sorted(rows.items()):
+        base = "video_grounding" if task.startswith("video_grounding") else "dense_caption"
+        answers = collections.Counter(r["prediction"] or "" for r in rs)
+        parsed = (lambda t: parse_time_range(t) is not None) if base == "video_grounding" else \
+            (lambda t: bool(parse_events(t)))
+        candidates = {r["prediction"] or "" for r in rows.get(base, rs)}
+        const = max((sum(score(task, c, {}, r["reference"])["mIoU"] for r in rs) / len(rs), c) for c in candidates)
+        out[task] = {"n": len(rs), "distinct": len(answers), "most_common": answers.most_common(1)[0][1],
+                     "malformed": sum(not parsed(r["prediction"] or "") for r in rs),
+                     "mIoU": round(100 * sum(r["scores"]["mIoU"] for r in rs) / len(rs), 1),
+                     "best_constant_mIoU": round(100 * const[0], 1), "best_constant": const[1]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -357,6 +388,8 @@ def main(argv=None) -> int:
     o.add_argument("--tasks", default="ocr", help="comma list of the tasks to score (e.g. glyphs,ocr_single_line)")
     fl = sub.add_parser("flaws")
     fl.add_argument("--predictions", required=True)
+    vi = sub.add_parser("video")
+    vi.add_argument("--predictions", required=True)
     g = sub.add_parser("glyphs")
     g.add_argument("--model", default="runs/nano/latest")
     g.add_argument("--size", type=int, default=56, help="canvas side in px (56: 2x2 vision tokens)")
@@ -383,6 +416,7 @@ def main(argv=None) -> int:
     result = (prompts(a.model, a.scenes) if a.cmd == "prompts"
               else ocr(a.predictions, a.n, a.data, a.tasks) if a.cmd == "ocr"
               else flaws(a.predictions) if a.cmd == "flaws"
+              else video(a.predictions) if a.cmd == "video"
               else glyphs(a.model, a.size, a.font_size) if a.cmd == "glyphs"
               else readout(a.model, a.size, a.font_size, a.n) if a.cmd == "readout"
               else copy(a.model, a.n, a.split) if a.cmd == "copy"

@@ -63,7 +63,8 @@ for spec in $LADDER; do
     # the pruned vocabulary's, the same as qwenvl/nano's, and are left out (unpack copies them back)
     (cd "$m" && tar cf - --exclude=./tokenizer.json --exclude=./vocab_map.json . \
       | python3 -c "import lzma, sys; sys.stdout.buffer.write(lzma.compress(sys.stdin.buffer.read(), preset=$XZ))" \
-      > "$OUT/$tag.tar.xz") & pids+=($!)
+      > "$OUT/$tag.tar.xz.part" && mv "$OUT/$tag.tar.xz.part" "$OUT/$tag.tar.xz") & pids+=($!)
+    # (written under .part, renamed when whole: a call cut off by its timeout brings back no empty archive)
   done
   init=$KEEP/s$stage
   [ -f "$init/config.json" ] || { echo "stage $stage left no model: the ladder stops" >&2; break; }

@@ -522,3 +522,31 @@ def test_nano_diagnose_flaws_counts_looping_and_cut_off_answers_per_task(tmp_pat
     assert r["by_task"]["doc"] == {"n": 2, "repetition": 1, "truncated": 0}
     assert r["by_task"]["count"] == {"n": 2, "repetition": 0, "truncated": 1}
     assert r["by_task"]["gui"]["repetition"] == 1 and r["all"]["n"] == 5
+
+
+def test_nano_diagnose_video_finds_the_constant_answer_floor_and_malformed_answers(tmp_path):
+    """bench/nano_diagnose.py video: the best constant answer's mIoU (from the model's own 2 fps answers, given to
+    every clip) against hand-computed IoUs, the answer spread and the unparseable answers at unseen rates."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nano_diagnose
+
+    ans = "The given query happens in {} - {} seconds."
+    refs = [(0, 2), (1, 3), (4, 6)]
+    rows = [("video_grounding", ans.format(1, 3), refs[0], 1 / 3),  # IoU([1,3],[0,2]) = 1/3
+            ("video_grounding", ans.format(1, 3), refs[1], 1.0),
+            ("video_grounding", ans.format(4, 6), refs[2], 1.0),
+            ("video_grounding_unseen_fps", ans.format(1, 3), refs[0], 1 / 3),
+            ("video_grounding_unseen_fps", "The given query happens in 1.0000.50\", \"end", refs[1], 0.0),
+            ("video_grounding_unseen_fps", ans.format(9, 12), refs[2], 0.0)]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps({"task": t, "prediction": p, "reference": ans.format(*r),
+                                        "scores": {"mIoU": s, "R@0.5": float(s >= 0.5)}}) + "\n"
+                            for t, p, r, s in rows))
+    r = nano_diagnose.video(str(path))
+    vg, un = r["video_grounding"], r["video_grounding_unseen_fps"]
+    assert (vg["n"], vg["distinct"], vg["most_common"], vg["malformed"]) == (3, 2, 2, 0)
+    assert vg["mIoU"] == round(100 * (1 / 3 + 1 + 1) / 3, 1)
+    # "1 - 3" to every clip: IoUs 1/3, 1, 0; "4 - 6": 0, 0, 1: the first is the best constant
+    assert vg["best_constant"] == ans.format(1, 3) and vg["best_constant_mIoU"] == round(100 * (4 / 3) / 3, 1)
+    assert un["malformed"] == 1 and un["distinct"] == 3 and un["mIoU"] == round(100 / 9, 1)
+    assert un["best_constant"] == ans.format(1, 3)  # candidates come from the 2 fps answers, not the unseen ones
