@@ -13,8 +13,9 @@
     python bench/nano_diagnose.py video --predictions EVAL_DIR/predictions.jsonl
         do an eval's video answers read the clip? Per video task: distinct answers, the most common one's count,
         malformed answers (no span / no event parsed), the model's mIoU and that of the best constant answer (the
-        one of its own answers to the task's 2 fps clips that scores best given to every clip): the floor a model
-        that ignores the pixels gets (the temporal-id ablation's rule 3, NANO.md §4).
+        one of its own answers to the base task's 2 fps short clips, or to the task itself when the eval did not
+        run the base task, that scores best given to every clip): the floor a model that ignores the pixels gets
+        (the temporal-id ablation's rule 3, NANO.md §4).
     python bench/nano_diagnose.py glyphs --model runs/nano/latest [--size 56 --font-size 24]
         do the merged vision tokens carry a glyph's identity? A linear probe (softmax regression, 2,000 images to fit,
         400 held out) for which of 36 letters/digits is drawn anywhere on the canvas, on the checkpoint's vision
