@@ -30,7 +30,6 @@ OUT=${OUT:-ladder-out}; KEEP=${NANO_LADDER_KEEP:-.ladder}; T0=$(date +%s)
 LADDER=${NANO_LADDER:?set NANO_LADDER="STAGE:TRAIN_S:GEN_S ..."}
 ARM_KEYS=${NANO_LADDER_ARM_KEYS:-compile=true pack_length=131072}
 XZ=${NANO_LADDER_XZ_PRESET:-6}  # 0: fast, larger (tests)
-RETURN=" ${NANO_LADDER_RETURN:-} "
 init=${NANO_LADDER_INIT:-}
 WORKROOT=$(mktemp -d /tmp/qwenvl-ladder.XXXXXX)
 mkdir -p "$OUT" "$KEEP"
@@ -58,7 +57,7 @@ for spec in $LADDER; do
     if ! ls "$so/$name"/model/*.safetensors > /dev/null 2>&1; then echo "   arm $name: no model" >&2; continue; fi
     cp "$so/$name"/model/*.safetensors "$m"/ && tar xf "$so/$name/$name.tar" -C "$m" ./model/model_files.tar \
       && tar xf "$m/model/model_files.tar" -C "$m" && rm -rf "$m/model"
-    [ "$RETURN" = "  " ] || [[ "$RETURN" == *" $stage "* ]] || continue  # not asked back: kept in $KEEP only
+    [ -z "${NANO_LADDER_RETURN:-}" ] || [[ " $NANO_LADDER_RETURN " == *" $stage "* ]] || continue  # kept in $KEEP only
     # compressed while the next stage runs (bf16 weights: ~70 % of their size at preset 6); the tokenizer files are
     # the pruned vocabulary's, the same as qwenvl/nano's, and are left out (unpack copies them back)
     (cd "$m" && tar cf - --exclude=./tokenizer.json --exclude=./vocab_map.json . \
