@@ -30,6 +30,10 @@ OUT=${OUT:-ladder-out}; KEEP=${NANO_LADDER_KEEP:-.ladder}; T0=$(date +%s)
 LADDER=${NANO_LADDER:?set NANO_LADDER="STAGE:TRAIN_S:GEN_S ..."}
 ARM_KEYS=${NANO_LADDER_ARM_KEYS:-compile=true pack_length=131072}
 XZ=${NANO_LADDER_XZ_PRESET:-6}  # 0: fast, larger (tests)
+for want in ${NANO_LADDER_RETURN:-}; do  # a misspelt stage would silently bring nothing back after a long call
+  [[ " $(for spec in $LADDER; do printf '%s ' "${spec%%:*}"; done)" == *" $want "* ]] \
+    || { echo "NANO_LADDER_RETURN: stage '$want' is not in NANO_LADDER='$LADDER'" >&2; exit 2; }
+done
 init=${NANO_LADDER_INIT:-}
 WORKROOT=$(mktemp -d /tmp/qwenvl-ladder.XXXXXX)
 mkdir -p "$OUT" "$KEEP"

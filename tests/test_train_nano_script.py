@@ -474,6 +474,9 @@ def test_nano_ladder_chains_stages_and_brings_every_model_back(tmp_path):
            "NANO_LADDER_ARMS_sft": "c:pack_length=2048;u:pack_length=2048 train_files=[{data}/train.jsonl]",
            "NANO_LADDER_ENV_sft": "NANO_NOISE=0.3", "NANO_LADDER_XZ_PRESET": "0",
            "NANO_LADDER_RETURN": "sft"}
+    bad = subprocess.run(["bash", "bench/nano_ladder.sh"], cwd=ROOT, env={**env, "NANO_LADDER_RETURN": "sf"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "stage 'sf' is not in NANO_LADDER" in bad.stderr and not out.exists()
     r = subprocess.run(["bash", "bench/nano_ladder.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     files = sorted(os.listdir(out))
