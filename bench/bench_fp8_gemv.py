@@ -298,6 +298,7 @@ def engine(a, R: dict, save) -> None:
     pdl = {"QWENVL_GEMV_PDL": "1"}  # the defaults + programmatic dependent launch of the GEMVs
     bf16_logits = {**fused, "QWENVL_FP32_LOGITS": "0"}  # the defaults but lm_head's output rounded to bf16
     fused_pdl = {**fused, **pdl}
+    fp8_head = {**fused, "QWENVL_FP8_LM_HEAD": "1"}  # the defaults + lm_head in FP8 too (FP8 arms only)
     variants = [("bf16", None, False, None, False, unfused)]
     heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
     if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
@@ -326,10 +327,14 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_merge16", "fp8", True, None, False, merge16),
                  ("fp8_gemv_bf16_logits", "fp8", True, None, False, bf16_logits),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
-                 ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl)]
+                 ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl),
+                 ("fp8_gemv_head", "fp8", True, None, False, fp8_head)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
         variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, rope_kv))
     E_args = argparse.Namespace(device=a.device)
+    quality_ids = torch.randint(0, cfg.text.vocab_size, (1, 256), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the bf16 model's logits, before any arm converts its decoder linears to FP8
+        quality_ref = model(quality_ids.to(a.device)).float().cpu()
     h, w = (int(v) for v in a.image.split("x")[::-1])
     greedy = dict(temperature=0.0, ignore_eos=True)
     tokens = {}
@@ -359,6 +364,9 @@ def engine(a, R: dict, save) -> None:
                     if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work
                         r["graph_replay_ms"] = bench.cuda_time(graph[0].replay, warmup=3, iters=20) * 1e3
                         r["host_ms_per_token"] = 1e3 / r["decode_tok_s"] - r["graph_replay_ms"]
+                        if a.profile_replays:
+                            r["graph_profile"] = profile_replays(graph[0].replay, a.profile_replays)
+                    r["fp8_lm_head"] = type(llm.runner.lm_head).__name__ == "FP8Linear"
                     ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
                     out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
                     tokens[name] = out[0].token_ids
@@ -374,12 +382,68 @@ def engine(a, R: dict, save) -> None:
         gc.collect()
         if a.device == "cuda":
             torch.cuda.empty_cache()
+    R["fp8_logit_quality"] = fp8_logit_quality(model, quality_ids.to(a.device), quality_ref)
+    save()
     eng = R["engine"]
     base = (eng.get("bf16") or next(iter(eng.values())))["decode_tok_s"]  # the cuBLAS arm, else the first run
     R["w1_vs_bf16"] = {k: v["decode_tok_s"] / base for k, v in eng.items()}
     ref = next((r for r in ("fp8_gemv", "bf16") if r in tokens), next(iter(tokens)))  # an arm that ran
     R[f"first_divergence_vs_{ref}"] = {k: first_divergence(tokens[ref], v) for k, v in tokens.items()}
     save()
+
+
+@torch.no_grad()
+def fp8_logit_quality(model, ids, ref) -> dict:
+    """Logits of 256 random text tokens against the bf16 model's (ref): the FP8 decoder with the bf16 head, and with
+    the head in FP8 too (QWENVL_FP8_LM_HEAD's copy). Run after the arms: quantization="fp8" converted the shared
+    model's decoder in place (an engine without FP8 arms leaves it bf16: nothing to compare)."""
+    from qwenvl.quant import FP8Linear, compare_logits
+
+    if not any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
+        return {"skipped": "no FP8 arm ran"}
+    out = {"bf16_head": compare_logits(ref, model(ids).float().cpu())}
+    head = model.lm_head
+    model.lm_head = FP8Linear.from_linear(head)
+    try:
+        out["fp8_head"] = compare_logits(ref, model(ids).float().cpu())
+    finally:
+        model.lm_head = head
+    return out
+
+
+def profile_replays(fn, n: int, top: int = 25) -> dict:
+    """Kernels of n calls of fn (a decode graph's replay) under torch.profiler: per call, the kernel count, the sum
+    of kernel time, the span from the first kernel's start to the last one's end and the time between kernels
+    (span - busy), and the `top` kernels by time (us per call). Says where a decode step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    ev = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start),
+                key=lambda e: e.time_range.start)
+    if not ev:
+        return {"error": "no kernel events recorded for the replays"}
+    busy, end = 0.0, ev[0].time_range.start
+    for e in ev:  # the union of the kernels' intervals
+        s, t = max(e.time_range.start, end), e.time_range.end
+        if t > s:
+            busy += t - s
+        end = max(end, t)
+    per: dict[str, list] = {}
+    for e in ev:
+        v = per.setdefault(e.name, [0, 0.0])
+        v[0] += 1
+        v[1] += e.time_range.end - e.time_range.start
+    kernels = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return {"calls": n, "kernels_per_call": len(ev) / n, "kernel_us_per_call": sum(v[1] for v in per.values()) / n,
+            "busy_us_per_call": busy / n, "span_us_per_call": (end - ev[0].time_range.start) / n,
+            "idle_us_per_call": (end - ev[0].time_range.start - busy) / n,
+            "top": [{"name": k[:120], "count_per_call": v[0] / n, "us_per_call": v[1] / n} for k, v in kernels[:top]]}
 
 
 def first_divergence(a, b):
@@ -406,6 +470,14 @@ def summary(R: dict) -> str:
                  if "graph_replay_ms" in v else "")
         rows.append(f"W1 {k:17s} decode {v['decode_tok_s']:.1f} tok/s  TTFT {v['ttft_ms']:.0f} ms  "
                     f"({R.get('w1_vs_bf16', {}).get(k, float('nan')):.2f}x bf16){graph}")
+        p = v.get("graph_profile")
+        if p and "error" not in p:
+            rows.append(f"    profile: {p['kernels_per_call']:.0f} kernels, busy {p['busy_us_per_call']:.0f} us, "
+                        f"idle {p['idle_us_per_call']:.0f} us per step; top: " + "; ".join(
+                            f"{t['name'][:40]} {t['us_per_call']:.0f} us x{t['count_per_call']:.0f}" for t in p["top"][:8]))
+    for k, v in (R.get("fp8_logit_quality") or {}).items():
+        if isinstance(v, dict):
+            rows.append(f"logits vs bf16, FP8 decoder + {k}: rel err {v['rel_err']:.4f}, top-1 agree {v['top1_agree']:.3f}")
     for ref in ("fp8_gemv", "bf16"):
         if f"first_divergence_vs_{ref}" in R:
             rows.append(f"greedy tokens, first divergence vs {ref}: {R[f'first_divergence_vs_{ref}']}")
@@ -427,6 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eq-tokens", type=int, default=32, help="greedy tokens compared across the variants")
     ap.add_argument("--image", default="1280x720", help="W1's image, WxH pixels")
     ap.add_argument("--variants", default="", help="engine arms to run, e.g. bf16,bf16_gemv (default: all)")
+    ap.add_argument("--profile-replays", type=int, default=0,
+                    help="profile this many batch-1 graph replays per engine arm (kernels, busy and idle time)")
     a = ap.parse_args(argv)
     if a.device == "cpu":
         a.reps, a.trials = 1, 1

@@ -61,13 +61,14 @@ class Qwen25VL(nn.Module):
                     p.normal_(0.0, std, generator=g)
         return m
 
+    # read from the embeddings, never quantised (an FP8 lm_head's weight is float8)
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     # ------------------------------------------------------------------ forward
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,

@@ -182,6 +182,29 @@ def test_fp8_engine_on_cpu_equals_the_fp8_model():
         assert out.outputs[0].token_ids == ref[0].tolist()
 
 
+def test_fp8_lm_head_engine_on_cpu_equals_the_model_with_an_fp8_head(monkeypatch):
+    """QWENVL_FP8_LM_HEAD=1: the engine's head is an FP8 copy of the model's (which stays as it is); its greedy
+    tokens equal the FP8 model's whose lm_head is quantised the same way, and unset the head stays unquantised."""
+    model = TINY(0, 1, "cpu")
+    work = [(p, SamplingParams(max_tokens=6, **GREEDY)) for p, _ in workload(3, seed=4)]
+    monkeypatch.setenv("QWENVL_FP8_LM_HEAD", "1")
+    llm = LLM(copy.deepcopy(model), quantization="fp8", num_blocks=256)
+    assert isinstance(llm.runner.lm_head, FP8Linear) and type(llm.model.lm_head) is torch.nn.Linear
+    q = quantize_model_fp8(copy.deepcopy(model))
+    q.lm_head = FP8Linear.from_linear(q.lm_head)
+    for (prompt, params), out in zip(work, llm.generate([p for p, _ in work], [s for _, s in work])):
+        kw = {}
+        if prompt["images"]:
+            kw = dict(pixel_values=torch.cat([p for p, _ in prompt["images"]]),
+                      image_grid_thw=torch.stack([g for _, g in prompt["images"]]))
+        ref = q.generate(torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=6, eos_token_id=[], **kw)
+        assert out.outputs[0].token_ids == ref[0].tolist()
+    # without quantization="fp8" the switch does nothing (the head of a bf16/fp32 decoder stays as it is)
+    assert type(LLM(copy.deepcopy(model), num_blocks=16).runner.lm_head) is torch.nn.Linear
+    monkeypatch.delenv("QWENVL_FP8_LM_HEAD")
+    assert not isinstance(LLM(copy.deepcopy(model), quantization="fp8", num_blocks=16).runner.lm_head, FP8Linear)
+
+
 def test_fp8_checkpoint_loads_in_the_engine(tmp_path):
     from qwenvl.quant import save_fp8
 

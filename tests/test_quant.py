@@ -56,6 +56,22 @@ def test_dequant_path_equals_hand_computation():
     assert torch.allclose(m(x), hand, atol=1e-5, rtol=1e-5)
 
 
+def test_dequant_path_fp32_out_keeps_the_product_unrounded():
+    """out_dtype=torch.float32 (the engine's fp32 logits from an FP8 head): bf16 inputs, the product in fp32 and
+    not rounded to bf16; the default output is the bf16 rounding of a bf16 matmul."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weights())
+    m = FP8Linear.from_linear(lin, backend="dequant")
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    hand = x.float() @ (m.weight.float() * m.weight_scale).t()
+    got = m(x, out_dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.allclose(got, hand, atol=1e-5, rtol=1e-5)
+    assert m(x).dtype == torch.bfloat16
+    assert not torch.equal(got, got.to(torch.bfloat16).float())  # not a widened bf16 result
+
+
 def test_scaled_mm_path_equals_per_token_emulation():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False)
@@ -123,6 +139,13 @@ def test_logit_error_vs_fp32_and_bf16(tiny, capsys):
               f"  bf16 vs fp32: {json.dumps(e_bf16)}\n  bf16-act fp8 vs fp32: {json.dumps(e_fp8_bf16act)}")
     assert e_fp8["rel_err"] < 0.06 and e_fp8["top1_agree"] >= 0.9
     assert e_fp8_bf16act["rel_err"] < 0.06
+    # the engine's QWENVL_FP8_LM_HEAD: the head's per-row e4m3 rounding (<= 2^-4 relative a weight) adds its own
+    # error to the decoder's, of the same order, not more
+    q.lm_head = FP8Linear.from_linear(q.lm_head)
+    e_head = compare_logits(ref, q(**b), b["attention_mask"])
+    with capsys.disabled():
+        print(f"  fp32-act fp8 with the head in fp8 too vs fp32: {json.dumps(e_head)}")
+    assert e_fp8["rel_err"] < e_head["rel_err"] < 2 * e_fp8["rel_err"] + 0.02 and e_head["top1_agree"] >= 0.85
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from ..config import env_flag
 from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
-from ..quant.fp8 import fuse_linears
+from ..quant.fp8 import FP8Linear, fuse_linears
 from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
@@ -132,7 +132,7 @@ class ModelRunner:
         self.inv_freq = _inv_freq(t.head_dim, t.rope_theta).to(self.device)
         self.mrope_section = list(t.mrope_section)
         self.layers = self._fuse_weights(share=self.is_cuda)
-        self.lm_head = wrap_linear(model.lm_head)  # model.lm_head itself unless the bf16 GEMV path is on
+        self.lm_head = self._head(model)
         # the elementwise work between the matmuls; compiled (fused) only on request (fused.py)
         # silu * up as a Triton kernel, bit-equal to the eager ops (silu_mul.py): the compiled op ran at a third
         # of copy speed in prefill; QWENVL_TRITON_SILU=0 keeps the compiled one
@@ -153,8 +153,11 @@ class ModelRunner:
         # On by default on CUDA (QWENVL_FP32_LOGITS=0: off); off on the CPU, whose fp32 product upcasts the whole head
         # every step; for a plain lm_head (not vocab-parallel, not FP8)
         self.fp32_logits = (env_flag("QWENVL_FP32_LOGITS", self.is_cuda) and self.dtype != torch.float32
-                            and type(self.lm_head) in (torch.nn.Linear, GemvLinear) and self.lm_head.bias is None
-                            and self.lm_head.weight.dtype == self.dtype and fp32_matmul_ok(self.device, self.dtype))
+                            and self.lm_head.bias is None
+                            and ((type(self.lm_head) in (torch.nn.Linear, GemvLinear)
+                                  and self.lm_head.weight.dtype == self.dtype
+                                  and fp32_matmul_ok(self.device, self.dtype))
+                                 or (type(self.lm_head) is FP8Linear and not self.lm_head.reduce_output)))
         self._gemv_plans: dict[tuple, list | None] = {}
         self.encoder_cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # content hash -> ViT features
         self.encoder_cache_tokens = encoder_cache_tokens
@@ -204,6 +207,20 @@ class ModelRunner:
             uncompile_vision_blocks(model.visual)
         if batch_invariant:
             self._use_invariant_kernels()
+
+    @staticmethod
+    def _head(model) -> torch.nn.Module:
+        """The engine's lm_head: model.lm_head (on the bf16 GEMV path where that is on), or with QWENVL_FP8_LM_HEAD=1
+        on a model whose decoder linears are FP8, an FP8 copy of it (per-vocab-row scales, as the decoder's): the
+        head is 1.09 GB of the 7B's 7.6 GB read per decode step in FP8, so at batch 1 it is ~11 % of the step.
+        Off by default (FP8-Dynamic checkpoints and vLLM keep the head in bf16: it sets the logits directly); the
+        model's own head is left as it is (tied to the embeddings in the 3B)."""
+        head = model.lm_head
+        if env_flag("QWENVL_FP8_LM_HEAD", False) and type(head) is torch.nn.Linear and head.weight.device.type != "meta":
+            if any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
+                return FP8Linear.from_linear(head)
+            log.warning("QWENVL_FP8_LM_HEAD=1 ignored: the decoder is not FP8 (quantization='fp8' not set)")
+        return wrap_linear(head)
 
     def _use_invariant_kernels(self) -> None:
         """Batch-invariant mode: the decoder's linears, norms and attention on batch_invariant.py's kernels, and
@@ -394,6 +411,8 @@ class ModelRunner:
             return fp8_gemv.gemv(h, *ops, norm_weight=norm.weight, eps=norm.eps,
                                  out_dtype=torch.float32 if self.fp32_logits else None)
         if self.fp32_logits:
+            if isinstance(self.lm_head, FP8Linear):
+                return self.lm_head(norm(h), out_dtype=torch.float32)
             return matmul_fp32_out(norm(h), self.lm_head.weight)
         return self.lm_head(norm(h))
 

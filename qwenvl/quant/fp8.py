@@ -117,9 +117,11 @@ def _mm_scaled(x2d, q, scale_row, out_dtype):
     return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale_row, out_dtype=out_dtype)
 
 
-def _mm_dequant(x, q, scale_row):
+def _mm_dequant(x, q, scale_row, out_dtype=None):
+    if out_dtype == torch.float32:  # an unrounded product: multiply in fp32 (e4m3 is exact there)
+        x = x.float()
     y = F.linear(x, q.to(x.dtype))
-    return (y.float() * scale_row).to(x.dtype)
+    return (y.float() * scale_row).to(out_dtype or x.dtype)
 
 
 def emulate_scaled_mm(x2d, q, scale) -> torch.Tensor:
@@ -223,11 +225,16 @@ class FP8Linear(nn.Module):
             return self.weight, self.weight_scale, self.bias
         return None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """out_dtype: the output's dtype (default x's); torch.float32 keeps the product unrounded (the engine's fp32
+        logits from an FP8 lm_head). Not for a row-parallel layer."""
+        if out_dtype is not None and out_dtype != x.dtype and self.reduce_output:
+            raise ValueError("FP8Linear: out_dtype is not supported on a row-parallel layer")
         if self.use_gemv(x):
             # the bias after the all-reduce of a row-parallel layer (a partial sum), else fused
             try:
-                y = _gemv.fp8_gemv(x, self.weight, self.weight_scale, None if self.reduce_output else self.bias)
+                y = _gemv.fp8_gemv(x, self.weight, self.weight_scale, None if self.reduce_output else self.bias,
+                                   out_dtype=out_dtype)
             except Exception as e:  # e.g. a config that does not compile at this shape on this triton: the
                 # self-test probes small shapes only. Off for every layer, this call on the matmul path; a forced
                 # backend or a graph being captured cannot fall back silently.
@@ -236,17 +243,18 @@ class FP8Linear(nn.Module):
                 log.warning("fp8 GEMV kernel failed at M=%d N=%d K=%d (%s: %s); using the FP8 matmul path from now on",
                             x.numel() // self.in_features, self.out_features, self.in_features, type(e).__name__, e)
                 _gemv.set_enabled(False)
-                return self.forward(x)
+                return self.forward(x, out_dtype)
             if not self.reduce_output:
                 return y
             torch.distributed.all_reduce(y, group=self.group)
             return y if self.bias is None else y + self.bias
         scale_row = self.weight_scale.view(1, -1).float()
         if self.use_scaled_mm(x):
+            # _scaled_mm's row-wise scaling writes bf16 only: an fp32 out_dtype gets the bf16 product widened
             y = _mm_scaled(x.reshape(-1, self.in_features), self.weight, scale_row, x.dtype)
-            y = y.view(*x.shape[:-1], self.out_features)
+            y = y.view(*x.shape[:-1], self.out_features).to(out_dtype or x.dtype)
         else:
-            y = _mm_dequant(x, self.weight, scale_row)
+            y = _mm_dequant(x, self.weight, scale_row, out_dtype)
         if self.reduce_output:
             torch.distributed.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias

@@ -510,13 +510,13 @@ def _fix_interpreter() -> None:
 
 # ---------------------------------------------------------------------------------------------- launch
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: GemvConfig | None = None) -> torch.Tensor:
-    """y = x @ (weight * scale)^T + bias in x's dtype. x [..., K] bf16/fp16 (last dim contiguous), weight
-    float8_e4m3fn [N, K] (rows contiguous, any row stride), scale [N] or [N, 1] (any float dtype), bias [N].
-    CUDA tensors, or CPU tensors in a TRITON_INTERPRET=1 process (see interpreting())."""
+             config: GemvConfig | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale)^T + bias in x's dtype (or out_dtype, see gemv). x [..., K] bf16/fp16 (last dim
+    contiguous), weight float8_e4m3fn [N, K] (rows contiguous, any row stride), scale [N] or [N, 1] (any float
+    dtype), bias [N]. CUDA tensors, or CPU tensors in a TRITON_INTERPRET=1 process (see interpreting())."""
     if weight.dtype != FP8:
         raise TypeError(f"fp8_gemv: weight must be float8_e4m3fn, got {weight.dtype} (gemv takes bf16/fp16 weights)")
-    return gemv(x, weight, scale, bias, config)
+    return gemv(x, weight, scale, bias, config, out_dtype=out_dtype)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
