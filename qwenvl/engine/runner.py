@@ -216,10 +216,14 @@ class ModelRunner:
         Off by default (FP8-Dynamic checkpoints and vLLM keep the head in bf16: it sets the logits directly); the
         model's own head is left as it is (tied to the embeddings in the 3B)."""
         head = model.lm_head
-        if env_flag("QWENVL_FP8_LM_HEAD", False) and type(head) is torch.nn.Linear and head.weight.device.type != "meta":
-            if any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
+        if env_flag("QWENVL_FP8_LM_HEAD", False):
+            if type(head) is not torch.nn.Linear:
+                log.warning("QWENVL_FP8_LM_HEAD=1 ignored: lm_head is a %s (vocab-parallel under tensor parallelism), "
+                            "not a plain linear", type(head).__name__)
+            elif any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
                 return FP8Linear.from_linear(head)
-            log.warning("QWENVL_FP8_LM_HEAD=1 ignored: the decoder is not FP8 (quantization='fp8' not set)")
+            else:
+                log.warning("QWENVL_FP8_LM_HEAD=1 ignored: the decoder is not FP8 (quantization='fp8' not set)")
         return wrap_linear(head)
 
     def _use_invariant_kernels(self) -> None:
