@@ -167,19 +167,25 @@ def test_random_shards_replicate_the_vit_and_split_the_decoder():
     assert r0["layers"] == r1["layers"] and r0["logits_finite"] and r1["logits_finite"]
 
 
+def assert_greedy_equals_the_model(llm, model, work, max_tokens=6):
+    """The engine's greedy tokens for each (prompt, params) of work equal model.generate's, request by request."""
+    for (prompt, params), out in zip(work, llm.generate([p for p, _ in work], [s for _, s in work])):
+        kw = {}
+        if prompt["images"]:
+            kw = dict(pixel_values=torch.cat([p for p, _ in prompt["images"]]),
+                      image_grid_thw=torch.stack([g for _, g in prompt["images"]]))
+        ref = model.generate(torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=max_tokens, eos_token_id=[],
+                             **kw)
+        assert out.outputs[0].token_ids == ref[0].tolist()
+
+
 def test_fp8_engine_on_cpu_equals_the_fp8_model():
     model = TINY(0, 1, "cpu")
     work = [(p, SamplingParams(max_tokens=6, **GREEDY)) for p, _ in workload(4, seed=2)]
     llm = LLM(copy.deepcopy(model), quantization="fp8", num_blocks=256)
     assert sum(isinstance(m, FP8Linear) for m in llm.model.modules()) >= 7 * 2  # + the runner's fused ones
     q = quantize_model_fp8(copy.deepcopy(model))
-    for (prompt, params), out in zip(work, llm.generate([p for p, _ in work], [s for _, s in work])):
-        kw = {}
-        if prompt["images"]:
-            kw = dict(pixel_values=torch.cat([p for p, _ in prompt["images"]]),
-                      image_grid_thw=torch.stack([g for _, g in prompt["images"]]))
-        ref = q.generate(torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=6, eos_token_id=[], **kw)
-        assert out.outputs[0].token_ids == ref[0].tolist()
+    assert_greedy_equals_the_model(llm, q, work)
 
 
 def test_fp8_lm_head_engine_on_cpu_equals_the_model_with_an_fp8_head(monkeypatch):
@@ -192,13 +198,7 @@ def test_fp8_lm_head_engine_on_cpu_equals_the_model_with_an_fp8_head(monkeypatch
     assert isinstance(llm.runner.lm_head, FP8Linear) and type(llm.model.lm_head) is torch.nn.Linear
     q = quantize_model_fp8(copy.deepcopy(model))
     q.lm_head = FP8Linear.from_linear(q.lm_head)
-    for (prompt, params), out in zip(work, llm.generate([p for p, _ in work], [s for _, s in work])):
-        kw = {}
-        if prompt["images"]:
-            kw = dict(pixel_values=torch.cat([p for p, _ in prompt["images"]]),
-                      image_grid_thw=torch.stack([g for _, g in prompt["images"]]))
-        ref = q.generate(torch.tensor([prompt["prompt_token_ids"]]), max_new_tokens=6, eos_token_id=[], **kw)
-        assert out.outputs[0].token_ids == ref[0].tolist()
+    assert_greedy_equals_the_model(llm, q, work)
     # without quantization="fp8" the switch does nothing (the head of a bf16/fp32 decoder stays as it is)
     assert type(LLM(copy.deepcopy(model), num_blocks=16).runner.lm_head) is torch.nn.Linear
     monkeypatch.delenv("QWENVL_FP8_LM_HEAD")
