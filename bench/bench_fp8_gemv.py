@@ -328,7 +328,9 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_bf16_logits", "fp8", True, None, False, bf16_logits),
                  ("fp8_gemv_pdl", "fp8", True, None, False, pdl),
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl),
-                 ("fp8_gemv_head", "fp8", True, None, False, fp8_head)]
+                 ("fp8_gemv_head", "fp8", True, None, False, fp8_head),
+                 # the engine's default: the bf16 GEMV on too, which takes the FP8 model's bf16 lm_head
+                 ("fp8_gemv_bf16_head", "fp8", True, None, True, fused)]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
         variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, rope_kv))
     E_args = argparse.Namespace(device=a.device)
