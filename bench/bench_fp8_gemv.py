@@ -299,6 +299,7 @@ def engine(a, R: dict, save) -> None:
     bf16_logits = {**fused, "QWENVL_FP32_LOGITS": "0"}  # the defaults but lm_head's output rounded to bf16
     fused_pdl = {**fused, **pdl}
     fp8_head = {**fused, "QWENVL_FP8_LM_HEAD": "1"}  # the defaults + lm_head in FP8 too (FP8 arms only)
+    tmerge = {**fused, "QWENVL_TRITON_MERGE": "1"}  # the decode splits merged by one Triton kernel
     variants = [("bf16", None, False, None, False, unfused)]
     heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
     if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
@@ -313,7 +314,8 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_merge16", None, False, None, True, merge16),
                      ("bf16_gemv_bf16_logits", None, False, None, True, bf16_logits),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
-                     ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl)]
+                     ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl),
+                     ("bf16_gemv_tmerge", None, False, None, True, tmerge)]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
             variants.append(("bf16_gemv_tuned", None, False, tuned, True, rope_kv))
     variants += [("fp8_scaled_mm", "fp8", False, None, False, unfused),
@@ -330,7 +332,8 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_fused_pdl", "fp8", True, None, False, fused_pdl),
                  ("fp8_gemv_head", "fp8", True, None, False, fp8_head),
                  # the engine's default: the bf16 GEMV on too, which takes the FP8 model's bf16 lm_head
-                 ("fp8_gemv_bf16_head", "fp8", True, None, True, fused)]
+                 ("fp8_gemv_bf16_head", "fp8", True, None, True, fused),
+                 ("fp8_gemv_head_tmerge", "fp8", True, None, False, {**fp8_head, **tmerge})]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
         variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, rope_kv))
     E_args = argparse.Namespace(device=a.device)
@@ -369,6 +372,7 @@ def engine(a, R: dict, save) -> None:
                         if a.profile_replays:
                             r["graph_profile"] = profile_replays(graph[0].replay, a.profile_replays)
                     r["fp8_lm_head"] = type(llm.runner.lm_head).__name__ == "FP8Linear"
+                    r["triton_merge"] = llm.runner.decode_merge is not None
                     ids, pix, grid = bench.image_request(cfg, n_text=64, h=h, w=w, seed=9)
                     out = llm.generate([E.prompt_of(ids, pix, grid)], SamplingParams(max_tokens=a.eq_tokens, **greedy))
                     tokens[name] = out[0].token_ids

@@ -259,3 +259,18 @@ def test_fp32_logits_on_cuda(bf16_model, monkeypatch):
     assert_logprobs_close(bf16_model, work, [type("O", (), {"token_ids": o.token_ids, "logprobs": o.logprobs})
                                              for o in outs["1"]])
     assert_equal_up_to_near_ties(outs["1"], outs["0"], None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_split_merge_equals_merge_splits(dtype):
+    """QWENVL_TRITON_MERGE's kernel: its start-up probe passes, and at the 7B shape (28 heads, head dim 128, batch 1's
+    16 splits with empty ones; batch 64's 2) it equals merge_splits within one rounding of dtype."""
+    assert A.triton_merge_ok(torch.device("cuda", torch.cuda.current_device()), dtype, 128)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for B, S in ((1, 16), (64, 2)):
+        acc = torch.randn(B, 28, S, 128, generator=g, device="cuda")
+        m = torch.randn(B, 28, S, generator=g, device="cuda") * 4
+        lse = torch.rand(B, 28, S, generator=g, device="cuda") + 0.5
+        m[:, :, S // 2 + 1:], lse[:, :, S // 2 + 1:] = float("-inf"), 0.0
+        want, got = A.merge_splits(acc, m, lse, dtype), A.merge_splits_triton(acc, m, lse, dtype)
+        assert ((got.float() - want.float()).abs() <= torch.finfo(dtype).eps * want.float().abs() + 1e-6).all()

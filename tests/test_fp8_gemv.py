@@ -396,6 +396,15 @@ def interpreter_fused_cases() -> list[dict]:
                             dtype_ok=fused.dtype == q.dtype and fused.shape == q.shape, within_bound=err < 2e-2,
                             exact_frac=1.0, equal_to_eager=bool((fused.float() - apart.float()).abs().max() <= 1e-2
                                                                 and A._COUNTERS[torch.device("cpu")].eq(0).all())))
+    for S in (2, 3, 16):  # merge_splits_triton against merge_splits, the last split empty
+        acc = torch.randn(2, 5, S, 32, generator=g)
+        m, lse = torch.randn(2, 5, S, generator=g) * 4, torch.rand(2, 5, S, generator=g) + 0.5
+        m[:, :, -1], lse[:, :, -1] = float("-inf"), 0.0
+        want, got = A.merge_splits(acc, m, lse, torch.bfloat16), A.merge_splits_triton(acc, m, lse, torch.bfloat16)
+        out.append(dict(case=["triton split merge", S], dtype_ok=got.dtype == torch.bfloat16 and got.shape == want.shape,
+                        within_bound=bool(((got.float() - want.float()).abs()
+                                           <= 2 ** -8 * want.float().abs() + 1e-6).all()),
+                        exact_frac=1.0, equal_to_eager=True))
     from qwenvl.engine.fused import silu_mul_eager
     from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
     for dtype in (torch.bfloat16, torch.float16):  # the probe: one row and a ragged block, within one rounding
@@ -475,6 +484,7 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     assert sum(str(r["case"][0]).startswith("gemv rope epilogue") for r in results) == 5
     assert sum(r["case"][0] == "paged decode, in-kernel merge" for r in results) == 6
     assert sum(r["case"][0] == "out_dtype float32" for r in results) == 5
+    assert sum(r["case"][0] == "triton split merge" for r in results) == 3
     # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
     assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
 
@@ -716,6 +726,15 @@ def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
     """The prefill kernels at W2's shape (1,281 rows, 7B): silu * up and the rotary + KV write with the chunk's k
     and v returned, bit-equal to the eager ops (their probes pass on this GPU too)."""
     from qwenvl.engine.rope_kv import rope_write_kv, rope_write_kv_eager
+    for S in (2, 3, 16):  # merge_splits_triton against merge_splits, the last split empty
+        acc = torch.randn(2, 5, S, 32, generator=g)
+        m, lse = torch.randn(2, 5, S, generator=g) * 4, torch.rand(2, 5, S, generator=g) + 0.5
+        m[:, :, -1], lse[:, :, -1] = float("-inf"), 0.0
+        want, got = A.merge_splits(acc, m, lse, torch.bfloat16), A.merge_splits_triton(acc, m, lse, torch.bfloat16)
+        out.append(dict(case=["triton split merge", S], dtype_ok=got.dtype == torch.bfloat16 and got.shape == want.shape,
+                        within_bound=bool(((got.float() - want.float()).abs()
+                                           <= 2 ** -8 * want.float().abs() + 1e-6).all()),
+                        exact_frac=1.0, equal_to_eager=True))
     from qwenvl.engine.fused import silu_mul_eager
     from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
 

@@ -57,6 +57,15 @@ def test_paged_decode_kernel_compiles(merge, max_splits, group):
                                "MERGE": merge, "MAX_SPLITS": max_splits, "USE_PDL": False})
 
 
+@pytest.mark.parametrize("max_splits", [2, 16])
+def test_merge_splits_kernel_compiles(max_splits):
+    from qwenvl.engine import attention as A
+
+    sig = {"Acc": "*fp32", "M": "*fp32", "L": "*fp32", "Out": "*bf16", "num_splits": "i32", "stride_acc_bh": "i32",
+           "stride_acc_s": "i32", "stride_m_bh": "i32", "stride_o_bh": "i32"}
+    compile_for_h100(A._merge_splits_kernel, sig, {"HEAD_DIM": 128, "MAX_SPLITS": max_splits})
+
+
 GEMV_SIG = {"X": "*bf16", "W": "*bf16", "S": "*bf16", "Bias": "*bf16", "Y": "*bf16", "WS": "*fp32", "G": "*bf16",
             "R": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
             "stride_rm": "i32", "k_per_split": "i32", "eps": "fp32", "COS": "*bf16", "SIN": "*bf16", "SLOTS": "*i64",

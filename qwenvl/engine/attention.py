@@ -280,6 +280,21 @@ try:
                     tl.store(Out + b * stride_o_b + mg_head * stride_o_h + d, mg_o.to(Out.dtype.element_ty))
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
 
+    @triton.jit
+    def _merge_splits_kernel(Acc, M, L, Out, num_splits, stride_acc_bh, stride_acc_s, stride_m_bh, stride_o_bh,
+                             HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+        # one program per (sequence, head): merge_splits' arithmetic in one kernel (the compiled merge is two)
+        bh = tl.program_id(0)
+        s = tl.arange(0, MAX_SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        ok = s < num_splits
+        m_s = tl.load(M + bh * stride_m_bh + s, mask=ok, other=float("-inf"))
+        l_s = tl.load(L + bh * stride_m_bh + s, mask=ok, other=0.0)
+        a_s = tl.load(Acc + bh * stride_acc_bh + s[:, None] * stride_acc_s + d[None, :], mask=ok[:, None], other=0.0)
+        w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
+        o = tl.sum(a_s * w[:, None], 0) / tl.sum(l_s * w, 0)
+        tl.store(Out + bh * stride_o_bh + d, o.to(Out.dtype.element_ty))
+
     HAVE_TRITON = True
 except Exception:  # no triton (CPU builds of torch)
     HAVE_TRITON = False
@@ -306,6 +321,45 @@ def merge_splits(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: t
     return ((acc * w[..., None]).sum(2) / (lse * w).sum(-1)[..., None]).to(dtype)
 
 
+def merge_splits_triton(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """merge_splits in one Triton kernel (acc [B, H, S, D] and m / lse [B, H, S] contiguous fp32). The two kernels
+    of the compiled merge took 104 us of the 7B FP8 batch-1 decode step (H100, docs/BENCHMARKS.md twenty-third
+    session); QWENVL_TRITON_MERGE=1 uses this one, off until measured."""
+    if not (acc.is_contiguous() and m.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("merge_splits_triton: acc, m and lse must be contiguous")
+    B, H, S, D = acc.shape
+    out = torch.empty(B, H, D, dtype=dtype, device=acc.device)
+    _merge_splits_kernel[(B * H,)](acc, m, lse, out, S, acc.stride(1), acc.stride(2), m.stride(1), out.stride(1),
+                                   HEAD_DIM=D, MAX_SPLITS=max(2, triton.next_power_of_2(S)), num_warps=4)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def triton_merge_ok(device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether merge_splits_triton runs here and agrees with merge_splits (within one rounding of dtype) on random
+    splits, empty ones included; probed once per (device, dtype, head dim), before any graph capture."""
+    dev = torch.device(device)
+    if not HAVE_TRITON or dev.type != "cuda" or head_dim & (head_dim - 1):
+        return False
+    try:
+        g = torch.Generator(device=dev).manual_seed(0)
+        for S in (2, 3, 16):
+            acc = torch.randn(2, 5, S, head_dim, generator=g, device=dev)
+            m = torch.randn(2, 5, S, generator=g, device=dev) * 4
+            lse = torch.rand(2, 5, S, generator=g, device=dev) + 0.5
+            m[:, :, S - 1:] = float("-inf")  # an empty split
+            lse[:, :, S - 1:] = 0.0
+            want, got = merge_splits(acc, m, lse, dtype), merge_splits_triton(acc, m, lse, dtype)
+            tol = torch.finfo(dtype).eps * want.float().abs() + 1e-6
+            if not ((got.float() - want.float()).abs() <= tol).all():
+                log.warning("Triton split merge differs from merge_splits at %d splits; using the compiled merge", S)
+                return False
+        return True
+    except Exception as e:
+        log.warning("Triton split merge unavailable (%s: %s); using the compiled merge", type(e).__name__, e)
+        return False
+
+
 _COUNTERS: dict = {}
 
 
@@ -324,8 +378,8 @@ def _merge_counters(device, n: int) -> torch.Tensor | None:
 
 def fused_merge_max_splits() -> int:
     """Up to how many splits the runner merges them in the kernel: 0 with QWENVL_DECODE_FUSED_MERGE=0, else
-    QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS, 2 by default (what the H200 measured with the first, split-by-split merge;
-    the per-head merge of now is not measured yet)."""
+    QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS, 2 by default: the per-head merge of now is faster at 2 splits (batch 64:
+    36.6 vs 42.4 us) and slower at batch 1's 16 (16.2 vs 11.2 us; H100, docs/BENCHMARKS.md 2026-12-06 tenth session)."""
     if not env_flag("QWENVL_DECODE_FUSED_MERGE", True):
         return 0
     return int(os.environ.get("QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS", "2"))
@@ -336,10 +390,9 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             block_n: int = 64, merge=merge_splits, fused_merge: bool = False) -> torch.Tensor:
     """Same contract as decode_attention_gather; block_tables int32 [B, max_blocks], context_lens int32 [B].
     merge: merge_splits, or a compiled copy of it (engine/fused.py). fused_merge: the kernel merges the splits
-    itself (the last program of each (sequence, kv head) to finish; `merge` unused). Its first version walked the
-    splits one after the other: at 16 splits (batch 1) that cost more than the two merge kernels it replaces, at 2
-    (batch >= 33) less (H200, docs/BENCHMARKS.md 2026-12-06), so the runner asks for it up to
-    fused_merge_max_splits()."""
+    itself (the last program of each (sequence, kv head) to finish; `merge` unused). At 16 splits (batch 1) it costs
+    more than the two merge kernels it replaces, at 2 (batch >= 33) less (H200 and H100, docs/BENCHMARKS.md
+    2026-12-06), so the runner asks for it up to fused_merge_max_splits()."""
     B, H, D = q.shape
     _, bs, kvh, _ = k_pool.shape
     group = H // kvh

@@ -35,6 +35,7 @@ from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
 from .fused import DecoderOps, compile_ops_requested
 from .attention import (decode_attention_gather, decode_attention_triton, fused_merge_max_splits, gqa_prefill_ok,
+                        merge_splits_triton, triton_merge_ok,
                         num_splits_for, prefill_attention, triton_decode_ok, varlen_prefill_attention,
                         varlen_prefill_ok, write_kv)
 from . import batch_invariant as BI
@@ -177,6 +178,11 @@ class ModelRunner:
         cap = fused_merge_max_splits()
         self.decode_merge_max_splits = cap if cap and not batch_invariant and self.use_triton and triton_decode_ok(
             self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True) else 0
+        # the splits merged after the kernel: the compiled merge (two kernels), or with QWENVL_TRITON_MERGE=1 one Triton
+        # kernel where its probe passes (off until measured)
+        self.decode_merge = (merge_splits_triton if self.use_triton and not batch_invariant
+                             and env_flag("QWENVL_TRITON_MERGE", False)
+                             and triton_merge_ok(self.device, self.dtype, self.head_dim) else None)
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
                               and rope_write_kv_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim,
@@ -424,7 +430,7 @@ class ModelRunner:
         if self.use_triton:
             splits = num_splits_for(q.shape[0], self.kv_heads, self.device)
             return decode_attention_triton(q, self.kv.k[i], self.kv.v[i], block_tables, context_lens,
-                                           num_splits=splits, merge=self.ops.merge_splits,
+                                           num_splits=splits, merge=self.decode_merge or self.ops.merge_splits,
                                            fused_merge=splits <= self.decode_merge_max_splits)
         return decode_attention_gather(q, self.kv.k[i], self.kv.v[i], block_tables.long(), context_lens)
 
