@@ -726,15 +726,6 @@ def test_gpu_prefill_kernels_equal_the_eager_ops_on_real_shapes():
     """The prefill kernels at W2's shape (1,281 rows, 7B): silu * up and the rotary + KV write with the chunk's k
     and v returned, bit-equal to the eager ops (their probes pass on this GPU too)."""
     from qwenvl.engine.rope_kv import rope_write_kv, rope_write_kv_eager
-    for S in (2, 3, 16):  # merge_splits_triton against merge_splits, the last split empty
-        acc = torch.randn(2, 5, S, 32, generator=g)
-        m, lse = torch.randn(2, 5, S, generator=g) * 4, torch.rand(2, 5, S, generator=g) + 0.5
-        m[:, :, -1], lse[:, :, -1] = float("-inf"), 0.0
-        want, got = A.merge_splits(acc, m, lse, torch.bfloat16), A.merge_splits_triton(acc, m, lse, torch.bfloat16)
-        out.append(dict(case=["triton split merge", S], dtype_ok=got.dtype == torch.bfloat16 and got.shape == want.shape,
-                        within_bound=bool(((got.float() - want.float()).abs()
-                                           <= 2 ** -8 * want.float().abs() + 1e-6).all()),
-                        exact_frac=1.0, equal_to_eager=True))
     from qwenvl.engine.fused import silu_mul_eager
     from qwenvl.engine.silu_mul import silu_mul, silu_mul_ok
 
