@@ -202,6 +202,23 @@ try:
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def _merge_head_splits(M, L, Acc, Out, ml_off, acc_off, out_off, num_splits, stride_acc_s,
+                           HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
+        # flash-decoding's merge of one query head's splits (merge_splits' arithmetic): its [MAX_SPLITS] m and l and
+        # [MAX_SPLITS, HEAD_DIM] partial sums in one load each, through L2 (.cg: in the decode kernel they are other
+        # programs' writes)
+        s = tl.arange(0, MAX_SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        ok = s < num_splits
+        m_s = tl.load(M + ml_off + s, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(L + ml_off + s, mask=ok, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(Acc + acc_off + s[:, None] * stride_acc_s + d[None, :], mask=ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
+        o = tl.sum(a_s * w[:, None], 0) / tl.sum(l_s * w, 0)
+        tl.store(Out + out_off + d, o.to(Out.dtype.element_ty))
+
     # Runtime ints that vary from step to step are not specialised on: one compiled kernel serves them all.
     @triton.jit(do_not_specialize=["stride_bt_b", "stride_acc_b", "stride_acc_h", "stride_m_b", "stride_m_h",
                                     "num_splits", "stride_o_b", "stride_o_h"])
@@ -262,38 +279,23 @@ try:
             tl.debug_barrier()
             counter = Counters + b * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                # one query head at a time, all its splits in one load each ([MAX_SPLITS] m and l, [MAX_SPLITS,
-                # HEAD_DIM] partial sums): the heads' loads are independent, so they overlap (the first version
-                # walked the splits one load after another: at 16 splits slower than the separate merge)
-                # (names of their own: triton refuses a name that the branch gives another shape than before it)
-                mg_s = tl.arange(0, MAX_SPLITS)
-                mg_ok = mg_s < num_splits
+                # one query head at a time, all its splits in one load each: the heads' loads are independent, so
+                # they overlap (the first version walked the splits one load after another: at 16 splits slower than
+                # the separate merge)
                 for gi in tl.static_range(GROUP):
                     mg_head = kvh * GROUP + gi
-                    mg_ml = b * stride_m_b + mg_head * stride_m_h + mg_s
-                    m_s = tl.load(M + mg_ml, mask=mg_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(L + mg_ml, mask=mg_ok, other=0.0, cache_modifier=".cg")
-                    a_s = tl.load(Acc + b * stride_acc_b + mg_head * stride_acc_h + mg_s[:, None] * stride_acc_s
-                                  + d[None, :], mask=mg_ok[:, None], other=0.0, cache_modifier=".cg")
-                    mg_w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
-                    mg_o = tl.sum(a_s * mg_w[:, None], 0) / tl.sum(l_s * mg_w, 0)
-                    tl.store(Out + b * stride_o_b + mg_head * stride_o_h + d, mg_o.to(Out.dtype.element_ty))
+                    _merge_head_splits(M, L, Acc, Out, b * stride_m_b + mg_head * stride_m_h,
+                                       b * stride_acc_b + mg_head * stride_acc_h, b * stride_o_b + mg_head * stride_o_h,
+                                       num_splits, stride_acc_s, HEAD_DIM=HEAD_DIM, MAX_SPLITS=MAX_SPLITS)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
 
     @triton.jit
     def _merge_splits_kernel(Acc, M, L, Out, num_splits, stride_acc_bh, stride_acc_s, stride_m_bh, stride_o_bh,
                              HEAD_DIM: tl.constexpr, MAX_SPLITS: tl.constexpr):
-        # one program per (sequence, head): merge_splits' arithmetic in one kernel (the compiled merge is two)
+        # one program per (sequence, head), the decode kernel's in-kernel merge after it (the compiled merge is two)
         bh = tl.program_id(0)
-        s = tl.arange(0, MAX_SPLITS)
-        d = tl.arange(0, HEAD_DIM)
-        ok = s < num_splits
-        m_s = tl.load(M + bh * stride_m_bh + s, mask=ok, other=float("-inf"))
-        l_s = tl.load(L + bh * stride_m_bh + s, mask=ok, other=0.0)
-        a_s = tl.load(Acc + bh * stride_acc_bh + s[:, None] * stride_acc_s + d[None, :], mask=ok[:, None], other=0.0)
-        w = tl.exp(m_s - tl.max(m_s, 0))  # split 0 is never empty (ctx >= 1): the max is finite
-        o = tl.sum(a_s * w[:, None], 0) / tl.sum(l_s * w, 0)
-        tl.store(Out + bh * stride_o_bh + d, o.to(Out.dtype.element_ty))
+        _merge_head_splits(M, L, Acc, Out, bh * stride_m_bh, bh * stride_acc_bh, bh * stride_o_bh, num_splits,
+                           stride_acc_s, HEAD_DIM=HEAD_DIM, MAX_SPLITS=MAX_SPLITS)
 
     HAVE_TRITON = True
 except Exception:  # no triton (CPU builds of torch)
