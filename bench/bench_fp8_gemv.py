@@ -403,9 +403,9 @@ def fp8_logit_quality(model, ids, ref) -> dict:
     """Logits of 256 random text tokens against the bf16 model's (ref): the FP8 decoder with the bf16 head, and with
     the head in FP8 too (QWENVL_FP8_LM_HEAD's copy). Run after the arms: quantization="fp8" converted the shared
     model's decoder in place (an engine without FP8 arms leaves it bf16: nothing to compare)."""
-    from qwenvl.quant import FP8Linear, compare_logits
+    from qwenvl.quant import FP8Linear, compare_logits, has_fp8_decoder
 
-    if not any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
+    if not has_fp8_decoder(model):
         return {"skipped": "no FP8 arm ran"}
     out = {"bf16_head": compare_logits(ref, model(ids).float().cpu())}
     head = model.lm_head

@@ -29,7 +29,7 @@ from ..config import env_flag
 from ..errors import InputError
 from ..layers import to_device
 from ..preprocess import dense_frames, pixel_values_from_frames
-from ..quant.fp8 import FP8Linear, fuse_linears
+from ..quant.fp8 import FP8Linear, fuse_linears, has_fp8_decoder
 from ..quant import fp8_gemv
 from ..quant.fp8_gemv import GemvLinear, wrap_linear
 from ..rope import _inv_freq
@@ -226,7 +226,7 @@ class ModelRunner:
             if type(head) is not torch.nn.Linear:
                 log.warning("QWENVL_FP8_LM_HEAD=1 ignored: lm_head is a %s (vocab-parallel under tensor parallelism), "
                             "not a plain linear", type(head).__name__)
-            elif any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules()):
+            elif has_fp8_decoder(model):
                 return FP8Linear.from_linear(head)
             else:
                 log.warning("QWENVL_FP8_LM_HEAD=1 ignored: the decoder is not FP8 (quantization='fp8' not set)")

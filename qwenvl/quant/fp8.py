@@ -301,6 +301,11 @@ def _decoder_linears(model):
             yield f"model.layers.{i}.{path}", getattr(layer, parent_name), attr
 
 
+def has_fp8_decoder(model) -> bool:
+    """Whether the decoder's linears are FP8 (quantize_model_fp8 and the FP8 loaders convert all of them)."""
+    return any(isinstance(m, FP8Linear) for m in model.model.layers[0].modules())
+
+
 @torch.no_grad()
 def quantize_model_fp8(model, backend: str = "auto"):
     """Replace every decoder linear by an FP8Linear, in place (one layer at a time: the bf16 weight is freed
