@@ -70,6 +70,10 @@ def sweep_configs(M: int, N: int, K: int, num_sms: int, weight_bytes: int = 1) -
         base += [(bn, bk, w, 1, False, 1) for bn, bk, w in ((8, 512, 4), (16, 256, 4), (16, 512, 8))]
         base += [(bn, bk, w, 1, False, vec) for bn, bk, w in
                  ((8, 512, 4), (16, 512, 4), (16, 512, 8), (8, 1024, 4), (16, 1024, 8), (32, 512, 8))]
+        # twenty-fourth session: more, smaller programs (4-row tiles, 2 warps) and longer K tiles, for the small
+        # q/k/v and o_proj matrices whose kernels are ramp-up bound (2.0 and 1.8 TB/s in FP8)
+        base += [(bn, bk, w, 1, False, vec) for bn, bk, w in
+                 ((4, 1024, 4), (4, 2048, 4), (8, 2048, 4), (8, 1024, 2), (4, 1024, 2))]
     else:  # tl.dot tiles: they never won at M == 1 (2026-12-05 sweeps)
         base += [(bn, bk, w, st, True, 1) for bn, bk, w, st in
                  ((16, 256, 4, 2), (32, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3))]
@@ -77,6 +81,8 @@ def sweep_configs(M: int, N: int, K: int, num_sms: int, weight_bytes: int = 1) -
     for bn, bk, w, st, dot, v in base:
         bk = min(bk, max(16, G.triton_next_pow2(K)))
         splits = {1, G.auto_split(M, N, K, bn, bk, dot, num_sms)}
+        if M == 1 and not dot and -(-K // bk) >= 2:
+            splits.add(2)
         if M == 1 and not dot:
             per_program = -(-bn * K * weight_bytes // G.WEIGHT_BYTES_PER_PROGRAM)
             splits.add(G.normalize_split(-(-K // bk), min(per_program, G.max_split(M, K)))[0])
@@ -299,7 +305,18 @@ def engine(a, R: dict, save) -> None:
     bf16_logits = {**fused, "QWENVL_FP32_LOGITS": "0"}  # the defaults but lm_head's output rounded to bf16
     fused_pdl = {**fused, **pdl}
     fp8_head = {**fused, "QWENVL_FP8_LM_HEAD": "1"}  # the defaults + lm_head in FP8 too (FP8 arms only)
-    tmerge = {**fused, "QWENVL_TRITON_MERGE": "1"}  # the decode splits merged by one Triton kernel
+    tmerge = {**fused, "QWENVL_TRITON_MERGE": "1"}  # the decode splits merged by one Triton kernel (the default)
+    cmerge = {**fused, "QWENVL_TRITON_MERGE": "0"}  # ... by the compiled merge (two kernels), the default before
+    silu_out = {**fused, "QWENVL_GEMV_SILU_OUT": "1"}  # silu * up in gate/up's epilogue, not down's prologue
+    # 4-row tiles for o_proj (and down_proj): the twenty-fourth session's M = 1 sweep winners on an H100, FP8 [4, 2048],
+    # bf16 [4, 1024] (down_proj's silu prologue would run in twice the programs: with silu_out only)
+    shp = {n: (N, K) for n, N, K in linear_shapes(cfg)}
+    o4 = {G.tuned_key(1, *shp["o_proj"]): G.GemvConfig(4, 2048, 1, 4, 1, False, 16),
+          G.tuned_key(1, *shp["o_proj"], 2): G.GemvConfig(4, 1024, 1, 4, 1, False, 8)}
+    o4d4 = {**o4, G.tuned_key(1, *shp["down_proj"]): G.GemvConfig(4, 2048, 1, 4, 1, False, 16),
+            G.tuned_key(1, *shp["down_proj"], 2): G.GemvConfig(4, 1024, 1, 4, 1, False, 8)}
+    splits8 = {"QWENVL_DECODE_MAX_SPLITS": "8"}  # batch 1: 8 splits (~3 64-token tiles each in W1), merged apart
+    splits8_in = {**splits8, "QWENVL_DECODE_FUSED_MERGE_MAX_SPLITS": "8"}  # 8 splits merged in the kernel
     variants = [("bf16", None, False, None, False, unfused)]
     heur = {k: G.pick_config(*k[:3], G.num_sms(a.device), *k[3:]).as_dict() for k in tuned}
     if a.device == "cpu" or G.gemv_ok(torch.device(a.device), torch.bfloat16):  # CPU: the plumbing only
@@ -315,9 +332,16 @@ def engine(a, R: dict, save) -> None:
                      ("bf16_gemv_bf16_logits", None, False, None, True, bf16_logits),
                      ("bf16_gemv_pdl", None, False, None, True, pdl),
                      ("bf16_gemv_fused_pdl", None, False, None, True, fused_pdl),
-                     ("bf16_gemv_tmerge", None, False, None, True, tmerge)]
+                     ("bf16_gemv_tmerge", None, False, None, True, tmerge),
+                     ("bf16_gemv_cmerge", None, False, None, True, cmerge),
+                     ("bf16_gemv_siluout", None, False, None, True, silu_out),
+                     ("bf16_gemv_o4", None, False, o4, True, fused),
+                     ("bf16_gemv_siluout_o4d4", None, False, o4d4, True, silu_out),
+                     ("bf16_gemv_s8", None, False, None, True, {**fused, **splits8}),
+                     ("bf16_gemv_s8_in", None, False, None, True, {**fused, **splits8_in}),
+                     ("bf16_gemv_s8_tmerge", None, False, None, True, {**tmerge, **splits8})]
         if any(tuned[k] != heur[k] for k in tuned if len(k) == 4):
-            variants.append(("bf16_gemv_tuned", None, False, tuned, True, rope_kv))
+            variants.append(("bf16_gemv_tuned", None, False, tuned, True, fused))
     variants += [("fp8_scaled_mm", "fp8", False, None, False, unfused),
                  ("fp8_gemv_unfused", "fp8", True, None, False, unfused),
                  ("fp8_gemv_merge_apart", "fp8", True, None, False, merge_apart),
@@ -333,9 +357,17 @@ def engine(a, R: dict, save) -> None:
                  ("fp8_gemv_head", "fp8", True, None, False, fp8_head),
                  # the engine's default: the bf16 GEMV on too, which takes the FP8 model's bf16 lm_head
                  ("fp8_gemv_bf16_head", "fp8", True, None, True, fused),
-                 ("fp8_gemv_head_tmerge", "fp8", True, None, False, {**fp8_head, **tmerge})]
+                 ("fp8_gemv_head_tmerge", "fp8", True, None, False, {**fp8_head, **tmerge}),
+                 ("fp8_gemv_head_cmerge", "fp8", True, None, False, {**fp8_head, **cmerge}),
+                 ("fp8_gemv_head_siluout", "fp8", True, None, False, {**fp8_head, **silu_out}),
+                 ("fp8_gemv_head_o4", "fp8", True, o4, False, fp8_head),
+                 ("fp8_gemv_head_siluout_o4d4", "fp8", True, o4d4, False, {**fp8_head, **silu_out}),
+                 ("fp8_gemv_head_s8", "fp8", True, None, False, {**fp8_head, **splits8}),
+                 ("fp8_gemv_head_s8_in", "fp8", True, None, False, {**fp8_head, **splits8_in}),
+                 ("fp8_gemv_head_s8_tmerge", "fp8", True, None, False, {**fp8_head, **tmerge, **splits8})]
     if any(tuned[k] != heur[k] for k in tuned if len(k) == 3):
-        variants.append(("fp8_gemv_tuned", "fp8", True, tuned, False, rope_kv))
+        variants += [("fp8_gemv_tuned", "fp8", True, tuned, False, fused),
+                     ("fp8_gemv_head_tuned", "fp8", True, tuned, False, fp8_head)]
     E_args = argparse.Namespace(device=a.device)
     quality_ids = torch.randint(0, cfg.text.vocab_size, (1, 256), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # the bf16 model's logits, before any arm converts its decoder linears to FP8
@@ -364,6 +396,7 @@ def engine(a, R: dict, save) -> None:
                          "bf16_gemv": llm.stats().get("bf16_gemv"),
                          "fused_gemv_layers": llm.runner._gemv_plan(1) is not None,
                          "fused_rope_kv": llm.runner.fused_rope_kv, "gemv_rope": llm.stats().get("gemv_rope"),
+                         "gemv_silu_out": llm.stats().get("gemv_silu_out"),
                          "decode_ahead_steps": llm.stats()["decode_ahead_steps"], "gemv_pdl": G.settings()["pdl"]}
                     graph = llm.runner.graphs.get(1)
                     if graph is not None:  # the step's device time alone: W1's per-token time minus it is host work

@@ -416,6 +416,22 @@ def interpreter_fused_cases() -> list[dict]:
                     within_bound=bool(((y.float() - want.float()).abs()
                                        <= torch.finfo(torch.bfloat16).eps * want.float().abs() + 1e-30).all()),
                     exact_frac=(y == want).float().mean().item()))
+    # gate/up's silu epilogue: bit-equal to the plain GEMV then the silu_mul kernel (the same roundings, the same
+    # exp under the interpreter), within one rounding of F.silu(g) * u; ragged last tile, FP8, 16-row tiles, and the
+    # split-K config, where the eager ops run after the kernel
+    for M, I, K, fp8, cfg in ((1, 22, 512, False, C(8, 128, 1, 4, 1, False, 8)), (1, 22, 512, True, C(8, 128, 1)),
+                              (1, 40, 256, False, C(16, 64, 1)), (1, 22, 640, True, C(8, 128, 3)),
+                              (2, 22, 256, False, C(8, 64, 1))):
+        q, scale, x, nw, _ = fused_case(M, 2 * I, K, "norm", False, fp8, g)
+        got = G.gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6, silu_out=True)
+        y = G.gemv(x, q, scale, None, cfg, norm_weight=nw, eps=1e-6)
+        want = silu_mul_eager(y)
+        out.append(dict(case=["gemv silu epilogue", M, I, K, fp8, cfg.split_k], dtype_ok=got.shape == (M, I)
+                        and got.dtype == x.dtype, within_bound=bool(((got.float() - want.float()).abs() <= torch.finfo(
+                            x.dtype).eps * want.float().abs() + 1e-30).all()), exact_frac=1.0,
+                        equal_to_eager=bool(torch.equal(got, silu_mul(y) if cfg.split_k == 1 else want))))
+    out.append(dict(case=["gemv silu epilogue probe"], dtype_ok=True, within_bound=True, exact_frac=1.0,
+                    equal_to_eager=G.silu_out_ok("cpu", torch.bfloat16) and G.silu_out_ok("cpu", G.FP8)))
     return out
 
 
@@ -435,16 +451,18 @@ def interpreter_fused_engine() -> dict:
     def spy(*a, **k):
         calls["prologue"] += k.get("norm_weight") is not None or bool(k.get("silu_mul"))
         calls["rope"] = calls.get("rope", 0) + (k.get("rope") is not None)
+        calls["silu_out"] = calls.get("silu_out", 0) + bool(k.get("silu_out"))
         return real(*a, **k)
 
     G.gemv = spy
     model = Qwen25VL.random(preset("tiny"), dtype=torch.bfloat16, device="cpu", seed=0)
     prompts = random_token_prompts(3, seed=2)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
-    outs = {}
-    for fused in (True, False):
+    outs, used = {}, {}
+    for fused in ("silu_out", True, False):
         llm = LLM(model, num_blocks=256, block_size=16, max_num_seqs=4)
         r = llm.runner
+        r.gemv_silu_out = fused == "silu_out"  # silu * up in gate/up's epilogue (else in down's prologue)
         if fused:  # what the runner does on CUDA (wrap_linear, the probes) done by hand; lm_head left to torch
             for L in r.layers:
                 L.qkv, L.o, L.gu, L.down = (G.GemvLinear(m) for m in (L.qkv, L.o, L.gu, L.down))
@@ -457,10 +475,13 @@ def interpreter_fused_engine() -> dict:
         outs[fused] = [llm.generate([p], params)[0].outputs[0] for p in prompts]
         llm.shutdown()
         if fused:
-            used = {"prologue_calls": calls["prologue"], "rope_kv": r.fused_rope_kv,
-                    "gemv_rope_calls": calls.get("rope", 0), "gemv_rope_plan": all(o[-1] for o in r._gemv_plan(1)),
-                    "triton_silu": r.triton_silu,
-                    "plan_m1": r._gemv_plan(1) is not None, "plan_m2": r._gemv_plan(2) is not None}
+            used[str(fused)] = {"prologue_calls": calls["prologue"], "rope_kv": r.fused_rope_kv,
+                                "gemv_rope_calls": calls.get("rope", 0), "silu_out_calls": calls.get("silu_out", 0),
+                                "gemv_rope_plan": all(o[4] for o in r._gemv_plan(1)),
+                                "silu_out_plan": all(o[5] for o in r._gemv_plan(1)), "triton_silu": r.triton_silu,
+                                "plan_m1": r._gemv_plan(1) is not None, "plan_m2": r._gemv_plan(2) is not None}
+            calls.clear()
+            calls["prologue"] = 0
     return {"used": used, "outs": {str(k): [[o.token_ids, [{str(t): lp for t, lp in d.items()} for d in o.logprobs]]
                                             for o in v] for k, v in outs.items()}}
 
@@ -485,6 +506,7 @@ def test_fused_gemv_and_rope_kv_under_triton_interpreter():
     assert sum(r["case"][0] == "paged decode, in-kernel merge" for r in results) == 6
     assert sum(r["case"][0] == "out_dtype float32" for r in results) == 5
     assert sum(r["case"][0] == "triton split merge" for r in results) == 3
+    assert sum(str(r["case"][0]).startswith("gemv silu epilogue") for r in results) == 6
     # silu * up over several blocks: within one rounding everywhere, nearly all bit-equal (numpy's exp here)
     assert [r["exact_frac"] >= 0.99 for r in results if r["case"][0] == "silu_mul"] == [True], results
 
@@ -496,15 +518,18 @@ def test_engine_fused_decode_layers_under_triton_interpreter():
     import types
 
     res = run_interpreter("--interpret-engine")
-    u = res["used"]
-    assert u["prologue_calls"] > 0 and u["rope_kv"] and u["triton_silu"] and u["plan_m1"] and not u["plan_m2"], u
-    assert u["gemv_rope_plan"] and u["gemv_rope_calls"] > 0, u
+    for arm, silu_out in (("True", False), ("silu_out", True)):
+        u = res["used"][arm]
+        assert u["prologue_calls"] > 0 and u["rope_kv"] and u["triton_silu"] and u["plan_m1"] and not u["plan_m2"], u
+        assert u["gemv_rope_plan"] and u["gemv_rope_calls"] > 0, u
+        assert u["silu_out_plan"] == silu_out and (u["silu_out_calls"] > 0) == silu_out, u
 
     def outs(key):
         return [types.SimpleNamespace(token_ids=t, logprobs=[{int(k): v for k, v in d.items()} for d in lps])
                 for t, lps in res["outs"][key]]
 
     assert_equal_up_to_near_ties(outs("True"), outs("False"), 6)
+    assert_equal_up_to_near_ties(outs("silu_out"), outs("False"), 6)
 
 
 def test_kernel_under_triton_interpreter():
@@ -798,6 +823,45 @@ def test_gpu_gemv_rope_epilogue_equals_gemv_then_rope_kv(heads, kv_heads, hidden
         want = rope_write_kv(y, cos, sin, slots, pools[2], pools[3], heads, kv_heads, D)
         assert torch.equal(q, want) and torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3]), fp8
         assert pools[0].abs().sum() > 0 and pools[1].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("inter,hidden", [(11008, 2048), (18944, 3584), (29568, 8192)])
+def test_gpu_gemv_silu_epilogue_equals_gemv_then_silu_mul(inter, hidden):
+    """gate/up's GEMV with the silu epilogue at the 3B/7B/72B shapes (bf16 and FP8 weights, RMSNorm prologue), with
+    the config the engine picks and with 4- and 16-row tiles: bit-equal to the plain GEMV then silu_mul (and so to
+    F.silu(g) * u); its probe passes."""
+    from qwenvl.engine.fused import silu_mul_eager
+    from qwenvl.engine.silu_mul import silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(8)
+    for fp8 in (False, True):
+        assert G.silu_out_ok("cuda", G.FP8 if fp8 else torch.bfloat16)
+        w, scale, x, nw, _ = fused_case(1, 2 * inter, hidden, "norm", False, fp8, g, device="cuda", bf16_std=0.02)
+        vec = 16 if fp8 else 8
+        for cfg in (None, G.GemvConfig(4, 1024, 1, 4, 1, False, vec), G.GemvConfig(16, 512, 1, 8, 1, False, vec)):
+            got = G.gemv(x, w, scale, None, cfg, norm_weight=nw, silu_out=True)
+            y = G.gemv(x, w, scale, None, cfg, norm_weight=nw)
+            assert torch.equal(got, silu_mul(y)) and torch.equal(got, silu_mul_eager(y)), (fp8, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_gemv_silu_out_equals_silu_apart(monkeypatch):
+    """The engine with silu * up in gate/up's epilogue (QWENVL_GEMV_SILU_OUT=1): the same tokens and logprobs, bit
+    for bit, as with silu_mul between the GEMVs (QWENVL_FUSED_GEMV_SILU=0; the same roundings)."""
+    monkeypatch.setenv("QWENVL_FUSED_GEMV", "1")
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setenv("QWENVL_GEMV_SILU_OUT", "1" if on else "0")
+        monkeypatch.setenv("QWENVL_FUSED_GEMV_SILU", "0")
+
+        def check(llm, on=on):
+            assert llm.stats()["gemv_silu_out"] == on and llm.stats()["fused_gemv_layers"], llm.stats()
+
+        outs[on] = tiny_engine_outputs(5, {}, check)
+    assert outs[True] == outs[False]
 
 
 @pytest.mark.gpu

@@ -326,7 +326,8 @@ def merge_splits(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: t
 def merge_splits_triton(acc: torch.Tensor, m: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """merge_splits in one Triton kernel (acc [B, H, S, D] and m / lse [B, H, S] contiguous fp32). The two kernels
     of the compiled merge took 104 us of the 7B FP8 batch-1 decode step (H100, docs/BENCHMARKS.md twenty-third
-    session); QWENVL_TRITON_MERGE=1 uses this one, off until measured."""
+    session); this one took 53 us there (W1 +1.8 %, bf16 +1.1 %, twenty-fourth session): the runner's merge where
+    its probe passes (QWENVL_TRITON_MERGE=0: the compiled one)."""
     if not (acc.is_contiguous() and m.is_contiguous() and lse.is_contiguous()):
         raise ValueError("merge_splits_triton: acc, m and lse must be contiguous")
     B, H, S, D = acc.shape

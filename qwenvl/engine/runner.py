@@ -148,6 +148,9 @@ class ModelRunner:
         # cost FP8 14 %)
         self.fused_gemv = self.is_cuda and env_flag("QWENVL_FUSED_GEMV", True)
         self.fused_gemv_silu = env_flag("QWENVL_FUSED_GEMV_SILU", True)  # silu * up inside down's GEMV too
+        # ... or in gate/up's epilogue instead (each product computed once, not in each of down's programs), where
+        # its probe passes; QWENVL_GEMV_SILU_OUT=1, off until measured
+        self.gemv_silu_out = self.fused_gemv and env_flag("QWENVL_GEMV_SILU_OUT", False)
         # lm_head's fp32 accumulator kept as the logits instead of being rounded to the model's dtype, so tokens one
         # bf16 step apart (or tied by the rounding) are ordered by their real values: on the trained nano model the
         # fast/slow greedy agreement went 69 -> 83 % with it, and W1 did not move (H100 2026-12-06, docs/BENCHMARKS.md).
@@ -178,10 +181,10 @@ class ModelRunner:
         cap = fused_merge_max_splits()
         self.decode_merge_max_splits = cap if cap and not batch_invariant and self.use_triton and triton_decode_ok(
             self.dtype, self.device, block_size, self.kv_heads, self.heads, self.head_dim, fused_merge=True) else 0
-        # the splits merged after the kernel: the compiled merge (two kernels), or with QWENVL_TRITON_MERGE=1 one Triton
-        # kernel where its probe passes (off until measured)
+        # the splits merged after the kernel: one Triton kernel where its probe passes (QWENVL_TRITON_MERGE=0: the
+        # compiled merge, two kernels; the Triton one took 7B W1 +1.1 % bf16, +1.8 % FP8 on an H100)
         self.decode_merge = (merge_splits_triton if self.use_triton and not batch_invariant
-                             and env_flag("QWENVL_TRITON_MERGE", False)
+                             and env_flag("QWENVL_TRITON_MERGE", True)
                              and triton_merge_ok(self.device, self.dtype, self.head_dim) else None)
         # every step rotates q/k and stores k/v in one Triton kernel (rope_kv.py); QWENVL_FUSED_ROPE_KV=0: apart
         self.fused_rope_kv = (self.use_triton and env_flag("QWENVL_FUSED_ROPE_KV", True)
@@ -367,7 +370,7 @@ class ModelRunner:
         before q/k/v and gate/up, silu * up before down, the residual adds after o and down. Same maths; the
         normalised input is not rounded to the model dtype before the matmul (the rest is rounded as eagerly)."""
         layer = self.layers[i].module
-        qkv_w, o_w, gu_w, down_w, rope = operands
+        qkv_w, o_w, gu_w, down_w, rope, silu_out = operands
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         N = h.shape[0]
         if rope and keys_from_pools:  # rotary + KV write in the q/k/v GEMV's epilogue
@@ -378,6 +381,9 @@ class ModelRunner:
             q, k, v = self._rope_write(i, fp8_gemv.gemv(h, *qkv_w, norm_weight=n1.weight, eps=n1.eps), cos, sin,
                                        slots, keys_from_pools)
         h = fp8_gemv.gemv(attend(i, q, k, v).reshape(N, self.heads * self.head_dim), *o_w, residual=h)
+        if silu_out:
+            act = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps, silu_out=True)
+            return fp8_gemv.gemv(act, *down_w, residual=h)
         gu = fp8_gemv.gemv(h, *gu_w, norm_weight=n2.weight, eps=n2.eps)
         if not self.fused_gemv_silu:
             return fp8_gemv.gemv(self.ops.silu_mul(gu), *down_w, residual=h)
@@ -385,8 +391,9 @@ class ModelRunner:
 
     def _gemv_plan(self, rows: int) -> list | None:
         """Per layer the (weight, scale, bias) of qkv, o, gate/up and down when all of them run the GEMV kernel at
-        `rows` rows (fp8_gemv's switches and probes as they stand) and its fused prologues passed their probe, and
-        whether q/k/v's GEMV takes the rotary + KV-write epilogue (gemv_rope); else None. Cached per (rows,
+        `rows` rows (fp8_gemv's switches and probes as they stand) and its fused prologues passed their probe,
+        whether q/k/v's GEMV takes the rotary + KV-write epilogue (gemv_rope) and whether gate/up's takes the silu
+        epilogue (gemv_silu_out); else None. Cached per (rows,
         switches)."""
         if not self.fused_gemv or rows != 1:  # the prologues run in the kernel on its M = 1 (FMA) path only
             return None
@@ -405,7 +412,8 @@ class ModelRunner:
                                                                w.element_size())
                         and gemv_rope_ok(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim, w.dtype,
                                          self.block_size))
-                plan.append(ops + [rope])
+                silu_out = self.gemv_silu_out and fp8_gemv.silu_out_ok(self.device, ops[2][0].dtype)
+                plan.append(ops + [rope, silu_out])
             self._gemv_plans[key] = plan
         return self._gemv_plans[key]
 

@@ -22,10 +22,7 @@ from .fused import silu_mul_eager
 log = logging.getLogger(__name__)
 
 if HAVE_TRITON:
-    try:
-        from triton.language.extra import libdevice
-    except ImportError:  # older triton
-        from triton.language.extra.cuda import libdevice
+    from ..quant.fp8_gemv import _silu_mul_rn  # CUDA's expf and an IEEE division, as ATen's silu
 
     @triton.jit(do_not_specialize=["N"])
     def _silu_mul_kernel(GU, Y, N, I, stride_gu, stride_y, BLOCK: tl.constexpr, ROWS: tl.constexpr,
@@ -36,13 +33,7 @@ if HAVE_TRITON:
         rows = rows.to(tl.int64)[:, None]
         g = tl.load(GU + rows * stride_gu + cols[None, :], mask=ok, other=0.0)
         u = tl.load(GU + rows * stride_gu + I + cols[None, :], mask=ok, other=0.0)
-        gf = g.to(tl.float32)
-        if LIBDEVICE:  # CUDA's expf, as ATen's silu (tl.exp is an approximation)
-            e = libdevice.exp(-gf)
-        else:  # triton's interpreter has no libdevice
-            e = tl.exp(-gf)
-        act = tl.div_rn(gf, 1.0 + e).to(g.dtype)
-        tl.store(Y + rows * stride_y + cols[None, :], (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+        tl.store(Y + rows * stride_y + cols[None, :], _silu_mul_rn(g, u, LIBDEVICE), mask=ok)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:

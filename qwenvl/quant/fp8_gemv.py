@@ -247,6 +247,19 @@ if HAVE_TRITON:
             return a * b
 
     @triton.jit
+    def _silu_mul_rn(g, u, LIBDEVICE: tl.constexpr):
+        """F.silu(g) * u rounded as the eager ops round it (g, u in the model dtype): silu in fp32 with CUDA's expf
+        and an IEEE division (ATen's kernel), rounded to the dtype, times u in fp32, rounded again. LIBDEVICE False:
+        triton's interpreter, which has no libdevice (its exp is numpy's)."""
+        gf = g.to(tl.float32)
+        if LIBDEVICE:
+            e = libdevice.exp(-gf)
+        else:
+            e = tl.exp(-gf)
+        act = tl.div_rn(gf, 1.0 + e).to(g.dtype)
+        return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+    @triton.jit
     def _rope_store(y, pid_n, m, COS, SIN, SLOTS, QO, KP, VP, stride_cs, BLOCK_N: tl.constexpr, RH: tl.constexpr,
                     RKV: tl.constexpr, RD: tl.constexpr, EXACT: tl.constexpr):
         """The ROPE epilogue: y [BLOCK_N] (rounded) holds dims d..d+BLOCK_N/2 of one head, then the same dims + RD/2
@@ -287,7 +300,8 @@ if HAVE_TRITON:
                          USE_DOT: tl.constexpr, HAS_SCALE: tl.constexpr, PROLOGUE: tl.constexpr,
                          HAS_RES: tl.constexpr, USE_PDL: tl.constexpr = False, PIPELINE: tl.constexpr = False,
                          VEC: tl.constexpr = 1, ROPE: tl.constexpr = False, RH: tl.constexpr = 1,
-                         RKV: tl.constexpr = 1, RD: tl.constexpr = 2, EXACT_MUL: tl.constexpr = False):
+                         RKV: tl.constexpr = 1, RD: tl.constexpr = 2, EXACT_MUL: tl.constexpr = False,
+                         SILU_OUT: tl.constexpr = False):
         # PROLOGUE (FMA path only): 0 x as it is; 1 RMSNorm(x) * G (the row's rstd from the same loads, applied
         # once per output); 2 silu(x[:, :K]) * x[:, K:] rounded as the eager ops round. HAS_RES: y + R[m, n]
         # after y's own rounding (the residual add of a decoder layer, rounded as the eager add).
@@ -295,6 +309,9 @@ if HAVE_TRITON:
         # takes dims d..d+BLOCK_N/2 of a head and their rotary partners d+RD/2.. (a row's sum does not depend on
         # where it sits in the tile: the same values as the plain kernel), and _rope_store writes rotated q and k
         # and v where decode wants them instead of Y: the rotary + KV-write kernel after the GEMV, folded in.
+        # SILU_OUT (FMA path, no split): the weight is SwiGLU's fused [gate; up] (N = 2I); a tile takes BLOCK_N/2
+        # gate rows and the same up rows and stores silu(gate) * up [M, I] (the silu kernel before down, folded in;
+        # each output computed once, where down's silu prologue computes it in every program).
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -302,6 +319,9 @@ if HAVE_TRITON:
             r = tl.arange(0, BLOCK_N)
             pair = pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2)
             offs_n = (pair // (RD // 2)) * RD + pair % (RD // 2) + (r // (BLOCK_N // 2)) * (RD // 2)
+        elif SILU_OUT:
+            r = tl.arange(0, BLOCK_N)
+            offs_n = tl.minimum(pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2), N // 2 - 1) + (r // (BLOCK_N // 2)) * (N // 2)
         else:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1)  # clamped: loads need no row mask, the store has one
@@ -413,6 +433,10 @@ if HAVE_TRITON:
             if ROPE:
                 _rope_store(y, pid_n, pid_m.to(tl.int64), COS, SIN, SLOTS, QO, KP, VP, stride_cs, BLOCK_N, RH, RKV,
                             RD, EXACT_MUL)
+            elif SILU_OUT:
+                gate, up = tl.split(tl.trans(tl.reshape(y, [2, BLOCK_N // 2])))
+                outs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+                tl.store(Y + pid_m * stride_ym + outs, _silu_mul_rn(gate, up, EXACT_MUL), mask=outs < N // 2)
             else:
                 tl.store(Y + out_offs, y, mask=ok)
         else:
@@ -522,7 +546,8 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
          silu_mul: bool = False, residual: torch.Tensor | None = None, rope: tuple | None = None,
-         out_dtype: torch.dtype | None = None, _pipeline: bool | None = None) -> torch.Tensor:
+         silu_out: bool = False, out_dtype: torch.dtype | None = None,
+         _pipeline: bool | None = None) -> torch.Tensor:
     """y = x @ (weight [* scale])^T + bias in x's dtype: fp8_gemv's kernel for float8_e4m3fn weights (scale
     required) or weights of x's dtype (bf16/fp16; scale optional).
 
@@ -535,6 +560,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
                        [M, heads, head_dim] rotated, and writes k (rotated) and v to the pools [blocks, block_size,
                        kv_heads, head_dim] at slots [M]: rope_kv.rope_write_kv's work in the GEMV's epilogue (cos,
                        sin [M, head_dim]; FMA path without split-K only: rope_route says when it applies).
+      silu_out:        the weight is SwiGLU's fused [gate; up] [2I, K]; returns silu(y[..., :I]) * y[..., I:] [..., I]
+                       rounded as gemv then F.silu(g) * u round (in the epilogue on the FMA path without split-K,
+                       else as torch ops after the kernel). Not with residual or rope.
     out_dtype: y's dtype (default x's); torch.float32 stores the fp32 accumulator unrounded (the engine's fp32
                        logits), and rounding that to x's dtype gives the default's bits. Not with residual or rope.
     The prologues run in the kernel on its FMA path (M = 1 by default); on the DOT path they run as torch ops
@@ -549,8 +577,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         raise TypeError(f"gemv: weight dtype {weight.dtype} is neither float8_e4m3fn nor x's dtype {x.dtype}")
     if norm_weight is not None and silu_mul:
         raise ValueError("gemv: norm_weight and silu_mul are two prologues; pass one")
-    if out_dtype is not None and out_dtype != x.dtype and (residual is not None or rope is not None):
-        raise ValueError("gemv: out_dtype other than x's is for a plain output (no residual, no rope)")
+    if out_dtype is not None and out_dtype != x.dtype and (residual is not None or rope is not None or silu_out):
+        raise ValueError("gemv: out_dtype other than x's is for a plain output (no residual, rope or silu_out)")
+    if silu_out and (residual is not None or rope is not None or weight.shape[0] % 2):
+        raise ValueError("gemv: silu_out takes an even number of output rows [gate; up] and no residual or rope")
     interpret = not x.is_cuda
     if interpret and not interpreting():
         raise RuntimeError("gemv on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
@@ -594,6 +624,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     bk = cfg.block_k
     k_blocks = -(-K // bk)
     split, per = normalize_split(k_blocks, cfg.split_k)
+    if silu_out and (cfg.use_dot or split > 1 or cfg.block_n % 2):  # no epilogue there: the eager ops after
+        y = gemv(x2, weight, scale, bias, cfg, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
+        return (F.silu(y[:, :N // 2]) * y[:, N // 2:]).view(*lead, N // 2)
     rope_kw, rope_args = {}, (s, s, s, s, s, s, 0)  # valid pointers, never read
     if rope is not None:
         cos, sin, slots, k_pool, v_pool, H, KV, D = rope
@@ -608,16 +641,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
         q = torch.empty(M, H, D, dtype=x.dtype, device=x.device)
         rope_args = (cos, sin, slots, q, k_pool, v_pool, cos.stride(0))
         rope_kw = {"ROPE": True, "RH": H, "RKV": KV, "RD": D, "EXACT_MUL": not interpret}
-    y = q if rope is not None else torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    if silu_out:
+        rope_kw = {"SILU_OUT": True, "EXACT_MUL": not interpret}
+    n_out = N // 2 if silu_out else N
+    y = q if rope is not None else torch.empty(M, n_out, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
-        return y if rope is not None else y.view(*lead, N)
+        return y if rope is not None else y.view(*lead, n_out)
     k_per_split = per * bk
     even_k = K % bk == 0
     block_m = 16 if cfg.use_dot else 1
     ws = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     has_bias = bias is not None
     b = bias if has_bias else s  # a valid pointer, never read
-    grid = (-(-N // cfg.block_n), split, -(-M // block_m))
+    grid = (-(-n_out // (cfg.block_n // 2 if silu_out else cfg.block_n)), split, -(-M // block_m))
     pdl = not interpret and pdl_enabled(x.device)
     pdl_kw = {"USE_PDL": True, "launch_pdl": True} if pdl else {}
     pipe_kw = {"PIPELINE": True} if (pdl if _pipeline is None else _pipeline) and not cfg.use_dot else {}
@@ -634,6 +670,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
                            **pdl_kw, **pipe_kw, **rope_kw)
     if rope is not None:
         return y
+    if silu_out:
+        return y.view(*lead, n_out)
     if split > 1:
         rb = 1024 if N >= 1024 else triton_next_pow2(N)
         kw = {} if interpret else {"num_warps": 4, "enable_fp_fusion": True}
@@ -788,6 +826,45 @@ def _fused_self_test(dev, weight_dtype: torch.dtype) -> bool:
     return True
 
 
+_SILU_OUT_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def silu_out_ok(device, weight_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether gemv(..., silu_out=True) equals the plain gemv followed by F.silu(g) * u on `device`: bit for bit on
+    CUDA (the same roundings), within one unit in the last place under the interpreter (numpy's exp), at M = 1 with
+    the RMSNorm prologue, a ragged last tile and the heuristic's config. Probed once per device and weight dtype
+    (synchronises: before any graph capture)."""
+    dev = torch.device(device)
+    if not (fused_gemv_ok(dev, weight_dtype) if dev.type == "cuda" else interpreting()):
+        return False
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (str(dev), weight_dtype)
+    if key not in _SILU_OUT_OK:
+        try:
+            g = torch.Generator(device=dev).manual_seed(2)
+            act = torch.bfloat16 if weight_dtype == FP8 else weight_dtype
+            ok = True
+            for I, K in ((300, 512), (1024, 768)):  # 300: the last tile half empty
+                w, scale = _probe_weight(2 * I, K, g, dev, weight_dtype, 0.05)
+                x = torch.randn(1, K, generator=g, device=dev).to(act)
+                nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(act)
+                y = gemv(x, w, scale, norm_weight=nw)
+                want, got = F.silu(y[:, :I]) * y[:, I:], gemv(x, w, scale, norm_weight=nw, silu_out=True)
+                if dev.type == "cuda":
+                    ok &= bool(torch.equal(got, want))
+                else:
+                    ulp = torch.finfo(act).eps * want.float().abs().clamp_min(torch.finfo(act).tiny)
+                    ok &= bool(((got.float() - want.float()).abs() <= ulp).all())
+            if not ok:
+                log.warning("gemv's silu epilogue differs from gemv + F.silu(g) * u on %s; not using it", dev)
+            _SILU_OUT_OK[key] = ok
+        except Exception as e:
+            log.warning("gemv's silu epilogue unavailable on %s (%s: %s)", dev, type(e).__name__, e)
+            _SILU_OUT_OK[key] = False
+    return _SILU_OUT_OK[key]
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, in_features: int, force: bool = False) -> bool:
     """The dispatch rule of FP8Linear.forward (cheap: no device work after the first probe). force: even when
     switched off (a module whose backend is 'gemv')."""
@@ -879,4 +956,4 @@ def bytes_moved(M: int, N: int, K: int, weight_bytes: int = 1, act_bytes: int = 
 
 __all__ = ["GemvConfig", "GemvLinear", "HAVE_TRITON", "auto_split", "bf16_route", "bytes_moved", "error_bound",
            "fp8_gemv", "fp8_route", "fused_gemv_ok", "gemv", "gemv_ok", "pick_config", "prologue_reference",
-           "reference", "rope_route", "rope_unsupported", "set_enabled", "set_tuned", "settings", "tuned_key", "use_bf16_gemv", "use_gemv", "wrap_linear"]
+           "reference", "rope_route", "rope_unsupported", "set_enabled", "silu_out_ok", "set_tuned", "settings", "tuned_key", "use_bf16_gemv", "use_gemv", "wrap_linear"]
