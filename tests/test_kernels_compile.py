@@ -73,10 +73,11 @@ GEMV_SIG = {"X": "*bf16", "W": "*bf16", "S": "*bf16", "Bias": "*bf16", "Y": "*bf
 
 
 @pytest.mark.parametrize("weight", ["*bf16", "*fp8e4nv"])
-@pytest.mark.parametrize("case", ["rope", "norm", "silu_res", "split", "dot"])
+@pytest.mark.parametrize("case", ["rope", "norm", "silu_res", "split", "dot", "silu_out", "silu_out_4rows"])
 def test_gemv_kernel_compiles(weight, case):
     """The decode GEMV's FMA configurations (the q/k/v GEMV with RMSNorm + the rotary/KV epilogue, gate/up with
-    RMSNorm, down with silu * up + residual, a split-K one) and the DOT path, for bf16 and e4m3 weights."""
+    RMSNorm, down with silu * up + residual, a split-K one, gate/up with RMSNorm + the silu epilogue in 8- and 4-row
+    tiles) and the DOT path, for bf16 and e4m3 weights."""
     from qwenvl.quant import fp8_gemv as G
 
     fp8 = weight != "*bf16"
@@ -88,7 +89,9 @@ def test_gemv_kernel_compiles(weight, case):
               "silu_res": {"PROLOGUE": 2, "HAS_RES": True},
               "split": {"SPLIT": True, "EVEN_K": False, "BLOCK_N": 16, "BLOCK_K": 512 // (1 if fp8 else 2),
                         "PROLOGUE": 1},
-              "dot": {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "VEC": 1}}[case])
+              "dot": {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "VEC": 1},
+              "silu_out": {"PROLOGUE": 1, "SILU_OUT": True, "EXACT_MUL": True},
+              "silu_out_4rows": {"PROLOGUE": 1, "SILU_OUT": True, "EXACT_MUL": True, "BLOCK_N": 4}}[case])
     compile_for_h100(G._fp8_gemv_kernel, {**GEMV_SIG, "W": weight}, c)
 
 
