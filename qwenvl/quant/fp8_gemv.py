@@ -321,7 +321,8 @@ if HAVE_TRITON:
             offs_n = (pair // (RD // 2)) * RD + pair % (RD // 2) + (r // (BLOCK_N // 2)) * (RD // 2)
         elif SILU_OUT:
             r = tl.arange(0, BLOCK_N)
-            offs_n = tl.minimum(pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2), N // 2 - 1) + (r // (BLOCK_N // 2)) * (N // 2)
+            gate_rows = tl.minimum(pid_n * (BLOCK_N // 2) + r % (BLOCK_N // 2), N // 2 - 1)
+            offs_n = gate_rows + (r // (BLOCK_N // 2)) * (N // 2)  # the tile's second half: the same up rows
         else:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(offs_n, N - 1)  # clamped: loads need no row mask, the store has one
@@ -606,7 +607,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
             from ..layers import rms_norm
             x2 = rms_norm(x2, norm_weight, eps)
         else:
-            x2 = F.silu(x2[:, :K]) * x2[:, K:]
+            x2 = _silu_mul_halves(x2)
         prologue = 0
     g = norm_weight if prologue == 1 else s  # a valid pointer, never read
     if prologue == 1 and (g.shape != (K,) or g.stride(0) != 1):
@@ -626,8 +627,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     split, per = normalize_split(k_blocks, cfg.split_k)
     if silu_out and (cfg.use_dot or split > 1 or cfg.block_n % 2):  # no epilogue there: the eager ops after
         y = gemv(x2, weight, scale, bias, cfg, norm_weight=norm_weight, eps=eps, silu_mul=silu_mul)
-        return (F.silu(y[:, :N // 2]) * y[:, N // 2:]).view(*lead, N // 2)
-    rope_kw, rope_args = {}, (s, s, s, s, s, s, 0)  # valid pointers, never read
+        return _silu_mul_halves(y).view(*lead, N // 2)
+    epilogue_kw, rope_args = {}, (s, s, s, s, s, s, 0)  # valid pointers, never read
     if rope is not None:
         cos, sin, slots, k_pool, v_pool, H, KV, D = rope
         why = rope_unsupported(cfg, split, N, H, KV, D, residual is not None)
@@ -640,9 +641,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
             raise ValueError(f"gemv: rope epilogue: the KV pools must be contiguous [..., {KV}, {D}]")
         q = torch.empty(M, H, D, dtype=x.dtype, device=x.device)
         rope_args = (cos, sin, slots, q, k_pool, v_pool, cos.stride(0))
-        rope_kw = {"ROPE": True, "RH": H, "RKV": KV, "RD": D, "EXACT_MUL": not interpret}
+        epilogue_kw = {"ROPE": True, "RH": H, "RKV": KV, "RD": D, "EXACT_MUL": not interpret}
     if silu_out:
-        rope_kw = {"SILU_OUT": True, "EXACT_MUL": not interpret}
+        epilogue_kw = {"SILU_OUT": True, "EXACT_MUL": not interpret}
     n_out = N // 2 if silu_out else N
     y = q if rope is not None else torch.empty(M, n_out, dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
@@ -667,7 +668,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
                            r.stride(0) if has_res else 0, k_per_split, float(eps), *rope_args, BLOCK_M=block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=bk, SPLIT=split > 1, EVEN_K=even_k, HAS_BIAS=has_bias,
                            USE_DOT=cfg.use_dot, HAS_SCALE=has_scale, PROLOGUE=prologue, HAS_RES=has_res, **kw,
-                           **pdl_kw, **pipe_kw, **rope_kw)
+                           **pdl_kw, **pipe_kw, **epilogue_kw)
     if rope is not None:
         return y
     if silu_out:
@@ -682,6 +683,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- checks
+def _silu_mul_halves(gu: torch.Tensor) -> torch.Tensor:
+    """F.silu(g) * u of a fused [..., 2I] gate/up tensor (eager, in its dtype)."""
+    half = gu.shape[-1] // 2
+    return F.silu(gu[..., :half]) * gu[..., half:]
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
     """x @ (weight * scale)^T + bias in float64 (the weights dequantised exactly; no TF32 whatever the
     matmul settings), reshaped to [M, N]; scale None: 1."""
@@ -850,7 +857,7 @@ def silu_out_ok(device, weight_dtype: torch.dtype = torch.bfloat16) -> bool:
                 x = torch.randn(1, K, generator=g, device=dev).to(act)
                 nw = (torch.rand(K, generator=g, device=dev) + 0.5).to(act)
                 y = gemv(x, w, scale, norm_weight=nw)
-                want, got = F.silu(y[:, :I]) * y[:, I:], gemv(x, w, scale, norm_weight=nw, silu_out=True)
+                want, got = _silu_mul_halves(y), gemv(x, w, scale, norm_weight=nw, silu_out=True)
                 if dev.type == "cuda":
                     ok &= bool(torch.equal(got, want))
                 else:
